@@ -1,0 +1,1 @@
+"""One process per GPU: tokenizer, Qwen3 model, KV cache and the engine loop."""
