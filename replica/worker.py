@@ -1,0 +1,124 @@
+"""The replica process: owns one device, turns pipe messages into engine requests and back.
+
+torch is imported only inside `serve`, after CUDA_VISIBLE_DEVICES pins the process to its GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica needs to start; picklable so a spawned process can receive it."""
+
+    model: str
+    gpu: int | None = None
+    backend: str = "reference"
+    random_weights: bool = False
+    cpu_threads: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def serve(conn: Connection, spec: ReplicaSpec) -> None:
+    """Process entry point: load, report ready, then serve until shutdown or a closed pipe."""
+    if spec.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+    started = time.monotonic()
+    replica = Replica(spec)
+    conn.send({"op": "ready", "info": replica.info(time.monotonic() - started)})
+    replica.run(conn)
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec) -> None:
+        import torch
+
+        from replica.checkpoint import resolve
+        from replica.tokenization import PromptCodec
+
+        torch.set_num_threads(spec.cpu_threads)
+        self.spec = spec
+        self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
+        self.source = resolve(spec.model, spec.random_weights)
+        self.codec = PromptCodec(self.source.tokenizer_dir)
+        self.max_context = self.source.config.max_position_embeddings
+        self.engine = self._build_engine(torch)
+        self.pending: dict[int, dict[str, Any]] = {}
+
+    def _build_engine(self, torch):
+        from replica.reference import ReferenceEngine
+
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        pad_id = self.codec.tokenizer.pad_token_id
+        return ReferenceEngine(self.source, self.device, dtype, self.codec.eos_ids, pad_id)
+
+    def info(self, startup_s: float) -> dict[str, Any]:
+        return {
+            "model": self.source.name,
+            "device": self.device,
+            "gpu": self.spec.gpu,
+            "backend": self.spec.backend,
+            "pid": os.getpid(),
+            "startup_s": round(startup_s, 2),
+            "max_context": self.max_context,
+        }
+
+    def run(self, conn: Connection) -> None:
+        while True:
+            # Block only when idle; while busy, take what has arrived and step again.
+            while not self.engine.has_work() or conn.poll():
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    return
+                if message["op"] == "shutdown":
+                    return
+                self._handle(conn, message)
+            for result in self.engine.step():
+                conn.send(self._answer(result))
+
+    def _handle(self, conn: Connection, message: dict[str, Any]) -> None:
+        if message["op"] == "cancel":
+            if self.engine.cancel(message["id"]):
+                self.pending.pop(message["id"], None)
+            return
+        try:
+            request = self._to_engine_request(message)
+        except ValueError as error:
+            conn.send({"op": "error", "id": message["id"], "status": 400, "message": str(error)})
+            return
+        self.pending[request.id] = message
+        self.engine.add(request)
+
+    def _to_engine_request(self, message: dict[str, Any]):
+        from replica.protocol import EngineRequest
+
+        prompt_ids = self.codec.encode_chat(message["messages"], message.get("prefix", ""))
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_context} tokens, "
+                f"but the prompt has {len(prompt_ids)} tokens."
+            )
+        if message["op"] == "score":
+            choice_ids = self.codec.choice_ids(message["choices"])
+            return EngineRequest(message["id"], prompt_ids, 0, choice_ids)
+        return EngineRequest(message["id"], prompt_ids, min(message["max_tokens"], room))
+
+    def _answer(self, result) -> dict[str, Any]:
+        message = self.pending.pop(result.id)
+        choice = None if result.choice_index is None else message["choices"][result.choice_index]
+        return {
+            "op": "result",
+            "id": result.id,
+            "text": self.codec.decode(result.output_ids),
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.output_ids),
+            "choice": choice,
+        }
