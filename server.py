@@ -49,7 +49,9 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        body = {
+            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
+        }
         return json_response(body, self.status, self.headers)
 
 
@@ -79,7 +81,9 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings.", "prompt")
     if not all(isinstance(item, str) for item in prompts):
         raise ApiError(
-            400, "'prompt' must contain only strings (token-id prompts are not supported).", "prompt"
+            400,
+            "'prompt' must contain only strings (token-id prompts are not supported).",
+            "prompt",
         )
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (
@@ -125,7 +129,12 @@ class CompletionService:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [
-                {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                {
+                    "index": i,
+                    "text": r["text"],
+                    "logprobs": None,
+                    "finish_reason": r["finish_reason"],
+                }
                 for i, r in enumerate(results)
             ],
             "usage": {
@@ -191,10 +200,14 @@ async def completions(request: web.Request) -> web.Response:
         raise
     except Overloaded:
         service.metrics.inc("requests_total", "HTTP completion requests.", status="503")
-        raise ApiError(503, "Server overloaded; retry later.", headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            503, "Server overloaded; retry later.", headers={"Retry-After": "1"}
+        ) from None
     except NoReplica:
         service.metrics.inc("requests_total", "HTTP completion requests.", status="503")
-        raise ApiError(503, "No model replica is available.", headers={"Retry-After": "5"}) from None
+        raise ApiError(
+            503, "No model replica is available.", headers={"Retry-After": "5"}
+        ) from None
     except ReplicaError as error:
         service.metrics.inc("requests_total", "HTTP completion requests.", status=str(error.status))
         raise ApiError(error.status, str(error)) from None
@@ -234,7 +247,9 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF id, checkpoint dir or tiny-random")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="HF id, checkpoint dir or tiny-random"
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--gpus", default="0", help="comma-separated GPU ids, one replica each")

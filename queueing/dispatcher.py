@@ -107,6 +107,11 @@ class Dispatcher:
         if ready:
             job.link = min(ready, key=lambda link: link.outstanding)
             job.attempts += 1
+            self.metrics.inc(
+                "replica_requests_total",
+                "Model requests sent, per replica.",
+                replica=str(job.link.index),
+            )
             job.link.send(job.message, job.work)
         elif any(link.state is ReplicaState.LOADING for link in self.links):
             self.backlog.append(request_id)
@@ -149,7 +154,9 @@ class Dispatcher:
             for request_id in orphans:
                 self._fail(request_id, NoReplica())
             return
-        self.metrics.inc("replica_deaths_total", "Replica processes that died.", replica=str(link.index))
+        self.metrics.inc(
+            "replica_deaths_total", "Replica processes that died.", replica=str(link.index)
+        )
         if not link.info:
             self.failed_starts[link.index] += 1
         if self.failed_starts[link.index] < MAX_FAILED_STARTS:

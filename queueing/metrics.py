@@ -49,7 +49,10 @@ class Metrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
             lines += [f"{name}{_labels(key)} {value}" for key, value in read().items()]
         name = "completion_latency_seconds"
-        lines += [f"# HELP {name} Time from request to answer, per prompt.", f"# TYPE {name} histogram"]
+        lines += [
+            f"# HELP {name} Time from request to answer, per prompt.",
+            f"# TYPE {name} histogram",
+        ]
         for task, counts in self.latency_counts.items():
             for bound, count in zip((*LATENCY_BUCKETS_S, "+Inf"), counts, strict=True):
                 lines.append(f'{name}_bucket{{task="{task}",le="{bound}"}} {count}')

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from replica.worker import ReplicaSpec, serve
@@ -14,7 +14,7 @@ from replica.worker import ReplicaSpec, serve
 log = logging.getLogger(__name__)
 
 
-class ReplicaState(str, Enum):
+class ReplicaState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     DEAD = "dead"

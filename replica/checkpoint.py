@@ -41,6 +41,7 @@ def tiny_random_config() -> Qwen3Config:
         head_dim=16,
         max_position_embeddings=4096,
         rope_theta=1_000_000.0,
+        initializer_range=0.2,  # large enough that greedy output depends on the prompt
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=151643,
@@ -76,7 +77,9 @@ def _download(repo_id: str, config_only: bool) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def load_state_dict(weights_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    weights_dir: Path, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint, keyed by their Hugging Face names."""
     from safetensors.torch import load_file
 

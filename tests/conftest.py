@@ -1,0 +1,14 @@
+import pytest
+
+from tests.server_process import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One tiny-random server with two CPU replicas, shared by the end-to-end tests."""
+    process = ServerProcess("--cpu-replicas", "2")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
