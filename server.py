@@ -118,8 +118,15 @@ class CompletionService:
         return await self.dispatcher.submit(message, work=len(prompt) // 4 + cap)
 
     async def complete(self, request: CompletionRequest) -> dict[str, Any]:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._timed(p, request.max_tokens)) for p in request.prompts]
+        """Fan the prompts out, gather them in order; one failure cancels the rest."""
+        self.dispatcher.admit(len(request.prompts))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._timed(p, request.max_tokens)) for p in request.prompts
+                ]
+        except ExceptionGroup as failures:
+            raise failures.exceptions[0] from None
         results = [task.result() for task in tasks]
         prompt_tokens = sum(r["prompt_tokens"] for r in results)
         completion_tokens = sum(r["completion_tokens"] for r in results)
@@ -235,7 +242,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/metrics", metrics)
 
     async def start_replicas(app: web.Application) -> None:
-        app[SERVICE].dispatcher.start()
+        await app[SERVICE].dispatcher.start()
 
     async def stop_replicas(app: web.Application) -> None:
         app[SERVICE].dispatcher.shutdown()

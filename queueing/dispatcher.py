@@ -58,15 +58,18 @@ class Dispatcher:
         self.backlog: list[int] = []
         self.failed_starts = [0] * len(specs)
         self.closing = False
+        self.ever_ready = (
+            False  # before the first start completes, requests wait instead of failing
+        )
         self._ids = itertools.count()
         metrics.gauge("queue_depth", "Prompts waiting for a ready replica.", self._backlog_gauge)
         metrics.gauge("in_flight", "Model requests admitted and not answered.", self._in_flight)
         metrics.gauge("replica_up", "1 when the replica is ready.", self._replica_up)
         metrics.gauge("replica_restarts", "Restarts per replica.", self._replica_restarts)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         for link in self.links:
-            link.start()
+            await link.start()
 
     @property
     def ready(self) -> bool:
@@ -86,10 +89,15 @@ class Dispatcher:
             for link in self.links
         ]
 
+    def admit(self, count: int) -> None:
+        """Check room for `count` model requests before any of them is sent."""
+        if len(self.jobs) + count > self.max_in_flight:
+            raise Overloaded
+        if not any(link.state is ReplicaState.READY for link in self.links) and self.ever_ready:
+            raise NoReplica
+
     async def submit(self, message: dict[str, Any], work: int) -> dict[str, Any]:
         """Run one model request; cancelled if the caller is (e.g. the client went away)."""
-        if len(self.jobs) >= self.max_in_flight:
-            raise Overloaded
         request_id = next(self._ids)
         job = _Job({**message, "id": request_id}, work, asyncio.get_running_loop().create_future())
         self.jobs[request_id] = job
@@ -113,10 +121,13 @@ class Dispatcher:
                 replica=str(job.link.index),
             )
             job.link.send(job.message, job.work)
-        elif any(link.state is ReplicaState.LOADING for link in self.links):
+        elif not self.ever_ready and self._any_loading():
             self.backlog.append(request_id)
         else:
             self._fail(request_id, NoReplica())
+
+    def _any_loading(self) -> bool:
+        return any(link.state is ReplicaState.LOADING for link in self.links)
 
     def _forget(self, request_id: int, cancel: bool = False) -> _Job | None:
         job = self.jobs.pop(request_id, None)
@@ -133,7 +144,13 @@ class Dispatcher:
             job.future.set_exception(error)
 
     def _on_message(self, link: ReplicaLink, message: dict[str, Any]) -> None:
+        if message["op"] == "cancelled":
+            self.metrics.inc(
+                "replica_cancelled_total", "Cancelled requests whose replica freed their work."
+            )
+            return
         if message["op"] == "ready":
+            self.ever_ready = True
             self.failed_starts[link.index] = 0
             backlog, self.backlog = self.backlog, []
             for request_id in backlog:
@@ -161,7 +178,7 @@ class Dispatcher:
             self.failed_starts[link.index] += 1
         if self.failed_starts[link.index] < MAX_FAILED_STARTS:
             link.info = {}
-            link.start()
+            asyncio.get_running_loop().create_task(link.start())
         for request_id in orphans:
             job = self.jobs.get(request_id)
             if job is None:

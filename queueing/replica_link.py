@@ -1,14 +1,20 @@
-"""One replica process as seen from the event loop: spawn, pipe reads without blocking, death."""
+"""One replica process as seen from the event loop: spawn, framed socket I/O, death.
+
+The parent's end of the socket is an asyncio transport, so sends never block the event loop even
+when a busy replica is not reading (the transport buffers), and reads arrive as callbacks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import multiprocessing as mp
+import socket
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from replica.protocol import FrameDecoder, encode_frame
 from replica.worker import ReplicaSpec, serve
 
 log = logging.getLogger(__name__)
@@ -20,11 +26,24 @@ class ReplicaState(StrEnum):
     DEAD = "dead"
 
 
+class _ReplicaProtocol(asyncio.Protocol):
+    def __init__(self, link: ReplicaLink) -> None:
+        self.link = link
+        self.decoder = FrameDecoder()
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.decoder.feed(data):
+            self.link._received(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link._died()
+
+
 class ReplicaLink:
-    """Owns a replica process and the parent end of its pipe.
+    """Owns a replica process and the parent end of its socket.
 
     `on_message(link, message)` receives every message; `on_death(link)` fires once per process
-    when its pipe closes. `in_flight` maps request id to the message sent, so a dead replica's
+    when its socket closes. `in_flight` maps request id to the message sent, so a dead replica's
     work can be sent elsewhere; `outstanding` is the work estimate used for dispatch.
     """
 
@@ -45,25 +64,27 @@ class ReplicaLink:
         self.outstanding = 0
         self.restarts = -1
         self._process: mp.process.BaseProcess | None = None
-        self._conn = None
+        self._transport: asyncio.Transport | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        parent_end, child_end = socket.socketpair()
         context = mp.get_context("spawn")
-        parent_end, child_end = context.Pipe()
         self._process = context.Process(
             target=serve, args=(child_end, self.spec), name=f"replica-{self.index}", daemon=True
         )
         self._process.start()
         child_end.close()
-        self._conn = parent_end
         self.state = ReplicaState.LOADING
         self.restarts += 1
-        asyncio.get_running_loop().add_reader(parent_end.fileno(), self._read)
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_accepted_socket(
+            lambda: _ReplicaProtocol(self), parent_end
+        )
 
     def send(self, message: dict[str, Any], work: int) -> None:
         self.in_flight[message["id"]] = message
         self.outstanding += work
-        self._conn.send(message)
+        self._transport.write(encode_frame(message))
 
     def done(self, request_id: int, work: int) -> dict[str, Any] | None:
         """Forget a request; returns its message if it was in flight here."""
@@ -74,28 +95,21 @@ class ReplicaLink:
 
     def cancel(self, request_id: int, work: int) -> None:
         if self.done(request_id, work) is not None and self.state is ReplicaState.READY:
-            self._conn.send({"op": "cancel", "id": request_id})
+            self._transport.write(encode_frame({"op": "cancel", "id": request_id}))
 
-    def _read(self) -> None:
-        try:
-            while self._conn.poll():
-                message = self._conn.recv()
-                if message["op"] == "ready":
-                    self.state = ReplicaState.READY
-                    self.info = message["info"]
-                    log.info("replica %d ready: %s", self.index, self.info)
-                self._on_message(self, message)
-        except (EOFError, OSError):
-            self._died()
+    def _received(self, message: dict[str, Any]) -> None:
+        if message["op"] == "ready":
+            self.state = ReplicaState.READY
+            self.info = message["info"]
+            log.info("replica %d ready: %s", self.index, self.info)
+        self._on_message(self, message)
 
     def _died(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._conn.fileno())
-        self._conn.close()
         self.state = ReplicaState.DEAD
         self.outstanding = 0
         if self._process is not None:
             self._process.join(timeout=1)
-            log.warning("replica %d died (exit code %s)", self.index, self._process.exitcode)
+            log.warning("replica %d exited (code %s)", self.index, self._process.exitcode)
         self._on_death(self)
 
     def kill(self) -> None:
@@ -103,12 +117,9 @@ class ReplicaLink:
             self._process.kill()
 
     def shutdown(self) -> None:
-        """Ask the replica to exit; its pipe closing then reads as a (planned) death."""
+        """Ask the replica to exit; its socket closing then reads as a (planned) death."""
         if self.state is not ReplicaState.DEAD:
-            try:
-                self._conn.send({"op": "shutdown"})
-            except OSError:
-                self.kill()
+            self._transport.write(encode_frame({"op": "shutdown"}))
 
     @property
     def pid(self) -> int | None:

@@ -9,15 +9,71 @@ Replica -> front end:
   {"op": "ready", "info": {...}}
   {"op": "result", "id": int, "text": str, "finish_reason": "stop" | "length",
    "prompt_tokens": int, "completion_tokens": int, "choice": str | None}
-  {"op": "error", "id": int, "status": int, "message": str, "code": str}
+  {"op": "error", "id": int, "status": int, "message": str}
+  {"op": "cancelled", "id": int}          (the engine dropped it and freed its slot)
 """
 
 from __future__ import annotations
 
+import pickle
+import select
+import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Kind = Literal["generate", "score"]
+
+FRAME_HEADER = struct.Struct("!I")  # each message: its pickled length, then the pickle
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Reassembles messages from a byte stream that arrives in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.buffer += data
+        messages = []
+        while len(self.buffer) >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(self.buffer)
+            end = FRAME_HEADER.size + length
+            if len(self.buffer) < end:
+                break
+            messages.append(pickle.loads(self.buffer[FRAME_HEADER.size : end]))
+            del self.buffer[:end]
+        return messages
+
+
+class BlockingChannel:
+    """The replica's end of its socket: blocking sends and receives of framed messages."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.ready: list[dict[str, Any]] = []
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(encode_frame(message))
+
+    def poll(self) -> bool:
+        """True if a message can be received without blocking (or the peer has gone)."""
+        return bool(self.ready) or bool(select.select([self.sock], [], [], 0)[0])
+
+    def recv(self) -> dict[str, Any]:
+        """The next message; EOFError once the front end has closed its end."""
+        while not self.ready:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError
+            self.ready += self.decoder.feed(data)
+        return self.ready.pop(0)
 
 
 @dataclass

@@ -6,10 +6,13 @@ torch is imported only inside `serve`, after CUDA_VISIBLE_DEVICES pins the proce
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replica.protocol import BlockingChannel
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,11 @@ class ReplicaSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def serve(conn: Connection, spec: ReplicaSpec) -> None:
-    """Process entry point: load, report ready, then serve until shutdown or a closed pipe."""
+def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
+    """Process entry point: load, report ready, then serve until shutdown or a closed socket."""
+    from replica.protocol import BlockingChannel
+
+    conn = BlockingChannel(sock)
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     started = time.monotonic()
@@ -68,7 +74,7 @@ class Replica:
             "max_context": self.max_context,
         }
 
-    def run(self, conn: Connection) -> None:
+    def run(self, conn: BlockingChannel) -> None:
         while True:
             # Block only when idle; while busy, take what has arrived and step again.
             while not self.engine.has_work() or conn.poll():
@@ -82,10 +88,11 @@ class Replica:
             for result in self.engine.step():
                 conn.send(self._answer(result))
 
-    def _handle(self, conn: Connection, message: dict[str, Any]) -> None:
+    def _handle(self, conn: BlockingChannel, message: dict[str, Any]) -> None:
         if message["op"] == "cancel":
             if self.engine.cancel(message["id"]):
                 self.pending.pop(message["id"], None)
+                conn.send({"op": "cancelled", "id": message["id"]})
             return
         try:
             request = self._to_engine_request(message)
