@@ -126,6 +126,6 @@ class Replica:
             "text": self.codec.decode(result.output_ids),
             "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.output_ids),
+            "completion_tokens": 1 if choice is not None else len(result.output_ids),
             "choice": choice,
         }
