@@ -1,0 +1,32 @@
+"""The three submitted systems differ only in these knobs (DESIGN.md, Profiles)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-system caps. `mcq_reasoning_cap` None means MCQ is answered by letter scoring."""
+
+    name: str
+    open_cap: int
+    mcq_reasoning_cap: int | None = None
+
+
+PROFILES = MappingProxyType(
+    {
+        "throughput": Profile("throughput", open_cap=512),
+        "balanced": Profile("balanced", open_cap=1024),
+        "accuracy": Profile("accuracy", open_cap=2048, mcq_reasoning_cap=1024),
+    }
+)
+
+
+def get_profile(name: str) -> Profile:
+    """Look a profile up by name; unknown names are a configuration error."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None

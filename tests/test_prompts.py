@@ -1,0 +1,125 @@
+"""Prompt shaping per task and profile, and turning model output into grader-proof text."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shortcuts import PROFILES, Answer, Generate, Score, finish, plan
+from shortcuts.grading import grade
+from tests.shortcuts_dev_data import DATA, rows_of
+
+TOKENIZER = DATA.parent / "qwen3-tokenizer"
+OPEN_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
+
+
+@cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_graph_prompts_are_answered_immediately(profile):
+    for row in rows_of("graph"):
+        shaped = plan(row["prompt"], profile)
+        assert isinstance(shaped, Answer) and shaped.task == "graph"
+        assert grade("graph", shaped.text, row["gold_answer"]) == 1.0
+
+
+@pytest.mark.parametrize("profile", ["throughput", "balanced"])
+def test_mcq_is_letter_scoring(profile):
+    for row in rows_of("mmlu_med"):
+        shaped = plan(row["prompt"], profile)
+        assert isinstance(shaped, Score) and shaped.task == "mcq"
+        assert shaped.prefix.endswith("The answer is (")
+        assert shaped.choices == ["A", "B", "C", "D"]
+        assert [m["role"] for m in shaped.messages] == ["system", "user"]
+        user = shaped.messages[-1]["content"]
+        assert row["meta"]["raw_choices"][-1] in user and not user.endswith("Answer:")
+        assert grade("mmlu_med", finish(shaped, row["gold_answer"]), row["gold_answer"]) == 1.0
+
+
+def test_mcq_choices_follow_the_offered_letters():
+    options = "\n".join(f"{chr(65 + i)}. choice {i}" for i in range(7))
+    shaped = plan(f"Question: which?\nChoices:\n{options}", "throughput")
+    assert shaped.choices == list("ABCDEFG")
+    with pytest.raises(ValueError):
+        finish(shaped, "H")
+
+
+def test_accuracy_mcq_reasons_then_answers_with_scoring_fallback():
+    row = rows_of("mmlu_med")[0]
+    shaped = plan(row["prompt"], "accuracy")
+    assert isinstance(shaped, Generate) and shaped.task == "mcq"
+    assert shaped.max_tokens == PROFILES["accuracy"].mcq_reasoning_cap
+    fallback = shaped.fallback
+    assert isinstance(fallback, Score) and fallback.choices == ["A", "B", "C", "D"]
+    reasoning = (
+        "<think>The answer is (A)?</think>Hmm, maybe (A). On reflection **The answer is (C)**."
+    )
+    assert finish(shaped, reasoning) == "The answer is (C)."
+    assert finish(shaped, "The answer is (B). Wait, The answer is (E).") == "The answer is (B)."
+    assert finish(shaped, "Either A or C, hard to say") is fallback
+    assert finish(shaped, "The answer is (E).") is fallback  # not an offered letter
+    assert finish(fallback, "D") == "The answer is (D)."
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_open_prompts_are_unwrapped_and_capped(profile):
+    for row in rows_of("infobench"):
+        shaped = plan(row["prompt"], profile)
+        assert isinstance(shaped, Generate) and shaped.task == "open"
+        assert shaped.max_tokens == OPEN_CAPS[profile] and shaped.fallback is None
+        system, user = shaped.messages
+        assert system["role"] == "system" and "concise" in system["content"]
+        assert user["role"] == "user" and user["content"]
+        for wrapper in ("Instruction:", "Generation:"):
+            assert not user["content"].startswith(wrapper) and not user["content"].endswith(wrapper)
+
+
+def test_infobench_wrapper_becomes_instruction_then_input():
+    prompt = "Instruction: Fix the code.\nQuestion: print(x\nGeneration:"
+    assert plan(prompt, "throughput").messages[-1]["content"] == "Fix the code.\n\nprint(x"
+    empty_input = "Instruction: Write a haiku.\nQuestion: \nGeneration:"
+    assert plan(empty_input, "throughput").messages[-1]["content"] == "Write a haiku."
+
+
+def test_open_output_loses_reasoning_blocks():
+    shaped = plan("Write a haiku.", "balanced")
+    assert finish(shaped, "<think>plan it</think>\n\nAn old pond.") == "An old pond."
+    assert finish(shaped, "plan it</think>An old pond.") == "An old pond."
+    assert finish(shaped, "<think>An old pond.") == "An old pond."
+
+
+def test_unparsable_graph_goes_to_the_model_as_graph():
+    prompt = "You are given a directed graph.\n0 -> 1, weight: 4\nFind the shortest paths."
+    shaped = plan(prompt, "throughput")
+    assert isinstance(shaped, Generate) and shaped.task == "graph" and shaped.max_tokens == 512
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ValueError):
+        plan("hello", "fastest")
+
+
+def test_chat_template_plus_prefix_puts_each_letter_in_one_token():
+    """The replica's scoring contract: after the prefix, every offered letter is one token."""
+    options = "\n".join(f"{chr(65 + i)}. choice {i}" for i in range(10))
+    shaped = plan(f"Question: which?\nChoices:\n{options}", "balanced")
+    text = tokenizer().apply_chat_template(
+        shaped.messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    base = tokenizer()(text + shaped.prefix)["input_ids"]
+    for letter in shaped.choices:
+        ids = tokenizer()(text + shaped.prefix + letter)["input_ids"]
+        assert ids[: len(base)] == base and len(ids) == len(base) + 1
+
+
+@given(st.text(max_size=300), st.sampled_from(sorted(PROFILES)))
+def test_plan_never_raises(prompt, profile):
+    assert isinstance(plan(prompt, profile), Answer | Score | Generate)
