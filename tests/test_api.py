@@ -120,3 +120,19 @@ def test_openai_client_completions_create(server):
     assert [choice.index for choice in result.choices] == [0, 1]
     assert all(choice.text for choice in result.choices)
     assert result.usage.completion_tokens == 8
+
+
+def test_unparsable_graph_prompt_goes_to_the_model_and_is_counted(server):
+    import json
+    import re
+
+    from tests.server_process import ROOT
+
+    with open(ROOT / "vendor" / "data" / "dev_requests_gold.jsonl") as rows:
+        graph = next(json.loads(line)["prompt"] for line in rows if '"graph"' in line)
+    broken = re.sub(r"weight: \d+", "weight: -3", graph, count=1)
+    assert shortcuts.route(broken) == "graph"
+    [choice] = complete(server, broken, max_tokens=4)["choices"]
+    assert choice["finish_reason"] == "length" and "submit_paths" not in choice["text"]
+    _status, text, _ = request(server.url + "/metrics", method="GET")
+    assert "graph_unparsed_total 1" in text

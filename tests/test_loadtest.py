@@ -1,0 +1,246 @@
+"""loadtest/: its pieces, its error handling against a stub, and two short runs against the server.
+
+Traffic goes to 127.0.0.1 only; the InfoBench judge (OpenAI) never runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from loadtest.__main__ import measure, parse_args, write_outputs
+from loadtest.client import BatchResult, answers_in_order
+from loadtest.judge import parse_verdict
+from loadtest.lengths import REALISTIC_LENGTHS, LengthSampler
+from loadtest.scoring import NOT_JUDGED, first_answers, load_gold, score_answers
+from loadtest.workload import Prompt, classify, load_schedule
+from tests.server_process import ROOT, free_port
+
+DATA = ROOT / "vendor" / "data"
+GOLD = DATA / "dev_requests_gold.jsonl"
+SAMPLE = DATA / "batch_arrivals_sample.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("name", ["dev_requests_gold.jsonl", "dev_combined.jsonl"])
+def test_classify_agrees_with_the_gold_task_in_both_prompt_formats(name):
+    rows = read_jsonl(DATA / name)
+    assert len(rows) == 300
+    assert [classify(r["prompt"]) for r in rows] == [r["task"] for r in rows]
+
+
+def test_realistic_lengths_hit_their_median_and_p90():
+    sampler = LengthSampler("realistic", seed=1)
+    for task, (median, p90) in REALISTIC_LENGTHS.items():
+        draws = [sampler.draw(task) for _ in range(20_000)]
+        assert np.median(draws) == pytest.approx(median, rel=0.08), task
+        assert np.percentile(draws, 90) == pytest.approx(p90, rel=0.08), task
+    capped = LengthSampler("realistic", seed=1, cap=50)
+    assert max(capped.for_batch(["infobench", "graph"]) for _ in range(500)) == 50
+    assert LengthSampler("fixed").for_batch(["graph"]) == 2048
+
+
+def test_answers_are_put_in_prompt_order_and_bad_bodies_rejected():
+    body = {"choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}]}
+    assert answers_in_order(body, 2) == ["a", "b"]
+    bad = [
+        {"choices": [{"index": 0, "text": "a"}]},
+        {"choices": [{"index": 0, "text": "a"}, {"index": 0, "text": "b"}]},
+        {"choices": [{"index": 0, "text": "a"}, {"index": 2, "text": "b"}]},
+        {"choices": [{"index": 0, "text": "a"}, {"index": 1}]},
+        {"error": "nope"},
+    ]
+    for case in bad:
+        with pytest.raises(ValueError):
+            answers_in_order(case, 2)
+
+
+def test_judge_verdicts_follow_the_course_rules():
+    assert parse_verdict(" Yes, it is.") is True
+    assert parse_verdict("no") is False
+    assert parse_verdict("The answer is YES") is True
+    assert parse_verdict("Clearly NO.") is False
+    assert parse_verdict("Either YES or NO") is None
+    assert parse_verdict("maybe") is None
+
+
+def test_judging_needs_an_explicit_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    argv = ["closed", "--url", "http://127.0.0.1:9", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--gold", str(GOLD), "--judge-infobench"])
+    assert not parse_args([*argv, "--gold", str(GOLD)]).judge_infobench
+
+
+def answered(prompts: list[str], texts: list[str] | None, sent_s: float = 0.0) -> BatchResult:
+    return BatchResult(
+        batch_id=0,
+        prompts=tuple(Prompt.of(p) for p in prompts),
+        max_tokens=8,
+        scheduled_s=None,
+        sent_s=sent_s,
+        duration_s=1.0,
+        status=200 if texts is not None else 500,
+        response=None,
+        texts=texts,
+        error=None if texts is not None else "HTTP 500",
+    )
+
+
+def test_grading_on_a_known_answer_set():
+    gold = load_gold(GOLD)
+    by_task: dict[str, list[str]] = {}
+    for prompt, item in gold.items():
+        by_task.setdefault(item.task, []).append(prompt)
+    graph_right, graph_wrong, graph_unanswered = by_task["graph"][:3]
+    mcq_right, mcq_wrong = by_task["mmlu_med"][:2]
+    [path] = gold[graph_right].answer["paths"]
+    letter = gold[mcq_right].answer
+    other = "A" if gold[mcq_wrong].answer != "A" else "B"
+    results = [
+        answered(
+            [graph_right, graph_wrong, mcq_right, mcq_wrong, by_task["infobench"][0]],
+            [
+                f"submit_paths(paths=[{path['path']}], weights=[{path['weight']}])",
+                "submit_paths(paths=[[0, 1]], weights=[1])",
+                f"Because... The answer is ({letter}).",
+                f"The answer is ({other}).",
+                "A poem.",
+            ],
+        ),
+        answered([graph_unanswered], None),
+        answered([mcq_right], ["The answer is (Z)."], sent_s=5.0),  # a later repeat: ignored
+    ]
+    answers = first_answers(results)
+    assert answers[graph_unanswered] == "" and answers[mcq_right].startswith("Because")
+    scores = asyncio.run(score_answers(answers, gold, judge=None))
+    assert scores["graph"] == {"scored": 3, "score": pytest.approx(1 / 3)}
+    assert scores["mmlu_med"] == {"scored": 2, "score": 0.5}
+    assert scores["infobench"] == {"scored": 0, "score": NOT_JUDGED}
+
+    async def fake_judge(text: str, meta: dict) -> float:  # stands in for the OpenAI judge
+        assert text == "A poem." and meta["decomposed_questions"]
+        return 0.5
+
+    judged = asyncio.run(score_answers(answers, gold, judge=fake_judge))
+    assert judged["infobench"] == {"scored": 1, "score": 0.5}
+
+
+async def stub_completions(request: web.Request) -> web.Response:
+    """Answers in reverse choice order (the client must reorder) and fails prompts saying FAIL."""
+    body = await request.json()
+    if any("FAIL" in p for p in body["prompt"]):
+        return web.Response(status=500, text="boom")
+    choices = [{"index": i, "text": f"echo {p}"} for i, p in enumerate(body["prompt"])]
+    usage = {"completion_tokens": 3 * len(choices)}
+    return web.json_response({"choices": choices[::-1], "usage": usage})
+
+
+def test_replay_against_a_stub_records_errors_and_keeps_order(tmp_path):
+    schedule = [
+        {"batch_id": 0, "arrival_time": 0.0, "prompts": ["one", "two"]},
+        {"batch_id": 1, "arrival_time": 0.2, "prompts": ["FAIL please", "three"]},
+        {"batch_id": 2, "arrival_time": 0.4, "prompts": ["four"]},
+    ]
+    (tmp_path / "schedule.json").write_text(json.dumps(schedule))
+
+    async def run_against_stub():
+        app = web.Application()
+        app.router.add_post("/v1/completions", stub_completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        argv = ["replay", "--url", f"http://127.0.0.1:{port}/v1/completions", "--speed", "2"]
+        try:
+            return await measure(
+                parse_args([*argv, "--schedule", str(tmp_path / "schedule.json"), "--out", "x"])
+            )
+        finally:
+            await runner.cleanup()
+
+    run = asyncio.run(run_against_stub())
+    report = write_outputs(run, tmp_path / "out")
+    assert (report["prompts_sent"], report["served"], report["errors"]) == (5, 3, 2)
+    assert report["error_samples"] == ["HTTP 500: boom"]
+    assert report["tokens_per_s"] == pytest.approx(9 / report["window_s"])
+    assert first_answers(run.results)["two"] == "echo two"
+    records = read_jsonl(tmp_path / "out" / "batches.jsonl")
+    assert [r["status_code"] for r in records] == [200, 500, 200]
+    assert [r["scheduled_arrival_time"] for r in records] == [0.0, 0.1, 0.2]
+    assert all(r["actual_send_time"] >= r["scheduled_arrival_time"] for r in records)
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_outputs(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "load.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "load.png").stat().st_size > 20_000  # two drawn panels, not an empty figure
+    assert "requests per 20 minutes" in (out / "summary.md").read_text()
+    assert report["errors"] == 0 and report["error_samples"] == []
+    assert report["served"] == report["prompts_sent"] > 0
+    assert report["requests_per_20min"] == pytest.approx(
+        report["served_in_window"] / report["window_s"] * 1200
+    )
+    for task, stats in report["per_task"].items():
+        if stats["served"]:
+            lat = stats["latency_s"]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], task
+    return report
+
+
+def test_replay_of_the_sample_schedule_at_10x(server, tmp_path):
+    url = server.url + "/v1/completions"
+    args = ["replay", "--url", url, "--schedule", str(SAMPLE), "--speed", "10"]
+    args += ["--lengths", "realistic", "--max-tokens", "16", "--gold", str(GOLD)]
+    done = run_cli(*args, "--out", str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = check_outputs(tmp_path)
+    schedule = load_schedule(SAMPLE)
+    expected = Counter(p.task for b in schedule for p in b.prompts)
+    assert report["prompts_sent"] == sum(expected.values()) == 6
+    assert {t: s["served"] for t, s in report["per_task"].items() if s["served"]} == expected
+    assert report["send_lag_s"]["max"] < 0.5
+    assert report["wall_s"] >= schedule[-1].arrival_s / 10
+    records = read_jsonl(tmp_path / "batches.jsonl")
+    assert [r["scheduled_arrival_time"] for r in records] == [b.arrival_s / 10 for b in schedule]
+    accuracy = report["accuracy"]
+    assert accuracy["infobench"]["score"] == NOT_JUDGED
+    assert accuracy["graph"]["scored"] == expected["graph"]
+    assert accuracy["mmlu_med"]["scored"] == expected["mmlu_med"]
+
+
+def test_closed_loop_of_50_clients_for_10_seconds(server, tmp_path):
+    url = server.url + "/v1/completions"
+    args = ["closed", "--url", url, "--clients", "50", "--seconds", "10"]
+    args += ["--lengths", "realistic", "--max-tokens", "16"]
+    done = run_cli(*args, "--out", str(tmp_path), timeout=75)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = check_outputs(tmp_path)
+    assert report["window_s"] == 10
+    assert report["served_in_window"] > 0
+    assert report["batches"] >= 50
+    sizes = [r["batch_size"] for r in read_jsonl(tmp_path / "batches.jsonl")]
+    assert len(sizes) == report["batches"] and min(sizes) >= 1 and max(sizes) <= 8
+    assert all(r["actual_send_time"] < 10 for r in read_jsonl(tmp_path / "batches.jsonl"))
