@@ -192,7 +192,18 @@ def _choice(task: str, text: str, result: dict[str, Any] | None = None) -> dict[
 
 def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else []
-    common = {"model": args.model, "backend": args.backend, "random_weights": args.random_weights}
+    options = {
+        "max_seq_len": args.max_seq_len,
+        "max_batch": args.max_batch,
+        "kv_fraction": args.kv_fraction,
+        "refill": args.refill,
+    }
+    common = {
+        "model": args.model,
+        "backend": args.backend,
+        "random_weights": args.random_weights,
+        "options": options if args.backend == "engine" else {},
+    }
     if gpus and _cuda_available():
         return [ReplicaSpec(gpu=gpu, **common) for gpu in gpus]
     threads = max(1, (os.cpu_count() or 1) // args.cpu_replicas)
@@ -292,7 +303,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus", default="0", help="comma-separated GPU ids, one replica each")
     parser.add_argument("--cpu-replicas", type=int, default=1, help="replicas when there is no GPU")
     parser.add_argument("--profile", choices=sorted(shortcuts.PROFILES), default="throughput")
-    parser.add_argument("--backend", choices=["reference"], default="reference")
+    parser.add_argument(
+        "--backend",
+        choices=["engine", "reference"],
+        default="engine",
+        help="reference: transformers",
+    )
+    parser.add_argument("--max-seq-len", type=int, default=4096, help="tokens per KV slot")
+    parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch")
+    parser.add_argument("--kv-fraction", type=float, default=0.9, help="of free GPU memory")
+    parser.add_argument(
+        "--no-refill", dest="refill", action="store_false", help="static batching (ablation)"
+    )
     parser.add_argument("--random-weights", action="store_true", help="config only, random weights")
     parser.add_argument("--max-in-flight", type=int, default=4096, help="admission bound (prompts)")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20)

@@ -21,7 +21,7 @@ class ReplicaSpec:
 
     model: str
     gpu: int | None = None
-    backend: str = "reference"
+    backend: str = "engine"
     random_weights: bool = False
     cpu_threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
@@ -57,11 +57,18 @@ class Replica:
         self.pending: dict[int, dict[str, Any]] = {}
 
     def _build_engine(self, torch):
-        from replica.reference import ReferenceEngine
+        """Our engine by default; `reference` is transformers `generate`, kept as the baseline."""
+        if self.spec.backend == "reference":
+            from replica.reference import ReferenceEngine
 
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        pad_id = self.codec.tokenizer.pad_token_id
-        return ReferenceEngine(self.source, self.device, dtype, self.codec.eos_ids, pad_id)
+            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+            pad_id = self.codec.tokenizer.pad_token_id
+            return ReferenceEngine(self.source, self.device, dtype, self.codec.eos_ids, pad_id)
+        from replica.engine import Engine
+
+        engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **self.spec.options)
+        self.max_context = engine.max_seq_len
+        return engine
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
@@ -72,6 +79,7 @@ class Replica:
             "pid": os.getpid(),
             "startup_s": round(startup_s, 2),
             "max_context": self.max_context,
+            **getattr(self.engine, "info", {}),
         }
 
     def run(self, conn: BlockingChannel) -> None:
