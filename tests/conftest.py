@@ -6,9 +6,5 @@ from tests.server_process import ServerProcess
 @pytest.fixture(scope="session")
 def server():
     """One tiny-random server with two CPU replicas, shared by the end-to-end tests."""
-    process = ServerProcess("--cpu-replicas", "2")
-    try:
-        process.wait_ready()
+    with ServerProcess("--cpu-replicas", "2") as process:
         yield process
-    finally:
-        process.stop()

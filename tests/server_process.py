@@ -52,6 +52,13 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
 
+    def __enter__(self) -> ServerProcess:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

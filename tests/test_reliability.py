@@ -120,9 +120,7 @@ def test_fuzzed_json_never_gets_a_5xx_or_hangs(server, body):
 
 
 def test_admission_bound_answers_503_with_retry_after():
-    process = ServerProcess("--max-in-flight", "2")
-    try:
-        process.wait_ready()
+    with ServerProcess("--max-in-flight", "2") as process:
         body = {"prompt": ["Tell me a long story."] * 2, "max_tokens": 400}
         results = []
         threads = [
@@ -140,8 +138,6 @@ def test_admission_bound_answers_503_with_retry_after():
                 assert_openai_error(status, answer, 503)
                 assert headers["Retry-After"]
         still_serving(process)
-    finally:
-        process.stop()
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body, timeout: float = 120):
@@ -183,9 +179,7 @@ def _replica_pids(process: ServerProcess) -> list[int]:
 
 
 def test_killed_replica_loses_nothing_and_is_restarted():
-    process = ServerProcess("--cpu-replicas", "2")
-    try:
-        process.wait_ready()
+    with ServerProcess("--cpu-replicas", "2") as process:
         victim = _replica_pids(process)[0]
         bodies = _batch_bodies(40, max_tokens=48, seed=1)
 
@@ -204,14 +198,10 @@ def test_killed_replica_loses_nothing_and_is_restarted():
         _, metrics, _ = request(process.url + "/metrics", method="GET")
         assert 'replica_deaths_total{replica="0"} 1' in metrics
         assert 'replica_restarts{replica="0"} 1' in metrics
-    finally:
-        process.stop()
 
 
 def test_no_live_replica_gets_a_quick_503():
-    process = ServerProcess()
-    try:
-        process.wait_ready()
+    with ServerProcess() as process:
         os.kill(_replica_pids(process)[0], signal.SIGKILL)
         while process.health_status() == 200:
             time.sleep(0.05)
@@ -222,8 +212,6 @@ def test_no_live_replica_gets_a_quick_503():
         assert headers["Retry-After"]
         process.wait_ready(timeout=60)
         still_serving(process)
-    finally:
-        process.stop()
 
 
 def _metric(server: ServerProcess, name: str) -> float:
@@ -248,9 +236,7 @@ def test_client_disconnect_cancels_the_work(server):
 
 
 def test_api_key_is_required_when_set_and_health_stays_open():
-    process = ServerProcess(env={"API_KEY": "sesame"})
-    try:
-        process.wait_ready()
+    with ServerProcess(env={"API_KEY": "sesame"}) as process:
         status, answer, _ = request(process.url + ROUTE, GOOD)
         assert_openai_error(status, answer, 401)
         wrong = {"Authorization": "Bearer nope"}
@@ -258,14 +244,10 @@ def test_api_key_is_required_when_set_and_health_stays_open():
         right = {"Authorization": "Bearer sesame"}
         assert request(process.url + ROUTE, GOOD, headers=right)[0] == 200
         assert process.health_status() == 200
-    finally:
-        process.stop()
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_zero():
-    process = ServerProcess()
-    try:
-        process.wait_ready()
+    with ServerProcess() as process:
         result = []
         body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 300}
         client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
@@ -275,8 +257,6 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero():
         client.join()
         assert result[0][0] == 200 and len(result[0][1]["choices"]) == 4
         assert process.process.wait(30) == 0
-    finally:
-        process.stop()
 
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
