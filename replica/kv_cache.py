@@ -1,0 +1,104 @@
+"""The KV cache: one allocation after the weights, cut into per-request slots.
+
+Layout per layer is [slots + 1, max_seq_len, kv_heads, head_dim], the layout
+`flash_attn_with_kvcache` reads. The extra last slot is scratch: padding rows of a fixed-size
+decode batch write there, so they never touch a live request's slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import Qwen3Config
+
+from replica.checkpoint import attention_shape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    layers: int
+    slots: int
+    max_seq_len: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def tokens(self) -> int:
+        return self.slots * self.max_seq_len
+
+
+def bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
+    """K and V of one token over all layers."""
+    _, kv_heads, head_dim = attention_shape(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def plan_slots(
+    config: Qwen3Config,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int,
+    max_slots: int,
+    fraction: float,
+) -> CacheShape:
+    """Slots of `max_seq_len` tokens that fit in `fraction` of free GPU memory (CPU: `max_slots`)."""
+    slots = max_slots
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_slot = max_seq_len * bytes_per_token(config, dtype)
+        slots = min(max_slots, int(free * fraction) // per_slot - 1)
+        if slots < 1:
+            raise RuntimeError(
+                f"KV cache: {free / 2**30:.1f} GiB free holds no slot of {max_seq_len} tokens"
+            )
+    _, kv_heads, head_dim = attention_shape(config)
+    return CacheShape(config.num_hidden_layers, slots, max_seq_len, kv_heads, head_dim)
+
+
+class KVCache:
+    """K/V tensors per layer plus the free list of slots."""
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = shape
+        dims = (shape.layers, 2, shape.slots + 1, shape.max_seq_len, shape.kv_heads, shape.head_dim)
+        self.data = torch.zeros(dims, dtype=dtype, device=device)
+        self.scratch_slot = shape.slots
+        self._free = list(range(shape.slots - 1, -1, -1))
+        gib = self.data.numel() * self.data.element_size() / 2**30
+        log.info(
+            "KV cache: %d slots x %d tokens = %d tokens, %.1f GiB",
+            shape.slots,
+            shape.max_seq_len,
+            shape.tokens,
+            gib,
+        )
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def allocate(self) -> int:
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.data[index, 0], self.data[index, 1]
+
+    def write(self, layer: int, slot_ids: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v [B, L, kv_heads, head_dim] at (slot_ids[b], positions[b, l])."""
+        k_cache, v_cache = self.layer(layer)
+        rows = slot_ids[:, None]
+        k_cache[rows, positions] = k
+        v_cache[rows, positions] = v

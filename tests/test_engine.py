@@ -1,0 +1,161 @@
+"""The engine against transformers' generate and logits (fp32, CPU, tiny-random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica.checkpoint import build_reference_model, resolve
+from replica.engine import QWEN3_EOS_IDS, Engine, batch_sizes
+from replica.protocol import EngineRequest, EngineResult
+
+NEW_TOKENS = 64
+PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return resolve("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def reference(source):
+    return build_reference_model(source)
+
+
+@pytest.fixture(scope="module")
+def prompts(source) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    vocab = source.config.vocab_size
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def expected(reference, prompts) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one prompt at a time."""
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = reference.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=list(QWEN3_EOS_IDS),
+                pad_token_id=QWEN3_EOS_IDS[1],
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+def run(engine: Engine, requests: list[EngineRequest]) -> dict[int, EngineResult]:
+    for request in requests:
+        engine.add(request)
+    results: dict[int, EngineResult] = {}
+    while engine.has_work():
+        for result in engine.step():
+            assert result.id not in results
+            results[result.id] = result
+    return results
+
+
+@pytest.mark.parametrize("refill", [True, False])
+def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
+    # Four slots for eight prompts, and caps that end rows at different steps, so rows are
+    # refilled mid-batch (or, static, wait for the whole batch).
+    caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
+    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, refill=refill)
+    requests = [
+        EngineRequest(i, p, cap) for i, (p, cap) in enumerate(zip(prompts, caps, strict=True))
+    ]
+    results = run(engine, requests)
+    assert sorted(results) == list(range(len(prompts)))
+    for i, cap in enumerate(caps):
+        assert len(expected[i]) == NEW_TOKENS  # no EOS from these weights: a full comparison
+        assert results[i].output_ids == expected[i][:cap]
+        assert results[i].finish_reason == "length"
+        assert results[i].prompt_tokens == len(prompts[i])
+    assert engine.cache.num_free == engine.max_rows
+
+
+def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
+    steps = {}
+    for refill in (True, False):
+        engine = Engine(source, "cpu", max_batch=2, max_seq_len=128, refill=refill)
+        caps = [5, 30, 5]  # the third waits for the first (refill) or for both (static)
+        run(engine, [EngineRequest(i, prompts[i], cap) for i, cap in enumerate(caps)])
+        steps[refill] = engine.stats.decode_steps
+    assert steps == {True: 29, False: 29 + 4}
+
+
+def test_eos_stops_and_is_not_returned(source, prompts, expected):
+    tokens = expected[2]
+    stop_at = next(i for i in range(5, NEW_TOKENS) if tokens[i] not in tokens[:i])
+    engine = Engine(source, "cpu", eos_ids=[tokens[stop_at]], max_batch=2, max_seq_len=256)
+    result = run(engine, [EngineRequest(0, prompts[2], NEW_TOKENS)])[0]
+    assert result.output_ids == tokens[:stop_at]
+    assert result.finish_reason == "stop"
+
+
+def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, expected):
+    choices = [[32, expected[0][0], 34], [362, 425, 356, 422], [11, 12]]
+    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256)
+    requests = [EngineRequest(10 + i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
+    requests.append(EngineRequest(99, prompts[3], 5))  # scoring mixed with generation
+    results = run(engine, requests)
+    for i, ids in enumerate(choices):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompts[i]])).logits[0, -1, ids]
+        result = results[10 + i]
+        assert result.choice_index == int(logits.argmax())
+        assert result.output_ids == []
+        torch.testing.assert_close(torch.tensor(result.choice_logits), logits, rtol=1e-4, atol=1e-5)
+    assert results[10].choice_index == 1  # the token greedy generation picks first
+    assert results[99].output_ids == expected[3][:5]
+    assert engine.cache.num_free == engine.max_rows
+
+
+def test_cancel_frees_the_slot(source, prompts, expected):
+    engine = Engine(source, "cpu", max_batch=1, max_seq_len=256)
+    engine.add(EngineRequest(1, prompts[0], 50))
+    engine.add(EngineRequest(2, prompts[1], 5))
+    engine.add(EngineRequest(3, prompts[2], 5))
+    assert engine.step() == []  # request 1 prefilled into the only slot
+    assert engine.cache.num_free == 0
+    assert engine.cancel(1)
+    assert engine.cache.num_free == 1
+    assert engine.cancel(3)  # still waiting
+    assert not engine.cancel(1)
+    assert not engine.cancel(42)
+    results = run(engine, [])
+    assert list(results) == [2]
+    assert results[2].output_ids == expected[1][:5]
+    assert not engine.has_work()
+
+
+def test_generation_stops_at_the_slot_length(source, prompts, expected):
+    engine = Engine(source, "cpu", max_batch=2, max_seq_len=70)
+    result = run(engine, [EngineRequest(0, prompts[4], NEW_TOKENS)])[0]
+    assert result.output_ids == expected[4][:6]
+    assert result.finish_reason == "length"
+    with pytest.raises(ValueError):
+        engine.add(EngineRequest(1, [1] * 70, 5))
+    with pytest.raises(ValueError):
+        engine.add(EngineRequest(2, [], 5))
+
+
+def test_batch_sizes():
+    assert batch_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert batch_sizes(1) == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_equals_eager(source, prompts):
+    """Same device, dtype and batch sizes: replaying captured graphs changes no token."""
+    outputs = []
+    for graphs in (True, False):
+        engine = Engine(source, "cuda", max_batch=4, max_seq_len=256, cuda_graphs=graphs)
+        requests = [EngineRequest(i, p, 40 - 3 * i) for i, p in enumerate(prompts)]
+        outputs.append({i: r.output_ids for i, r in run(engine, requests).items()})
+    assert outputs[0] == outputs[1]

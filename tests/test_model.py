@@ -1,0 +1,152 @@
+"""Our Qwen3 forward against transformers' Qwen3ForCausalLM on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from replica.attention import select_backend
+from replica.checkpoint import VENDORED_CONFIGS, build_reference_model, resolve
+from replica.kv_cache import KVCache, plan_slots
+from replica.model import Batch, Qwen3
+from replica.ops import TorchOps
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def prefill_then_decode(
+    model: Qwen3, prompt: list[int], split: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of every prompt position: the first `split` by one prefill (right-padded in a
+    batch of two), the rest by teacher-forced decode steps over the cache."""
+    dev = torch.device(device)
+    shape = plan_slots(model.config, model.dtype, dev, len(prompt) + 8, 2, 0.5)
+    cache = KVCache(shape, model.dtype, dev)
+    attention = select_backend(dev)
+    ids = torch.tensor([prompt[:split], [7] * split], device=dev)
+    batch = Batch(
+        input_ids=ids,
+        positions=torch.arange(split, device=dev).repeat(2, 1),
+        slot_ids=torch.tensor([1, 0], device=dev),
+        lengths=torch.tensor([split, 3], dtype=torch.int32, device=dev),
+        decode=False,
+    )
+    prefill = model.logits(model.forward(batch, cache, attention)[0])
+    decoded = []
+    for pos in range(split, len(prompt)):
+        step = Batch(
+            input_ids=torch.tensor([[prompt[pos]]], device=dev),
+            positions=torch.tensor([[pos]], device=dev),
+            slot_ids=torch.tensor([1], device=dev),
+            lengths=torch.tensor([pos + 1], dtype=torch.int32, device=dev),
+            decode=True,
+        )
+        decoded.append(model.logits(model.forward(step, cache, attention)[0, 0]))
+    return prefill, torch.stack(decoded)
+
+
+def test_fp32_logits_match_transformers():
+    source = resolve("tiny-random")
+    reference = build_reference_model(source)
+    model = Qwen3.from_state_dict(source.config, reference.state_dict(), "cpu", torch.float32)
+    prompt = torch.randint(
+        0, source.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)
+    )
+    expected = reference(prompt[None]).logits[0]
+    prefill, decoded = prefill_then_decode(model, prompt.tolist(), 25, "cpu")
+    torch.testing.assert_close(prefill, expected[:25], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decoded, expected[25:], rtol=1e-4, atol=1e-5)
+
+
+def test_random_weights_have_transformers_shapes():
+    config = resolve("tiny-random").config
+    ours = Qwen3.random(config, "cpu", torch.float32)
+    theirs = build_reference_model(resolve("tiny-random"))
+    assert ours.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
+    assert ours.layers[0].qkv.shape == (
+        (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim,
+        config.hidden_size,
+    )
+
+
+def test_rope_theta_comes_from_the_config():
+    config = Qwen3Config.from_pretrained(VENDORED_CONFIGS / "qwen3-4b-instruct-2507")
+    model = Qwen3.random(resolve("tiny-random").config, "cpu", torch.float32)
+    assert model.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 16))
+    from replica.checkpoint import rope_theta
+
+    assert rope_theta(config) == 5_000_000
+
+
+def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+@gpu
+@pytest.mark.gpu
+def test_bf16_4b_logits_close_to_transformers():
+    """Full Qwen3-4B shape, random weights, bf16: prefill and teacher-forced decode logits.
+
+    Yardstick: the same weights in fp32. Ours in bf16 must be about as close to it as
+    transformers in bf16 is (both round after every op; random weights amplify rounding)."""
+    config = resolve(str(VENDORED_CONFIGS / "qwen3-4b-instruct-2507"), random_weights=True).config
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # not `.to(bf16)`: that would round RoPE's inv_freq too
+        reference = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    assert reference.model.rotary_emb.inv_freq.dtype == torch.float32
+    model = Qwen3.from_state_dict(config, reference.state_dict(), "cuda", torch.bfloat16)
+    prompt = torch.randint(0, config.vocab_size, (300,), device="cuda")
+    with torch.no_grad():
+        theirs = reference(prompt[None]).logits[0].float()
+        ours = torch.cat(prefill_then_decode(model, prompt.tolist(), 280, "cuda"))
+        del model
+        exact = reference.float()(prompt[None]).logits[0]
+    ours_error, theirs_error = rel_error(ours, exact), rel_error(theirs, exact)
+    print(f"bf16 vs fp32 logits: ours {ours_error:.4f}, transformers {theirs_error:.4f}")
+    assert ours_error < 1.5 * theirs_error
+    assert rel_error(ours, theirs) < 2 * theirs_error
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_ops_match_torch_ops():
+    from replica.triton_ops import TritonOps
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    dev, dt = "cuda", torch.bfloat16
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=dt, generator=gen)
+
+    heads, kv_heads, dim, hidden = 32, 8, 128, 2560
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, dim, 2, device=dev).float() / dim)
+    ops = [cls(heads, kv_heads, dim, 1e-6, inv_freq) for cls in (TorchOps, TritonOps)]
+    h, delta, weight = randn(37, hidden), randn(37, hidden), 1 + randn(hidden)
+    for a, b in zip(
+        ops[0].add_rms_norm(h, delta, weight), ops[1].add_rms_norm(h, delta, weight), strict=True
+    ):
+        assert rel_error(b, a) < 1e-2
+    assert (
+        rel_error(ops[1].add_rms_norm(h, None, weight)[1], ops[0].add_rms_norm(h, None, weight)[1])
+        < 1e-2
+    )
+    gate_up = randn(37, 2 * 9728)
+    assert rel_error(ops[1].silu_mul(gate_up), ops[0].silu_mul(gate_up)) < 1e-2
+
+    qkv, q_norm, k_norm = randn(3 * 5, (heads + 2 * kv_heads) * dim), randn(dim), randn(dim)
+    positions = torch.randint(0, 4000, (3, 5), device=dev)
+    slots = torch.tensor([2, 0, 5], device=dev)
+    caches = [randn(2, 7, 4096, kv_heads, dim).unbind(0) for _ in ops]
+    caches[1] = [c.clone() for c in caches[0]]
+    outs = [
+        op.rope_store(qkv, q_norm, k_norm, positions, slots, *c)
+        for op, c in zip(ops, caches, strict=True)
+    ]
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert rel_error(b, a) < 1e-2
+    written = (slots[:, None], positions)
+    for a, b in zip(caches[0], caches[1], strict=True):
+        assert rel_error(b[written], a[written]) < 1e-2
+        a[written], b[written] = 0, 0
+        assert torch.equal(a, b)  # nothing else was touched
