@@ -197,12 +197,12 @@ def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
         "max_batch": args.max_batch,
         "kv_fraction": args.kv_fraction,
         "refill": args.refill,
+        "attention": args.attention,
     }
     common = {
         "model": args.model,
-        "backend": args.backend,
         "random_weights": args.random_weights,
-        "options": options if args.backend == "engine" else {},
+        "options": options,
     }
     if gpus and _cuda_available():
         return [ReplicaSpec(gpu=gpu, **common) for gpu in gpus]
@@ -304,10 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-replicas", type=int, default=1, help="replicas when there is no GPU")
     parser.add_argument("--profile", choices=sorted(shortcuts.PROFILES), default="throughput")
     parser.add_argument(
-        "--backend",
-        choices=["engine", "reference"],
-        default="engine",
-        help="reference: transformers",
+        "--attention", choices=["flash", "triton", "reference"], help="default: best that imports"
     )
     parser.add_argument("--max-seq-len", type=int, default=4096, help="tokens per KV slot")
     parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch")

@@ -21,7 +21,6 @@ class ReplicaSpec:
 
     model: str
     gpu: int | None = None
-    backend: str = "engine"
     random_weights: bool = False
     cpu_threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +44,7 @@ class Replica:
         import torch
 
         from replica.checkpoint import resolve
+        from replica.engine import Engine
         from replica.tokenization import PromptCodec
 
         torch.set_num_threads(spec.cpu_threads)
@@ -52,34 +52,19 @@ class Replica:
         self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
         self.source = resolve(spec.model, spec.random_weights)
         self.codec = PromptCodec(self.source.tokenizer_dir)
-        self.max_context = self.source.config.max_position_embeddings
-        self.engine = self._build_engine(torch)
+        self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
+        self.max_context = self.engine.max_seq_len
         self.pending: dict[int, dict[str, Any]] = {}
-
-    def _build_engine(self, torch):
-        """Our engine by default; `reference` is transformers `generate`, kept as the baseline."""
-        if self.spec.backend == "reference":
-            from replica.reference import ReferenceEngine
-
-            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-            pad_id = self.codec.tokenizer.pad_token_id
-            return ReferenceEngine(self.source, self.device, dtype, self.codec.eos_ids, pad_id)
-        from replica.engine import Engine
-
-        engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **self.spec.options)
-        self.max_context = engine.max_seq_len
-        return engine
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
+            **self.engine.info,
             "model": self.source.name,
-            "device": self.device,
             "gpu": self.spec.gpu,
-            "backend": self.spec.backend,
             "pid": os.getpid(),
-            "startup_s": round(startup_s, 2),
             "max_context": self.max_context,
-            **getattr(self.engine, "info", {}),
+            "engine_startup_s": self.engine.info["startup_s"],
+            "startup_s": round(startup_s, 2),  # the whole replica: imports, tokenizer, engine
         }
 
     def run(self, conn: BlockingChannel) -> None:
