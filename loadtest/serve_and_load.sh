@@ -9,7 +9,7 @@ shift 2
 port=${PORT:-8000}
 config=${CONFIG:-vendor/configs/qwen3-4b-instruct-2507}
 mkdir -p "$out"
-python server.py --model "$config" --random-weights --gpus "$gpus" --port "$port" \
+python3 server.py --model "$config" --random-weights --gpus "$gpus" --port "$port" \
   --host 127.0.0.1 >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
@@ -20,5 +20,5 @@ until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
 done
 echo "server on GPUs $gpus ready after $(($(date +%s) - started)) s"
 curl -s "http://127.0.0.1:$port/health" >"$out/health.json"
-python -m loadtest "$@" --url "http://127.0.0.1:$port/v1/completions" --out "$out"
+python3 -m loadtest "$@" --url "http://127.0.0.1:$port/v1/completions" --out "$out"
 curl -s "http://127.0.0.1:$port/metrics" >"$out/metrics.txt"
