@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from shortcuts.grading import grade
 
 from loadtest.client import BatchResult
 from loadtest.workload import TASKS
+from shortcuts.grading import grade
 
 NOT_JUDGED = "not judged"
 
