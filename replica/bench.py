@@ -6,7 +6,9 @@
    forced lengths: output tokens/s and the fraction of the memory-bandwidth floor.
 2. 64 requests, 300-token prompts, 256 new tokens: our engine against transformers `generate`.
 3. Benchmark 1 with refill off (static batching): the refill/static ratio.
-4. Start-up: weights, KV allocation and graph capture.
+4. Start-up: weights, KV allocation, graph capture and the prefill warm-up.
+5. Scoring (the MCQ path): 1024 prefill-only requests of 100 to 600 tokens, against a compute
+   floor at the matmul rate measured in this run.
 
 The floor is the bytes each decode step must read (every weight once, plus the live K/V of its
 rows), summed over the run, over a device-to-device copy bandwidth measured in this run.
@@ -97,6 +99,7 @@ def measure(engine: Engine, requests: list[EngineRequest], bandwidth: float) -> 
         "output_tok_s": round(generated / wall, 1),
         "prefill_s": round(stats.prefill_s, 2),
         "prefill_calls": stats.prefill_calls,
+        "prefill_tok_s": round(stats.prefill_tokens / max(stats.prefill_s, 1e-9)),
         "decode_s": round(stats.decode_s, 2),
         "decode_steps": stats.decode_steps,
         "mean_decode_rows": round(stats.decode_rows / max(stats.decode_steps, 1), 1),
@@ -104,6 +107,36 @@ def measure(engine: Engine, requests: list[EngineRequest], bandwidth: float) -> 
         "floor_s": round(floor_s, 2),
         "bandwidth_floor_fraction": round(floor_s / stats.decode_s, 3),
         "bandwidth_floor_fraction_wall": round(floor_s / wall, 3),
+    }
+
+
+def matmul_flops(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of a large bf16 matrix multiply: the compute yardstick for prefill."""
+    a, b = torch.randn(2, n, n, dtype=torch.bfloat16, device=device)
+    return 2 * n**3 / (_time_ms(lambda: a @ b, repeats=20) / 1e3)
+
+
+def scoring(engine: Engine, count: int, vocab: int, flops: float) -> dict:
+    """MCQ-like load: scoring requests only (prefill, no decode step), prompts of 100 to 600
+    tokens. Compute floor: 2 FLOPs per weight of the layers per prompt token (plus the LM head
+    once per prompt) at the measured matmul rate."""
+    rng = random.Random(3)
+    requests = [
+        EngineRequest(i, [rng.randrange(vocab) for _ in range(rng.randint(100, 600))], 1, [32, 33])
+        for i in range(count)
+    ]
+    wall, _ = run_requests(engine, requests)
+    model, tokens = engine.model, engine.stats.prefill_tokens
+    layer_weights = sum(t.numel() for layer in model.layers for t in vars(layer).values())
+    floor_s = 2 * (layer_weights * tokens + model.lm_head.numel() * count) / flops
+    return {
+        "requests": count,
+        "prompt_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "prompts_per_s": round(count / wall, 1),
+        "prefill_tok_s": round(tokens / wall),
+        "prefill_calls": engine.stats.prefill_calls,
+        "compute_floor_fraction": round(floor_s / wall, 3),
     }
 
 
@@ -203,6 +236,8 @@ def main() -> None:
 
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    flops = matmul_flops(device)
+    report["matmul_tflops"] = round(flops / 1e12, 1)
 
     rng = random.Random(1)
     short = [[rng.randrange(vocab) for _ in range(300)] for _ in range(64)]
@@ -221,7 +256,6 @@ def main() -> None:
     )
     report["engine"] = engine.info
     report["startup_s"] = engine.info["startup_s"]
-    run_requests(engine, [EngineRequest(-1, short[0][:16], 8)])  # warm the prefill path
 
     batch64 = measure(engine, [EngineRequest(i, p, 256) for i, p in enumerate(short)], bandwidth)
     report["bench2_64x300x256"] = batch64
@@ -236,6 +270,9 @@ def main() -> None:
     report["bench1_refill"] = refill
     report["output_tok_s"] = refill["output_tok_s"]
     report["bandwidth_floor_fraction"] = refill["bandwidth_floor_fraction"]
+    save()
+
+    report["bench5_scoring"] = scoring(engine, args.requests, vocab, flops)
     save()
 
     report["attention_sweep"] = attention_sweep(engine, bandwidth)
@@ -267,7 +304,9 @@ def main() -> None:
             f"{name:20} tok/s {run['output_tok_s']:>9} ms/step {run['ms_per_decode_step']:>6}"
             f" rows {run['mean_decode_rows']:>6} floor(decode) {run['bandwidth_floor_fraction']}"
             f" floor(wall) {run['bandwidth_floor_fraction_wall']} prefill_s {run['prefill_s']}"
+            f" prefill tok/s {run['prefill_tok_s']}"
         )
+    print("bench5_scoring", report["bench5_scoring"])
     for entry in report["attention_sweep"] + report["decode_profile"]:
         print(entry)
 

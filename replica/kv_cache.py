@@ -95,10 +95,3 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.data[index, 0], self.data[index, 1]
-
-    def write(self, layer: int, slot_ids: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v [B, L, kv_heads, head_dim] at (slot_ids[b], positions[b, l])."""
-        k_cache, v_cache = self.layer(layer)
-        rows = slot_ids[:, None]
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v

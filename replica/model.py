@@ -1,12 +1,13 @@
 """Our Qwen3 forward: plain weight tensors, QKV and gate/up fused at load, attention pluggable.
 
 The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.ops`),
-so that fp32 greedy tokens match it exactly. Activations are [tokens, features]: a batch's rows
-are right-padded to one width and flattened.
+so that fp32 greedy tokens match it exactly. Activations are [tokens, features] over the packed
+tokens of a batch: no padding, so every matrix multiply does only live work.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import Qwen3Config
 
-from replica.attention import AttentionBackend
+from replica.attention import AttentionBackend, PackedRows
 from replica.checkpoint import (
     TINY_RANDOM,
     ModelSource,
@@ -41,13 +42,29 @@ class LayerWeights:
 
 @dataclass
 class Batch:
-    """One forward's inputs, padded to [rows, width]; decode batches have width 1."""
+    """One forward's tokens, packed: prefill takes whole prompts (`rows` says where each lies),
+    decode one token per row (`seq_lens` says how much of its slot each row attends over)."""
 
-    input_ids: Tensor  # [B, L] int64
-    positions: Tensor  # [B, L] int64, contiguous
-    slot_ids: Tensor  # [B] int64: the KV-cache slot of each row
-    lengths: Tensor  # [B] int32: prompt length (prefill) or live length incl. this token (decode)
-    decode: bool
+    input_ids: Tensor  # [T] int64
+    positions: Tensor  # [T] int64
+    slot_ids: Tensor  # [T] int64: the KV-cache slot each token's K/V are written to
+    seq_lens: Tensor | None = None  # decode: [T] int32, live length including this token
+    rows: PackedRows | None = None  # prefill
+
+    @classmethod
+    def prefill(cls, prompts: list[list[int]], slots: list[int], device: torch.device) -> Batch:
+        lengths = [len(p) for p in prompts]
+        chain = itertools.chain.from_iterable
+        host = torch.tensor(
+            [
+                list(chain(prompts)),
+                list(chain(range(n) for n in lengths)),
+                list(chain([slot] * n for slot, n in zip(slots, lengths, strict=True))),
+            ]
+        )
+        input_ids, positions, slot_ids = host.to(device).unbind(0)
+        rows = PackedRows.from_lengths(lengths, device)
+        return cls(input_ids, positions, slot_ids, rows=rows)
 
 
 class Qwen3:
@@ -156,11 +173,10 @@ class Qwen3:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def forward(self, batch: Batch, cache: KVCache, attention: AttentionBackend) -> Tensor:
-        """Hidden states [B, L, hidden] after the final norm; writes this batch's K/V to `cache`."""
-        rows, width = batch.input_ids.shape
+        """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
         ops, layers = self.ops, self.layers
         h, x = ops.add_rms_norm(
-            F.embedding(batch.input_ids.reshape(-1), self.embed), None, layers[0].input_norm
+            F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
         )
         for index, w in enumerate(layers):
             k_cache, v_cache = cache.layer(index)
@@ -173,21 +189,15 @@ class Qwen3:
                 k_cache,
                 v_cache,
             )
-            if batch.decode:
-                out = attention.decode(q, k_cache, v_cache, batch.slot_ids, batch.lengths)
+            if batch.rows is None:
+                out = attention.decode(q, k_cache, v_cache, batch.slot_ids, batch.seq_lens)
             else:
-                unflat = (rows, width)
-                out = attention.prefill(
-                    q.unflatten(0, unflat),
-                    k.unflatten(0, unflat),
-                    v.unflatten(0, unflat),
-                    batch.lengths,
-                )
+                out = attention.prefill(q, k, v, batch.rows)
             h, x = ops.add_rms_norm(h, F.linear(out.reshape(h.shape[0], -1), w.o_proj), w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
             mlp = F.linear(ops.silu_mul(F.linear(x, w.gate_up)), w.down)
             h, x = ops.add_rms_norm(h, mlp, next_norm)
-        return x.view(rows, width, -1)
+        return x
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.lm_head)

@@ -56,20 +56,19 @@ class TorchOps:
         v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """q/k norms and RoPE on the fused projection [T, ...] of the tokens at `positions`
-        [B, L]; K and V go into the cache at (slot_ids[b], positions[b, l]). Returns q, k, v as
+        [T]; K and V go into the cache at (slot_ids[t], positions[t]). Returns q, k, v as
         [T, heads, head_dim]."""
         d = self.head_dim
         q, k, v = qkv.split((self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d), -1)
         q = rms_norm(q.unflatten(-1, (self.num_heads, d)), q_norm, self.eps)
         k = rms_norm(k.unflatten(-1, (self.num_kv_heads, d)), k_norm, self.eps)
         v = v.unflatten(-1, (self.num_kv_heads, d))
-        freqs = positions.reshape(-1, 1).float() * self.inv_freq
+        freqs = positions[:, None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = angles.cos().to(q.dtype)[:, None]
         sin = angles.sin().to(q.dtype)[:, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        rows = slot_ids[:, None]
-        k_cache[rows, positions] = k.view(*positions.shape, self.num_kv_heads, d)
-        v_cache[rows, positions] = v.view(*positions.shape, self.num_kv_heads, d)
+        k_cache[slot_ids, positions] = k
+        v_cache[slot_ids, positions] = v
         return q, k, v

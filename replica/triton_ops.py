@@ -70,7 +70,7 @@ def _rope_store_kernel(
     k_out_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    width,
+    num_tokens,
     eps,
     stride_cs,
     stride_ct,
@@ -78,27 +78,29 @@ def _rope_store_kernel(
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """Program (token, head): heads [0, NUM_HEADS) are queries, the rest keys (+ their values)."""
-    token = tl.program_id(0).to(tl.int64)
+    """Program (token block, head): heads [0, NUM_HEADS) are queries, the rest keys (+ values)."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
+    live = (tokens < num_tokens)[:, None]
     d = tl.arange(0, HALF)
     dim: tl.constexpr = 2 * HALF
     row_len: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * dim
-    src = qkv_ptr + token * row_len + head * dim
-    x1 = tl.load(src + d)
-    x2 = tl.load(src + HALF + d)
+    src = qkv_ptr + tokens[:, None] * row_len + head * dim + d[None, :]
+    x1 = tl.load(src, mask=live, other=0.0)
+    x2 = tl.load(src + HALF, mask=live, other=0.0)
     dtype = x1.dtype
     is_q = head < NUM_HEADS
     a = x1.to(tl.float32)
     b = x2.to(tl.float32)
-    inv_rms = tl.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / dim + eps)
+    inv_rms = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / dim + eps)[:, None]
     w1 = tl.where(is_q, tl.load(q_norm_ptr + d), tl.load(k_norm_ptr + d)).to(tl.float32)
     w2 = tl.where(is_q, tl.load(q_norm_ptr + HALF + d), tl.load(k_norm_ptr + HALF + d))
-    a = (w1 * (a * inv_rms).to(dtype).to(tl.float32)).to(dtype)
-    b = (w2.to(tl.float32) * (b * inv_rms).to(dtype).to(tl.float32)).to(dtype)
-    pos = tl.load(pos_ptr + token)
-    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d)
+    a = (w1[None, :] * (a * inv_rms).to(dtype).to(tl.float32)).to(dtype)
+    b = (w2.to(tl.float32)[None, :] * (b * inv_rms).to(dtype).to(tl.float32)).to(dtype)
+    pos = tl.load(pos_ptr + tokens, mask=tokens < num_tokens, other=0)[:, None]
+    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d)[None, :]
     cos = tl.cos(angle).to(dtype).to(tl.float32)
     sin = tl.sin(angle).to(dtype).to(tl.float32)
     a32 = a.to(tl.float32)
@@ -106,21 +108,21 @@ def _rope_store_kernel(
     out1 = (a32 * cos - b32 * sin).to(dtype)
     out2 = (b32 * cos + a32 * sin).to(dtype)
     if is_q:
-        dst = q_out_ptr + (token * NUM_HEADS + head) * dim
-        tl.store(dst + d, out1)
-        tl.store(dst + HALF + d, out2)
+        dst = q_out_ptr + (tokens[:, None] * NUM_HEADS + head) * dim + d[None, :]
+        tl.store(dst, out1, mask=live)
+        tl.store(dst + HALF, out2, mask=live)
     else:
         kv_head = head - NUM_HEADS
-        dst = k_out_ptr + (token * NUM_KV_HEADS + kv_head) * dim
-        tl.store(dst + d, out1)
-        tl.store(dst + HALF + d, out2)
-        slot = tl.load(slot_ptr + token // width).to(tl.int64)
-        offset = slot * stride_cs + pos * stride_ct + kv_head * stride_ch
-        tl.store(k_cache_ptr + offset + d, out1)
-        tl.store(k_cache_ptr + offset + HALF + d, out2)
-        v_src = qkv_ptr + token * row_len + (NUM_HEADS + NUM_KV_HEADS + kv_head) * dim
-        tl.store(v_cache_ptr + offset + d, tl.load(v_src + d))
-        tl.store(v_cache_ptr + offset + HALF + d, tl.load(v_src + HALF + d))
+        dst = k_out_ptr + (tokens[:, None] * NUM_KV_HEADS + kv_head) * dim + d[None, :]
+        tl.store(dst, out1, mask=live)
+        tl.store(dst + HALF, out2, mask=live)
+        slot = tl.load(slot_ptr + tokens, mask=tokens < num_tokens, other=0).to(tl.int64)
+        cache = (slot[:, None] * stride_cs + pos * stride_ct + kv_head * stride_ch) + d[None, :]
+        tl.store(k_cache_ptr + cache, out1, mask=live)
+        tl.store(k_cache_ptr + cache + HALF, out2, mask=live)
+        v_src = src + NUM_KV_HEADS * dim  # this key head's value head
+        tl.store(v_cache_ptr + cache, tl.load(v_src, mask=live), mask=live)
+        tl.store(v_cache_ptr + cache + HALF, tl.load(v_src + HALF, mask=live), mask=live)
 
 
 class TritonOps(TorchOps):
@@ -166,7 +168,11 @@ class TritonOps(TorchOps):
         tokens, d = qkv.shape[0], self.head_dim
         q = torch.empty(tokens, self.num_heads, d, dtype=qkv.dtype, device=qkv.device)
         k = torch.empty(tokens, self.num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
-        _rope_store_kernel[(tokens, self.num_heads + self.num_kv_heads)](
+        # Decode steps: a program per token and head. Prefill: blocks of tokens, so that a
+        # 16k-token prompt batch is not 650k one-warp programs.
+        block = 1 if tokens <= 256 else 16
+        grid = (triton.cdiv(tokens, block), self.num_heads + self.num_kv_heads)
+        _rope_store_kernel[grid](
             qkv,
             q_norm,
             k_norm,
@@ -177,7 +183,7 @@ class TritonOps(TorchOps):
             k,
             k_cache,
             v_cache,
-            positions.shape[1],
+            tokens,
             self.eps,
             k_cache.stride(0),
             k_cache.stride(1),
@@ -185,7 +191,8 @@ class TritonOps(TorchOps):
             NUM_HEADS=self.num_heads,
             NUM_KV_HEADS=self.num_kv_heads,
             HALF=d // 2,
-            num_warps=1,
+            BLOCK_T=block,
+            num_warps=1 if block == 1 else 4,
         )
         kv = self.num_kv_heads * d
         v = qkv[:, self.num_heads * d + kv :].unflatten(-1, (self.num_kv_heads, d))

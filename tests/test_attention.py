@@ -3,10 +3,12 @@ the reference (relative error < 1e-2 over random lengths 1..4096, 32 query / 8 K
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from replica.attention import flash_attn_available, select_backend
+from replica.attention import PackedRows, flash_attn_available, select_backend
 from replica.attention.reference import ReferenceAttention
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -26,15 +28,31 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out
 
 
+def packed_rows(lengths: list[int], device: str = "cpu") -> tuple[PackedRows, list[slice]]:
+    rows = PackedRows.from_lengths(lengths, torch.device(device))
+    starts = rows.cu_seqlens.tolist()
+    return rows, [slice(a, b) for a, b in itertools.pairwise(starts)]
+
+
+def test_packed_rows_pad_and_unpad():
+    rows, spans = packed_rows([3, 1, 2])
+    x = torch.arange(6.0)[:, None]
+    padded = rows.pad(x)[..., 0]
+    assert padded.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    assert torch.equal(rows.unpad(rows.pad(x)), x)
+    assert rows.last_token.tolist() == [2, 3, 5]
+    assert [s.stop - s.start for s in spans] == [3, 1, 2]
+
+
 def test_reference_prefill_matches_naive_loop():
     torch.manual_seed(0)
-    lengths = [7, 1, 12]
-    q = torch.randn(3, 12, 4, 16)
-    k, v = torch.randn(2, 3, 12, 2, 16)
-    out = ReferenceAttention().prefill(q, k, v, torch.tensor(lengths))
-    for b, n in enumerate(lengths):
-        expected = naive_attention(q[b, :n], k[b, :n], v[b, :n])
-        torch.testing.assert_close(out[b, :n].double(), expected, rtol=1e-5, atol=1e-5)
+    rows, spans = packed_rows([7, 1, 12])
+    q = torch.randn(20, 4, 16)
+    k, v = torch.randn(2, 20, 2, 16)
+    out = ReferenceAttention().prefill(q, k, v, rows)
+    for span in spans:
+        expected = naive_attention(q[span], k[span], v[span])
+        torch.testing.assert_close(out[span].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_decode_reads_each_rows_slot_up_to_its_length():
@@ -89,10 +107,12 @@ def test_gpu_decode_matches_reference(name: str):
 def test_gpu_prefill_matches_reference(name: str):
     gen = torch.Generator(device="cuda").manual_seed(3)
     dev, dt = "cuda", torch.bfloat16
-    lengths = torch.tensor([4096, 1, 1500], device=dev, dtype=torch.int32)
-    q = torch.randn(3, 4096, 32, 128, device=dev, dtype=dt, generator=gen)
-    k, v = torch.randn(2, 3, 4096, 8, 128, device=dev, dtype=dt, generator=gen)
-    out = select_backend(torch.device(dev), name).prefill(q, k, v, lengths)
-    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), lengths)
-    for b, n in enumerate(lengths.tolist()):
-        assert rel_error(out[b, :n], ref[b, :n]) < 1e-2
+    rows, spans = packed_rows([4096, 1, 1500, 37], dev)
+    tokens = spans[-1].stop
+    q = torch.randn(tokens, 32, 128, device=dev, dtype=dt, generator=gen)
+    k, v = torch.randn(2, tokens, 8, 128, device=dev, dtype=dt, generator=gen)
+    out = select_backend(torch.device(dev), name).prefill(q, k, v, rows)
+    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), rows)
+    assert torch.isfinite(out).all()
+    for span in spans:
+        assert rel_error(out[span], ref[span]) < 1e-2

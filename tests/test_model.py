@@ -18,31 +18,23 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def prefill_then_decode(
     model: Qwen3, prompt: list[int], split: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every prompt position: the first `split` by one prefill (right-padded in a
-    batch of two), the rest by teacher-forced decode steps over the cache."""
+    """Logits of every prompt position: the first `split` by one prefill (packed in a batch of
+    two prompts), the rest by teacher-forced decode steps over the cache."""
     dev = torch.device(device)
     shape = plan_slots(model.config, model.dtype, dev, len(prompt) + 8, 2, 0.5)
     cache = KVCache(shape, model.dtype, dev)
     attention = select_backend(dev)
-    ids = torch.tensor([prompt[:split], [7] * split], device=dev)
-    batch = Batch(
-        input_ids=ids,
-        positions=torch.arange(split, device=dev).repeat(2, 1),
-        slot_ids=torch.tensor([1, 0], device=dev),
-        lengths=torch.tensor([split, 3], dtype=torch.int32, device=dev),
-        decode=False,
-    )
-    prefill = model.logits(model.forward(batch, cache, attention)[0])
+    batch = Batch.prefill([prompt[:split], [7] * 3], [1, 0], dev)
+    prefill = model.logits(model.forward(batch, cache, attention)[:split])
     decoded = []
     for pos in range(split, len(prompt)):
         step = Batch(
-            input_ids=torch.tensor([[prompt[pos]]], device=dev),
-            positions=torch.tensor([[pos]], device=dev),
+            input_ids=torch.tensor([prompt[pos]], device=dev),
+            positions=torch.tensor([pos], device=dev),
             slot_ids=torch.tensor([1], device=dev),
-            lengths=torch.tensor([pos + 1], dtype=torch.int32, device=dev),
-            decode=True,
+            seq_lens=torch.tensor([pos + 1], dtype=torch.int32, device=dev),
         )
-        decoded.append(model.logits(model.forward(step, cache, attention)[0, 0]))
+        decoded.append(model.logits(model.forward(step, cache, attention)[0]))
     return prefill, torch.stack(decoded)
 
 
@@ -135,8 +127,8 @@ def test_fused_ops_match_torch_ops():
     assert rel_error(ops[1].silu_mul(gate_up), ops[0].silu_mul(gate_up)) < 1e-2
 
     qkv, q_norm, k_norm = randn(3 * 5, (heads + 2 * kv_heads) * dim), randn(dim), randn(dim)
-    positions = torch.randint(0, 4000, (3, 5), device=dev)
-    slots = torch.tensor([2, 0, 5], device=dev)
+    positions = torch.randint(0, 4000, (3 * 5,), device=dev)
+    slots = torch.tensor([2, 0, 5], device=dev).repeat_interleave(5)
     caches = [randn(2, 7, 4096, kv_heads, dim).unbind(0) for _ in ops]
     caches[1] = [c.clone() for c in caches[0]]
     outs = [
@@ -145,7 +137,7 @@ def test_fused_ops_match_torch_ops():
     ]
     for a, b in zip(outs[0], outs[1], strict=True):
         assert rel_error(b, a) < 1e-2
-    written = (slots[:, None], positions)
+    written = (slots, positions)
     for a, b in zip(caches[0], caches[1], strict=True):
         assert rel_error(b[written], a[written]) < 1e-2
         a[written], b[written] = 0, 0

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from replica.attention import PackedRows
+
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] (True = attend) -> [B, Lq, Hq, D]."""
@@ -23,12 +25,11 @@ class ReferenceAttention:
 
     name = "reference"
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-        width = q.shape[1]
-        pos = torch.arange(width, device=q.device)
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, rows: PackedRows) -> Tensor:
+        pos = torch.arange(rows.max_len, device=q.device)
         causal = pos[None, :, None] >= pos[None, None, :]
-        live = pos[None, None, :] < lengths[:, None, None]
-        return _sdpa(q, k, v, causal & live)
+        live = pos[None, None, :] < rows.lengths[:, None, None]
+        return rows.unpad(_sdpa(rows.pad(q), rows.pad(k), rows.pad(v), causal & live))
 
     def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ids: Tensor, seq_lens: Tensor

@@ -1,4 +1,4 @@
-"""SDPA prefill plus a Triton decode kernel that reads only each row's live length.
+"""Decode attention in Triton: each row reads only its live length of its slot.
 
 Decode is split-K ("flash decoding"): program (row, kv_head, split) takes one chunk of the row's
 live length and all query heads sharing that KV head (GQA: K/V are read once per group), and
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -206,28 +205,3 @@ def decode_attention(
         num_warps=4,
     )
     return out
-
-
-def causal_prefill(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """SDPA with is_causal on right-padded rows: live queries only see live keys before them."""
-    group = q.shape[2] // k.shape[2]
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-    )
-    return out.transpose(1, 2)
-
-
-class TritonAttention:
-    """Fused-kernel SDPA (flash path) for prefill, the split-K Triton kernel for decode."""
-
-    name = "triton"
-
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-        return causal_prefill(q, k, v)
-
-    def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ids: Tensor, seq_lens: Tensor
-    ) -> Tensor:
-        return decode_attention(q, k_cache, v_cache, slot_ids, seq_lens)
