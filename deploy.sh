@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Deploy system <n> (1 throughput, 2 balanced, 3 accuracy) as the Modal app <id>-system-<n>.
 #
-#   ANDREW_ID=<id> ./deploy.sh <n> [--dry-run] [--id <id>] [--model <hf-id-or-dir>]
+#   ANDREW_ID=<id> ./deploy.sh <n> [--dry-run] [--id <id>] [--model <hf-id>]
 #
 # The id comes from, first found: --id, $ANDREW_ID, the file `andrew_id` beside this script, or
 # this script's folder when it is named <id>_<n> (the course runs ./<andrewid>_<n>/deploy.sh);
 # that folder name also gives <n> when no number is passed. --model (or $MODEL) overrides the
-# model, e.g. for system 3. --dry-run prints the command and every setting, and deploys nothing.
+# model, e.g. for system 3: a Hugging Face Hub id (the image downloads it at build time; a local
+# dir is refused). --dry-run prints the command and every setting, and deploys nothing.
 # The Modal app itself is deploy/modal_app.py; docs/DEPLOY.md says how it is called and checked.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-usage="usage: ANDREW_ID=<id> $0 <1|2|3> [--dry-run] [--id <id>] [--model <model>]"
+usage="usage: ANDREW_ID=<id> $0 <1|2|3> [--dry-run] [--id <id>] [--model <hf-id>]"
 die() {
   printf 'deploy.sh: %s\n%s\n' "$1" "$usage" >&2
   exit 2
@@ -56,8 +57,13 @@ case "$system" in
   *) die "bad system number '$system': expected 1 (throughput), 2 (balanced) or 3 (accuracy)" ;;
 esac
 [[ -n $id ]] || die "no Andrew ID: set ANDREW_ID, pass --id, or write it to $here/andrew_id"
-id="${id,,}"
+id="$(printf '%s' "$id" | tr '[:upper:]' '[:lower:]')" # not ${id,,}: macOS has bash 3.2
 [[ $id =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "bad Andrew ID '$id': letters, digits and '-' only"
+
+# The image build runs snapshot_download(MODEL) on Modal's builder, where a local dir is absent.
+if [[ -n $model && (-d $model || $model == /* || $model == .*) ]]; then
+  die "--model '$model' is a local path: pass a Hugging Face Hub id (e.g. Qwen/Qwen3-8B), which the image downloads at build time"
+fi
 
 export DEPLOY_APP_NAME="$id-system-$system" DEPLOY_PROFILE="$profile"
 if [[ -n $model ]]; then export DEPLOY_MODEL="$model"; fi

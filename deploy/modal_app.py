@@ -25,6 +25,8 @@ PROFILE = os.environ.get("DEPLOY_PROFILE", "throughput")
 MODEL = os.environ.get("DEPLOY_MODEL", "Qwen/Qwen3-4B-Instruct-2507")
 if PROFILE not in PROFILES:
     raise ValueError(f"DEPLOY_PROFILE={PROFILE!r}: expected one of {', '.join(PROFILES)}")
+if MODEL.startswith(("/", ".")) or Path(MODEL).is_dir():  # the image downloads MODEL from the Hub
+    raise ValueError(f"DEPLOY_MODEL={MODEL!r} is a local path: pass a Hugging Face Hub id")
 
 GPU_TYPE, GPU_COUNT = "A100-80GB", 2
 GPU = f"{GPU_TYPE}:{GPU_COUNT}"
@@ -61,7 +63,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_ROOT = "/root/project"
 HF_HOME = "/models"  # weights live in the image's Hugging Face cache
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # as replica/checkpoint.py downloads
-LOCAL_ONLY = [".venv", ".git", "**/__pycache__", "out", ".*_cache", ".hypothesis", ".whl"]
+LOCAL_ONLY = [".venv", ".git", "**/__pycache__", "out", ".*_cache", ".hypothesis", "**/*.whl"]
 
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)

@@ -25,8 +25,7 @@ from loadtest.replay import replay
 from loadtest.report import Run, build_report, summary_markdown
 from loadtest.runner import run_load
 from loadtest.workload import load_prompts, load_schedule
-
-DATA = Path(__file__).resolve().parent.parent / "vendor" / "data"
+from shortcuts.data import GOLD, SCHEDULE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,13 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
     rep = modes.add_parser("replay", parents=[common], help="replay the course's arrival schedule")
-    rep.add_argument("--schedule", type=Path, default=DATA / "batch_arrivals.json")
+    rep.add_argument("--schedule", type=Path, default=SCHEDULE)
     rep.add_argument("--speed", type=float, default=1.0, help="K: arrival times are divided by K")
     rep.add_argument("--max-concurrency", type=int, default=300, help="requests in flight")
     clo = modes.add_parser("closed", parents=[common], help="C clients sending back to back")
     clo.add_argument("--clients", type=int, default=300)
     clo.add_argument("--seconds", type=float, default=300.0)
-    clo.add_argument("--prompts", type=Path, default=DATA / "dev_requests_gold.jsonl")
+    clo.add_argument("--prompts", type=Path, default=GOLD)
     args = parser.parse_args(argv)
     if args.judge_infobench and not (args.gold and os.environ.get("OPENAI_API_KEY")):
         parser.error("--judge-infobench needs --gold and OPENAI_API_KEY in the environment")
@@ -93,7 +92,7 @@ async def measure(args: argparse.Namespace) -> Run:
 
 
 async def grade_run(run: Run, args: argparse.Namespace) -> dict:
-    """Imported here: grading needs shortcuts/ (and the judge needs openai) only when asked."""
+    """Imported here: grading (and the judge's openai) is needed only when asked."""
     from loadtest.scoring import first_answers, load_gold, score_answers
 
     judge = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,15 @@ import orjson
 from loadtest.workload import Prompt
 
 REQUEST_TIMEOUT_S = 600.0  # the course client's per-request timeout
+
+TOKENS_NOTE = (
+    "usage is per request, so output tokens are attributed per answer: a solver's bare "
+    "submit_paths(...) answer made none, a bare MCQ answer line one (the scored letter), the "
+    "rest goes to the other answers by length, or evenly to the MCQ answers when there are no "
+    "others (the accuracy profile reasons before its answer line)"
+)
+_SOLVED = re.compile(r"\s*submit_paths\(paths=\[.*\], weights=\[.*\]\)\s*", re.S)
+_LETTER = re.compile(r"\s*The answer is \([A-Z]\)\.\s*")
 
 
 @dataclass
@@ -43,14 +53,11 @@ class BatchResult:
         return self.sent_s + self.duration_s
 
     def completion_tokens(self) -> list[int]:
-        """Output tokens per prompt: `usage` is per request, so it is split by answer length."""
+        """Output tokens per prompt. `usage` is per request, so it is attributed (TOKENS_NOTE)."""
         if not self.ok or self.texts is None:
             return [0] * len(self.prompts)
         total = int(((self.response or {}).get("usage") or {}).get("completion_tokens") or 0)
-        chars = [len(t) for t in self.texts]
-        if sum(chars) == 0:
-            return [total // len(chars)] * len(chars)
-        return [round(total * c / sum(chars)) for c in chars]
+        return attribute_tokens(total, self.texts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +72,25 @@ class BatchResult:
             "error": self.error,
             "response": self.response,
         }
+
+
+def attribute_tokens(total: int, texts: list[str]) -> list[int]:
+    """Split a request's completion tokens over its answers as TOKENS_NOTE says; sums to total."""
+    kinds = [
+        "solved" if _SOLVED.fullmatch(t) else "letter" if _LETTER.fullmatch(t) else "other"
+        for t in texts
+    ]
+    letter = [kind == "letter" for kind in kinds]
+    fixed = sum(letter) if total >= sum(letter) else 0
+    weights = [len(t) if kind == "other" else 0 for t, kind in zip(texts, kinds, strict=True)]
+    if not any(weights):
+        weights = letter if any(letter) else [True] * len(texts)
+    shares, cumulative, given = [], 0, 0
+    for weight in weights:  # cumulative rounding keeps the sum exact
+        cumulative += weight
+        shares.append(round((total - fixed) * cumulative / sum(weights)) - given)
+        given += shares[-1]
+    return [share + (fixed > 0 and one) for share, one in zip(shares, letter, strict=True)]
 
 
 def answers_in_order(body: Any, n: int) -> list[str]:

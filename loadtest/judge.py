@@ -1,7 +1,8 @@
 """InfoBench judging by the course's protocol (InfoBench's evaluation.py, as the course runs it).
 
-One chat per answer: the first user turn holds the rules, the gold's `input` (if any) and the
-generated text with the first decomposed question; each later question is its own turn.
+One chat per answer: the first user turn holds the rules, the task's `input` (if any; the scorer
+takes it from the prompt) and the generated text with the first decomposed question; each later
+question is its own turn.
 A reply counts as YES/NO by its first word, else by which of "YES"/"NO" it contains; a reply
 with neither ends the chat (the remaining questions count as NO). The score is the share of
 YES over all questions; an empty answer scores 0. Only ever constructed with an explicit key.

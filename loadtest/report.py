@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.client import BatchResult
+from loadtest.client import TOKENS_NOTE, BatchResult
 from loadtest.workload import TASKS
 
 COURSE_WINDOW_S = 20 * 60  # the course counts requests served in 20 minutes
@@ -84,6 +84,7 @@ def build_report(run: Run) -> dict[str, Any]:
         "tokens_per_s": tokens_in_window / run.window_s if run.window_s > 0 else 0.0,
         "latency_s": percentiles([r.duration_s for r in ok]),
         "per_task": {task: _task_stats(run, task) for task in TASKS},
+        "per_task_tokens_note": TOKENS_NOTE,
     }
     lags = [r.sent_s - r.scheduled_s for r in run.results if r.scheduled_s is not None]
     if lags:
@@ -130,6 +131,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(stats['tokens_per_s'], 1)} "
             f"| {_fmt(score, 3)} |"
         )
+    lines.append(f"\nPer-task tokens/s: {report['per_task_tokens_note']}.")
     for sample in report["error_samples"]:
         lines.append(f"\n> error: {sample}")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import orjson
 from loadtest.client import BatchResult
 from loadtest.workload import TASKS
 from shortcuts.grading import grade
+from shortcuts.text import split_infobench, task_text
 
 NOT_JUDGED = "not judged"
 
@@ -43,6 +44,17 @@ def load_gold(path: Path) -> dict[str, GoldItem]:
                     row["task"], row["gold_answer"], row.get("meta") or {}
                 )
     return gold
+
+
+def infobench_input(prompt: str) -> str:
+    """The task input InfoBench's judge is shown, which the gold's meta lacks: the wrapper's
+    `Question:` part, or in the raw format ("instruction\\n\\ninput") what follows the first
+    blank line; "" when there is none."""
+    text = task_text(prompt)
+    parts = split_infobench(text)
+    if parts is not None:
+        return parts[1]
+    return text.split("\n\n", 1)[1].strip() if "\n\n" in text else ""
 
 
 def first_answers(results: list[BatchResult]) -> dict[str, str]:
@@ -75,7 +87,8 @@ async def score_answers(
             continue
         if item.task == "infobench":
             if judge is not None:
-                judged.append(judge(text, item.meta))
+                meta = {"input": infobench_input(prompt), **item.meta}  # a gold "input" wins
+                judged.append(judge(text, meta))
             continue
         score = grade(item.task, text, item.answer)
         if score is not None:

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-TASKS = ("graph", "mmlu_med", "infobench")
+from shortcuts.data import ROUTE_OF_TASK
+from shortcuts.router import route
 
-_GRAPH = re.compile(r"directed graph with \d+ nodes")
-_MCQ = re.compile(r"multiple choice question|\n\s*(Options|Choices):\s*\n\s*A[.)]", re.IGNORECASE)
+TASKS = tuple(ROUTE_OF_TASK)
+_TASK_OF_ROUTE = {r: task for task, r in ROUTE_OF_TASK.items()}
 
 
 def classify(prompt: str) -> str:
-    """The task of a prompt, from its content: the tool must label any schedule, gold or not."""
-    if _GRAPH.search(prompt):
-        return "graph"
-    if _MCQ.search(prompt):
-        return "mmlu_med"
-    return "infobench"
+    """The course task of a prompt, as the server routes it: the tool must label any schedule,
+    gold or not, and its per-task numbers should be the server's."""
+    return _TASK_OF_ROUTE[route(prompt)]
 
 
 @dataclass(frozen=True)

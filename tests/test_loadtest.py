@@ -17,28 +17,53 @@ import pytest
 from aiohttp import web
 
 from loadtest.__main__ import measure, parse_args, write_outputs
-from loadtest.client import BatchResult, answers_in_order
-from loadtest.judge import parse_verdict
+from loadtest.client import BatchResult, answers_in_order, attribute_tokens
+from loadtest.judge import InfoBenchJudge, parse_verdict
 from loadtest.lengths import REALISTIC_LENGTHS, LengthSampler
+from loadtest.report import Run, build_report
 from loadtest.scoring import NOT_JUDGED, first_answers, load_gold, score_answers
-from loadtest.workload import Prompt, classify, load_schedule
+from loadtest.workload import TASKS, Prompt, classify, load_schedule
+from shortcuts.data import DATA, DEV_FILES, GOLD, read_jsonl
+from shortcuts.text import split_infobench
 from tests.server_process import ROOT, free_port
 
-DATA = ROOT / "vendor" / "data"
-GOLD = DATA / "dev_requests_gold.jsonl"
 SAMPLE = DATA / "batch_arrivals_sample.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.mark.parametrize("name", ["dev_requests_gold.jsonl", "dev_combined.jsonl"])
+@pytest.mark.parametrize("name", DEV_FILES)
 def test_classify_agrees_with_the_gold_task_in_both_prompt_formats(name):
     rows = read_jsonl(DATA / name)
     assert len(rows) == 300
     assert [classify(r["prompt"]) for r in rows] == [r["task"] for r in rows]
+
+
+SOLVED = "submit_paths(paths=[[0, 1]], weights=[3])"
+
+
+@pytest.mark.parametrize(
+    ("total", "texts", "expected"),
+    [
+        (101, [SOLVED, "The answer is (B).", "A haiku."], [0, 1, 100]),  # solver, letter, open
+        (30, ["abc", "abcdefg", ""], [9, 21, 0]),  # open answers by length
+        (0, [SOLVED, SOLVED], [0, 0]),
+        (41, ["The answer is (B).", "The answer is (C)."], [21, 20]),  # MCQ reasoning
+        (1, ["The answer is (B).", "The answer is (C)."], [0, 1]),
+    ],
+)
+def test_tokens_are_attributed_to_the_answers_that_made_them(total, texts, expected):
+    assert attribute_tokens(total, texts) == expected
+
+
+def test_per_task_tokens_per_s_count_nothing_for_solved_graphs():
+    gold = load_gold(GOLD)
+    prompts = [next(p for p, item in gold.items() if item.task == task) for task in TASKS]
+    result = answered(prompts, [SOLVED, "The answer is (A).", "word " * 20])
+    result.response = {"usage": {"completion_tokens": 51}}
+    report = build_report(Run("closed", "x", {}, [result], window_s=10.0, wall_s=10.0))
+    per_task = {task: stats["tokens_per_s"] for task, stats in report["per_task"].items()}
+    assert per_task == {"graph": 0.0, "mmlu_med": 0.1, "infobench": 5.0}
+    assert "submit_paths" in report["per_task_tokens_note"]
 
 
 def test_realistic_lengths_hit_their_median_and_p90():
@@ -136,6 +161,55 @@ def test_grading_on_a_known_answer_set():
 
     judged = asyncio.run(score_answers(answers, gold, judge=fake_judge))
     assert judged["infobench"] == {"scored": 1, "score": 0.5}
+
+
+@pytest.mark.parametrize("name", DEV_FILES)
+def test_the_judge_is_shown_the_task_input_from_the_prompt(name):
+    gold = load_gold(DATA / name)
+    by_id = {row["meta"]["original_id"]: row["prompt"] for row in read_jsonl(GOLD)}
+    seen: dict[str, str] = {}
+
+    async def fake_judge(text: str, meta: dict) -> float:
+        seen[text] = meta["input"]
+        return 1.0
+
+    infobench = [(p, item) for p, item in gold.items() if item.task == "infobench"]
+    answers = {p: f"answer {i}" for i, (p, _) in enumerate(infobench)}
+    asyncio.run(score_answers(answers, gold, judge=fake_judge))
+    inputs = [split_infobench(by_id[item.meta["original_id"]])[1] for _, item in infobench]
+    matches = [
+        seen[answers[p]] == expected for (p, _), expected in zip(infobench, inputs, strict=True)
+    ]
+    assert sum(1 for x in inputs if x) >= 40
+    # the raw format cannot tell an instruction's own blank line from the input's: 3 of 100
+    assert sum(matches) >= (100 if name == GOLD.name else 97)
+
+
+class FakeOpenAI:
+    """Records the judge's chats and answers YES, in place of the OpenAI client."""
+
+    def __init__(self) -> None:
+        self.chats: list[list[dict[str, str]]] = []
+        self.chat = self.completions = self
+
+    async def create(self, model: str, messages: list, temperature: float):
+        self.chats.append([dict(m) for m in messages])
+        message = type("Message", (), {"content": "YES"})
+        return type("Completion", (), {"choices": [type("Choice", (), {"message": message})]})
+
+
+def test_judge_prompt_holds_the_input_as_the_course_sends_it():
+    judge = InfoBenchJudge(api_key="unused")
+    judge._client = fake = FakeOpenAI()
+    meta = {"input": "+ how are you?", "decomposed_questions": ["Is it funny?", "Is it short?"]}
+    assert asyncio.run(judge.score("Great, thanks!", meta)) == 1.0
+    first = fake.chats[-1][0]["content"]
+    assert '\n\nInput:\n"+ how are you?"\n\nGenerated Text:\n"Great, thanks!"' in first
+    assert first.endswith("Question:\nIs it funny?\n")
+    assert fake.chats[-1][2] == {"role": "user", "content": "Is it short?\n"}
+    judge._client = fake = FakeOpenAI()
+    asyncio.run(judge.score("Hi", {**meta, "input": ""}))
+    assert "Input:" not in fake.chats[0][0]["content"]
 
 
 async def stub_completions(request: web.Request) -> web.Response:

@@ -97,7 +97,10 @@ def test_open_output_loses_reasoning_blocks():
 
 
 def test_unparsable_graph_goes_to_the_model_as_graph():
-    prompt = "You are given a directed graph.\n0 -> 1, weight: 4\nFind the shortest paths."
+    prompt = (
+        "You are given a directed graph.\n0 -> 1, weight: 4\n"  # no node count
+        "Find the top 2 shortest paths from node 0 to node 1."
+    )
     shaped = plan(prompt, "throughput")
     assert isinstance(shaped, Generate) and shaped.task == "graph" and shaped.max_tokens == 512
 

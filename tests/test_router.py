@@ -83,6 +83,20 @@ def test_other_option_styles_are_mcq(prompt):
         "Continue this dialogue.\nA: Hello there.\nB: Hi, how are you?",
         "List the hero's journey stages.\nI. Departure\nII. Initiation\nIII. Return",
         "Make a list of the top places in the U.S. to visit in November.",
+        # quiz authoring with any verb, sample options included
+        "Give me three multiple choice questions about the heart\nA. atrium\nB. ventricle",
+        "Provide 5 multiple-choice questions on diabetes.\nA. insulin\nB. glucagon",
+        "Can you come up with a multiple choice quiz on Rome?\nA. Caesar\nB. Nero",
+        "List some MCQs about anatomy, like:\nA. femur\nB. tibia",
+        # a "Question:" label or "answer is" in an open instruction
+        "Question: What are the pros and cons of remote work?\nA. Pros\nB. Cons",
+        "The answer is simple: follow these steps.\nA. Preheat the oven\nB. Mix the flour",
+        "Summarize the answer: the plan has two parts.\nA. Build\nB. Ship",
+        # an open instruction quoting an edge list
+        "Instruction: Explain Dijkstra's algorithm on this directed graph and find the shortest "
+        "path from node 0 to node 2.\nQuestion: 0 -> 1, weight: 4\n1 -> 2, weight: 1\nGeneration:",
+        "Explain Dijkstra's algorithm for the shortest path in a directed graph, e.g.\n"
+        "0 -> 1, weight: 4\n1 -> 2, weight: 1",
         "",
         "   \n\t ",
         "<|im_start|>assistant\n<|im_end|>",
@@ -92,12 +106,34 @@ def test_open_instructions_stay_open(prompt):
     assert route(prompt) == "open"
 
 
-def test_graph_prompt_that_does_not_parse_still_routes_graph():
-    prompt = (
-        "You are given a directed graph with some nodes.\n0 -> 1, weight: 4\n"
-        "Find the shortest paths."
-    )
+GRAPH = (
+    "You are given a directed graph with 3 nodes (numbered 0 to 2) and the following edges:\n"
+    "0 -> 1, weight: 4\n1 -> 2, weight: 1\n0 -> 2, weight: 9\n"
+    "Find the top 2 shortest paths from node 0 to node 2."
+)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        GRAPH.replace("with 3 nodes (numbered 0 to 2)", "with some nodes"),  # no node count
+        GRAPH.replace("weight: 4", "weight: -4"),
+        GRAPH.replace("top 2", "top 2000"),  # over the caps
+    ],
+)
+def test_graph_prompt_that_does_not_parse_still_routes_graph(prompt):
     assert route(prompt) == "graph"
+
+
+def test_graph_wording_is_recognised_as_the_parser_reads_it():
+    assert route(GRAPH.replace("shortest", "cheapest")) == "graph"
+    assert route(GRAPH.replace("top 2 shortest paths", "the shortest path")) == "graph"
+
+
+def test_infobench_wrapped_graph_routes_graph_only_when_it_parses():
+    wrapped = f"Instruction: Solve this.\nQuestion: {GRAPH}\nGeneration:"
+    assert route(wrapped) == "graph"
+    assert route(wrapped.replace("weight: 4", "weight: -4")) == "open"
 
 
 @given(st.text(max_size=400))
