@@ -47,7 +47,7 @@ TORCH_VERSION = "2.13.0"
 TORCH_CUDA = "cu126"
 TORCH_INDEX_URL = f"https://download.pytorch.org/whl/{TORCH_CUDA}"
 # flash-attn's release wheels are named by CUDA major, torch minor, C++11 ABI and Python. The
-# install is best effort: with no such wheel the engine runs its Triton decode path instead.
+# install is best effort: with no such wheel the engine runs its Triton attention kernels instead.
 FLASH_ATTN_VERSION = "2.8.3"
 FLASH_ATTN_WHEEL = (
     f"flash_attn-{FLASH_ATTN_VERSION}+cu{TORCH_CUDA[2:4]}"
@@ -72,7 +72,7 @@ image = (
     .run_commands(
         f"pip install --no-deps '{FLASH_ATTN_URL}' && python -c 'import flash_attn'"
         " || { pip uninstall -y -q flash-attn;"
-        f" echo 'no usable {FLASH_ATTN_WHEEL}: the engine uses its Triton decode path'; }}"
+        f" echo 'no usable {FLASH_ATTN_WHEEL}: the engine uses its Triton attention kernels'; }}"
     )
     .env({"HF_HOME": HF_HOME})
     .run_commands(
