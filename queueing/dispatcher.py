@@ -1,8 +1,9 @@
 """Sends model requests to the replica with the least outstanding work and resolves futures.
 
-Admission is bounded (beyond the bound: Overloaded). A request waits while replicas load; if no
-replica is alive or loading it fails fast (NoReplica). A dead replica's in-flight requests go to
-a live one and the replica is restarted.
+Admission is bounded (beyond the bound: Overloaded) and reserved up front, so a burst cannot
+overshoot it. A request waits while replicas load; if no replica is alive or loading it fails fast
+(NoReplica), and so does the backlog once every replica has given up starting. A dead replica's
+in-flight requests go to a live one and the replica is restarted (not while closing).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # a request that kills two replicas is failed, not retried forever
 MAX_FAILED_STARTS = 3  # a replica that dies this often before ever being ready stays down
+SHUTDOWN_GRACE_S = 5.0  # for replicas to exit after "shutdown" (one engine step is enough)
 
 
 class Overloaded(Exception):
@@ -32,9 +36,15 @@ class NoReplica(Exception):
 
 
 class ReplicaError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A request the replica refused or could not run; `param`/`code` follow OpenAI's errors."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+        self.code = code
 
 
 @dataclass
@@ -57,13 +67,16 @@ class Dispatcher:
         self.jobs: dict[int, _Job] = {}
         self.backlog: list[int] = []
         self.failed_starts = [0] * len(specs)
-        self.closing = False
-        self.ever_ready = (
-            False  # before the first start completes, requests wait instead of failing
-        )
+        self.closing = False  # set when shutdown begins: dead replicas are not restarted
+        self.ever_ready = False  # before the first start completes, requests wait
+        self.admitted = 0  # prompts reserved by `admission`, answered or not
         self._ids = itertools.count()
+        self._restarts: set[asyncio.Task] = set()  # the loop keeps only weak references
         metrics.gauge("queue_depth", "Prompts waiting for a ready replica.", self._backlog_gauge)
         metrics.gauge("in_flight", "Model requests admitted and not answered.", self._in_flight)
+        metrics.gauge(
+            "admitted", "Prompts holding admission (bound: --max-in-flight).", self._admitted
+        )
         metrics.gauge("replica_up", "1 when the replica is ready.", self._replica_up)
         metrics.gauge("replica_restarts", "Restarts per replica.", self._replica_restarts)
 
@@ -89,12 +102,21 @@ class Dispatcher:
             for link in self.links
         ]
 
-    def admit(self, count: int) -> None:
-        """Check room for `count` model requests before any of them is sent."""
-        if len(self.jobs) + count > self.max_in_flight:
+    @contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        """Reserve room for `count` prompts for the block's duration (Overloaded if none).
+
+        Reserving here, not when jobs are created later in tasks, keeps a burst within the bound.
+        """
+        if self.admitted + count > self.max_in_flight:
             raise Overloaded
         if not any(link.state is ReplicaState.READY for link in self.links) and self.ever_ready:
             raise NoReplica
+        self.admitted += count
+        try:
+            yield
+        finally:
+            self.admitted -= count
 
     async def submit(self, message: dict[str, Any], work: int) -> dict[str, Any]:
         """Run one model request; cancelled if the caller is (e.g. the client went away)."""
@@ -158,7 +180,10 @@ class Dispatcher:
                     self._place(request_id)
             return
         if message["op"] == "error":
-            self._fail(message["id"], ReplicaError(message["status"], message["message"]))
+            error = ReplicaError(
+                message["status"], message["message"], message.get("param"), message.get("code")
+            )
+            self._fail(message["id"], error)
             return
         job = self._forget(message["id"])
         if job is not None and not job.future.done():
@@ -167,18 +192,18 @@ class Dispatcher:
     def _on_death(self, link: ReplicaLink) -> None:
         orphans = list(link.in_flight)
         link.in_flight.clear()
-        if self.closing:
-            for request_id in orphans:
-                self._fail(request_id, NoReplica())
-            return
-        self.metrics.inc(
-            "replica_deaths_total", "Replica processes that died.", replica=str(link.index)
-        )
-        if not link.info:
-            self.failed_starts[link.index] += 1
-        if self.failed_starts[link.index] < MAX_FAILED_STARTS:
-            link.info = {}
-            asyncio.get_running_loop().create_task(link.start())
+        if not self.closing:
+            self.metrics.inc(
+                "replica_deaths_total", "Replica processes that died.", replica=str(link.index)
+            )
+            if not link.info:
+                self.failed_starts[link.index] += 1
+            if self.failed_starts[link.index] < MAX_FAILED_STARTS:
+                link.info = {}
+                link.state = ReplicaState.LOADING  # from now on, so waiting requests keep waiting
+                task = asyncio.get_running_loop().create_task(self._restart(link))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
         for request_id in orphans:
             job = self.jobs.get(request_id)
             if job is None:
@@ -187,18 +212,61 @@ class Dispatcher:
             if job.attempts >= MAX_ATTEMPTS:
                 self._fail(request_id, ReplicaError(500, "the request crashed its replica twice"))
             else:
+                self.metrics.inc("retried_total", "Model requests re-sent after a replica died.")
                 self._place(request_id)
+        self._fail_backlog_if_hopeless()
 
-    def shutdown(self) -> None:
+    async def _restart(self, link: ReplicaLink) -> None:
+        """Start a replica again; a failure to even spawn counts as a failed start."""
+        try:
+            await link.start()
+        except Exception:
+            log.exception("replica %d could not be restarted", link.index)
+            link.state = ReplicaState.DEAD
+            self.failed_starts[link.index] = MAX_FAILED_STARTS
+            self._fail_backlog_if_hopeless()
+
+    def _fail_backlog_if_hopeless(self) -> None:
+        """With no replica loading or ready, waiting requests would wait forever: fail them."""
+        if any(link.state is not ReplicaState.DEAD for link in self.links):
+            return
+        backlog, self.backlog = self.backlog, []
+        for request_id in backlog:
+            self._fail(request_id, NoReplica())
+
+    def begin_shutdown(self) -> None:
+        """Graceful shutdown has begun: in-flight work finishes, dead replicas stay down."""
+        self.closing = True
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Ask every replica to exit (in-flight requests are answered by now); kill stragglers.
+
+        Replicas ignore SIGTERM, so one still loading or stuck would survive multiprocessing's
+        exit-time terminate() and its join would hang the front end: it is killed instead (a
+        loading one at once: it has no work and reads no messages until loaded).
+        """
         self.closing = True
         for link in self.links:
-            link.shutdown()
+            if link.state is ReplicaState.LOADING:
+                link.kill()
+            else:
+                link.shutdown()
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(link.alive for link in self.links):
+            if asyncio.get_running_loop().time() > deadline:
+                for link in self.links:
+                    link.kill()
+                break
+            await asyncio.sleep(0.05)
 
     def _backlog_gauge(self) -> dict[tuple, float]:
         return {(): len(self.backlog)}
 
     def _in_flight(self) -> dict[tuple, float]:
         return {(): len(self.jobs)}
+
+    def _admitted(self) -> dict[tuple, float]:
+        return {(): self.admitted}
 
     def _replica_up(self) -> dict[tuple, float]:
         return {

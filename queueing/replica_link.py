@@ -113,8 +113,13 @@ class ReplicaLink:
         self._on_death(self)
 
     def kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        """SIGKILL: the replica ignores SIGTERM (the front end owns its lifecycle)."""
+        if self.alive:
             self._process.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
 
     def shutdown(self) -> None:
         """Ask the replica to exit; its socket closing then reads as a (planned) death."""

@@ -152,6 +152,7 @@ class Engine:
         min_refill: int | None = None,
         attention: str | None = None,
         cuda_graphs: bool | None = None,
+        warm_up: bool | None = None,
         prefill_tokens: int = 16384,
         seed: int = 0,
     ) -> None:
@@ -186,7 +187,7 @@ class Engine:
         self._waiting: deque[EngineRequest] = deque()
         self._running: dict[int, _Row] = {}
         self._filling = False  # admitting a batch of waiting requests, one prefill a step
-        if on_cuda:
+        if on_cuda if warm_up is None else warm_up:
             self._warm_up_prefill()
         warmup_s = time.perf_counter() - start - weights_s - kv_s - graphs_s
         self.info = {
@@ -209,11 +210,17 @@ class Engine:
         log.info("engine ready: %s", self.info)
 
     def _warm_up_prefill(self) -> None:
-        """Compile the prefill kernels' variants (Triton specialises on sizes divisible by 16)
-        now rather than on the first requests: two scoring prefills of 300 and 320 tokens."""
-        for i, length in enumerate((300, 320)):
-            self.add(EngineRequest(-1 - i, [0] * length, choice_ids=[0]))
-            self.step()
+        """Compile the prefill kernels' variants now rather than on the first requests: scoring
+        prefills of 512 and 520 packed tokens (Triton specialises on sizes divisible by 16, and
+        the rope kernel blocks tokens past 256), made of as many prompts as the slot length needs."""
+        length = min(512, self.max_seq_len - 1)
+        for total in (512, 520):
+            count = min(self.max_rows, -(-total // length))
+            for i in range(count):
+                size = min(length, total - i * length)
+                self.add(EngineRequest(-1 - i, [0] * size, choice_ids=[0]))
+            while self.has_work():
+                self.step()
         self.stats = EngineStats()
 
     def _sync(self) -> None:

@@ -9,7 +9,8 @@ Replica -> front end:
   {"op": "ready", "info": {...}}
   {"op": "result", "id": int, "text": str, "finish_reason": "stop" | "length",
    "prompt_tokens": int, "completion_tokens": int, "choice": str | None}
-  {"op": "error", "id": int, "status": int, "message": str}
+  {"op": "error", "id": int, "status": int, "message": str, "param": str | None,
+   "code": str | None}                   (OpenAI's error fields, e.g. context_length_exceeded)
   {"op": "cancelled", "id": int}          (the engine dropped it and freed its slot)
 """
 
@@ -21,8 +22,6 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-
-Kind = Literal["generate", "score"]
 
 FRAME_HEADER = struct.Struct("!I")  # each message: its pickled length, then the pickle
 
@@ -84,10 +83,6 @@ class EngineRequest:
     prompt_ids: list[int]
     max_new_tokens: int = 0
     choice_ids: list[int] | None = None
-
-    @property
-    def kind(self) -> Kind:
-        return "score" if self.choice_ids is not None else "generate"
 
 
 @dataclass

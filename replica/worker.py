@@ -6,6 +6,7 @@ torch is imported only inside `serve`, after CUDA_VISIBLE_DEVICES pins the proce
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,13 @@ class ReplicaSpec:
 
 
 def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
-    """Process entry point: load, report ready, then serve until shutdown or a closed socket."""
+    """Process entry point: load, report ready, then serve until shutdown or a closed socket.
+
+    SIGINT/SIGTERM are ignored: a Ctrl-C or a process-group SIGTERM reaches replicas too, and the
+    front end owns their lifecycle (it drains in-flight work, then sends "shutdown").
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from replica.protocol import BlockingChannel
 
     conn = BlockingChannel(sock)
@@ -37,6 +44,10 @@ def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
     replica = Replica(spec)
     conn.send({"op": "ready", "info": replica.info(time.monotonic() - started)})
     replica.run(conn)
+
+
+class ContextOverflow(ValueError):
+    """The prompt alone fills the context: OpenAI's context_length_exceeded."""
 
 
 class Replica:
@@ -89,6 +100,18 @@ class Replica:
             return
         try:
             request = self._to_engine_request(message)
+        except ContextOverflow as error:
+            conn.send(
+                {
+                    "op": "error",
+                    "id": message["id"],
+                    "status": 400,
+                    "message": str(error),
+                    "param": "prompt",
+                    "code": "context_length_exceeded",
+                }
+            )
+            return
         except ValueError as error:
             conn.send({"op": "error", "id": message["id"], "status": 400, "message": str(error)})
             return
@@ -101,7 +124,7 @@ class Replica:
         prompt_ids = self.codec.encode_chat(message["messages"], message.get("prefix", ""))
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise ValueError(
+            raise ContextOverflow(
                 f"This model's maximum context length is {self.max_context} tokens, "
                 f"but the prompt has {len(prompt_ids)} tokens."
             )

@@ -154,6 +154,16 @@ def test_generation_stops_at_the_slot_length(source, prompts, expected):
         engine.add(EngineRequest(2, [], 5))
 
 
+def test_prefill_warm_up_fits_short_slots_and_leaves_nothing_behind(source):
+    """The start-up warm-up (on by default on CUDA) packs 512 tokens from prompts that fit a
+    256-token slot, and leaves every slot free and the counters at zero."""
+    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, warm_up=True)
+    assert engine.info["warmup_s"] >= 0
+    assert not engine.has_work()
+    assert engine.cache.num_free == engine.max_rows
+    assert engine.stats.prefill_calls == 0
+
+
 def test_batch_sizes():
     assert batch_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert batch_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 100]

@@ -73,6 +73,8 @@ def test_body_over_the_size_limit_is_413(server):
 def test_prompt_longer_than_the_context_names_both_counts(server):
     status, answer, _ = request(server.url + ROUTE, {"prompt": "hello " * 5000, "max_tokens": 4})
     assert_openai_error(status, answer, 400)
+    assert answer["error"]["param"] == "prompt"
+    assert answer["error"]["code"] == "context_length_exceeded"
     counts = [int(n) for n in re.findall(r"\d+", answer["error"]["message"])]
     assert 4096 in counts and any(count > 5000 for count in counts), counts
     still_serving(server)
@@ -184,7 +186,13 @@ def test_killed_replica_loses_nothing_and_is_restarted():
         bodies = _batch_bodies(40, max_tokens=48, seed=1)
 
         def kill_soon() -> None:
-            time.sleep(0.5)
+            """Kill replica 0 once it has work in flight, so that work must be re-run."""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                _, health, _ = request(process.url + "/health", method="GET")
+                if health["replicas"][0]["in_flight"] > 0:
+                    break
+                time.sleep(0.02)
             os.kill(victim, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_soon)
@@ -198,6 +206,7 @@ def test_killed_replica_loses_nothing_and_is_restarted():
         _, metrics, _ = request(process.url + "/metrics", method="GET")
         assert 'replica_deaths_total{replica="0"} 1' in metrics
         assert 'replica_restarts{replica="0"} 1' in metrics
+        assert _metric(process, "retried_total") > 0
 
 
 def test_no_live_replica_gets_a_quick_503():
@@ -256,6 +265,25 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero():
         process.process.send_signal(signal.SIGTERM)
         client.join()
         assert result[0][0] == 200 and len(result[0][1]["choices"]) == 4
+        assert process.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_drains_in_flight_work(stop):
+    """Ctrl-C or `kill -TERM -pgid` reaches replicas too; they must keep serving the drain."""
+    with ServerProcess() as process:
+        result = []
+        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 300}
+        client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
+        client.start()
+        deadline = time.monotonic() + 30
+        while _metric(process, "in_flight") < 4:
+            assert time.monotonic() < deadline, "the request never reached the replica"
+            time.sleep(0.02)
+        os.killpg(process.process.pid, stop)
+        client.join()
+        assert result[0][0] == 200, result[0][1]
+        assert len(result[0][1]["choices"]) == 4
         assert process.process.wait(30) == 0
 
 

@@ -1,0 +1,221 @@
+"""The front end in-process (no replicas): planning off the loop, errors, admission, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import server
+import shortcuts
+from queueing.dispatcher import Dispatcher
+from shortcuts.prompts import OPEN_SYSTEM
+
+ROUTE = "/v1/completions"
+USAGE = {"prompt_tokens": 1, "completion_tokens": 1}
+
+
+def huge_graph_prompt() -> str:
+    """A graph-like prompt of ~4 MB: its regex scans alone take a quarter second or more."""
+    edges = "\n".join(f"{i % 100} -> {(i * 7 + 1) % 100}, weight: 1" for i in range(180_000))
+    return (
+        "You are given a directed graph with 100 nodes (numbered 0 to 99) and the following "
+        f"edges:\n\nEdges (source -> target, weight):\n{edges}\n\n"
+        "Find the top 3 shortest paths from node 0 to node 99."
+    )
+
+
+class FakeDispatcher(Dispatcher):
+    """No replicas: `submit` records messages and answers (or fails) at once."""
+
+    def __init__(self, service: server.CompletionService, max_in_flight: int) -> None:
+        super().__init__([], service.metrics, max_in_flight)
+        self.sent: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.error: Exception | None = None
+        self.running = self.peak = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def submit(self, message: dict[str, Any], work: int) -> dict[str, Any]:
+        self.sent.append(message)
+        if self.error is not None:
+            raise self.error
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return {"text": "hi", "choice": None, "finish_reason": "stop", **USAGE}
+
+
+def parse_args(*flags: str):
+    return server.parse_args(["--model", "tiny-random", "--gpus", "", *flags])
+
+
+def serve(
+    scenario: Callable[[TestClient, server.CompletionService, FakeDispatcher], Awaitable[None]],
+    *flags: str,
+) -> None:
+    """Run `scenario` against an in-process app whose dispatcher is a FakeDispatcher."""
+
+    async def main() -> None:
+        args = parse_args(*flags)
+        app = server.build_app(args)
+        service = app[server.SERVICE]
+        service.dispatcher = FakeDispatcher(service, args.max_in_flight)
+        async with TestClient(TestServer(app)) as client:
+            await scenario(client, service, service.dispatcher)
+
+    asyncio.run(main())
+
+
+async def metrics_text(client: TestClient) -> str:
+    async with client.get("/metrics") as response:
+        return await response.text()
+
+
+@pytest.fixture
+def service():
+    service = server.CompletionService(parse_args())
+    yield service
+    service.planner.shutdown(wait=True, cancel_futures=True)
+
+
+def test_huge_graph_prompt_is_planned_without_stalling_the_loop(service):
+    prompt = huge_graph_prompt()
+    started = time.perf_counter()
+    shortcuts.plan(prompt, "throughput")
+    assert time.perf_counter() - started > 0.15, "the prompt must be slow to plan inline"
+
+    async def scenario() -> tuple[shortcuts.Plan, float]:
+        gaps = [0.0]
+        done = asyncio.Event()
+
+        async def tick() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        action = await service.plan(prompt)
+        done.set()
+        await ticker
+        return action, max(gaps)
+
+    action, worst_gap = asyncio.run(scenario())
+    assert isinstance(action, shortcuts.Generate) and action.task == "graph"  # over the caps
+    assert worst_gap < 0.1, f"the event loop stalled for {worst_gap:.3f} s"
+
+
+def test_planning_timeout_sends_the_prompt_to_the_model_as_open():
+    prompt = huge_graph_prompt()
+
+    async def scenario(client, service, dispatcher) -> None:
+        async with client.post(ROUTE, json={"prompt": [prompt, "Hi"]}) as response:
+            body = await response.json()
+        assert response.status == 200, body
+        assert [c["text"] for c in body["choices"]] == ["hi", "hi"]
+        [fallback] = [m for m in dispatcher.sent if m["messages"][-1]["content"] == prompt]
+        assert fallback["messages"][0] == {"role": "system", "content": OPEN_SYSTEM}
+        assert 'plan_fallback_total{reason="timeout"} 1' in await metrics_text(client)
+        service.planner.shutdown(wait=True, cancel_futures=True)
+
+    serve(scenario, "--plan-timeout", "0.01")
+
+
+def test_planning_error_sends_the_prompt_to_the_model_as_open(monkeypatch):
+    def broken(prompt: str, profile: str) -> shortcuts.Plan:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(shortcuts, "plan", broken)
+
+    async def scenario(client, service, dispatcher) -> None:
+        async with client.post(ROUTE, json={"prompt": "What is 2+2?"}) as response:
+            body = await response.json()
+        assert response.status == 200, body
+        [sent] = dispatcher.sent
+        assert sent["op"] == "generate" and sent["messages"][-1]["content"] == "What is 2+2?"
+        assert 'plan_fallback_total{reason="error"} 1' in await metrics_text(client)
+
+    serve(scenario)
+
+
+def test_unexpected_exception_is_an_openai_json_500_and_counted():
+    async def scenario(client, service, dispatcher) -> None:
+        dispatcher.error = KeyError("a bug")
+        async with client.post(ROUTE, json={"prompt": "Hi"}) as response:
+            assert response.status == 500
+            assert response.content_type == "application/json"
+            body = await response.json()
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["type"] == "server_error"
+        text = await metrics_text(client)
+        assert "unhandled_errors_total 1" in text
+        assert 'requests_total{status="500"} 1' in text
+
+    serve(scenario)
+
+
+def test_burst_never_exceeds_the_admission_bound():
+    async def scenario(client, service, dispatcher) -> None:
+        dispatcher.release.clear()
+
+        async def post() -> int:
+            async with client.post(ROUTE, json={"prompt": ["a", "b"]}) as response:
+                return response.status
+
+        burst = [asyncio.create_task(post()) for _ in range(4)]
+        while dispatcher.running < 4 and not any(task.done() for task in burst):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        dispatcher.release.set()
+        statuses = sorted(await asyncio.gather(*burst))
+        assert dispatcher.peak <= 4
+        assert statuses == [200, 200, 503, 503], statuses
+        assert dispatcher.admitted == 0
+
+    serve(scenario, "--max-in-flight", "4")
+
+
+def test_more_prompts_than_could_ever_be_admitted_is_a_400():
+    async def scenario(client, service, dispatcher) -> None:
+        async with client.post(ROUTE, json={"prompt": ["a", "b", "c"]}) as response:
+            body = await response.json()
+        assert response.status == 400, body
+        assert body["error"]["param"] == "prompt" and "at most 2" in body["error"]["message"]
+        assert body["error"]["type"] == "invalid_request_error"
+        assert not dispatcher.sent
+        async with client.post(ROUTE, json={"prompt": ["a", "b"]}) as response:
+            assert response.status == 200
+
+    serve(scenario, "--max-in-flight", "2")
+
+
+def test_n_null_means_the_default():
+    assert server.parse_completion_request(b'{"prompt": "a", "n": null}').prompts == ["a"]
+    assert server.parse_completion_request(b'{"prompt": "a", "n": 1}').prompts == ["a"]
+    for bad in (b"2", b"0", b"true", b'"1"'):
+        with pytest.raises(server.ApiError):
+            server.parse_completion_request(b'{"prompt": "a", "n": ' + bad + b"}")
+
+
+def test_shutdown_stops_replica_restarts_before_in_flight_work_drains():
+    async def main() -> None:
+        app = server.build_app(parse_args())
+        app.freeze()
+        await app.shutdown()  # on_shutdown: runs while handlers still drain
+        assert app[server.SERVICE].dispatcher.closing
+        app[server.SERVICE].planner.shutdown()
+
+    asyncio.run(main())
