@@ -23,6 +23,9 @@ LOG2_E = 1.4426950408889634
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors; on the CPU (Triton's interpreter, in tests) a small GPU's 8."""
+    if device.type != "cuda":
+        return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -1,0 +1,81 @@
+"""Our Triton kernels against their PyTorch references on the CPU, through Triton's interpreter.
+
+Run by `tests/test_triton_interpreted.py` in a child process, because TRITON_INTERPRET must be
+set before the kernels are defined. Small shapes in fp32: the interpreter runs each program in
+NumPy. `python tests/interpreted_kernels.py NAME` runs one check and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from replica.attention import PackedRows
+from replica.attention.reference import ReferenceAttention
+from replica.ops import TorchOps
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
+
+
+def close(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def prefill() -> None:
+    from replica.attention.triton_prefill import prefill_attention
+
+    lengths = [130, 1, 64, 7]
+    rows = PackedRows.from_lengths(lengths, torch.device("cpu"))
+    tokens = sum(lengths)
+    q = torch.randn(tokens, HEADS, HEAD_DIM)
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM)
+    v = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM)[:, HEADS:]  # strided, as in the engine
+    close(prefill_attention(q, k, v, rows), ReferenceAttention().prefill(q, k, v, rows))
+
+
+def decode() -> None:
+    from replica.attention.triton_decode import decode_attention
+
+    k_cache, v_cache = torch.randn(2, 6, 300, KV_HEADS, HEAD_DIM)
+    q = torch.randn(4, HEADS, HEAD_DIM)
+    slots = torch.tensor([5, 0, 2, 3])
+    lengths = torch.tensor([300, 1, 65, 128], dtype=torch.int32)
+    reference = ReferenceAttention().decode(q, k_cache, v_cache, slots, lengths)
+    for waves in (1, 4):  # one split per row, then several
+        close(decode_attention(q, k_cache, v_cache, slots, lengths, waves), reference)
+
+
+def elementwise() -> None:
+    from replica.triton_ops import TritonOps
+
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    ops = [cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq) for cls in (TorchOps, TritonOps)]
+    h, delta, weight = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
+    for delta_or_none in (delta, None):
+        for a, b in zip(*(op.add_rms_norm(h, delta_or_none, weight) for op in ops), strict=True):
+            close(b, a)
+    gate_up = torch.randn(3, 2 * 40)
+    close(ops[1].silu_mul(gate_up), ops[0].silu_mul(gate_up))
+    for tokens in (5, 300):  # a program per token (decode), then blocks of tokens (prefill)
+        qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+        q_norm, k_norm = torch.randn(HEAD_DIM), torch.randn(HEAD_DIM)
+        positions, slots = torch.arange(tokens) % 64, torch.arange(tokens) // 64
+        caches = [torch.zeros(2, 6, 64, KV_HEADS, HEAD_DIM).unbind(0) for _ in ops]
+        outs = [
+            op.rope_store(qkv, q_norm, k_norm, positions, slots, *cache)
+            for op, cache in zip(ops, caches, strict=True)
+        ]
+        for a, b in zip(*outs, strict=True):  # q, k, v
+            close(b, a)
+        for a, b in zip(*caches, strict=True):  # K and V caches
+            close(b, a)
+
+
+CHECKS = {"prefill": prefill, "decode": decode, "elementwise": elementwise}
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.manual_seed(0)
+    CHECKS[sys.argv[1]]()
