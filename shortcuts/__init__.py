@@ -1,7 +1,7 @@
 """Task routing, the exact graph solver, and per-task prompt shaping for the server."""
 
 from shortcuts.profiles import PROFILES, Profile, get_profile
-from shortcuts.prompts import Answer, Generate, Plan, Score, finish, plan
+from shortcuts.prompts import Answer, Generate, Plan, Score, finish, plan, plan_unshaped
 from shortcuts.router import Route, route
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "finish",
     "get_profile",
     "plan",
+    "plan_unshaped",
     "route",
 ]

@@ -80,6 +80,13 @@ def plan(prompt: str, profile: str) -> Plan:
     return Generate(task, _open_messages(text), limits.open_cap)
 
 
+def plan_unshaped(prompt: str, profile: str) -> Generate:
+    """The prompt as it stands, for the model: the fallback when planning fails or runs too
+    long (no parsing at all, so it cannot fail or stall the same way)."""
+    messages = [{"role": "system", "content": OPEN_SYSTEM}, {"role": "user", "content": prompt}]
+    return Generate("open", messages, get_profile(profile).open_cap)
+
+
 def finish(request: Score | Generate, output: str) -> str | Score:
     """Final text from a Score's chosen letter or a Generate's text; a Score means: run it."""
     if isinstance(request, Score):

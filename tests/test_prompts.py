@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shortcuts import PROFILES, Answer, Generate, Score, finish, plan
+from shortcuts import PROFILES, Answer, Generate, Score, finish, get_profile, plan, plan_unshaped
 from shortcuts.grading import grade
 from tests.shortcuts_dev_data import DATA, rows_of
 
@@ -126,3 +126,10 @@ def test_chat_template_plus_prefix_puts_each_letter_in_one_token():
 @given(st.text(max_size=300), st.sampled_from(sorted(PROFILES)))
 def test_plan_never_raises(prompt, profile):
     assert isinstance(plan(prompt, profile), Answer | Score | Generate)
+
+
+def test_unshaped_plan_sends_the_prompt_as_it_stands():
+    prompt = "Instruction: say hi\nQuestion: \nGeneration:" + " x" * 10_000
+    request = plan_unshaped(prompt, "balanced")
+    assert request.messages[-1] == {"role": "user", "content": prompt}
+    assert request.max_tokens == get_profile("balanced").open_cap
