@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 from shortcuts.paths import Digraph
 
@@ -56,18 +56,22 @@ def parse_graph(text: str) -> GraphTask | None:
     if len(queries) != 1 or not (nodes or numbered) or not 0 < len(raw) <= MAX_EDGES:
         return None
     [(top, source, target)] = queries
-    numbers = [top or "1", source, target, *(m.group(1) for m in (nodes, numbered) if m)]
-    numbers += [d for m in raw for d in m.groups()]
-    if not all(d.isdecimal() and len(d) <= MAX_DIGITS for d in numbers):
-        return None  # also a negative or fractional weight
-    p, s, t = int(top or "1"), int(source), int(target)
-    n = int(nodes.group(1)) if nodes else int(numbered.group(1)) + 1
-    if nodes and numbered and int(numbered.group(1)) != n - 1:
+    header = [top or "1", source, target, *(m.group(1) for m in (nodes, numbered) if m)]
+    try:  # int() in C over every number: a fractional weight (or > 4300 digits) raises
+        numbers = list(map(int, chain(header, chain.from_iterable(m.groups() for m in raw))))
+    except ValueError:
         return None
-    edges = tuple((int(m.group(1)), int(m.group(2)), int(m.group(3))) for m in raw)
+    if max(numbers) >= 10**MAX_DIGITS:
+        return None
+    p, s, t, *counts = numbers[: len(header)]
+    n = counts[0] + (0 if nodes else 1)
+    if nodes and numbered and counts[1] != n - 1:
+        return None
+    flat = numbers[len(header) :]
+    edges = tuple(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
     if not 0 < n <= MAX_NODES or not 0 < p <= MAX_PATHS or n * len(edges) * p > MAX_WORK:
         return None
-    if not (s < n and t < n) or any(u >= n or v >= n or w <= 0 for u, v, w in edges):
+    if not (s < n and t < n) or max(flat[0::3] + flat[1::3]) >= n or min(flat[2::3]) <= 0:
         return None
     return GraphTask(n, edges, p, s, t)
 
