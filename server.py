@@ -11,7 +11,6 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
-import signal
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +25,7 @@ from aiohttp import web
 import shortcuts
 from queueing.dispatcher import Dispatcher, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
-from replica.worker import ReplicaSpec
+from replica.worker import ReplicaSpec, ignore_stop_signals
 
 log = logging.getLogger("server")
 
@@ -237,13 +236,8 @@ class CompletionService:
 def _planner_pool() -> ProcessPoolExecutor:
     """Spawned workers that ignore SIGINT/SIGTERM like replicas: the front end stops them."""
     return ProcessPoolExecutor(
-        PLANNER_PROCESSES, mp_context=mp.get_context("spawn"), initializer=_ignore_stop_signals
+        PLANNER_PROCESSES, mp_context=mp.get_context("spawn"), initializer=ignore_stop_signals
     )
-
-
-def _ignore_stop_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _chars_to_tokens(messages: list[dict[str, str]]) -> int:

@@ -33,8 +33,7 @@ def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
     SIGINT/SIGTERM are ignored: a Ctrl-C or a process-group SIGTERM reaches replicas too, and the
     front end owns their lifecycle (it drains in-flight work, then sends "shutdown").
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()
     from replica.protocol import BlockingChannel
 
     conn = BlockingChannel(sock)
@@ -46,8 +45,16 @@ def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
     replica.run(conn)
 
 
+def ignore_stop_signals() -> None:
+    """For processes the front end owns (replicas, planners): it alone decides when they stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ContextOverflow(ValueError):
     """The prompt alone fills the context: OpenAI's context_length_exceeded."""
+
+    param, code = "prompt", "context_length_exceeded"
 
 
 class Replica:
@@ -100,20 +107,17 @@ class Replica:
             return
         try:
             request = self._to_engine_request(message)
-        except ContextOverflow as error:
+        except ValueError as error:
             conn.send(
                 {
                     "op": "error",
                     "id": message["id"],
                     "status": 400,
                     "message": str(error),
-                    "param": "prompt",
-                    "code": "context_length_exceeded",
+                    "param": getattr(error, "param", None),
+                    "code": getattr(error, "code", None),
                 }
             )
-            return
-        except ValueError as error:
-            conn.send({"op": "error", "id": message["id"], "status": 400, "message": str(error)})
             return
         self.pending[request.id] = message
         self.engine.add(request)

@@ -9,6 +9,7 @@ live length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -25,21 +26,23 @@ class PackedRows:
     lengths: Tensor  # [B] int32
     cu_seqlens: Tensor  # [B + 1] int32
     max_len: int
-    padded_index: Tensor  # [T] int64: token t's place in the flattened [B * max_len] layout
+    tokens: int
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> PackedRows:
-        host = torch.tensor(lengths, dtype=torch.int64)
-        starts = F.pad(host.cumsum(0), (1, 0))
-        max_len = max(lengths)
-        row_offset = torch.arange(len(lengths)) * max_len - starts[:-1]
-        padded_index = torch.repeat_interleave(row_offset, host) + torch.arange(int(starts[-1]))
-        return cls(
-            lengths=host.to(device=device, dtype=torch.int32),
-            cu_seqlens=starts.to(device=device, dtype=torch.int32),
-            max_len=max_len,
-            padded_index=padded_index.to(device),
-        )
+        host = torch.tensor(lengths, dtype=torch.int32)
+        starts = F.pad(host.cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(host.to(device), starts.to(device), max(lengths), sum(lengths))
+
+    @cached_property
+    def padded_index(self) -> Tensor:
+        """[T] int64: token t's place in the flattened [B * max_len] layout. Only the padding
+        backends need it, so varlen kernels never pay for it."""
+        lengths = self.lengths.long()
+        rows = torch.arange(lengths.shape[0], device=lengths.device)
+        row_offset = rows * self.max_len - self.cu_seqlens[:-1].long()
+        within = torch.arange(self.tokens, device=lengths.device)
+        return torch.repeat_interleave(row_offset, lengths, output_size=self.tokens) + within
 
     @property
     def last_token(self) -> Tensor:

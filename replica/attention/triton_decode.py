@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.attention.online_softmax import LOG2_E, attend_block
+
 BLOCK_N = 64
 MAX_SPLITS = 64
 WAVES = 4  # programs per multiprocessor to aim for when splitting rows
-LOG2_E = 1.4426950408889634
 
 
 @functools.cache
@@ -87,15 +88,8 @@ def _split_kernel(
         pos = block + n
         live = pos < end
         k = tl.load(k_base + pos[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)  # noqa: E741
         v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = attend_block(q, k, v, live[None, :], scale, m, l, acc)  # noqa: E741
 
     filled = l > 0
     out = acc / tl.where(filled, l, 1.0)[:, None]

@@ -14,10 +14,10 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.attention import PackedRows
+from replica.attention.online_softmax import LOG2_E, attend_block
 
 BLOCK_M = 128
 BLOCK_N = 64
-LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -73,17 +73,11 @@ def _prefill_kernel(
         k = tl.load(
             k_base + k_tokens[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0
         )
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :] & (cols[None, :] <= m_offs[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)  # noqa: E741
         v = tl.load(
             v_base + k_tokens[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        visible = live[None, :] & (cols[None, :] <= m_offs[:, None])
+        m, l, acc = attend_block(q, k, v, visible, scale, m, l, acc)  # noqa: E741
 
     out = acc / l[:, None]
     tl.store(
