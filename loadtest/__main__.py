@@ -22,7 +22,7 @@ from loadtest.closed import closed_loop
 from loadtest.lengths import COURSE_MAX_TOKENS, LengthSampler
 from loadtest.plots import plot_run
 from loadtest.replay import replay
-from loadtest.report import Run, build_report, summary_markdown
+from loadtest.report import Run, build_report, headline, summary_markdown
 from loadtest.runner import run_load
 from loadtest.workload import load_prompts, load_schedule
 from shortcuts.data import GOLD, SCHEDULE
@@ -111,7 +111,8 @@ def write_outputs(run: Run, out: Path) -> dict:
     with (out / "batches.jsonl").open("wb") as f:
         for result in sorted(run.results, key=lambda r: r.sent_s):
             f.write(orjson.dumps(result.to_json()) + b"\n")
-    plot_run(run.results, out / "load.png", f"{run.mode} · {run.url}", run.window_s)
+    title = f"{run.mode} · {run.url}\n{headline(report)}"
+    plot_run(run.results, out / "load.png", title, run.window_s)
     return report
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     run = asyncio.run(measure(args))
     report = write_outputs(run, args.out)
     print(summary_markdown(report))
-    return 1 if report["errors"] else 0
+    return 1 if report["prompt_errors"] else 0
 
 
 if __name__ == "__main__":

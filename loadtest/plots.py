@@ -18,7 +18,7 @@ BINS = 60
 
 
 def plot_run(results: list[BatchResult], path: Path, title: str, window_s: float) -> None:
-    """Left: answered prompts/s in time bins, with the measurement window's end marked.
+    """Left: answered prompts/s and HTTP requests/s in time bins, with the window's end marked.
     Right: latency ECDF per task on a log time axis (the tail is what p99 reads)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ok = [r for r in results if r.ok]
@@ -26,13 +26,15 @@ def plot_run(results: list[BatchResult], path: Path, title: str, window_s: float
     edges = np.linspace(0.0, end, BINS + 1)
     done = [r.done_s for r in ok for _ in r.prompts]
     counts, _ = np.histogram(done, bins=edges)
-    left.stairs(counts / np.diff(edges), edges, label="answered")
+    left.stairs(counts / np.diff(edges), edges, label="prompts answered")
+    requests, _ = np.histogram([r.done_s for r in ok], bins=edges)
+    left.stairs(requests / np.diff(edges), edges, label="HTTP requests answered")
     failed = [r.done_s for r in results if not r.ok for _ in r.prompts]
     if failed:
         errors, _ = np.histogram(failed, bins=edges)
-        left.stairs(errors / np.diff(edges), edges, color="red", label="errors")
+        left.stairs(errors / np.diff(edges), edges, color="red", label="prompts failed")
     left.axvline(window_s, color="gray", linestyle="--", label="end of window")
-    left.set(xlabel="time since start (s)", ylabel="prompts / s", title="Throughput")
+    left.set(xlabel="time since start (s)", ylabel="per second", title="Throughput")
     left.legend()
     for task in TASKS:
         latencies = np.sort([r.duration_s for r in ok for p in r.prompts if p.task == task])

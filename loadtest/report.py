@@ -10,7 +10,7 @@ import numpy as np
 from loadtest.client import TOKENS_NOTE, BatchResult
 from loadtest.workload import TASKS
 
-COURSE_WINDOW_S = 20 * 60  # the course counts requests served in 20 minutes
+COURSE_WINDOW_S = 20 * 60  # the course counts what is served in 20 minutes
 
 
 @dataclass
@@ -53,8 +53,8 @@ def _task_stats(run: Run, task: str) -> dict[str, Any]:
             if result.done_s <= run.window_s:
                 tokens += n_tokens
     return {
-        "served": served,
-        "errors": errors,
+        "prompts_served": served,
+        "prompt_errors": errors,
         "latency_s": percentiles(latencies),
         "output_tokens_in_window": tokens,
         "tokens_per_s": tokens / run.window_s if run.window_s > 0 else 0.0,
@@ -62,27 +62,33 @@ def _task_stats(run: Run, task: str) -> dict[str, Any]:
 
 
 def build_report(run: Run) -> dict[str, Any]:
-    """Everything report.json holds; `requests_per_20min` extrapolates the window to 20 min."""
+    """Everything report.json holds. The course's unit is ambiguous (one HTTP request carries
+    1 to 8 prompts), so every count is given twice, named: HTTP requests and prompts. The
+    `*_per_20min` figures extrapolate the window's answers to the course's 20 minutes."""
     ok = [r for r in run.results if r.ok]
     in_window = [r for r in ok if r.done_s <= run.window_s]
-    served_in_window = sum(len(r.prompts) for r in in_window)
+    prompts_in_window = sum(len(r.prompts) for r in in_window)
     tokens_in_window = sum(sum(r.completion_tokens()) for r in in_window)
-    rate = served_in_window / run.window_s if run.window_s > 0 else 0.0
+    per_20min = COURSE_WINDOW_S / run.window_s if run.window_s > 0 else 0.0
     report: dict[str, Any] = {
         "mode": run.mode,
         "url": run.url,
         "settings": run.settings,
         "wall_s": run.wall_s,
         "window_s": run.window_s,
-        "batches": len(run.results),
+        "http_requests_sent": len(run.results),
+        "http_requests_served": len(ok),
+        "http_request_errors": len(run.results) - len(ok),
         "prompts_sent": sum(len(r.prompts) for r in run.results),
-        "served": sum(len(r.prompts) for r in ok),
-        "errors": sum(len(r.prompts) for r in run.results if not r.ok),
+        "prompts_served": sum(len(r.prompts) for r in ok),
+        "prompt_errors": sum(len(r.prompts) for r in run.results if not r.ok),
         "error_samples": sorted({r.error for r in run.results if r.error})[:5],
-        "served_in_window": served_in_window,
-        "requests_per_20min": rate * COURSE_WINDOW_S,
+        "http_requests_served_in_window": len(in_window),
+        "prompts_served_in_window": prompts_in_window,
+        "http_requests_per_20min": len(in_window) * per_20min,
+        "prompts_per_20min": prompts_in_window * per_20min,
         "tokens_per_s": tokens_in_window / run.window_s if run.window_s > 0 else 0.0,
-        "latency_s": percentiles([r.duration_s for r in ok]),
+        "latency_s": percentiles([r.duration_s for r in ok]),  # per HTTP request
         "per_task": {task: _task_stats(run, task) for task in TASKS},
         "per_task_tokens_note": TOKENS_NOTE,
     }
@@ -97,6 +103,14 @@ def build_report(run: Run) -> dict[str, Any]:
     return report
 
 
+def headline(report: dict[str, Any]) -> str:
+    """Both per-20-minute figures under their names: summary.md and the plot title share it."""
+    return (
+        f"per 20 minutes: {report['http_requests_per_20min']:,.0f} HTTP requests (batches) "
+        f"served, {report['prompts_per_20min']:,.0f} prompts served"
+    )
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
@@ -105,21 +119,28 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def summary_markdown(report: dict[str, Any]) -> str:
     """A few lines and one table: what a reviewer checks first."""
+    lat = report["latency_s"]
     lines = [
         f"# Load test: {report['mode']} against {report['url']}",
         "",
-        f"- served {report['served']} of {report['prompts_sent']} prompts, "
-        f"{report['errors']} errors, in {_fmt(report['wall_s'], 1)} s",
-        f"- **{report['requests_per_20min']:.0f} requests per 20 minutes** "
-        f"({report['served_in_window']} prompts in a {_fmt(report['window_s'], 1)} s window), "
-        f"{_fmt(report['tokens_per_s'], 1)} output tokens/s",
+        f"- **{headline(report)}** ({report['http_requests_served_in_window']} HTTP requests, "
+        f"{report['prompts_served_in_window']} prompts answered in a "
+        f"{_fmt(report['window_s'], 1)} s window), {_fmt(report['tokens_per_s'], 1)} output tokens/s",
+        f"- served {report['http_requests_served']} of {report['http_requests_sent']} HTTP requests "
+        f"({report['http_request_errors']} failed), {report['prompts_served']} of "
+        f"{report['prompts_sent']} prompts ({report['prompt_errors']} failed), "
+        f"in {_fmt(report['wall_s'], 1)} s",
+        f"- latency per HTTP request: p50 {_fmt(lat['p50'])} s, p90 {_fmt(lat['p90'])} s, "
+        f"p99 {_fmt(lat['p99'])} s",
         f"- settings: {', '.join(f'{k}={v}' for k, v in report['settings'].items())}",
     ]
     if "send_lag_s" in report:
         lines.append(f"- send lag behind schedule: p99 {_fmt(report['send_lag_s']['p99'], 3)} s")
     lines += [
         "",
-        "| task | served | errors | p50 s | p90 s | p99 s | tokens/s | score |",
+        "Per task, counted in prompts; a prompt's latency is its HTTP request's.",
+        "",
+        "| task | prompts served | prompt errors | p50 s | p90 s | p99 s | tokens/s | score |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     accuracy = report.get("accuracy") or {}
@@ -127,7 +148,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lat = stats["latency_s"]
         score = (accuracy.get(task) or {}).get("score", "–")
         lines.append(
-            f"| {task} | {stats['served']} | {stats['errors']} | {_fmt(lat['p50'])} "
+            f"| {task} | {stats['prompts_served']} | {stats['prompt_errors']} | {_fmt(lat['p50'])} "
             f"| {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(stats['tokens_per_s'], 1)} "
             f"| {_fmt(score, 3)} |"
         )

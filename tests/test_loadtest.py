@@ -6,6 +6,7 @@ Traffic goes to 127.0.0.1 only; the InfoBench judge (OpenAI) never runs here.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -16,13 +17,15 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+import loadtest.__main__ as loadtest_main
 from loadtest.__main__ import measure, parse_args, write_outputs
 from loadtest.client import BatchResult, answers_in_order, attribute_tokens
 from loadtest.judge import InfoBenchJudge, parse_verdict
 from loadtest.lengths import REALISTIC_LENGTHS, LengthSampler
 from loadtest.report import Run, build_report
+from loadtest.runner import Progress
 from loadtest.scoring import NOT_JUDGED, first_answers, load_gold, score_answers
-from loadtest.workload import TASKS, Prompt, classify, load_schedule
+from loadtest.workload import TASKS, Prompt, ScheduledBatch, classify, load_schedule
 from shortcuts.data import DATA, DEV_FILES, GOLD, read_jsonl
 from shortcuts.text import split_infobench
 from tests.server_process import ROOT, free_port
@@ -222,39 +225,121 @@ async def stub_completions(request: web.Request) -> web.Response:
     return web.json_response({"choices": choices[::-1], "usage": usage})
 
 
-def test_replay_against_a_stub_records_errors_and_keeps_order(tmp_path):
-    schedule = [
-        {"batch_id": 0, "arrival_time": 0.0, "prompts": ["one", "two"]},
-        {"batch_id": 1, "arrival_time": 0.2, "prompts": ["FAIL please", "three"]},
-        {"batch_id": 2, "arrival_time": 0.4, "prompts": ["four"]},
-    ]
-    (tmp_path / "schedule.json").write_text(json.dumps(schedule))
+def replay_against_stub(schedule: Path, speed: float) -> Run:
+    """A replay measured in-process against `stub_completions` on 127.0.0.1."""
 
-    async def run_against_stub():
+    async def run() -> Run:
         app = web.Application()
         app.router.add_post("/v1/completions", stub_completions)
         runner = web.AppRunner(app)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        argv = ["replay", "--url", f"http://127.0.0.1:{port}/v1/completions", "--speed", "2"]
+        argv = ["replay", "--url", f"http://127.0.0.1:{port}/v1/completions"]
+        argv += ["--speed", str(speed), "--schedule", str(schedule), "--out", "x"]
         try:
-            return await measure(
-                parse_args([*argv, "--schedule", str(tmp_path / "schedule.json"), "--out", "x"])
-            )
+            return await measure(parse_args(argv))
         finally:
             await runner.cleanup()
 
-    run = asyncio.run(run_against_stub())
+    return asyncio.run(run())
+
+
+def test_replay_against_a_stub_records_errors_and_keeps_order(tmp_path, monkeypatch):
+    schedule = [
+        {"batch_id": 0, "arrival_time": 0.0, "prompts": ["one", "two"]},
+        {"batch_id": 1, "arrival_time": 0.2, "prompts": ["FAIL please", "three"]},
+        {"batch_id": 2, "arrival_time": 0.4, "prompts": ["four"]},
+    ]
+    (tmp_path / "schedule.json").write_text(json.dumps(schedule))
+    titles: list[str] = []
+    monkeypatch.setattr(
+        loadtest_main, "plot_run", lambda results, path, title, window_s: titles.append(title)
+    )
+    run = replay_against_stub(tmp_path / "schedule.json", speed=2)
     report = write_outputs(run, tmp_path / "out")
-    assert (report["prompts_sent"], report["served"], report["errors"]) == (5, 3, 2)
+    assert (report["prompts_sent"], report["prompts_served"], report["prompt_errors"]) == (5, 3, 2)
+    assert (
+        report["http_requests_sent"],
+        report["http_requests_served"],
+        report["http_request_errors"],
+    ) == (3, 2, 1)
+    assert report["http_requests_served_in_window"] == 2
+    assert report["prompts_served_in_window"] == 3
+    window = report["window_s"]
+    assert report["http_requests_per_20min"] == pytest.approx(2 / window * 1200)
+    assert report["prompts_per_20min"] == pytest.approx(3 / window * 1200)
     assert report["error_samples"] == ["HTTP 500: boom"]
-    assert report["tokens_per_s"] == pytest.approx(9 / report["window_s"])
+    assert report["tokens_per_s"] == pytest.approx(9 / window)
+    headline = (
+        f"per 20 minutes: {2 / window * 1200:,.0f} HTTP requests (batches) served, "
+        f"{3 / window * 1200:,.0f} prompts served"
+    )
+    assert headline in (tmp_path / "out" / "summary.md").read_text()
+    assert titles == [f"replay · {run.url}\n{headline}"]
     assert first_answers(run.results)["two"] == "echo two"
     records = read_jsonl(tmp_path / "out" / "batches.jsonl")
     assert [r["status_code"] for r in records] == [200, 500, 200]
     assert [r["scheduled_arrival_time"] for r in records] == [0.0, 0.1, 0.2]
     assert all(r["actual_send_time"] >= r["scheduled_arrival_time"] for r in records)
+
+
+def check_counts_agree_with(report: dict, schedule: list[ScheduledBatch]) -> None:
+    """A replay where everything is answered serves the schedule's batches and prompts, and
+    its window ends at the last answer, so all of them count towards the per-20-min figures."""
+    batches, prompts = len(schedule), sum(len(b.prompts) for b in schedule)
+    assert batches < prompts  # the sample batches several prompts together: the counts differ
+    assert report["http_requests_sent"] == report["http_requests_served"] == batches
+    assert report["http_requests_served_in_window"] == batches
+    assert report["prompts_sent"] == report["prompts_served"] == prompts
+    assert report["prompts_served_in_window"] == prompts
+    per_20min = 1200 / report["window_s"]
+    assert report["http_requests_per_20min"] == pytest.approx(batches * per_20min)
+    assert report["prompts_per_20min"] == pytest.approx(prompts * per_20min)
+
+
+def test_replay_of_the_sample_schedule_against_a_stub_counts_batches_and_prompts(tmp_path):
+    report = write_outputs(replay_against_stub(SAMPLE, speed=100), tmp_path)
+    check_counts_agree_with(report, load_schedule(SAMPLE))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "served 4 of 4 HTTP requests (0 failed), 6 of 6 prompts (0 failed)" in summary
+
+
+class FakeClock:
+    """Stands in for time.monotonic, so progress lines can be counted against simulated time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_in_a_log_writes_a_line_per_interval_not_per_answer():
+    stream, clock = io.StringIO(), FakeClock()
+    progress = Progress(total=1920, desc="replay", stream=stream, interval_s=5.0, clock=clock)
+    for i in range(1, 961):  # 960 answers of 2 prompts over 30 simulated seconds
+        clock.now = i / 32
+        progress(answered(["one", "two"], None if i % 100 == 0 else ["a", "b"]))
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 30 // 5 + 1  # at 5, 10, ..., 30 s, and the last at close
+    assert lines[0] == "replay: 160 HTTP requests done (1 failed), 320/1920 prompts, 5 s"
+    assert lines[-1] == "replay: 960 HTTP requests done (9 failed), 1920/1920 prompts, 30 s"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    stream = FakeTerminal()
+    progress = Progress(total=4, desc="closed", stream=stream)
+    progress(answered(["one", "two"], ["a", "b"]))
+    progress.close()
+    drawn = stream.getvalue()
+    assert drawn.startswith("\rclosed:") and "2/4 [" in drawn and "requests=1" in drawn
 
 
 def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -271,14 +356,18 @@ def check_outputs(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     assert (out / "load.png").read_bytes().startswith(PNG_MAGIC)
     assert (out / "load.png").stat().st_size > 20_000  # two drawn panels, not an empty figure
-    assert "requests per 20 minutes" in (out / "summary.md").read_text()
-    assert report["errors"] == 0 and report["error_samples"] == []
-    assert report["served"] == report["prompts_sent"] > 0
-    assert report["requests_per_20min"] == pytest.approx(
-        report["served_in_window"] / report["window_s"] * 1200
-    )
+    summary = (out / "summary.md").read_text()
+    assert "HTTP requests (batches) served" in summary and "prompts served" in summary
+    assert report["prompt_errors"] == report["http_request_errors"] == 0
+    assert report["error_samples"] == []
+    assert report["prompts_served"] == report["prompts_sent"] > 0
+    assert report["http_requests_served"] == report["http_requests_sent"] > 0
+    for unit in ("http_requests", "prompts"):
+        assert report[f"{unit}_per_20min"] == pytest.approx(
+            report[f"{unit}_served_in_window"] / report["window_s"] * 1200
+        )
     for task, stats in report["per_task"].items():
-        if stats["served"]:
+        if stats["prompts_served"]:
             lat = stats["latency_s"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], task
     return report
@@ -292,9 +381,10 @@ def test_replay_of_the_sample_schedule_at_10x(server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = check_outputs(tmp_path)
     schedule = load_schedule(SAMPLE)
+    check_counts_agree_with(report, schedule)
     expected = Counter(p.task for b in schedule for p in b.prompts)
-    assert report["prompts_sent"] == sum(expected.values()) == 6
-    assert {t: s["served"] for t, s in report["per_task"].items() if s["served"]} == expected
+    served = {t: s["prompts_served"] for t, s in report["per_task"].items() if s["prompts_served"]}
+    assert served == expected
     assert report["send_lag_s"]["max"] < 0.5
     assert report["wall_s"] >= schedule[-1].arrival_s / 10
     records = read_jsonl(tmp_path / "batches.jsonl")
@@ -313,8 +403,9 @@ def test_closed_loop_of_50_clients_for_10_seconds(server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = check_outputs(tmp_path)
     assert report["window_s"] == 10
-    assert report["served_in_window"] > 0
-    assert report["batches"] >= 50
+    assert report["http_requests_served_in_window"] > 0
+    assert report["http_requests_sent"] >= 50
     sizes = [r["batch_size"] for r in read_jsonl(tmp_path / "batches.jsonl")]
-    assert len(sizes) == report["batches"] and min(sizes) >= 1 and max(sizes) <= 8
+    assert len(sizes) == report["http_requests_sent"] and min(sizes) >= 1 and max(sizes) <= 8
+    assert report["prompts_sent"] == sum(sizes)
     assert all(r["actual_send_time"] < 10 for r in read_jsonl(tmp_path / "batches.jsonl"))
