@@ -257,6 +257,7 @@ def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
         "max_seq_len": args.max_seq_len,
         "max_batch": args.max_batch,
         "kv_fraction": args.kv_fraction,
+        "gpu_memory_gb": args.gpu_memory_gb,
         "refill": args.refill,
         "attention": args.attention,
     }
@@ -387,6 +388,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch")
     parser.add_argument("--kv-fraction", type=float, default=0.9, help="of free GPU memory")
     parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="plan memory as if each GPU had this many GiB (an A100-80GB shows about 79)",
+    )
+    parser.add_argument(
         "--no-refill", dest="refill", action="store_false", help="static batching (ablation)"
     )
     parser.add_argument("--random-weights", action="store_true", help="config only, random weights")
@@ -399,9 +405,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def refuse_unservable(args: argparse.Namespace) -> None:
+    """Exit with one line if the model cannot be served, before any replica starts (a replica
+    that fails to load would otherwise restart forever behind a 503). Checked in a throwaway
+    process: the front end never imports torch. Also fetches a Hub model once for all replicas."""
+    import subprocess
+    import sys
+
+    if args.model == "tiny-random":  # built in (replica.checkpoint.TINY_RANDOM): always servable
+        return
+    command = [sys.executable, "-m", "replica.servable", args.model]
+    command += ["--random-weights"] if args.random_weights else []
+    check = subprocess.run(command, capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        lines = check.stderr.strip().splitlines() or [f"model check exited {check.returncode}"]
+        print(lines[-1], file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    refuse_unservable(args)
     web.run_app(
         build_app(args),
         host=args.host,

@@ -1,4 +1,4 @@
-"""Issue 4's four measurements in one GPU run, reported as ratios from that run.
+"""The dense engine's measurements in one GPU run, reported as ratios from that run.
 
     python -m replica.bench --out docs/perf/engine-h200.json
 
@@ -118,8 +118,9 @@ def matmul_flops(device: torch.device, n: int = 8192) -> float:
 
 def scoring(engine: Engine, count: int, vocab: int, flops: float) -> dict:
     """MCQ-like load: scoring requests only (prefill, no decode step), prompts of 100 to 600
-    tokens. Compute floor: 2 FLOPs per weight of the layers per prompt token (plus the LM head
-    once per prompt) at the measured matmul rate."""
+    tokens. Compute floor: 2 FLOPs per weight a token multiplies in the layers (an MoE's routed
+    experts only) per prompt token, plus the LM head once per prompt, at the measured matmul
+    rate."""
     rng = random.Random(3)
     requests = [
         EngineRequest(i, [rng.randrange(vocab) for _ in range(rng.randint(100, 600))], 1, [32, 33])
@@ -127,8 +128,7 @@ def scoring(engine: Engine, count: int, vocab: int, flops: float) -> dict:
     ]
     wall, _ = run_requests(engine, requests)
     model, tokens = engine.model, engine.stats.prefill_tokens
-    layer_weights = sum(t.numel() for layer in model.layers for t in vars(layer).values())
-    floor_s = 2 * (layer_weights * tokens + model.lm_head.numel() * count) / flops
+    floor_s = 2 * (model.active_params() * tokens + model.lm_head.numel() * count) / flops
     return {
         "requests": count,
         "prompt_tokens": tokens,

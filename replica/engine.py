@@ -146,6 +146,7 @@ class Engine:
         eos_ids: Iterable[int] = QWEN3_EOS_IDS,
         *,
         kv_fraction: float = 0.9,
+        gpu_memory_gb: float | None = None,
         max_batch: int = 256,
         max_seq_len: int = 4096,
         refill: bool = True,
@@ -166,7 +167,13 @@ class Engine:
 
         self.max_seq_len = min(max_seq_len, source.config.max_position_embeddings)
         shape = plan_slots(
-            source.config, dtype, self.device, self.max_seq_len, max_batch, kv_fraction
+            source.config,
+            dtype,
+            self.device,
+            self.max_seq_len,
+            max_batch,
+            kv_fraction,
+            gpu_memory_gb,
         )
         self.cache = KVCache(shape, dtype, self.device)
         self._sync()
@@ -200,6 +207,8 @@ class Engine:
             "slots": shape.slots,
             "max_seq_len": shape.max_seq_len,
             "kv_tokens": shape.tokens,
+            "model_type": source.config.model_type,
+            "weights_gib": round(self.model.weight_bytes() / 2**30, 2),
             "kv_gib": round(self.cache.nbytes / 2**30, 2),
             "weights_s": round(weights_s, 2),
             "kv_s": round(kv_s, 2),
@@ -207,7 +216,17 @@ class Engine:
             "warmup_s": round(warmup_s, 2),
             "startup_s": round(time.perf_counter() - start, 2),
         }
-        log.info("engine ready: %s", self.info)
+        log.info(
+            "%s on %s: weights %.1f GiB, KV cache %d tokens (%d slots x %d), start-up %.1f s",
+            source.config.model_type,
+            self.device,
+            self.info["weights_gib"],
+            shape.tokens,
+            shape.slots,
+            shape.max_seq_len,
+            self.info["startup_s"],
+        )
+        log.debug("engine ready: %s", self.info)
 
     def _warm_up_prefill(self) -> None:
         """Compile the prefill kernels' variants now rather than on the first requests: scoring

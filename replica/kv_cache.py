@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import Qwen3Config
+from transformers import PretrainedConfig
 
 from replica.checkpoint import attention_shape
 
@@ -32,7 +32,7 @@ class CacheShape:
         return self.slots * self.max_seq_len
 
 
-def bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
+def bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     """K and V of one token over all layers."""
     _, kv_heads, head_dim = attention_shape(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -40,17 +40,21 @@ def bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
 
 
 def plan_slots(
-    config: Qwen3Config,
+    config: PretrainedConfig,
     dtype: torch.dtype,
     device: torch.device,
     max_seq_len: int,
     max_slots: int,
     fraction: float,
+    memory_cap_gib: float | None = None,
 ) -> CacheShape:
-    """Slots of `max_seq_len` tokens that fit in `fraction` of free GPU memory (CPU: `max_slots`)."""
+    """Slots of `max_seq_len` tokens that fit in `fraction` of free GPU memory (CPU: `max_slots`).
+
+    `memory_cap_gib` makes the card look that large (e.g. 79 on a 141 GB H200 to plan as an
+    A100-80GB would): what is already in use counts against the cap."""
     slots = max_slots
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = device_free_bytes(device, memory_cap_gib)
         per_slot = max_seq_len * bytes_per_token(config, dtype)
         slots = min(max_slots, int(free * fraction) // per_slot - 1)
         if slots < 1:
@@ -59,6 +63,17 @@ def plan_slots(
             )
     _, kv_heads, head_dim = attention_shape(config)
     return CacheShape(config.num_hidden_layers, slots, max_seq_len, kv_heads, head_dim)
+
+
+def device_free_bytes(device: torch.device, cap_gib: float | None = None) -> int:
+    """Free device memory after returning the allocator's cached blocks (the loader's and the
+    warm-up's temporaries would otherwise be counted as used), at most the cap minus what is used."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    if cap_gib is None:
+        return free
+    return max(0, min(free, int(cap_gib * 2**30) - (total - free)))
 
 
 class KVCache:

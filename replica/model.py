@@ -1,4 +1,5 @@
-"""Our Qwen3 forward: plain weight tensors, QKV and gate/up fused at load, attention pluggable.
+"""Our Qwen3 forward (dense or MoE): plain weight tensors, QKV and gate/up fused at load,
+attention pluggable.
 
 The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.ops`),
 so that fp32 greedy tokens match it exactly. Activations are [tokens, features] over the packed
@@ -13,31 +14,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import Qwen3Config
+from transformers import PretrainedConfig
 
 from replica.attention import AttentionBackend, PackedRows
 from replica.checkpoint import (
     TINY_RANDOM,
+    CheckpointReader,
     ModelSource,
     attention_shape,
     build_reference_model,
-    load_state_dict,
     rope_theta,
 )
 from replica.kv_cache import KVCache
+from replica.moe import SparseMoE
 from replica.ops import TorchOps
-
-
-@dataclass
-class LayerWeights:
-    input_norm: Tensor
-    qkv: Tensor  # [(q_heads + 2 * kv_heads) * head_dim, hidden]
-    q_norm: Tensor
-    k_norm: Tensor
-    o_proj: Tensor
-    post_norm: Tensor
-    gate_up: Tensor  # [2 * intermediate, hidden]
-    down: Tensor
+from replica.weights import ModelWeights, RandomBuilder, build, load_checkpoint
 
 
 @dataclass
@@ -68,31 +59,30 @@ class Batch:
 
 
 class Qwen3:
-    """Qwen3 causal LM over an external KV cache and attention backend."""
+    """Qwen3 causal LM (dense or MoE) over an external KV cache and attention backend."""
 
-    def __init__(
-        self,
-        config: Qwen3Config,
-        embed: Tensor,
-        layers: list[LayerWeights],
-        final_norm: Tensor,
-        lm_head: Tensor,
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, weights: ModelWeights) -> None:
         self.config = config
-        self.embed = embed
-        self.layers = layers
-        self.final_norm = final_norm
-        self.lm_head = lm_head
+        self.embed = weights.embed
+        self.layers = weights.layers
+        self.final_norm = weights.final_norm
+        self.lm_head = weights.lm_head
         self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(config)
         self.eps = config.rms_norm_eps
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        self.inv_freq = (1.0 / rope_theta(config) ** exponents).to(embed.device)
+        self.inv_freq = (1.0 / rope_theta(config) ** exponents).to(self.device)
         shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq)
         self.ops = TorchOps(*shape)
-        if embed.is_cuda:
+        if self.embed.is_cuda:
             from replica.triton_ops import TritonOps
 
             self.ops = TritonOps(*shape)
+            for layer in self.layers:  # the fused MoE files its routing here
+                if isinstance(layer.mlp, SparseMoE):
+                    experts = layer.mlp.num_experts
+                    layer.mlp.expert_tokens = torch.zeros(
+                        experts, dtype=torch.int32, device=self.device
+                    )
 
     @property
     def device(self) -> torch.device:
@@ -104,73 +94,34 @@ class Qwen3:
 
     @classmethod
     def from_state_dict(
-        cls, config: Qwen3Config, state: dict[str, Tensor], device: str, dtype: torch.dtype
+        cls, config: PretrainedConfig, state: dict[str, Tensor], device: str, dtype: torch.dtype
     ) -> Qwen3:
-        """Build from Hugging Face names, fusing q/k/v and gate/up into one matrix each."""
-
-        def get(name: str) -> Tensor:
-            return state[name].detach().to(device=device, dtype=dtype)
-
-        layers = []
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            attn, mlp = p + "self_attn.", p + "mlp."
-            qkv = [get(attn + f"{n}_proj.weight") for n in "qkv"]
-            gate_up = [get(mlp + f"{n}_proj.weight") for n in ("gate", "up")]
-            layers.append(
-                LayerWeights(
-                    input_norm=get(p + "input_layernorm.weight"),
-                    qkv=torch.cat(qkv),
-                    q_norm=get(attn + "q_norm.weight"),
-                    k_norm=get(attn + "k_norm.weight"),
-                    o_proj=get(attn + "o_proj.weight"),
-                    post_norm=get(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat(gate_up),
-                    down=get(mlp + "down_proj.weight"),
-                )
-            )
-        embed = get("model.embed_tokens.weight")
-        tied = config.tie_word_embeddings or "lm_head.weight" not in state
-        lm_head = embed if tied else get("lm_head.weight")
-        return cls(config, embed, layers, get("model.norm.weight"), lm_head)
+        """Build from Hugging Face names (the tests' transformers models)."""
+        reader = CheckpointReader.from_state_dict(state)
+        return cls(config, load_checkpoint(reader, config, device, dtype))
 
     @classmethod
-    def random(cls, config: Qwen3Config, device: str, dtype: torch.dtype, seed: int = 0) -> Qwen3:
-        """Seeded random weights made directly on `device`: seconds for 4B, no transformers init."""
-        gen = torch.Generator(device=device).manual_seed(seed)
-        std = getattr(config, "initializer_range", 0.02)
-
-        def normal(*shape: int) -> Tensor:
-            return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(std)
-
-        def ones(n: int) -> Tensor:
-            return torch.ones(n, device=device, dtype=dtype)
-
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q_heads, kv_heads, head_dim = attention_shape(config)
-        layers = [
-            LayerWeights(
-                input_norm=ones(hidden),
-                qkv=normal((q_heads + 2 * kv_heads) * head_dim, hidden),
-                q_norm=ones(head_dim),
-                k_norm=ones(head_dim),
-                o_proj=normal(hidden, q_heads * head_dim),
-                post_norm=ones(hidden),
-                gate_up=normal(2 * inter, hidden),
-                down=normal(hidden, inter),
-            )
-            for _ in range(config.num_hidden_layers)
-        ]
-        embed = normal(config.vocab_size, hidden)
-        lm_head = embed if config.tie_word_embeddings else normal(config.vocab_size, hidden)
-        return cls(config, embed, layers, ones(hidden), lm_head)
+    def random(
+        cls, config: PretrainedConfig, device: str, dtype: torch.dtype, seed: int = 0
+    ) -> Qwen3:
+        return cls(config, build(config, RandomBuilder(config, device, dtype, seed)))
 
     def weight_bytes(self) -> int:
-        """Bytes one decode step must read: every matrix once (a tied embedding counts once)."""
-        tensors = {id(t): t for layer in self.layers for t in vars(layer).values()}
+        """Bytes of every weight once (a tied embedding counts once): a dense decode step reads
+        them all; an MoE step reads only the experts it routes to."""
+        tensors = {id(t): t for layer in self.layers for t in layer.tensors()}
         for t in (self.embed, self.final_norm, self.lm_head):
             tensors[id(t)] = t
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def active_params(self) -> int:
+        """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
+        return sum(
+            sum(t.numel() for t in layer.tensors())
+            - sum(t.numel() for t in layer.mlp.tensors())
+            + layer.mlp.active_params()
+            for layer in self.layers
+        )
 
     def forward(self, batch: Batch, cache: KVCache, attention: AttentionBackend) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
@@ -195,8 +146,7 @@ class Qwen3:
                 out = attention.prefill(q, k, v, batch.rows)
             h, x = ops.add_rms_norm(h, F.linear(out.reshape(h.shape[0], -1), w.o_proj), w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
-            mlp = F.linear(ops.silu_mul(F.linear(x, w.gate_up)), w.down)
-            h, x = ops.add_rms_norm(h, mlp, next_norm)
+            h, x = ops.add_rms_norm(h, w.mlp(x, ops), next_norm)
         return x
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -204,14 +154,14 @@ class Qwen3:
 
 
 def load_model(source: ModelSource, device: str, dtype: torch.dtype, seed: int = 0) -> Qwen3:
-    """Weights for `source`: its checkpoint, else random.
+    """Weights for `source`: its checkpoint, layer by layer, else random.
 
-    `tiny-random` takes the reference model's seeded weights, so our engine and the reference
-    backend serve identical tokens; any other config without weights is random on the device.
+    `tiny-random` takes the reference model's seeded weights, so that our engine and
+    transformers serve identical tokens; any other config without weights is random on the device.
     """
     if source.weights_dir is not None:
-        state = load_state_dict(source.weights_dir, device)
-        return Qwen3.from_state_dict(source.config, state, device, dtype)
+        reader = CheckpointReader.from_dir(source.weights_dir)
+        return Qwen3(source.config, load_checkpoint(reader, source.config, device, dtype))
     if source.name == TINY_RANDOM:
         state = build_reference_model(source).state_dict()
         return Qwen3.from_state_dict(source.config, state, device, dtype)

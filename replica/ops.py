@@ -8,9 +8,16 @@ reading the weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from replica.moe import moe_reference
+
+if TYPE_CHECKING:
+    from replica.moe import SparseMoE
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -36,10 +43,18 @@ class TorchOps:
     def add_rms_norm(
         self, h: Tensor, delta: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """(h + delta, rms_norm(h + delta)): the residual stream and the next block's input."""
+        """(h + delta, rms_norm(h + delta)): the residual stream and the next block's input.
+
+        `delta` may carry several rows per token (the fused MoE's expert outputs): they are
+        summed in fp32, in order, then rounded once."""
         if delta is not None:
+            if delta.shape[0] != h.shape[0]:
+                delta = delta.unflatten(0, (h.shape[0], -1)).float().sum(1).to(h.dtype)
             h = h + delta
         return h, rms_norm(h, weight, self.eps)
+
+    def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
+        return moe_reference(x, moe)
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

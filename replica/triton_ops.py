@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.moe import SparseMoE
 from replica.ops import TorchOps
+from replica.triton_moe import fused_moe
 
 
 @triton.jit
@@ -22,6 +24,7 @@ def _add_rms_norm_kernel(
     n,
     eps,
     HAS_DELTA: tl.constexpr,
+    DELTA_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -29,10 +32,11 @@ def _add_rms_norm_kernel(
     mask = offs < n
     h = tl.load(h_ptr + row * n + offs, mask=mask, other=0.0)
     if HAS_DELTA:
-        h = (
-            h.to(tl.float32)
-            + tl.load(delta_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-        ).to(h.dtype)
+        delta = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(DELTA_ROWS):  # the MoE's k expert outputs of this token
+            src = delta_ptr + (row * DELTA_ROWS + j) * n + offs
+            delta += tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        h = (h.to(tl.float32) + delta.to(h.dtype).to(tl.float32)).to(h.dtype)
         tl.store(h_out_ptr + row * n + offs, h, mask=mask)
     x = h.to(tl.float32)
     x = (x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)).to(h.dtype)
@@ -143,10 +147,14 @@ class TritonOps(TorchOps):
             n,
             self.eps,
             HAS_DELTA=delta is not None,
+            DELTA_ROWS=1 if delta is None else delta.shape[0] // rows,
             BLOCK=triton.next_power_of_2(n),
             num_warps=8,
         )
         return h_out, x_out
+
+    def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
+        return fused_moe(x, moe)
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2

@@ -73,7 +73,39 @@ def elementwise() -> None:
             close(b, a)
 
 
-CHECKS = {"prefill": prefill, "decode": decode, "elementwise": elementwise}
+def moe() -> None:
+    from replica.moe import SparseMoE
+    from replica.triton_ops import TritonOps
+
+    experts, hidden, inter = 8, 32, 16
+    ops = [
+        cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, torch.ones(HEAD_DIM // 2))
+        for cls in (TorchOps, TritonOps)
+    ]
+    for top_k, normalize in ((2, True), (3, False)):  # top_k 3: a padded top-k block
+        layer = SparseMoE(
+            router=torch.randn(experts, hidden),
+            gate_up=torch.randn(experts, 2 * inter, hidden) / hidden**0.5,
+            down=torch.randn(experts, hidden, inter) / inter**0.5,
+            top_k=top_k,
+            norm_topk_prob=normalize,
+            expert_tokens=torch.zeros(experts, dtype=torch.int32),
+        )
+        for tokens in (1, 5, 60, 300):  # 60 and 300: experts take several blocks of rows
+            x, h, weight = (
+                torch.randn(tokens, hidden),
+                torch.randn(tokens, hidden),
+                torch.randn(hidden),
+            )
+            expected = ops[0].add_rms_norm(h, layer(x, ops[0]), weight)
+            fused = layer(x, ops[1])
+            assert fused.shape == (tokens * top_k, hidden)
+            for a, b in zip(expected, ops[1].add_rms_norm(h, fused, weight), strict=True):
+                close(b, a)
+            assert layer.expert_tokens.sum().item() == tokens * top_k
+
+
+CHECKS = {"prefill": prefill, "decode": decode, "elementwise": elementwise, "moe": moe}
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

@@ -1,0 +1,223 @@
+"""The fused Qwen3-MoE layer on CUDA: routing and a grouped expert GEMM in three Triton kernels.
+
+1. `_route_kernel`, a program per token: softmax over the router's logits, top-k, renormalise,
+   then file the token's k (token, expert) pairs in per-expert buckets (an atomic counter per
+   expert gives each pair its place).
+2. `_expert_up_kernel`, a program per (expert, block of intermediate columns): that expert's
+   bucketed tokens, BLOCK_M at a time, times its gate and up rows, SiLU(gate) * up fused.
+3. `_expert_down_kernel`, a program per (expert, block of hidden columns): the down projection,
+   scaled by the routing weight, one output row per pair.
+
+Each expert's weights are read once per BLOCK_M of its tokens and untouched experts cost a
+program that reads one counter, so a decode step reads only the experts it routes to. Every
+shape is fixed by the token count, so a decode step stays one CUDA-graph replay. A pair's output
+does not depend on where the atomics filed it, so results are deterministic; the k outputs of a
+token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the residual add.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from replica.moe import SparseMoE
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    weights_ptr,
+    counts_ptr,
+    bucket_ptr,
+    num_experts,
+    bucket_stride,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.load(
+        logits_ptr + token * num_experts + experts,
+        mask=experts < num_experts,
+        other=-float("inf"),
+    )
+    probs = tl.exp(logits - tl.max(logits, 0))
+    probs = probs / tl.sum(probs, 0)
+    slots = tl.arange(0, BLOCK_K)
+    top_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    top_probs = tl.zeros([BLOCK_K], dtype=tl.float32)
+    remaining = tl.where(experts < num_experts, probs, -1.0)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, 0)
+        top_ids = tl.where(slots == j, best, top_ids)
+        top_probs = tl.where(slots == j, tl.max(remaining, 0), top_probs)
+        remaining = tl.where(experts == best, -1.0, remaining)
+    if NORMALIZE:
+        top_probs = top_probs / tl.sum(top_probs, 0)
+    live = slots < TOP_K
+    pairs = token * TOP_K + slots
+    tl.store(weights_ptr + pairs, top_probs, mask=live)
+    place = tl.atomic_add(counts_ptr + top_ids, 1, mask=live)
+    tl.store(bucket_ptr + top_ids.to(tl.int64) * bucket_stride + place, pairs, mask=live)
+
+
+@triton.jit
+def _expert_up_kernel(
+    x_ptr,
+    w_ptr,  # [experts, 2 * inter, hidden]
+    counts_ptr,
+    bucket_ptr,
+    out_ptr,  # [pairs, inter]
+    hidden,
+    inter,
+    bucket_stride,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0).to(tl.int64)
+    count = tl.load(counts_ptr + expert)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_live = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, read transposed.
+    gate_rows = w_ptr + expert * 2 * inter * hidden + cols[None, :] * hidden + ks[:, None]
+    up_rows = gate_rows + inter * hidden
+    for start in range(0, count, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_live = rows < count
+        pairs = tl.load(bucket_ptr + expert * bucket_stride + rows, mask=row_live, other=0)
+        x_rows = x_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * hidden + ks[None, :]
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, hidden, BLOCK_K):
+            x = tl.load(x_rows + k, mask=row_live[:, None], other=0.0)
+            gate += tl.dot(x, tl.load(gate_rows + k, mask=col_live[None, :], other=0.0))
+            up += tl.dot(x, tl.load(up_rows + k, mask=col_live[None, :], other=0.0))
+        dtype = x_ptr.dtype.element_ty
+        g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
+        silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        product = (silu * up.to(dtype).to(tl.float32)).to(dtype)
+        dst = out_ptr + pairs.to(tl.int64)[:, None] * inter + cols[None, :]
+        tl.store(dst, product, mask=row_live[:, None] & col_live[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    act_ptr,  # [pairs, inter]
+    w_ptr,  # [experts, hidden, inter]
+    weights_ptr,  # [pairs] fp32 routing weights
+    counts_ptr,
+    bucket_ptr,
+    out_ptr,  # [pairs, hidden]
+    hidden,
+    inter,
+    bucket_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0).to(tl.int64)
+    count = tl.load(counts_ptr + expert)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_live = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + expert * hidden * inter + cols[None, :] * inter + ks[:, None]
+    for start in range(0, count, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_live = rows < count
+        pairs = tl.load(bucket_ptr + expert * bucket_stride + rows, mask=row_live, other=0)
+        pairs = pairs.to(tl.int64)
+        act_rows = act_ptr + pairs[:, None] * inter + ks[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, inter, BLOCK_K):
+            a = tl.load(act_rows + k, mask=row_live[:, None], other=0.0)
+            acc += tl.dot(a, tl.load(w_rows + k, mask=col_live[None, :], other=0.0))
+        dtype = act_ptr.dtype.element_ty
+        scale = tl.load(weights_ptr + pairs, mask=row_live, other=0.0)
+        y = (acc.to(dtype).to(tl.float32) * scale[:, None]).to(dtype)
+        dst = out_ptr + pairs[:, None] * hidden + cols[None, :]
+        tl.store(dst, y, mask=row_live[:, None] & col_live[None, :])
+
+
+def _block_k(dim: int) -> int:
+    """The widest reduction block (at most 128) that divides `dim`: no masks on the K loop."""
+    block = math.gcd(dim, 128)
+    if block < 16:
+        raise ValueError(f"expert dimension {dim} is not a multiple of 16")
+    return block
+
+
+def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
+    """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted."""
+    tokens, hidden = x.shape
+    experts, inter = moe.num_experts, moe.down.shape[2]
+    top_k = moe.top_k
+    pairs = tokens * top_k
+    assert moe.expert_tokens is not None, "the fused path needs SparseMoE.expert_tokens"
+    counts = moe.expert_tokens
+    counts.zero_()
+    bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
+    weights = torch.empty(pairs, dtype=torch.float32, device=x.device)
+    logits = torch.nn.functional.linear(x.float(), moe.router)
+    _route_kernel[(tokens,)](
+        logits,
+        weights,
+        counts,
+        bucket,
+        experts,
+        tokens,
+        TOP_K=top_k,
+        NORMALIZE=moe.norm_topk_prob,
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=4,
+    )
+    # Decode (a few tokens per expert): thin tiles, many programs to keep every SM reading.
+    # Prefill (hundreds per expert): fatter tiles that reuse each weight tile more.
+    decode = pairs <= 16 * experts
+    block_m, warps, stages = (16, 4, 4) if decode else (64, 4, 3)
+    block_n = 32 if decode else 64
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    _expert_up_kernel[(experts, triton.cdiv(inter, block_n))](
+        x,
+        moe.gate_up,
+        counts,
+        bucket,
+        act,
+        hidden,
+        inter,
+        tokens,
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=_block_k(hidden),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    down_n = 64
+    _expert_down_kernel[(experts, triton.cdiv(hidden, down_n))](
+        act,
+        moe.down,
+        weights,
+        counts,
+        bucket,
+        out,
+        hidden,
+        inter,
+        tokens,
+        BLOCK_M=block_m,
+        BLOCK_N=down_n,
+        BLOCK_K=_block_k(inter),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out

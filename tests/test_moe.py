@@ -1,0 +1,223 @@
+"""Qwen3-MoE in our engine against transformers' `Qwen3MoeForCausalLM` on the same checkpoint.
+
+The checkpoint is a tiny MoE (8 experts, top-2, 3 layers) saved sharded by `save_pretrained`, in
+the Hub's per-expert layout, with the real tokenizer's vocabulary and an untied head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from replica.checkpoint import VENDORED_CONFIGS, CheckpointReader, resolve
+from replica.engine import QWEN3_EOS_IDS, Engine
+from replica.kv_cache import bytes_per_token
+from replica.model import Qwen3
+from replica.moe import SparseMoE
+from replica.protocol import EngineRequest
+from replica.weights import expected_tensor_names
+
+NEW_TOKENS = 64
+PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_moe_config(**overrides) -> Qwen3MoeConfig:
+    settings = dict(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        initializer_range=0.2,  # large enough that routing and greedy output vary by prompt
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+    )
+    return Qwen3MoeConfig(**{**settings, **overrides})
+
+
+def save_tiny_moe(directory: Path, **overrides) -> Path:
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(tiny_moe_config(**overrides)).save_pretrained(
+        directory, max_shard_size="2MB"
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 151_000, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def run(engine: Engine, requests: list[EngineRequest]) -> dict:
+    for request in requests:
+        engine.add(request)
+    results = {}
+    while engine.has_work():
+        for result in engine.step():
+            results[result.id] = result
+    return results
+
+
+def test_checkpoint_is_sharded_per_expert_and_read_as_moe(checkpoint):
+    assert len(list(checkpoint.glob("*.safetensors"))) > 1
+    source = resolve(str(checkpoint))
+    assert source.config.model_type == "qwen3_moe"
+    assert source.config.num_experts == 8  # written as num_local_experts by transformers 5
+    names = CheckpointReader.from_dir(checkpoint).names
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in names
+    assert names == expected_tensor_names(source.config)
+
+
+def test_vendored_30b_config_reads_as_moe_with_96_kib_of_kv_a_token():
+    config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (128, 8, True)
+    assert bytes_per_token(config, torch.bfloat16) == 96 * 1024
+
+
+def test_random_weights_build_the_moe_not_a_dense_model():
+    config = tiny_moe_config()
+    model = Qwen3.random(config, "cpu", torch.float32)
+    moe = model.layers[0].mlp
+    assert isinstance(moe, SparseMoE)
+    assert moe.gate_up.shape == (8, 2 * 32, 64)
+    assert moe.down.shape == (8, 64, 32)
+    assert moe.router.dtype == torch.float32
+    with torch.device("meta"):
+        theirs = Qwen3MoeForCausalLM(config)
+    assert model.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
+
+
+def test_loaded_experts_are_the_checkpoints(checkpoint, reference):
+    model = Qwen3(resolve(str(checkpoint)).config, _load(checkpoint))
+    theirs = reference.model.layers[1].mlp
+    ours = model.layers[1].mlp
+    torch.testing.assert_close(ours.gate_up, theirs.experts.gate_up_proj, rtol=0, atol=0)
+    torch.testing.assert_close(ours.down, theirs.experts.down_proj, rtol=0, atol=0)
+    torch.testing.assert_close(ours.router, theirs.gate.weight, rtol=0, atol=0)
+    assert not torch.equal(model.lm_head, model.embed)  # untied head
+
+
+def _load(checkpoint: Path):
+    from replica.weights import load_checkpoint
+
+    config = resolve(str(checkpoint)).config
+    return load_checkpoint(CheckpointReader.from_dir(checkpoint), config, "cpu", torch.float32)
+
+
+def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, prompts):
+    """Four slots for eight prompts of mixed lengths: rows are refilled mid-batch."""
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = reference.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=list(QWEN3_EOS_IDS),
+                pad_token_id=QWEN3_EOS_IDS[1],
+            )
+            expected.append(out[0, len(prompt) :].tolist())
+    caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
+    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_seq_len=256)
+    requests = [EngineRequest(i, p, c) for i, (p, c) in enumerate(zip(prompts, caps, strict=True))]
+    results = run(engine, requests)
+    for i, cap in enumerate(caps):
+        assert len(expected[i]) == NEW_TOKENS  # no EOS from these weights: a full comparison
+        assert results[i].output_ids == expected[i][:cap]
+    assert engine.stats.prefill_calls > 1 and engine.cache.num_free == engine.max_rows
+
+
+def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts):
+    choices = [[32, 33, 34, 35], [362, 425, 356, 422], [11, 12]]
+    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_seq_len=256)
+    requests = [EngineRequest(i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
+    results = run(engine, requests)
+    for i, ids in enumerate(choices):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompts[i]])).logits[0, -1, ids]
+        assert results[i].choice_index == int(logits.argmax())
+        torch.testing.assert_close(
+            torch.tensor(results[i].choice_logits), logits, rtol=1e-4, atol=1e-5
+        )
+
+
+# On the GPU: the fused kernels at the real shape.
+
+
+def real_moe(seed: int = 0) -> tuple[Qwen3MoeConfig, SparseMoE]:
+    config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
+    config.num_hidden_layers = 1
+    model = Qwen3.random(config, "cuda", torch.bfloat16, seed)
+    return config, model.layers[0].mlp
+
+
+def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
+    from replica.ops import TorchOps
+    from replica.triton_ops import TritonOps
+
+    config, moe = real_moe()
+    shape = (32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
+    torch_ops, triton_ops = TorchOps(*shape), TritonOps(*shape)
+    weight = torch.ones(config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    for tokens in (1, 3, 8, 64, 256, 1000, 4096, 16384):
+        x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        h = torch.zeros_like(x)
+        expected = moe(x, torch_ops)
+        fused = torch_ops.add_rms_norm(h, moe(x, triton_ops), weight)[0]
+        error = rel_error(fused, expected)
+        assert error < 1e-2, (tokens, error)
+        assert int(moe.expert_tokens.sum()) == tokens * config.num_experts_per_tok
+        assert torch.equal(triton_ops.add_rms_norm(h, moe(x, triton_ops), weight)[0], fused)
+
+
+@gpu
+@pytest.mark.gpu
+def test_full_shape_moe_block_close_to_transformers_in_bf16():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from replica.triton_ops import TritonOps
+
+    config, moe = real_moe(seed=3)
+    moe.router.copy_(moe.router.bfloat16())  # theirs is a bf16 parameter: the same values
+    with torch.device("cuda"):
+        block = Qwen3MoeSparseMoeBlock(config).to(torch.bfloat16).eval()
+    block.gate.weight.data.copy_(moe.router)
+    block.experts.gate_up_proj.data.copy_(moe.gate_up)
+    block.experts.down_proj.data.copy_(moe.down)
+    x = torch.randn(1, 300, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    ops = TritonOps(32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
+    h = torch.zeros_like(x[0])
+    ours = ops.add_rms_norm(h, moe(x[0], ops), torch.ones_like(h[0]))[0]
+    with torch.no_grad():
+        theirs = block(x)[0]
+        exact = block.float()(x.float())[0]
+    print(f"bf16 vs fp32: ours {rel_error(ours, exact):.4f}, theirs {rel_error(theirs, exact):.4f}")
+    assert rel_error(ours, exact) < 1.5 * rel_error(theirs, exact) + 1e-3
