@@ -1,30 +1,57 @@
 #!/usr/bin/env bash
 # Deploy system <n> (1 throughput, 2 balanced, 3 accuracy) as the Modal app <id>-system-<n>.
 #
-#   ANDREW_ID=<id> ./deploy.sh <n> [--dry-run] [--id <id>] [--model <hf-id>]
+#   ./deploy.sh [<n>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--dry-run]
 #
-# The id comes from, first found: --id, $ANDREW_ID, the file `andrew_id` beside this script, or
-# this script's folder when it is named <id>_<n> (the course runs ./<andrewid>_<n>/deploy.sh);
-# that folder name also gives <n> when no number is passed. --model (or $MODEL) overrides the
-# model, e.g. for system 3: a Hugging Face Hub id (the image downloads it at build time; a local
-# dir is refused). --dry-run prints the command and every setting, and deploys nothing.
-# The Modal app itself is deploy/modal_app.py; docs/DEPLOY.md says how it is called and checked.
+# The course runs ./<andrewid>_<n>/deploy.sh with no arguments: the folder name gives both.
+# The Andrew ID is the first found of: --id, $ANDREW_ID, the first line of deploy/andrew_id.txt
+# that is not blank or a comment, the folder name <id>_<n> (any case: ABC_2 gives abc).
+# The system number is the first found of: the <n> argument, the folder name <id>_<n>.
+# --model overrides the profile's model (a Hugging Face Hub id: a local dir is refused, because
+# Modal downloads the weights); --max-containers lets Modal run N 2-GPU containers (default 1).
+#
+# The Modal client is the first that works of: the `modal` command, .venv/bin/python -m modal,
+# python3 -m modal; it must be version MIN_MODAL or later. deploy.sh then runs, side by side,
+# `modal run deploy/weights.py` (fills the weights volume) and `modal deploy deploy/modal_app.py`
+# (builds the image, deploys), waits for the endpoint's /health, and prints the URL and how to
+# call it. --dry-run prints every setting (deploy/systems.py, with python3) and deploys nothing.
+# docs/DEPLOY.md explains each choice.
 set -euo pipefail
 
+MIN_MODAL=1.2.0 # the app's oldest needs: env= on functions (1.2.0), startup_timeout (1.1.4)
+READY_WAIT_S=900
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-usage="usage: ANDREW_ID=<id> $0 <1|2|3> [--dry-run] [--id <id>] [--model <hf-id>]"
-die() {
+usage="usage: $0 [<1|2|3>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--dry-run]"
+die() { # a bad invocation: status 2 and the usage
   printf 'deploy.sh: %s\n%s\n' "$1" "$usage" >&2
   exit 2
 }
+fail() { # anything else: one line, status 1
+  printf 'deploy.sh: %s\n' "$1" >&2
+  exit 1
+}
+older() { # is version $1 (x.y.z) older than $2?
+  local a b i
+  IFS=. read -r -a a <<<"$1"
+  IFS=. read -r -a b <<<"$2"
+  for i in 0 1 2; do
+    ((a[i] == b[i])) || return $((a[i] > b[i]))
+  done
+  return 1
+}
 
-system="" id="${ANDREW_ID:-}" model="${MODEL:-}" dry_run=0
+system_arg="" id_arg="" model="" max_containers=1 dry_run=0
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
-    --id | --model)
+    --id | --model | --max-containers)
       (($# >= 2)) || die "$1 needs a value"
-      if [[ $1 == --id ]]; then id="$2"; else model="$2"; fi
+      case "$1" in
+        --id) id_arg="$2" ;;
+        --model) model="$2" ;;
+        *) max_containers="$2" ;;
+      esac
       shift
       ;;
     -h | --help)
@@ -33,48 +60,122 @@ while (($#)); do
       ;;
     -*) die "unknown option: $1" ;;
     *)
-      [[ -z $system ]] || die "one system number only, got '$system' and '$1'"
-      system="$1"
+      [[ -z $system_arg ]] || die "one system number only, got '$system_arg' and '$1'"
+      system_arg="$1"
       ;;
   esac
   shift
 done
 
 folder="$(basename "$here")"
-if [[ $folder =~ ^([a-z0-9]+)_([123])$ ]]; then
-  id="${id:-${BASH_REMATCH[1]}}"
-  system="${system:-${BASH_REMATCH[2]}}"
+folder_id="" folder_system=""
+if [[ $folder =~ ^([A-Za-z0-9]+)_([0-9]+)$ ]]; then
+  folder_id="${BASH_REMATCH[1]}" folder_system="${BASH_REMATCH[2]}"
 fi
-if [[ -z $id && -f "$here/andrew_id" ]]; then
-  id="$(tr -d '[:space:]' <"$here/andrew_id")"
+id_file="$here/deploy/andrew_id.txt"
+file_id=""
+if [[ -f $id_file ]]; then
+  file_id="$(awk '{ sub(/#.*/, ""); gsub(/[[:space:]]/, "") } NF { print; exit }' "$id_file")"
+fi
+
+if [[ -n $id_arg ]]; then
+  id="$id_arg" id_from="--id"
+elif [[ -n ${ANDREW_ID:-} ]]; then
+  id="$ANDREW_ID" id_from="\$ANDREW_ID"
+elif [[ -n $file_id ]]; then
+  id="$file_id" id_from="deploy/andrew_id.txt"
+elif [[ -n $folder_id ]]; then
+  id="$folder_id" id_from="folder name $folder"
+else
+  die "no Andrew ID: pass --id <id>, write it in $id_file, or run from a folder named <id>_<n>"
+fi
+if [[ -n $system_arg ]]; then
+  system="$system_arg" system_from="argument"
+elif [[ -n $folder_system ]]; then
+  system="$folder_system" system_from="folder name $folder"
+else
+  die "no system number: pass 1 (throughput), 2 (balanced) or 3 (accuracy)"
 fi
 
 case "$system" in
   1) profile=throughput ;;
   2) profile=balanced ;;
   3) profile=accuracy ;;
-  "") die "no system number: pass 1 (throughput), 2 (balanced) or 3 (accuracy)" ;;
   *) die "bad system number '$system': expected 1 (throughput), 2 (balanced) or 3 (accuracy)" ;;
 esac
-[[ -n $id ]] || die "no Andrew ID: set ANDREW_ID, pass --id, or write it to $here/andrew_id"
 id="$(printf '%s' "$id" | tr '[:upper:]' '[:lower:]')" # not ${id,,}: macOS has bash 3.2
-[[ $id =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "bad Andrew ID '$id': letters, digits and '-' only"
-
-# The image build runs snapshot_download(MODEL) on Modal's builder, where a local dir is absent.
+[[ $id =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "bad Andrew ID '$id' (from $id_from): letters, digits and '-' only"
+[[ $max_containers =~ ^[1-9][0-9]*$ ]] || die "bad --max-containers '$max_containers': a whole number >= 1"
+# Modal's builder downloads the weights, where a local checkpoint dir does not exist.
 if [[ -n $model && (-d $model || $model == /* || $model == .*) ]]; then
-  die "--model '$model' is a local path: pass a Hugging Face Hub id (e.g. Qwen/Qwen3-8B), which the image downloads at build time"
+  die "--model '$model' is a local path: pass a Hugging Face Hub id (e.g. Qwen/Qwen3-8B)"
 fi
 
-export DEPLOY_APP_NAME="$id-system-$system" DEPLOY_PROFILE="$profile"
-if [[ -n $model ]]; then export DEPLOY_MODEL="$model"; fi
-python="${PYTHON:-$here/.venv/bin/python}"
-[[ -x $python ]] || python=python3
+app="$id-system-$system"
+export DEPLOY_APP_NAME="$app" DEPLOY_PROFILE="$profile" DEPLOY_MODEL="$model" \
+  DEPLOY_MAX_CONTAINERS="$max_containers"
+
+if command -v modal >/dev/null 2>&1; then
+  modal_cmd=(modal)
+elif [[ -x $here/.venv/bin/python ]] && "$here/.venv/bin/python" -c 'import modal' >/dev/null 2>&1; then
+  modal_cmd=("$here/.venv/bin/python" -m modal)
+elif command -v python3 >/dev/null 2>&1 && python3 -c 'import modal' >/dev/null 2>&1; then
+  modal_cmd=(python3 -m modal)
+else
+  fail "no Modal client: install it (pip install 'modal>=$MIN_MODAL', or pipx install modal), then run: modal setup"
+fi
+version_text="$("${modal_cmd[@]}" --version 2>&1)" || fail "'${modal_cmd[*]} --version' failed: $version_text"
+[[ $version_text =~ ([0-9]+)\.([0-9]+)\.([0-9]+) ]] ||
+  fail "cannot read the Modal client's version from '${modal_cmd[*]} --version': $version_text"
+version="${BASH_REMATCH[0]}"
+if older "$version" "$MIN_MODAL"; then
+  fail "Modal client $version is older than $MIN_MODAL, which deploy/modal_app.py needs: pip install -U 'modal>=$MIN_MODAL'"
+fi
+
+weights_module="$here/deploy/weights.py"
 app_module="$here/deploy/modal_app.py"
-command=("$python" -m modal deploy "$app_module")
-
+echo "id: $id (from $id_from)"
+echo "system: $system (from $system_from)"
+echo "modal_client: ${modal_cmd[*]} $version (needs >= $MIN_MODAL)"
+echo "commands: ${modal_cmd[*]} run $weights_module & ${modal_cmd[*]} deploy $app_module"
 if ((dry_run)); then
-  echo "command: DEPLOY_APP_NAME=$DEPLOY_APP_NAME DEPLOY_PROFILE=$DEPLOY_PROFILE" \
-    "${DEPLOY_MODEL:+DEPLOY_MODEL=$DEPLOY_MODEL }${command[*]}"
-  exec "$python" "$app_module"
+  command -v python3 >/dev/null 2>&1 || fail "the dry run needs python3 (any 3.9 or later)"
+  exec python3 "$here/deploy/systems.py"
 fi
-exec "${command[@]}"
+
+logs="$(mktemp -d "${TMPDIR:-/tmp}/deploy-$app.XXXXXX")"
+"${modal_cmd[@]}" run "$weights_module" >"$logs/weights.log" 2>&1 &
+weights_pid=$!
+if ! "${modal_cmd[@]}" deploy "$app_module" 2>&1 | tee "$logs/deploy.log"; then
+  kill "$weights_pid" 2>/dev/null || true
+  fail "modal deploy failed (its output is above)"
+fi
+echo "deploy.sh: waiting for the weights step (log: $logs/weights.log)"
+if ! wait "$weights_pid"; then
+  tail -n 20 "$logs/weights.log" >&2
+  fail "the weights step failed (its last lines are above); the container waits for the weights: run deploy.sh again"
+fi
+grep "^weights: " "$logs/weights.log" || true
+
+url="$(grep -Eo 'https://[A-Za-z0-9.-]+\.modal\.run' "$logs/deploy.log" | head -n 1 || true)"
+if [[ -z $url ]]; then
+  url="https://<workspace>--$app-completion.modal.run"
+  echo "deploy.sh: modal deploy printed no URL; <workspace> is your Modal workspace (modal profile current)"
+elif command -v curl >/dev/null 2>&1; then
+  echo "deploy.sh: waiting up to ${READY_WAIT_S}s for $url/health (the container loads the model)"
+  deadline=$((SECONDS + READY_WAIT_S))
+  until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$url/health" || true)" == 200 ]]; do
+    ((SECONDS < deadline)) || fail "$url/health did not answer 200 within ${READY_WAIT_S}s: see modal app logs $app"
+    sleep 10
+  done
+fi
+
+cat <<EOF
+
+endpoint: $url
+health:   curl -s $url/health
+try it:   curl -s $url/v1/completions -H 'Content-Type: application/json' -d '{"prompt": ["What is 2+2?", "Name a prime."], "max_tokens": 64}'
+course client: set url = "$url" in the course's hit_endpoint.py or request/make_requests.py, then: python make_requests.py
+this repo's replay of the course schedule: python -m loadtest replay --url $url --out out/replay-$app
+logs: modal app logs $app    stop: modal app stop $app
+EOF

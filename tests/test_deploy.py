@@ -1,189 +1,778 @@
-"""deploy.sh and the Modal app, offline: what `modal deploy` would register for each system.
+"""deploy.sh and the Modal app, offline.
 
-Modal keeps some settings only on private objects before deploy (the webhook config, the
-autoscaler settings in the loader's closure); reading them here pins what modal 1.6.4 records.
+The grader's path runs for real: a fresh copy of the project named `abc_3/` or `ABC_2/`, no venv,
+no environment variables but PATH, a fake `modal` command that records each call, and a python3
+that cannot import modal. What the app hands to Modal is read through a fake `modal` module, so
+no test needs the real package, the network or a GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-import os
 import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_SH = ROOT / "deploy.sh"
-SYSTEMS = {1: "throughput", 2: "balanced", 3: "accuracy"}
-# Only what imports the app needs modal; deploy.sh's own checks run without it.
-needs_modal = pytest.mark.skipif(
-    importlib.util.find_spec("modal") is None, reason="modal not installed"
-)
-CLEAN_ENV = {
-    k: v for k, v in os.environ.items() if k not in {"ANDREW_ID", "MODEL"} and "DEPLOY_" not in k
+DEPLOY = ROOT / "deploy"
+
+
+PROFILES = {1: "throughput", 2: "balanced", 3: "accuracy"}
+MODELS = {
+    1: "Qwen/Qwen3-4B-Instruct-2507",
+    2: "Qwen/Qwen3-4B-Instruct-2507",
+    3: "Qwen/Qwen3-30B-A3B-Instruct-2507",
 }
+ANSWER_CAPS = {1: 512, 2: 1024, 3: 2048}
+KV_KIB = {1: 144, 2: 144, 3: 96}  # 36 x 8 x 128 x 2 x 2 and 48 x 4 x 128 x 2 x 2 bytes
+URL = "https://ws--abc-system-{n}-completion.modal.run"
+
+FAKE_MODAL = """#!/bin/sh
+# Stands in for the Modal CLI: records each call with the DEPLOY_* variables it saw.
+printf '%s|%s|%s|%s|%s\\n' "$*" "$DEPLOY_APP_NAME" "$DEPLOY_PROFILE" "$DEPLOY_MODEL" \\
+  "$DEPLOY_MAX_CONTAINERS" >> {log}
+case "$1" in
+  --version) echo "modal client version: {version}" ;;
+  deploy) {deploy} ;;
+  run) {run} ;;
+esac
+"""
+FAKE_PYTHON = """#!/bin/sh
+# python3 (run with -S: no site-packages, so no modal) or, with_modal, one that has modal.
+if [ "{with_modal}" = 1 ]; then
+  case "$1 $2" in
+    "-c import modal") exit 0 ;;
+    "-m modal") shift 2; exec {cli} "$@" ;;
+  esac
+fi
+exec {python} -S "$@"
+"""
+FAKE_CURL = """#!/bin/sh
+echo "curl $*" >> {log}
+printf 200
+"""
 
 
-def load_app(monkeypatch: pytest.MonkeyPatch, system: int) -> ModuleType:
-    """A fresh import of the app module with the variables deploy.sh sets for `system`."""
-    monkeypatch.setenv("DEPLOY_APP_NAME", f"abc-system-{system}")
-    monkeypatch.setenv("DEPLOY_PROFILE", SYSTEMS[system])
-    spec = importlib.util.spec_from_file_location(
-        f"modal_app_{system}", ROOT / "deploy/modal_app.py"
+@dataclass
+class Call:
+    args: str
+    app: str
+    profile: str
+    model: str
+    max_containers: str
+
+
+@dataclass
+class Grader:
+    """A temporary machine: project copies, a bin/ on PATH, and the log of the fakes' calls."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.bin = self.root / "bin"
+        self.bin.mkdir()
+        self.log = self.root / "calls.log"
+        self.log.touch()
+        self.cli = self.root / "fake-modal-cli"
+        self.set_modal()
+        self.write(
+            self.bin / "python3", FAKE_PYTHON, with_modal=0, cli=self.cli, python=sys.executable
+        )
+        self.write(self.bin / "curl", FAKE_CURL, log=self.log)
+
+    def write(self, path: Path, template: str, **fields: object) -> None:
+        path.write_text(template.format(**fields))
+        path.chmod(0o755)
+
+    def set_modal(self, version: str = "1.6.4", fail: str = "", url: bool = True) -> None:
+        """The fake Modal client; `fail` names the subcommand that exits 1."""
+        deploy = 'echo "Created web function completion => https://ws--$DEPLOY_APP_NAME-completion.modal.run"'
+        outputs = {
+            "deploy": deploy if url else "echo deployed",
+            "run": 'echo "weights: $DEPLOY_MODEL is in the volume"',
+        }
+        if fail:
+            outputs[fail] = "echo boom; exit 1"
+        self.write(self.cli, FAKE_MODAL, log=self.log, version=version, **outputs)
+
+    def modal_on_path(self) -> None:
+        shutil.copy(self.cli, self.bin / "modal")
+
+    def python3_with_modal(self) -> None:
+        self.write(
+            self.bin / "python3", FAKE_PYTHON, with_modal=1, cli=self.cli, python=sys.executable
+        )
+
+    def copy(self, name: str) -> Path:
+        """A fresh copy of what the deploy needs, as the grader unzips it: no .venv, no .git."""
+        folder = self.root / name
+        shutil.copytree(DEPLOY, folder / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "vendor" / "configs", folder / "vendor" / "configs")
+        shutil.copy(DEPLOY_SH, folder)
+        shutil.copy(ROOT / "requirements.txt", folder)
+        return folder
+
+    def run(self, folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """`./<folder>/deploy.sh ARGS` from the folder's parent, with only PATH (and TMPDIR)."""
+        return subprocess.run(
+            [f"./{folder.name}/deploy.sh", *args],
+            cwd=folder.parent,
+            env={"PATH": f"{self.bin}:/usr/bin:/bin", "TMPDIR": str(self.root), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def calls(self) -> list[Call]:
+        return [Call(*line.split("|")) for line in self.log.read_text().splitlines() if "|" in line]
+
+    def curls(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if line.startswith("curl ")]
+
+
+@pytest.fixture
+def grader(tmp_path: Path) -> Grader:
+    return Grader(tmp_path)
+
+
+def load_systems() -> ModuleType:
+    """deploy/systems.py as `systems`, the name deploy/modal_app.py imports it by (deploy/ is no
+    package: modal puts the app's directory on sys.path)."""
+    spec = importlib.util.spec_from_file_location("systems", DEPLOY / "systems.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["systems"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+systems = load_systems()
+
+
+def settings(stdout: str) -> dict[str, str]:
+    """The `key: value` lines of deploy.sh's output."""
+    pairs = (line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+    return {key: value.strip() for key, value in pairs}
+
+
+def number(value: str) -> int:
+    return int(value.split()[0])
+
+
+# --- the grader's path ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("folder", "n"), [("abc_3", 3), ("ABC_2", 2)])
+def test_the_graders_path_deploys_with_the_modal_command(
+    grader: Grader, folder: str, n: int
+) -> None:
+    grader.modal_on_path()
+    copy = grader.copy(folder)
+    python3 = subprocess.run(["python3", "-c", "import modal"], env={"PATH": str(grader.bin)})
+    assert python3.returncode != 0 and not (copy / ".venv").exists()  # the grader's machine
+
+    result = grader.run(copy)
+
+    assert result.returncode == 0, result.stderr
+    calls = grader.calls()
+    assert sorted(c.args for c in calls) == [  # the weights step runs beside the deploy
+        "--version",
+        f"deploy {copy}/deploy/modal_app.py",
+        f"run {copy}/deploy/weights.py",
+    ]
+    for call in calls[1:]:
+        assert (call.app, call.profile, call.model, call.max_containers) == (
+            f"abc-system-{n}",
+            PROFILES[n],
+            "",  # the app takes the profile's default model
+            "1",
+        )
+    url = URL.format(n=n)
+    assert grader.curls() == [f"curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/health"]
+    out = settings(result.stdout)
+    assert out["id"] == f"abc (from folder name {folder})"
+    assert out["system"] == f"{n} (from folder name {folder})"
+    assert out["endpoint"] == url
+    assert out["health"] == f"curl -s {url}/health"
+    assert out["try it"].startswith(
+        f"curl -s {url}/v1/completions -H 'Content-Type: application/json'"
     )
+    assert f'set url = "{url}"' in out["course client"]
+    assert f"modal app stop abc-system-{n}" in result.stdout
+
+
+@pytest.mark.parametrize(("folder", "n"), [("abc_3", 3), ("ABC_2", 2)])
+def test_the_graders_dry_run_shows_the_sizing(grader: Grader, folder: str, n: int) -> None:
+    grader.modal_on_path()
+    result = grader.run(grader.copy(folder), "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert [c.args for c in grader.calls()] == ["--version"]  # nothing deployed
+    out = settings(result.stdout)
+    assert out["app"] == f"abc-system-{n}"
+    assert out["profile"] == PROFILES[n]
+    assert out["model"] == MODELS[n]
+    assert out["url"] == f"https://<workspace>--abc-system-{n}-completion.modal.run"
+    assert out["gpu"].startswith("A100-80GB:2 ")
+    assert float(out["cpu_cores"].split()[0]) >= 8
+    assert number(out["memory"]) >= 64 and out["memory"].split()[1] == "GiB"
+    assert number(out["max_containers"]) == 1
+    assert number(out["min_containers"]) == 0
+    assert number(out["max_concurrent_inputs"]) == 300
+    max_seq_len = 1536 + ANSWER_CAPS[n]
+    assert number(out["max_seq_len"]) == max_seq_len
+    assert f"--max-seq-len {max_seq_len} " in out["server"]
+    assert f"--profile {PROFILES[n]} " in out["server"]
+    assert number(out["kv_per_token"]) == KV_KIB[n]
+    slots = number(out["kv_slots_per_gpu"])
+    assert 0 < slots <= 256 and out["kv_slots_per_gpu"].split()[1] == "(estimate:"
+    assert number(out["kv_tokens_per_gpu"]) == slots * max_seq_len
+    assert number(out["kv_slots_per_container"]) == 2 * slots
+
+
+def test_the_accuracy_system_serves_the_moe(grader: Grader) -> None:
+    grader.modal_on_path()
+    out = settings(grader.run(grader.copy("main"), "3", "--id", "abc", "--dry-run").stdout)
+    assert out["model"] == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+    assert out["weights_per_gpu"].startswith("56.9 GiB (30.53B parameters")
+    assert "--model Qwen/Qwen3-30B-A3B-Instruct-2507 " in out["server"]
+
+
+# --- id and system discovery ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("folder", "args", "env", "id_file", "expected_id", "expected_system"),
+    [
+        ("abc_3", [], {}, None, "abc (from folder name abc_3)", "3 (from folder name abc_3)"),
+        ("ABC_2", [], {}, None, "abc (from folder name ABC_2)", "2 (from folder name ABC_2)"),
+        ("aBc_1", ["3"], {}, None, "abc (from folder name aBc_1)", "3 (from argument)"),
+        ("abc_3", ["--id", "XyZ"], {"ANDREW_ID": "env"}, "file", "xyz (from --id)", None),
+        ("abc_3", [], {"ANDREW_ID": "Env"}, "file", "env (from $ANDREW_ID)", None),
+        (
+            "abc_3",
+            [],
+            {},
+            "# mine:\n\n  Def  # trailing\nghi\n",
+            "def (from deploy/andrew_id.txt)",
+            None,
+        ),
+        ("project", ["2"], {}, "def", "def (from deploy/andrew_id.txt)", "2 (from argument)"),
+        ("project", ["2", "--id", "q-1"], {}, None, "q-1 (from --id)", "2 (from argument)"),
+    ],
+)
+def test_id_and_system_are_found_in_the_documented_order(
+    grader: Grader,
+    folder: str,
+    args: list[str],
+    env: dict[str, str],
+    id_file: str | None,
+    expected_id: str,
+    expected_system: str | None,
+) -> None:
+    grader.modal_on_path()
+    copy = grader.copy(folder)
+    if id_file is not None:
+        (copy / "deploy" / "andrew_id.txt").write_text(id_file)
+    result = grader.run(copy, *args, "--dry-run", **env)
+    assert result.returncode == 0, result.stderr
+    out = settings(result.stdout)
+    assert out["id"] == expected_id
+    assert out["system"] == (expected_system or "3 (from folder name abc_3)")
+    assert out["app"] == f"{expected_id.split()[0]}-system-{out['system'].split()[0]}"
+
+
+@pytest.mark.parametrize(
+    ("folder", "args", "message"),
+    [
+        ("project", ["2"], "no Andrew ID"),  # the committed andrew_id.txt holds no id
+        ("project", ["--id", "abc"], "no system number"),
+        ("abc_x", ["--id", "abc"], "no system number"),
+        ("abc_4", [], "bad system number '4'"),
+        ("abc_3", ["--id", "a b"], "bad Andrew ID 'a b' (from --id)"),
+        ("abc_3", ["--fast"], "unknown option: --fast"),
+        ("abc_3", ["1", "2"], "one system number only"),
+        ("abc_3", ["--id"], "--id needs a value"),
+        ("abc_3", ["--max-containers", "0"], "bad --max-containers '0'"),
+        ("abc_3", ["--max-containers", "two"], "bad --max-containers 'two'"),
+    ],
+)
+def test_bad_invocations_fail_clearly(
+    grader: Grader, folder: str, args: list[str], message: str
+) -> None:
+    grader.modal_on_path()
+    result = grader.run(grader.copy(folder), "--dry-run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "usage:" in result.stderr
+    assert result.stdout == ""
+    assert grader.calls() == []
+
+
+def test_the_committed_id_file_names_no_id() -> None:
+    """The template must not hold an id, or it would beat every grader's folder name."""
+    lines = (DEPLOY / "andrew_id.txt").read_text().splitlines()
+    assert lines and all(line.startswith("#") or not line.strip() for line in lines)
+
+
+def test_local_model_dirs_are_refused(grader: Grader) -> None:
+    grader.modal_on_path()
+    copy = grader.copy("abc_1")
+    for model in (str(copy), "./checkpoints/qwen3", "/models/qwen3"):
+        result = grader.run(copy, "--model", model, "--dry-run")
+        assert result.returncode == 2, model
+        assert "is a local path: pass a Hugging Face Hub id" in result.stderr
+
+
+def test_model_and_max_containers_flags(grader: Grader) -> None:
+    grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    dry = settings(
+        grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3", "--dry-run").stdout
+    )
+    assert dry["model"] == "Qwen/Qwen3-8B"
+    assert number(dry["max_containers"]) == 3
+    assert dry["kv_slots_per_gpu"].startswith("unknown (no vendored config for Qwen/Qwen3-8B")
+
+    assert grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3").returncode == 0
+    deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
+    assert [(c.model, c.max_containers) for c in deploy] == [("Qwen/Qwen3-8B", "3")]
+
+
+# --- the Modal client ----------------------------------------------------------------------------
+
+
+def test_without_modal_on_path_the_venv_client_is_used(grader: Grader) -> None:
+    copy = grader.copy("abc_3")
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    grader.write(
+        copy / ".venv/bin/python", FAKE_PYTHON, with_modal=1, cli=grader.cli, python=sys.executable
+    )
+    result = grader.run(copy)
+    assert result.returncode == 0, result.stderr
+    client = f"{copy}/.venv/bin/python -m modal"
+    assert settings(result.stdout)["modal_client"] == f"{client} 1.6.4 (needs >= 1.2.0)"
+    assert f"commands: {client} run {copy}/deploy/weights.py & {client} deploy " in result.stdout
+    assert sorted(c.args.split()[0] for c in grader.calls()) == ["--version", "deploy", "run"]
+
+
+def test_without_modal_or_venv_python3_is_used(grader: Grader) -> None:
+    grader.python3_with_modal()
+    result = grader.run(grader.copy("abc_3"))
+    assert result.returncode == 0, result.stderr
+    assert settings(result.stdout)["modal_client"] == "python3 -m modal 1.6.4 (needs >= 1.2.0)"
+    assert sorted(c.args.split()[0] for c in grader.calls()) == ["--version", "deploy", "run"]
+
+
+def test_the_modal_command_comes_before_the_venv(grader: Grader) -> None:
+    grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    grader.write(copy / ".venv/bin/python", "#!/bin/sh\nexit 1\n")
+    result = grader.run(copy, "--dry-run")
+    assert settings(result.stdout)["modal_client"] == "modal 1.6.4 (needs >= 1.2.0)"
+
+
+def test_no_modal_client_fails_with_one_line(grader: Grader) -> None:
+    result = grader.run(grader.copy("abc_3"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "no Modal client: install it (pip install 'modal>=1.2.0'" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [("1.2.0", True), ("1.10.0", True), ("2.0.1", True), ("1.1.9", False), ("0.99.12", False)],
+)
+def test_the_modal_client_version_is_checked(grader: Grader, version: str, ok: bool) -> None:
+    grader.set_modal(version=version)
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_3"), "--dry-run")
+    assert (result.returncode == 0) is ok, result.stderr
+    if not ok:
+        assert result.stderr == (
+            f"deploy.sh: Modal client {version} is older than 1.2.0, which deploy/modal_app.py "
+            "needs: pip install -U 'modal>=1.2.0'\n"
+        )
+
+
+# --- after modal deploy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fail", "message"),
+    [("deploy", "modal deploy failed"), ("run", "the weights step failed")],
+)
+def test_a_failed_step_fails_the_deploy(grader: Grader, fail: str, message: str) -> None:
+    grader.set_modal(fail=fail)
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_3"))
+    assert result.returncode == 1
+    assert f"deploy.sh: {message}" in result.stderr
+    assert "endpoint:" not in result.stdout
+    assert grader.curls() == []
+
+
+def test_without_a_printed_url_the_pattern_is_shown(grader: Grader) -> None:
+    grader.set_modal(url=False)
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_3"))
+    assert result.returncode == 0, result.stderr
+    assert settings(result.stdout)["endpoint"] == (
+        "https://<workspace>--abc-system-3-completion.modal.run"
+    )
+    assert "modal deploy printed no URL" in result.stdout
+    assert grader.curls() == []
+
+
+# --- what the app hands to Modal (a fake `modal` module) ----------------------------------------
+
+
+class FakeImage:
+    """Records the chain of image steps."""
+
+    def __init__(self, steps: list[tuple[str, tuple, dict]]) -> None:
+        self.steps = steps
+
+    @classmethod
+    def debian_slim(cls, **kwargs: Any) -> FakeImage:
+        return cls([("debian_slim", (), kwargs)])
+
+    def __getattr__(self, name: str) -> Callable[..., FakeImage]:
+        return lambda *args, **kwargs: FakeImage([*self.steps, (name, args, kwargs)])
+
+
+class FakeVolume:
+    def __init__(self, name: str, create_if_missing: bool = False) -> None:
+        self.name, self.create_if_missing, self.reloads, self.commits = (
+            name,
+            create_if_missing,
+            0,
+            0,
+        )
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+    def commit(self) -> None:
+        self.commits += 1
+
+
+class FakeApp:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.functions: dict[str, dict[str, Any]] = {}
+
+    def function(self, **options: Any) -> Callable:
+        def register(fn: Callable) -> Callable:
+            self.functions[fn.__name__] = options
+            return fn
+
+        return register
+
+    def local_entrypoint(self) -> Callable:
+        return lambda fn: fn
+
+
+def tag(key: str) -> Callable:
+    """A decorator factory that notes its arguments on the function."""
+
+    def factory(*args: Any, **kwargs: Any) -> Callable:
+        def decorate(fn: Callable) -> Callable:
+            setattr(fn, key, (args, kwargs))
+            return fn
+
+        return decorate
+
+    return factory
+
+
+def import_app(
+    monkeypatch: pytest.MonkeyPatch, file: str, fake: bool = True, **env: str
+) -> ModuleType:
+    """A fresh import of deploy/<file> with deploy.sh's variables (and a fake modal module)."""
+    for key in ("DEPLOY_APP_NAME", "DEPLOY_PROFILE", "DEPLOY_MODEL", "DEPLOY_MAX_CONTAINERS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if fake:
+        modal = SimpleNamespace(
+            Image=FakeImage,
+            Volume=SimpleNamespace(from_name=FakeVolume),
+            App=FakeApp,
+            concurrent=tag("concurrent"),
+            web_server=tag("web_server"),
+        )
+        monkeypatch.setitem(sys.modules, "modal", modal)
+    spec = importlib.util.spec_from_file_location(f"deploy_{file}_{id(env)}", DEPLOY / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def deploy_sh(*args: str, script: Path = DEPLOY_SH, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(script), *args], env={**CLEAN_ENV, **env}, capture_output=True, text=True, timeout=60
-    )
+def system_env(n: int) -> dict[str, str]:
+    return {"DEPLOY_APP_NAME": f"abc-system-{n}", "DEPLOY_PROFILE": PROFILES[n]}
 
 
-@needs_modal
-@pytest.mark.parametrize("system", SYSTEMS)
-def test_app_configuration(monkeypatch: pytest.MonkeyPatch, system: int) -> None:
-    from modal._utils.async_utils import synchronizer
-    from modal_proto import api_pb2
+@pytest.mark.parametrize("n", PROFILES)
+def test_the_app_reserves_the_container_it_needs(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    m = import_app(monkeypatch, "modal_app.py", **system_env(n))
+    assert m.app.name == f"abc-system-{n}"
+    assert list(m.app.functions) == ["completion"]
+    options = m.app.functions["completion"]
+    assert options["gpu"] == "A100-80GB:2"
+    assert options["cpu"] >= 8
+    assert options["memory"] >= 64 * 1024  # MiB
+    assert options["min_containers"] == 0
+    assert options["max_containers"] == 1
+    assert options["scaledown_window"] >= 1200
+    assert options["timeout"] >= 600  # the course client waits 600 s
+    assert options["startup_timeout"] >= 600
+    (volume,) = options["volumes"].values()
+    assert list(options["volumes"]) == ["/weights"] and volume.name == "qwen3-weights"
+    assert options["env"] == {
+        "DEPLOY_APP_NAME": f"abc-system-{n}",
+        "DEPLOY_PROFILE": PROFILES[n],
+        "DEPLOY_MODEL": MODELS[n],
+        "DEPLOY_MAX_CONTAINERS": "1",
+    }
+    assert m.completion.concurrent == ((), {"max_inputs": 300})
+    assert m.completion.web_server[0] == (8000,)
 
-    m = load_app(monkeypatch, system)
-    assert m.app.name == f"abc-system-{system}"
-    assert list(synchronizer._translate_in(m.app)._local_state.functions) == ["completion"]
-
-    info = m.completion.info()  # filled locally before deploy: no network
-    assert info.gpus == [("A100-80GB", 2)]
-    assert info.timeout >= 600
-    assert info.concurrency_info.max_inputs == 300
-
-    function = synchronizer._translate_in(m.completion)
-    webhook = function._webhook_config
-    assert webhook.type == api_pb2.WEBHOOK_TYPE_WEB_SERVER
-    assert webhook.web_server_port == m.PORT
-    assert webhook.requested_suffix == ""  # default label <app>-completion: unique per system
-    autoscaler = inspect.getclosurevars(function._load).nonlocals["autoscaler_settings"]
-    assert autoscaler.min_containers >= 1
-    assert autoscaler.max_containers > autoscaler.min_containers
-    assert autoscaler.scaledown_window >= 1200
-
-    command = m.server_command()
+    command = m.DEPLOYMENT.server_command("python")
     assert command[1] == "server.py"
-    assert command[command.index("--profile") + 1] == SYSTEMS[system]
+    assert command[command.index("--model") + 1] == MODELS[n]
+    assert command[command.index("--profile") + 1] == PROFILES[n]
     assert command[command.index("--gpus") + 1] == "0,1"
-    assert command[command.index("--model") + 1] == "Qwen/Qwen3-4B-Instruct-2507"
+    assert command[command.index("--max-seq-len") + 1] == str(1536 + ANSWER_CAPS[n])
 
 
-@needs_modal
-def test_bad_profile_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEPLOY_PROFILE", "fastest")
-    spec = importlib.util.spec_from_file_location("modal_app_bad", ROOT / "deploy/modal_app.py")
-    with pytest.raises(ValueError, match="DEPLOY_PROFILE"):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+def test_max_containers_reaches_modal(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = import_app(monkeypatch, "modal_app.py", DEPLOY_MAX_CONTAINERS="4", **system_env(1))
+    assert m.app.functions["completion"]["max_containers"] == 4
 
 
-@needs_modal
-def test_image_pins_match_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = load_app(monkeypatch, 1)
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DEPLOY_PROFILE": "fastest"}, "DEPLOY_PROFILE"),
+        ({"DEPLOY_MODEL": "/models/qwen3"}, "DEPLOY_MODEL"),
+        ({"DEPLOY_MAX_CONTAINERS": "0"}, "DEPLOY_MAX_CONTAINERS"),
+    ],
+)
+def test_bad_variables_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ValueError, match=variable):
+        import_app(monkeypatch, "modal_app.py", **env)
+
+
+def test_the_image_resolves_torch_and_holds_no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = import_app(monkeypatch, "modal_app.py", **system_env(3)).image.steps
+    names = [name for name, _, _ in steps]
+    assert names == [
+        "debian_slim",
+        "pip_install",
+        "pip_install_from_requirements",
+        "env",
+        "add_local_python_source",
+        "add_local_dir",
+    ]
+    _, torch_args, torch_options = steps[1]
+    assert torch_args == ("torch==2.13.0+cu126",)
+    # an extra index, not a replacement for PyPI: torch's setuptools>=77 resolves from PyPI
+    assert torch_options == {"extra_index_url": "https://download.pytorch.org/whl/cu126"}
+    assert steps[3][1] == ({"HF_HUB_CACHE": "/weights/hub", "HF_HUB_OFFLINE": "1"},)
+    assert steps[4][1] == ("systems",)
+    assert "flash" not in repr(steps)
+
+
+def test_image_pins_match_the_project() -> None:
     pins = dict(
         line.split("==")
         for line in (ROOT / "requirements.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )
-    torch_minor = pins["torch"].rsplit(".", 1)[0]
-    assert pins["torch"] == m.TORCH_VERSION
-    assert f"torch{torch_minor}cxx11abiTRUE-cp311-cp311" in m.FLASH_ATTN_WHEEL
-    assert m.FLASH_ATTN_URL.endswith(m.FLASH_ATTN_WHEEL.replace("+", "%2B"))
+    assert pins["torch"] == systems.TORCH_VERSION
+    assert pins["huggingface-hub"] == systems.HUB_VERSION
 
 
-@needs_modal
-@pytest.mark.parametrize("system", SYSTEMS)
-def test_dry_run_prints_every_setting(system: int) -> None:
-    result = deploy_sh(str(system), "--dry-run", ANDREW_ID="abc")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"command: DEPLOY_APP_NAME=abc-system-{system} ")
-    assert lines[0].endswith("-m modal deploy " + str(ROOT / "deploy/modal_app.py"))
-    settings = dict(line.split(": ", 1) for line in lines[1:])
-    assert settings["app"] == f"abc-system-{system}"
-    assert settings["profile"] == SYSTEMS[system]
-    assert settings["gpu"] == "A100-80GB:2"
-    assert int(settings["timeout_s"]) >= 600
-    assert settings["max_concurrent_inputs"] == "300"
-    assert settings["endpoint_label"] == f"abc-system-{system}-completion"
-    assert settings["url"] == f"https://<workspace>--abc-system-{system}-completion.modal.run"
-    assert settings["model"] == "Qwen/Qwen3-4B-Instruct-2507"
+def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    m = import_app(monkeypatch, "weights.py", **system_env(3))
+    options = m.app.functions["fill"]
+    assert options["volumes"]["/weights"].name == "qwen3-weights"
+    assert options["cpu"] >= 8
+    assert m.image.steps[1][1] == ("huggingface-hub==2.4.0",)
+    assert m.DEPLOYMENT.model == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+
+    import huggingface_hub
+
+    downloads = []
+
+    def fake_download(repo_id: str, **options: Any) -> str:
+        downloads.append((repo_id, options))
+        return str(tmp_path / "hub" / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    marker = m.fill_weights("Qwen/Qwen3-30B-A3B-Instruct-2507", tmp_path)
+    assert marker == tmp_path / "ready" / "Qwen--Qwen3-30B-A3B-Instruct-2507"
+    assert marker == systems.ready_marker("Qwen/Qwen3-30B-A3B-Instruct-2507", tmp_path)
+    assert marker.read_text() == f"{tmp_path}/hub/snapshot\n"
+    ((repo, download_options),) = downloads
+    assert repo == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+    assert download_options["cache_dir"] == tmp_path / "hub"
+    assert download_options["allow_patterns"] == systems.WEIGHT_PATTERNS
 
 
-@needs_modal
-def test_id_and_model_from_flags() -> None:
-    result = deploy_sh("3", "--id", "XyZ", "--model", "Qwen/Qwen3-8B", "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert "app: xyz-system-3\n" in result.stdout
-    assert "model: Qwen/Qwen3-8B\n" in result.stdout
+def test_the_fill_downloads_what_the_replica_reads() -> None:
+    from replica.checkpoint import DOWNLOAD_PATTERNS
+
+    assert set(DOWNLOAD_PATTERNS) <= set(systems.WEIGHT_PATTERNS)
 
 
-@needs_modal
-def test_id_and_system_from_the_course_folder_name(tmp_path: Path) -> None:
-    folder = tmp_path / "abc_2"
-    shutil.copytree(ROOT / "deploy", folder / "deploy")
-    shutil.copy(DEPLOY_SH, folder)
-    shutil.copy(ROOT / "requirements.txt", folder)
-    result = deploy_sh("--dry-run", script=folder / "deploy.sh", PYTHON=sys.executable)
-    assert result.returncode == 0, result.stderr
-    assert "app: abc-system-2\n" in result.stdout
-    assert "profile: balanced\n" in result.stdout
+def test_the_container_waits_for_the_weights_marker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+    marker = tmp_path / "ready" / "model"
+    volume = FakeVolume("qwen3-weights")
+
+    def reload() -> None:  # the fill commits on the third reload
+        volume.reload()
+        if volume.reloads == 3:
+            marker.parent.mkdir()
+            marker.touch()
+
+    m.wait_for_weights(marker, reload, deadline=m.time.monotonic() + 10, poll_s=0.01)
+    assert volume.reloads == 3
+    with pytest.raises(TimeoutError, match="was never written"):
+        m.wait_for_weights(tmp_path / "never", reload, deadline=m.time.monotonic(), poll_s=0.01)
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["1", "--dry-run"], {}, "no Andrew ID"),
-        (["4", "--dry-run"], {"ANDREW_ID": "abc"}, "bad system number '4'"),
-        (["--dry-run"], {"ANDREW_ID": "abc"}, "no system number"),
-        (["1", "--dry-run"], {"ANDREW_ID": "a b"}, "bad Andrew ID"),
-        (["1", "--fast"], {"ANDREW_ID": "abc"}, "unknown option"),
-    ],
+class _Health(BaseHTTPRequestHandler):
+    """503 twice (replicas loading), then 200."""
+
+    calls = 0
+
+    def do_GET(self) -> None:
+        type(self).calls += 1
+        self.send_response(200 if self.calls > 2 else 503)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/health"
+        m.wait_until_ready(sleeper, url, deadline=m.time.monotonic() + 10, poll_s=0.01)
+        assert _Health.calls == 3
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        server.shutdown()
+        server.server_close()
+
+
+def test_wait_until_ready_fails_when_the_server_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+    dead = subprocess.Popen(["false"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        m.wait_until_ready(dead, "http://127.0.0.1:9/health", m.time.monotonic() + 10, poll_s=0.01)
+
+
+# --- the real modal package, where it is installed ----------------------------------------------
+
+needs_modal = pytest.mark.skipif(
+    importlib.util.find_spec("modal") is None, reason="modal not installed"
 )
-def test_bad_invocations_fail_clearly(args: list[str], env: dict[str, str], message: str) -> None:
-    result = deploy_sh(*args, **env)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "usage:" in result.stderr
-    assert result.stdout == ""
-
-
-def test_local_model_dirs_are_refused(tmp_path: Path) -> None:
-    for model in (str(tmp_path), "./checkpoints/qwen3", "/models/qwen3"):
-        result = deploy_sh("1", "--model", model, "--dry-run", ANDREW_ID="abc")
-        assert result.returncode == 2, model
-        assert "is a local path: pass a Hugging Face Hub id" in result.stderr
-        assert result.stdout == ""
 
 
 @needs_modal
-def test_the_app_refuses_a_local_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("DEPLOY_MODEL", str(tmp_path))
-    with pytest.raises(ValueError, match="DEPLOY_MODEL"):
-        load_app(monkeypatch, 1)
+def test_the_real_modal_accepts_both_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modal
+
+    app = import_app(monkeypatch, "modal_app.py", fake=False, **system_env(3))
+    fill = import_app(monkeypatch, "weights.py", fake=False, **system_env(3))
+    assert app.app.name == "abc-system-3"
+    assert isinstance(app.completion, modal.Function)
+    assert isinstance(fill.fill, modal.Function)
 
 
 @needs_modal
 def test_wheels_and_local_state_stay_out_of_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
     from modal.file_pattern_matcher import FilePatternMatcher
 
-    ignored = FilePatternMatcher(*load_app(monkeypatch, 1).LOCAL_ONLY)
+    ignored = FilePatternMatcher(*import_app(monkeypatch, "modal_app.py").LOCAL_ONLY)
     for path in ("flash_attn-2.8.3-cp311.whl", "dist/x.whl", ".venv", "replica/__pycache__"):
         assert ignored(Path(path)), path
     for path in ("server.py", "shortcuts/graph.py", "vendor/data/dev_combined.jsonl"):
         assert not ignored(Path(path)), path
+
+
+# --- the slot plan -------------------------------------------------------------------------------
+
+
+def test_answer_caps_match_the_profiles() -> None:
+    import shortcuts
+
+    for name, profile in shortcuts.PROFILES.items():
+        assert systems.ANSWER_CAPS[name] == max(profile.open_cap, profile.mcq_reasoning_cap or 0)
+
+
+def test_model_shapes_from_the_vendored_configs() -> None:
+    dense, _ = systems.vendored_shape("Qwen/Qwen3-4B-Instruct-2507")
+    moe, _ = systems.vendored_shape("Qwen/Qwen3-30B-A3B-Instruct-2507")
+    assert dense.kv_bytes_per_token == 144 * 1024
+    assert moe.kv_bytes_per_token == 96 * 1024
+    assert round(dense.params / 1e9, 2) == 4.02  # the model card's 4.0B
+    assert round(moe.params / 1e9, 1) == 30.5  # the model card's 30.5B
+
+
+def test_the_slot_arithmetic_reproduces_the_measured_slots() -> None:
+    """Issue 13, H200 with the KV limited to 62 GiB, 4B: 4,096-token slots gave 109 slots and
+    2,048-token slots 219; the plan's arithmetic on the same budget must give the same."""
+    dense, _ = systems.vendored_shape("Qwen/Qwen3-4B-Instruct-2507")
+    budget = 62 * systems.GiB
+    assert systems.slots_in(budget, 4096 * dense.kv_bytes_per_token) == 109
+    assert systems.slots_in(budget, 2048 * dense.kv_bytes_per_token) == 219
+    assert systems.slots_in(budget, 128 * dense.kv_bytes_per_token) == systems.MAX_BATCH
+
+
+def test_the_prompt_limit_covers_the_dev_prompts_twice() -> None:
+    """Every dev prompt, shaped as the server sends it to the model, fits in half the limit."""
+    import shortcuts
+    from replica.tokenization import PromptCodec
+    from shortcuts.data import dev_rows
+
+    codec = PromptCodec(ROOT / "vendor" / "qwen3-tokenizer")
+    longest = 0
+    for profile in shortcuts.PROFILES:
+        for row in dev_rows():  # the 300 dev items in both prompt formats
+            plan = shortcuts.plan(row["prompt"], profile)
+            if not isinstance(plan, shortcuts.Answer):
+                ids = codec.encode_chat(plan.messages, getattr(plan, "prefix", ""))
+                longest = max(longest, len(ids))
+    assert 0 < 2 * longest <= systems.PROMPT_LIMIT
+
+
+# --- the script itself ---------------------------------------------------------------------------
 
 
 def test_deploy_sh_runs_on_bash_3() -> None:
@@ -202,43 +791,3 @@ def shellcheck() -> str | None:
 @pytest.mark.skipif(shellcheck() is None, reason="shellcheck not installed")
 def test_deploy_sh_is_shellcheck_clean() -> None:
     subprocess.run([shellcheck(), str(DEPLOY_SH)], check=True, timeout=60)
-
-
-class _Health(BaseHTTPRequestHandler):
-    """503 twice (replicas loading), then 200."""
-
-    calls = 0
-
-    def do_GET(self) -> None:
-        type(self).calls += 1
-        self.send_response(200 if self.calls > 2 else 503)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@needs_modal
-def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = load_app(monkeypatch, 1)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/health"
-        m.wait_until_ready(sleeper, url, timeout_s=10, poll_s=0.01)
-        assert _Health.calls == 3
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-        server.shutdown()
-        server.server_close()
-
-
-@needs_modal
-def test_wait_until_ready_fails_when_the_server_dies(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = load_app(monkeypatch, 1)
-    dead = subprocess.Popen(["false"])
-    dead.wait()
-    with pytest.raises(RuntimeError, match="exited with code 1"):
-        m.wait_until_ready(dead, "http://127.0.0.1:9/health", timeout_s=10, poll_s=0.01)

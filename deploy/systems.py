@@ -1,0 +1,286 @@
+"""What each system deploys and how big it is: model, profile, container sizing, KV slot plan.
+
+Read by deploy/modal_app.py, deploy/weights.py and `deploy.sh --dry-run` (which runs this file).
+Standard library only: `modal deploy` imports it with the Python that runs the `modal` command
+(often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
+
+deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
+the profile's default) and DEPLOY_MAX_CONTAINERS; the Modal container gets the same variables, so
+it rebuilds the same Deployment when it imports the app again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENDORED_CONFIGS = PROJECT_ROOT / "vendor" / "configs"
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Answer caps per profile: the most tokens a prompt may generate (shortcuts/profiles.py: the
+# open-answer cap, and for accuracy also the MCQ reasoning cap, which is smaller).
+ANSWER_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
+DEFAULT_MODELS = {
+    "throughput": "Qwen/Qwen3-4B-Instruct-2507",
+    "balanced": "Qwen/Qwen3-4B-Instruct-2507",
+    "accuracy": "Qwen/Qwen3-30B-A3B-Instruct-2507",  # MoE, 61 GB: one whole copy per GPU
+}
+# Tokens a shaped prompt (system prompt and chat template included) may take in a KV slot. The
+# longest of the 600 dev prompts is 465 tokens (tests/test_deploy.py checks the 2x margin); a
+# longer prompt is still served, with less room to answer.
+PROMPT_LIMIT = 1536
+
+APP_NAME = "qwen3-completion-dev"  # `modal deploy deploy/modal_app.py` without deploy.sh
+ENDPOINT = "completion"  # the function name; Modal's default label is `<app>-<function>`
+PORT = 8000
+GPU_TYPE, GPU_COUNT = "A100-80GB", 2
+GPU = f"{GPU_TYPE}:{GPU_COUNT}"
+GPU_MEMORY_BYTES = 80 * GiB
+CPU_CORES = 8.0  # front end (HTTP, graph solver, planner workers) and two tokenizing replicas
+MEMORY_MIB = 64 * 1024  # a 61 GB checkpoint passes through host memory on its way to the GPUs
+MAX_INPUTS = 300  # the grader's peak concurrency fits one container
+TIMEOUT_S = 1200  # per request: no request is cut while a 20-minute grading run lasts
+STARTUP_TIMEOUT_S = 1200  # waiting for the weights step, loading both GPUs, graph capture
+DEFAULT_MAX_CONTAINERS = 1  # the course's hardware is one 2 x A100-80GB box
+MIN_CONTAINERS = 0  # nothing billed while idle; deploy.sh wakes the container (docs/DEPLOY.md)
+SCALEDOWN_WINDOW_S = 3600  # Modal's longest: warm from deploy through grading's waits
+
+# Engine knobs the deploy passes explicitly, so that the slot plan below uses the same numbers.
+MAX_BATCH = 256
+KV_FRACTION = 0.9
+OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activations (not measured)
+
+# Weights live in a Modal Volume, filled by deploy/weights.py beside the image build.
+WEIGHTS_VOLUME = "qwen3-weights"
+WEIGHTS_APP = "qwen3-weights-fill"
+WEIGHTS_DIR = "/weights"
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # as replica/checkpoint.py
+HUB_VERSION = "2.4.0"  # huggingface-hub, as requirements.txt pins it
+DOWNLOAD_WORKERS = 16
+FILL_CPU_CORES = 8.0  # hf-xet's parallel range downloads use the cores
+FILL_TIMEOUT_S = 3600
+
+PYTHON_VERSION = "3.11"
+TORCH_VERSION = "2.13.0"  # requirements.txt's pin
+TORCH_CUDA = "cu126"  # runs on any driver >= 525 and carries sm_80 (A100) kernels
+TORCH_INDEX_URL = f"https://download.pytorch.org/whl/{TORCH_CUDA}"
+
+
+def hub_cache(weights_dir: str | Path = WEIGHTS_DIR) -> Path:
+    """The Hugging Face cache inside the volume: the fill writes it, the replicas read it."""
+    return Path(weights_dir) / "hub"
+
+
+def ready_marker(model: str, weights_dir: str | Path = WEIGHTS_DIR) -> Path:
+    """Written once `model` is complete in the volume; the serving container waits for it."""
+    return Path(weights_dir) / "ready" / model.replace("/", "--")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the slot plan needs from a model's config.json."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    params: int
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Shape:
+        """Count the parameters of a Qwen3 dense or MoE config (bf16 weights are 2 bytes each)."""
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        head_dim = config.get("head_dim") or hidden // heads
+        attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 2 * head_dim
+        experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        dense_layers = set(config.get("mlp_only_layers") or [])
+        step = config.get("decoder_sparse_step") or 1
+        total = 0
+        for layer in range(layers):
+            if experts and layer not in dense_layers and (layer + 1) % step == 0:
+                mlp = experts * 3 * hidden * config["moe_intermediate_size"] + hidden * experts
+            else:
+                mlp = 3 * hidden * config["intermediate_size"]
+            total += attention + mlp + 2 * hidden
+        embeddings = config["vocab_size"] * hidden
+        total += embeddings * (1 if config.get("tie_word_embeddings") else 2) + hidden
+        return cls(layers, kv_heads, head_dim, total)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.layers * self.kv_heads * self.head_dim * 2 * 2  # K and V, bf16
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * 2
+
+
+def vendored_shape(model: str) -> tuple[Shape, Path] | None:
+    """The model's vendored config (vendor/configs/<repo name, lower case>), if there is one."""
+    path = VENDORED_CONFIGS / model.rsplit("/", 1)[-1].lower() / "config.json"
+    if not path.is_file():
+        return None
+    return Shape.from_config(json.loads(path.read_text())), path
+
+
+def slots_in(budget_bytes: int, slot_bytes: int) -> int:
+    """replica/kv_cache.py's rule: whole slots in the budget, one kept as scratch, capped."""
+    return max(0, min(MAX_BATCH, budget_bytes // slot_bytes - 1))
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The engine's KV sizing (replica/kv_cache.py plan_slots) worked out for an A100-80GB.
+
+    An estimate: the free memory after loading is taken as the card less the weights less
+    OVERHEAD_ESTIMATE_BYTES; the measured figures go in docs/DEPLOY.md.
+    """
+
+    shape: Shape
+    max_seq_len: int
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.max_seq_len * self.shape.kv_bytes_per_token
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        free = GPU_MEMORY_BYTES - self.shape.weight_bytes - OVERHEAD_ESTIMATE_BYTES
+        return max(0, int(free * KV_FRACTION))
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return slots_in(self.kv_budget_bytes, self.slot_bytes)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One system's deployment, as deploy.sh chose it."""
+
+    app_name: str
+    profile: str
+    model: str
+    max_containers: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Deployment:
+        """Read deploy.sh's variables; a bad value is a ValueError naming the variable."""
+        profile = env.get("DEPLOY_PROFILE") or "throughput"
+        if profile not in ANSWER_CAPS:
+            raise ValueError(
+                f"DEPLOY_PROFILE={profile!r}: expected one of {', '.join(ANSWER_CAPS)}"
+            )
+        model = env.get("DEPLOY_MODEL") or DEFAULT_MODELS[profile]
+        if model.startswith(("/", ".")) or Path(model).is_dir():
+            raise ValueError(
+                f"DEPLOY_MODEL={model!r} is a local path: pass a Hugging Face Hub id, which "
+                "deploy/weights.py downloads into the weights volume"
+            )
+        raw = env.get("DEPLOY_MAX_CONTAINERS") or str(DEFAULT_MAX_CONTAINERS)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"DEPLOY_MAX_CONTAINERS={raw!r}: expected a whole number >= 1")
+        return cls(env.get("DEPLOY_APP_NAME") or APP_NAME, profile, model, int(raw))
+
+    def env(self) -> dict[str, str]:
+        """The variables that rebuild this Deployment (forwarded into the container)."""
+        return {
+            "DEPLOY_APP_NAME": self.app_name,
+            "DEPLOY_PROFILE": self.profile,
+            "DEPLOY_MODEL": self.model,
+            "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
+        }
+
+    @property
+    def max_seq_len(self) -> int:
+        """A KV slot holds the longest expected prompt plus the profile's longest answer."""
+        return PROMPT_LIMIT + ANSWER_CAPS[self.profile]
+
+    def slot_plan(self) -> SlotPlan | None:
+        found = vendored_shape(self.model)
+        return None if found is None else SlotPlan(found[0], self.max_seq_len)
+
+    def server_command(self, python: str) -> list[str]:
+        """`server.py` on every GPU of the container: one replica per GPU."""
+        return [
+            python,
+            "server.py",
+            "--model",
+            self.model,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            "--gpus",
+            ",".join(str(i) for i in range(GPU_COUNT)),
+            "--profile",
+            self.profile,
+            "--max-seq-len",
+            str(self.max_seq_len),
+            "--max-batch",
+            str(MAX_BATCH),
+            "--kv-fraction",
+            str(KV_FRACTION),
+        ]
+
+    def url(self, workspace: str = "<workspace>") -> str:
+        return f"https://{workspace}--{self.app_name}-{ENDPOINT}.modal.run"
+
+    def settings(self) -> dict[str, str]:
+        """Every deploy setting, as `deploy.sh --dry-run` prints it."""
+        settings = {
+            "app": self.app_name,
+            "profile": self.profile,
+            "model": self.model,
+            "url": self.url(),
+            "gpu": f"{GPU} (one replica per GPU)",
+            "cpu_cores": f"{CPU_CORES:g} reserved",
+            "memory": f"{MEMORY_MIB // 1024} GiB reserved",
+            "max_containers": f"{self.max_containers} (--max-containers N scales out)",
+            "min_containers": f"{MIN_CONTAINERS} (deploy.sh wakes the container and waits for /health)",
+            "scaledown_window_s": str(SCALEDOWN_WINDOW_S),
+            "max_concurrent_inputs": f"{MAX_INPUTS} per container",
+            "timeout_s": f"{TIMEOUT_S} per request",
+            "startup_timeout_s": f"{STARTUP_TIMEOUT_S} per container",
+            "weights": f"volume {WEIGHTS_VOLUME} at {WEIGHTS_DIR}, filled by deploy/weights.py "
+            "beside the image build",
+            "torch": f"{TORCH_VERSION}+{TORCH_CUDA} (extra index {TORCH_INDEX_URL}; "
+            "its dependencies resolve from PyPI)",
+            "server": " ".join(self.server_command("python")),
+            "max_seq_len": f"{self.max_seq_len} (prompt limit {PROMPT_LIMIT} + answer cap "
+            f"{ANSWER_CAPS[self.profile]})",
+        }
+        plan = self.slot_plan()
+        if plan is None:
+            settings["kv_slots_per_gpu"] = (
+                f"unknown (no vendored config for {self.model}; the engine sizes it at start-up)"
+            )
+            return settings
+        shape, slots = plan.shape, plan.slots_per_gpu
+        settings.update(
+            {
+                "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
+                f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
+                "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
+                "parameters in bf16, estimate from the vendored config)",
+                "kv_slots_per_gpu": f"{slots} (estimate: {KV_FRACTION:g} x ({GPU_MEMORY_BYTES // GiB}"
+                f" GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB assumed overhead) / "
+                f"{plan.slot_bytes // MiB} MiB a slot, less 1, at most {MAX_BATCH})",
+                "kv_tokens_per_gpu": f"{slots * self.max_seq_len} (estimate)",
+                "kv_slots_per_container": f"{slots * GPU_COUNT} (estimate, {GPU_COUNT} GPUs)",
+            }
+        )
+        return settings
+
+
+if __name__ == "__main__":
+    try:
+        deployment = Deployment.from_env(os.environ)
+    except ValueError as error:
+        raise SystemExit(f"deploy/systems.py: {error}") from None
+    for key, value in deployment.settings().items():
+        print(f"{key}: {value}")
