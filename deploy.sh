@@ -168,6 +168,8 @@ elif command -v curl >/dev/null 2>&1; then
     ((SECONDS < deadline)) || fail "$url/health did not answer 200 within ${READY_WAIT_S}s: see modal app logs $app"
     sleep 10
   done
+else
+  echo "deploy.sh: no curl, so not waiting for $url/health; the first request wakes the container"
 fi
 
 cat <<EOF
