@@ -18,7 +18,11 @@ MAX_PATHS = 20
 MAX_WORK = 1_000_000  # N x edges x P: 125x the dev maximum
 MAX_DIGITS = 9  # longer numbers are nonsense here (and past 4300 digits int() raises)
 
-_EDGE = re.compile(r"(?<![\d.-])(\d+)\s*->\s*(\d+)\s*,?\s*weight\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.I)
+# No two adjacent quantifiers match the same characters (`\s*,?\s*` would rescan a whitespace
+# run once per split: quadratic), so every pattern here runs in linear time.
+_EDGE = re.compile(
+    r"(?<![\d.-])(\d+)\s*->\s*(\d+)\s*(?:,\s*)?weight\s*(?:[:=]\s*)?(-?\d+(?:\.\d+)?)", re.I
+)
 _NODES = re.compile(r"\bgraph\s+with\s+(\d+)\s+nodes\b", re.I)
 _NUMBERED = re.compile(r"\bnumbered\s+0\s+to\s+(\d+)\b", re.I)
 _PATHS = r"(?:shortest|cheapest)\s+path(?:s|\(s\))?"

@@ -7,11 +7,13 @@ import re
 from shortcuts.grading import ANSWER_RE
 
 _LETTERS = "ABCDEFGHIJ"
+_ANSWER_WORD = "answer"
 _LINE_MARK = re.compile(r"^[^\S\n]*(?:\(([A-J])\)|([A-J])[.):])", re.M)
 _INLINE_MARK = re.compile(r"(?:^|(?<=\s))(?:\(([A-J])\)|([A-J])[.)])\s")
-_TRAILING_ANSWER = re.compile(r"\n\s*Answer\s*:\s*\Z", re.I)
 # A cue that only an MCQ carries: the course's header, an answer-format instruction, a
 # "Choices:"/"Options:" label right before option A (or a dangling "Answer:", checked apart).
+# Every pattern here is linear: each attempt starts at a literal word, and no two adjacent
+# quantifiers can match the same characters (tests/test_linear_parsing.py holds them to it).
 _STRONG_CUE = re.compile(
     r"\bmultiple[\s-]*choice\b|\banswer\s+is\s*\(\s*[A-Z]\s*\)"
     r"|\b(?:choices|options)\s*:\s*\(?A[.):]\s",
@@ -44,30 +46,54 @@ def option_letters(text: str) -> list[str]:
 
 
 def _last_run(marks: list[str]) -> list[str]:
-    """The last run that starts at A and continues in order (other markers are option text)."""
+    """The last run that starts at A and continues in order (other markers are option text).
+
+    That is the last A with a B anywhere after it, found in one backward pass (trying every A
+    in turn would be quadratic in a prompt of a thousand A's).
+    """
+    seen_b = False
     for start in range(len(marks) - 1, -1, -1):
-        if marks[start] != "A":
-            continue
-        length = 1
-        for mark in marks[start + 1 :]:
-            if length < len(_LETTERS) and mark == _LETTERS[length]:
-                length += 1
-        if length >= 2:
+        if marks[start] == "B":
+            seen_b = True
+        elif marks[start] == "A" and seen_b:
+            length = 1
+            for mark in marks[start + 1 :]:
+                if length < len(_LETTERS) and mark == _LETTERS[length]:
+                    length += 1
             return list(_LETTERS[:length])
     return []
 
 
 def looks_like_mcq(text: str) -> bool:
     """Options A, B, … plus an MCQ cue, and not a request to write a quiz."""
-    cued = any(r.search(text) for r in (_STRONG_CUE, _TRAILING_ANSWER)) or all(
-        r.search(text) for r in (_QUESTION_CUE, _PICK_ONE)
+    cued = (
+        _STRONG_CUE.search(text) is not None
+        or _dangling_answer(text) is not None
+        or all(r.search(text) for r in (_QUESTION_CUE, _PICK_ONE))
     )
     return cued and _AUTHORING.search(text) is None and len(option_letters(text)) >= 2
 
 
 def question_text(text: str) -> str:
     """The question without its dangling `Answer:` (the prompt shaping supplies the answer)."""
-    return _TRAILING_ANSWER.sub("", text).rstrip()
+    start = _dangling_answer(text)
+    return (text if start is None else text[:start]).rstrip()
+
+
+def _dangling_answer(text: str) -> int | None:
+    """Where a final `Answer:` begins when it opens a line and only whitespace surrounds it.
+
+    Scanned backwards from the end with `rstrip`: a regex like `\\n\\s*Answer\\s*:\\s*\\Z`
+    would rescan a long whitespace run from each of its newlines (quadratic).
+    """
+    end = len(text.rstrip())
+    if not text.endswith(":", 0, end):
+        return None
+    start = len(text[: end - 1].rstrip()) - len(_ANSWER_WORD)
+    if start < 0 or text[start : start + len(_ANSWER_WORD)].lower() != _ANSWER_WORD:
+        return None
+    before = text[:start]
+    return start if "\n" in before[len(before.rstrip()) :] else None
 
 
 def answer_line(letter: str) -> str:
