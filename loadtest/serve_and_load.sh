@@ -3,6 +3,8 @@
 # For GPU load measurements (docs/PERF.md). Traffic goes to 127.0.0.1 only.
 # usage: loadtest/serve_and_load.sh GPUS OUT_DIR LOADTEST_ARGS...
 #   e.g. loadtest/serve_and_load.sh 0,1 out/closed2 closed --clients 300 --seconds 150 --lengths realistic
+# CONFIG picks the model config (default: the 4B), SERVER_ARGS adds server flags, e.g.
+#   CONFIG=vendor/configs/qwen3-30b-a3b-instruct-2507 SERVER_ARGS="--profile accuracy" ...
 set -euo pipefail
 gpus=$1 out=$2
 shift 2
@@ -10,7 +12,7 @@ port=${PORT:-8000}
 config=${CONFIG:-vendor/configs/qwen3-4b-instruct-2507}
 mkdir -p "$out"
 python3 server.py --model "$config" --random-weights --gpus "$gpus" --port "$port" \
-  --host 127.0.0.1 >"$out/server.log" 2>&1 &
+  --host 127.0.0.1 ${SERVER_ARGS:-} >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 started=$(date +%s)

@@ -18,6 +18,7 @@ token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the re
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -147,6 +148,31 @@ def _expert_down_kernel(
         tl.store(dst, y, mask=row_live[:, None] & col_live[None, :])
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of the expert GEMMs, chosen by the mean tokens per expert.
+
+    Decode (a few tokens per expert) is a weight stream: thin row blocks sized so that nearly
+    every expert's tokens fit in one (each extra block re-reads the expert), thin column blocks
+    so that many programs keep every SM reading. Prefill (hundreds per expert) is compute: the
+    widest tiles that fit shared memory. Measured on an H100 (docs/PERF.md)."""
+
+    rows: int
+    up_cols: int  # gate and up columns each
+    down_cols: int
+    depth: int
+    warps: int
+    stages: int
+
+    @classmethod
+    def for_load(cls, tokens_per_expert: float) -> Tiles:
+        if tokens_per_expert <= 8:
+            return cls(16, 32, 64, 128, 4, 4)
+        if tokens_per_expert <= 24:
+            return cls(32, 32, 64, 128, 4, 4)
+        return cls(128, 128, 256, 64, 8, 3)
+
+
 def _block_k(dim: int) -> int:
     """The widest reduction block (at most 128) that divides `dim`: no masks on the K loop."""
     block = math.gcd(dim, 128)
@@ -180,13 +206,9 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=4,
     )
-    # Decode (a few tokens per expert): thin tiles, many programs to keep every SM reading.
-    # Prefill (hundreds per expert): fatter tiles that reuse each weight tile more.
-    decode = pairs <= 16 * experts
-    block_m, warps, stages = (16, 4, 4) if decode else (64, 4, 3)
-    block_n = 32 if decode else 64
+    tiles = Tiles.for_load(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    _expert_up_kernel[(experts, triton.cdiv(inter, block_n))](
+    _expert_up_kernel[(experts, triton.cdiv(inter, tiles.up_cols))](
         x,
         moe.gate_up,
         counts,
@@ -196,15 +218,14 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         inter,
         tokens,
         TOP_K=top_k,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=_block_k(hidden),
-        num_warps=warps,
-        num_stages=stages,
+        BLOCK_M=tiles.rows,
+        BLOCK_N=tiles.up_cols,
+        BLOCK_K=min(tiles.depth, _block_k(hidden)),
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
     )
     out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
-    down_n = 64
-    _expert_down_kernel[(experts, triton.cdiv(hidden, down_n))](
+    _expert_down_kernel[(experts, triton.cdiv(hidden, tiles.down_cols))](
         act,
         moe.down,
         weights,
@@ -214,10 +235,10 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         hidden,
         inter,
         tokens,
-        BLOCK_M=block_m,
-        BLOCK_N=down_n,
-        BLOCK_K=_block_k(inter),
-        num_warps=warps,
-        num_stages=stages,
+        BLOCK_M=tiles.rows,
+        BLOCK_N=tiles.down_cols,
+        BLOCK_K=min(tiles.depth, _block_k(inter)),
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
     )
     return out

@@ -191,11 +191,11 @@ def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
         x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
         h = torch.zeros_like(x)
         expected = moe(x, torch_ops)
-        fused = torch_ops.add_rms_norm(h, moe(x, triton_ops), weight)[0]
-        error = rel_error(fused, expected)
+        pairs = moe(x, triton_ops)
+        error = rel_error(triton_ops.add_rms_norm(h, pairs, weight)[0], expected)
         assert error < 1e-2, (tokens, error)
         assert int(moe.expert_tokens.sum()) == tokens * config.num_experts_per_tok
-        assert torch.equal(triton_ops.add_rms_norm(h, moe(x, triton_ops), weight)[0], fused)
+        assert torch.equal(moe(x, triton_ops), pairs)  # wherever the atomics filed each pair
 
 
 @gpu
