@@ -1,153 +1,90 @@
 """Entry point: the OpenAI-compatible completions front end (aiohttp on uvloop).
 
-One asyncio process parses and validates requests, routes each prompt, and awaits replica
-processes through queueing/; it never blocks on a GPU.
+One asyncio process parses and validates requests, plans each prompt (queueing.planning), and
+awaits replica processes through queueing/; it never blocks on a GPU. The HTTP contract and its
+errors live in openai_api.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
-import multiprocessing as mp
 import os
+import signal
+import threading
 import time
-import uuid
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import uvloop
 from aiohttp import web
 
 import shortcuts
-from queueing.dispatcher import Dispatcher, NoReplica, Overloaded, ReplicaError
+from openai_api import (
+    ApiError,
+    CompletionRequest,
+    JsonErrorRunner,
+    completion_body,
+    errors_as_json,
+    json_response,
+    parse_completion_request,
+    read_body,
+)
+from queueing.dispatcher import SHUTDOWN_GRACE_S, Dispatcher, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
-from replica.worker import ReplicaSpec, ignore_stop_signals
+from queueing.planning import Planner
+from replica.worker import ReplicaSpec
 
 log = logging.getLogger("server")
 
 DEFAULT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 PROMPTS, PROMPTS_HELP = "prompts_total", "Prompts by task and outcome."
 COMPLETION_ROUTES = ("/v1/completions", "/completion", "/")
-PLANNER_PROCESSES = 2  # plan long prompts; spawned on first use
-INLINE_PLAN_CHARS = 16_384  # dev prompts reach 4.7k chars
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: rendered as {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def response(self) -> web.Response:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {
-            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
-        }
-        return json_response(body, self.status, self.headers)
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None):
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    prompts: list[str]
-    max_tokens: int | None
-
-
-def parse_completion_request(raw: bytes) -> CompletionRequest:
-    """Validate a request body; every way it can be wrong is a 400 naming the field."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise ApiError(400, f"The request body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts:
-        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings.", "prompt")
-    if not all(isinstance(item, str) for item in prompts):
-        raise ApiError(
-            400,
-            "'prompt' must contain only strings (token-id prompts are not supported).",
-            "prompt",
-        )
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise ApiError(400, "'max_tokens' must be a positive integer.", "max_tokens")
-    if body.get("stream"):
-        raise ApiError(400, "Streaming is not supported; send 'stream': false.", "stream")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):  # null means the default, 1
-        raise ApiError(400, "Only 'n': 1 is supported.", "n")
-    return CompletionRequest(prompts, max_tokens)
+DRAIN_SHARE = 0.8  # of --shutdown-timeout for in-flight requests; the rest stops the processes
+EXIT_MARGIN_S = 0.3  # left for the interpreter to exit after the replicas are stopped
 
 
 class CompletionService:
-    """The application state: replicas, metrics and the per-prompt answer path."""
+    """The application state: replicas, planner, metrics and the per-prompt answer path."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.model_name = args.model
-        self.profile = args.profile
         self.api_key = os.environ.get("API_KEY") or None
+        self.metrics_need_key = args.metrics_auth
+        self.body_timeout = args.body_timeout
+        self.shutdown_timeout = args.shutdown_timeout
+        self.stop_by: float | None = None  # loop time by which shutdown must be done
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(replica_specs(args), self.metrics, args.max_in_flight)
-        self.plan_timeout = args.plan_timeout
-        self.planner = _planner_pool()
+        self.planner = Planner(args.profile, args.plan_timeout, self.metrics)
 
-    async def plan(self, prompt: str) -> shortcuts.Plan:
-        """`shortcuts.plan`, falling back to an open prompt for the model on timeout or error.
+    def authorize(self, request: web.Request) -> None:
+        """With API_KEY set, require `Authorization: Bearer <key>` (compared in constant time)."""
+        if self.api_key is None:
+            return
+        offered = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(offered, f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
 
-        Prompts up to INLINE_PLAN_CHARS plan inline: the graph parser's size caps bound them to a
-        few ms, and any hop would cost graph-only throughput a quarter or more. Longer ones (a
-        multi-MB graph-like prompt scans for a quarter second) plan in a worker process: not a
-        thread, since a regex search holds the GIL throughout. Past `--plan-timeout` the model
-        answers; the runaway plan finishes in the background, queued ones are dropped.
-        """
-        try:
-            if len(prompt) <= INLINE_PLAN_CHARS:
-                return shortcuts.plan(prompt, self.profile)
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self.planner, shortcuts.plan, prompt, self.profile)
-            return await asyncio.wait_for(work, self.plan_timeout)
-        except BrokenProcessPool:  # a worker died (e.g. the OOM killer): start a fresh pool
-            log.exception("the planner pool broke; the model answers instead")
-            self.planner.shutdown(wait=False)
-            self.planner = _planner_pool()
-            reason = "error"
-        except TimeoutError:
-            log.warning("planning took over %.1f s; the model answers instead", self.plan_timeout)
-            reason = "timeout"
-        except Exception:
-            log.exception("planning failed; the model answers instead")
-            reason = "error"
+    def count_unhandled(self) -> None:
         self.metrics.inc(
-            "plan_fallback_total",
-            "Prompts sent to the model as open after planning failed.",
-            reason=reason,
+            "unhandled_errors_total", "Requests that failed with an unexpected exception."
         )
-        return shortcuts.plan_unshaped(prompt, self.profile)
+
+    def begin_shutdown(self) -> None:
+        """Shutdown began (in-flight requests still drain): a replica that dies stays down."""
+        self.stop_by = asyncio.get_running_loop().time() + self.shutdown_timeout
+        self.dispatcher.begin_shutdown()
+
+    async def close(self) -> None:
+        """Kill the planner workers, then stop the replicas within what is left of the time."""
+        self.planner.pool.close()
+        grace = SHUTDOWN_GRACE_S
+        if self.stop_by is not None:
+            left = self.stop_by - asyncio.get_running_loop().time() - EXIT_MARGIN_S
+            grace = max(0.0, min(grace, left))
+        await self.dispatcher.stop(grace)
 
     async def answer(self, action: shortcuts.Plan, max_tokens: int | None) -> dict[str, Any]:
         """One prompt: solved in the front end, or scored or generated by a replica."""
@@ -176,7 +113,8 @@ class CompletionService:
         return await self.dispatcher.submit(message, work=_chars_to_tokens(action.messages) + cap)
 
     async def complete(self, request: CompletionRequest) -> dict[str, Any]:
-        """Fan the prompts out, gather them in order; one failure cancels the rest."""
+        """Plan the prompts (a bounded share of the loop), then answer them concurrently and
+        gather them in order; one failure cancels the rest."""
         bound = self.dispatcher.max_in_flight
         if len(request.prompts) > bound:  # could never be admitted: retrying would not help
             raise ApiError(
@@ -185,42 +123,23 @@ class CompletionService:
                 f"this one has {len(request.prompts)}.",
                 "prompt",
             )
+        started = time.monotonic()
         with self.dispatcher.admission(len(request.prompts)):
+            plans = await self.planner.plan_all(request.prompts)
             try:
                 async with asyncio.TaskGroup() as group:
                     tasks = [
-                        group.create_task(self._timed(p, request.max_tokens))
-                        for p in request.prompts
+                        group.create_task(self._timed(plan, request.max_tokens, started))
+                        for plan in plans
                     ]
             except ExceptionGroup as failures:
                 raise failures.exceptions[0] from None
         results = [task.result() for task in tasks]
-        prompt_tokens = sum(r["prompt_tokens"] for r in results)
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [
-                {
-                    "index": i,
-                    "text": r["text"],
-                    "logprobs": None,
-                    "finish_reason": r["finish_reason"],
-                }
-                for i, r in enumerate(results)
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return completion_body(self.model_name, request.prompts, results)
 
-    async def _timed(self, prompt: str, max_tokens: int | None) -> dict[str, Any]:
-        started = time.monotonic()
-        action = await self.plan(prompt)
+    async def _timed(
+        self, action: shortcuts.Plan, max_tokens: int | None, started: float
+    ) -> dict[str, Any]:
         try:
             result = await self.answer(action, max_tokens)
         except Exception:
@@ -231,13 +150,6 @@ class CompletionService:
         self.metrics.inc("tokens_in_total", "Prompt tokens processed.", result["prompt_tokens"])
         self.metrics.inc("tokens_out_total", "Tokens generated.", result["completion_tokens"])
         return result
-
-
-def _planner_pool() -> ProcessPoolExecutor:
-    """Spawned workers that ignore SIGINT/SIGTERM like replicas: the front end stops them."""
-    return ProcessPoolExecutor(
-        PLANNER_PROCESSES, mp_context=mp.get_context("spawn"), initializer=ignore_stop_signals
-    )
 
 
 def _chars_to_tokens(messages: list[dict[str, str]]) -> int:
@@ -284,33 +196,13 @@ def _cuda_available() -> bool:
 SERVICE = web.AppKey("service", CompletionService)
 
 
-@web.middleware
-async def errors_as_json(request: web.Request, handler):
-    """Every failure leaves as an OpenAI-style JSON error, never as an HTML page or a 5xx trace."""
-    try:
-        return await handler(request)
-    except ApiError as error:
-        return error.response()
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
-        return ApiError(error.status, error.reason, headers=headers).response()
-    except Exception:  # a bug: log it, count it, and still answer in the API's format
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        request.app[SERVICE].metrics.inc(
-            "unhandled_errors_total", "Requests that failed with an unexpected exception."
-        )
-        return ApiError(500, "Internal server error.", code="internal_error").response()
-
-
 async def completions(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     status = "500"
     try:
-        if service.api_key and request.headers.get("Authorization") != f"Bearer {service.api_key}":
-            raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
-        response = await service.complete(parse_completion_request(await request.read()))
+        service.authorize(request)
+        raw = await read_body(request, service.body_timeout)
+        response = await service.complete(parse_completion_request(raw))
         status = "200"
         return json_response(response)
     except (ApiError, web.HTTPException) as error:
@@ -336,38 +228,51 @@ def _from_dispatch(error: Overloaded | NoReplica | ReplicaError) -> ApiError:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness for a load balancer: 200 while at least one replica serves (one restarting
+    while another serves is still a working node), with each replica's state."""
     dispatcher = request.app[SERVICE].dispatcher
-    ready = dispatcher.ready
-    body = {"status": "ready" if ready else "loading", "replicas": dispatcher.health()}
-    return json_response(body, 200 if ready else 503)
+    return json_response(dispatcher.report(), 200 if dispatcher.any_serving else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness for start-up waits (deploy): 200 only once every replica serves."""
+    dispatcher = request.app[SERVICE].dispatcher
+    return json_response(dispatcher.report(), 200 if dispatcher.all_serving else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[SERVICE].metrics.render(), content_type="text/plain")
+    service = request.app[SERVICE]
+    if service.metrics_need_key:
+        service.authorize(request)
+    return web.Response(text=service.metrics.render(), content_type="text/plain")
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    app = web.Application(client_max_size=args.max_body_bytes, middlewares=[errors_as_json])
-    app[SERVICE] = CompletionService(args)
+    service = CompletionService(args)
+    app = web.Application(
+        client_max_size=args.max_body_bytes,
+        middlewares=[errors_as_json(service.count_unhandled)],
+    )
+    app[SERVICE] = service
     for route in COMPLETION_ROUTES:
         app.router.add_post(route, completions)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
 
-    async def start_replicas(app: web.Application) -> None:
+    async def start(app: web.Application) -> None:
+        app[SERVICE].planner.pool.start()
         await app[SERVICE].dispatcher.start()
 
-    async def stop_restarting(app: web.Application) -> None:
-        """Shutdown began (in-flight requests still drain): a replica that dies stays down."""
-        app[SERVICE].dispatcher.begin_shutdown()
+    async def begin_shutdown(app: web.Application) -> None:
+        app[SERVICE].begin_shutdown()
 
-    async def stop_replicas(app: web.Application) -> None:
-        await app[SERVICE].dispatcher.stop()
-        app[SERVICE].planner.shutdown(wait=False, cancel_futures=True)
+    async def close(app: web.Application) -> None:
+        await app[SERVICE].close()
 
-    app.on_startup.append(start_replicas)
-    app.on_shutdown.append(stop_restarting)
-    app.on_cleanup.append(stop_replicas)
+    app.on_startup.append(start)
+    app.on_shutdown.append(begin_shutdown)
+    app.on_cleanup.append(close)
     return app
 
 
@@ -401,7 +306,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plan-timeout", type=float, default=5.0, help="seconds; then the prompt goes to the model"
     )
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds to receive a request body"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds from SIGTERM/SIGINT to exit, whatever is still running",
+    )
+    parser.add_argument(
+        "--metrics-auth", action="store_true", help="/metrics requires API_KEY too, when set"
+    )
     return parser.parse_args(argv)
 
 
@@ -423,19 +339,49 @@ def refuse_unservable(args: argparse.Namespace) -> None:
         sys.exit(2)
 
 
+async def serve(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop within --shutdown-timeout.
+
+    In-flight requests get DRAIN_SHARE of it (then aiohttp cancels them), planner workers are
+    killed, replicas get what is left to exit. A watchdog thread ends the process at the timeout
+    whatever is still running; children die with it (orphans.die_with_parent).
+    """
+    app = build_app(args)
+    drain = max(args.shutdown_timeout * DRAIN_SHARE, 0.01)  # aiohttp reads 0 as no limit
+    runner = JsonErrorRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=drain
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port).start()
+        log.info("serving on http://%s:%d", args.host, args.port)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: in-flight requests get up to %.1f s", drain)
+        _exit_at_the_latest(args.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+
+
+def _exit_at_the_latest(seconds: float) -> None:
+    def force_exit() -> None:
+        log.error("shutdown took over %.1f s; exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    watchdog = threading.Timer(seconds, force_exit)
+    watchdog.daemon = True
+    watchdog.start()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     refuse_unservable(args)
-    web.run_app(
-        build_app(args),
-        host=args.host,
-        port=args.port,
-        loop=uvloop.new_event_loop(),
-        handler_cancellation=True,
-        shutdown_timeout=args.shutdown_timeout,
-        access_log=None,
-    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(args))
 
 
 if __name__ == "__main__":

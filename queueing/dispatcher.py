@@ -3,7 +3,8 @@
 Admission is bounded (beyond the bound: Overloaded) and reserved up front, so a burst cannot
 overshoot it. A request waits while replicas load; if no replica is alive or loading it fails fast
 (NoReplica), and so does the backlog once every replica has given up starting. A dead replica's
-in-flight requests go to a live one and the replica is restarted (not while closing).
+in-flight requests go to a live one and the replica is restarted (not while closing); with no
+live replica left they fail fast with NoReplica too (a 503), never as a crash of theirs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from replica.worker import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 2  # a request that kills two replicas is failed, not retried forever
+MAX_CRASHES = 2  # a request running on two replicas that died is failed, not retried forever
 MAX_FAILED_STARTS = 3  # a replica that dies this often before ever being ready stays down
 SHUTDOWN_GRACE_S = 5.0  # for replicas to exit after "shutdown" (one engine step is enough)
 
@@ -53,7 +54,7 @@ class _Job:
     work: int
     future: asyncio.Future
     link: ReplicaLink | None = None
-    attempts: int = 0
+    crashes: int = 0  # replicas that died while it ran on them
 
 
 class Dispatcher:
@@ -85,14 +86,31 @@ class Dispatcher:
             await link.start()
 
     @property
-    def ready(self) -> bool:
-        return all(link.state is ReplicaState.READY for link in self.links)
+    def all_serving(self) -> bool:
+        """Every replica is up: what a start-up wait (deploy) waits for."""
+        return all(link.serving for link in self.links)
+
+    @property
+    def any_serving(self) -> bool:
+        """At least one replica can take work: what a load balancer needs to know."""
+        return any(link.serving for link in self.links)
+
+    def report(self) -> dict[str, Any]:
+        """What /health and /ready show: overall status, whether all replicas serve, each one."""
+        replicas = self.health()
+        serving = sum(replica["serving"] for replica in replicas)
+        ready = "all" if serving == len(replicas) else "some" if serving else "none"
+        loading = any(link.state is ReplicaState.LOADING for link in self.links)
+        status = {"all": "ready", "some": "degraded"}.get(ready)
+        status = status or ("loading" if loading else "unavailable")
+        return {"status": status, "ready": ready, "replicas": replicas}
 
     def health(self) -> list[dict[str, Any]]:
         return [
             {
                 "replica": link.index,
                 "state": link.state.value,
+                "serving": link.serving,
                 "pid": link.pid,
                 "restarts": link.restarts,
                 "outstanding": link.outstanding,
@@ -110,7 +128,7 @@ class Dispatcher:
         """
         if self.admitted + count > self.max_in_flight:
             raise Overloaded
-        if not any(link.state is ReplicaState.READY for link in self.links) and self.ever_ready:
+        if self.ever_ready and not self.any_serving:
             raise NoReplica
         self.admitted += count
         try:
@@ -133,10 +151,9 @@ class Dispatcher:
 
     def _place(self, request_id: int) -> None:
         job = self.jobs[request_id]
-        ready = [link for link in self.links if link.state is ReplicaState.READY]
-        if ready:
-            job.link = min(ready, key=lambda link: link.outstanding)
-            job.attempts += 1
+        serving = [link for link in self.links if link.serving]
+        if serving:
+            job.link = min(serving, key=lambda link: link.outstanding)
             self.metrics.inc(
                 "replica_requests_total",
                 "Model requests sent, per replica.",
@@ -205,16 +222,24 @@ class Dispatcher:
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
         for request_id in orphans:
-            job = self.jobs.get(request_id)
-            if job is None:
-                continue
-            job.link = None
-            if job.attempts >= MAX_ATTEMPTS:
-                self._fail(request_id, ReplicaError(500, "the request crashed its replica twice"))
-            else:
-                self.metrics.inc("retried_total", "Model requests re-sent after a replica died.")
-                self._place(request_id)
+            self._rescue(request_id)
         self._fail_backlog_if_hopeless()
+
+    def _rescue(self, request_id: int) -> None:
+        """A request whose replica died: it only ever goes to a replica whose process is running
+        (`serving`), so the death counts against it; with no replica left, a 503 (NoReplica)."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return
+        job.link = None
+        job.crashes += 1
+        if not self.any_serving:
+            self._fail(request_id, NoReplica())
+        elif job.crashes >= MAX_CRASHES:
+            self._fail(request_id, ReplicaError(500, "the request crashed its replica twice"))
+        else:
+            self.metrics.inc("retried_total", "Model requests re-sent after a replica died.")
+            self._place(request_id)
 
     async def _restart(self, link: ReplicaLink) -> None:
         """Start a replica again; a failure to even spawn counts as a failed start."""
@@ -269,10 +294,7 @@ class Dispatcher:
         return {(): self.admitted}
 
     def _replica_up(self) -> dict[tuple, float]:
-        return {
-            (("replica", str(link.index)),): float(link.state is ReplicaState.READY)
-            for link in self.links
-        }
+        return {(("replica", str(link.index)),): float(link.serving) for link in self.links}
 
     def _replica_restarts(self) -> dict[tuple, float]:
         return {(("replica", str(link.index)),): max(link.restarts, 0) for link in self.links}

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import socket
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from queueing.orphans import die_with_parent
 from replica.protocol import FrameDecoder, encode_frame
 from replica.worker import ReplicaSpec, serve
 
@@ -24,6 +26,12 @@ class ReplicaState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     DEAD = "dead"
+
+
+def _serve_until_parent_dies(sock: socket.socket, spec: ReplicaSpec, parent_pid: int) -> None:
+    """Replica process entry: `serve`, but SIGKILLed if the front end dies (even by SIGKILL)."""
+    die_with_parent(parent_pid)
+    serve(sock, spec)
 
 
 class _ReplicaProtocol(asyncio.Protocol):
@@ -70,7 +78,10 @@ class ReplicaLink:
         parent_end, child_end = socket.socketpair()
         context = mp.get_context("spawn")
         self._process = context.Process(
-            target=serve, args=(child_end, self.spec), name=f"replica-{self.index}", daemon=True
+            target=_serve_until_parent_dies,
+            args=(child_end, self.spec, os.getpid()),
+            name=f"replica-{self.index}",
+            daemon=True,
         )
         self._process.start()
         child_end.close()
@@ -120,6 +131,12 @@ class ReplicaLink:
     @property
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
+
+    @property
+    def serving(self) -> bool:
+        """Ready and its process still running: a replica killed a moment ago still reads as
+        READY until its socket's close is read, and work sent to it would be lost."""
+        return self.state is ReplicaState.READY and self.alive
 
     def shutdown(self) -> None:
         """Ask the replica to exit; its socket closing then reads as a (planned) death."""

@@ -33,9 +33,9 @@ class ServerProcess:
             command, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True
         )
 
-    def health_status(self) -> int | None:
+    def health_status(self, route: str = "/health") -> int | None:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+            with urllib.request.urlopen(self.url + route, timeout=2) as response:
                 return response.status
         except urllib.error.HTTPError as error:
             return error.code
@@ -43,14 +43,20 @@ class ServerProcess:
             return None
 
     def wait_ready(self, timeout: float = 120) -> None:
+        """Until every replica serves (/ready), as a start-up wait should."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}")
-            if self.health_status() == 200:
+            if self.health_status("/ready") == 200:
                 return
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
+
+    def processes(self) -> list[int]:
+        """Every live process of the server's session (it leads one): front end, replicas,
+        planner workers, multiprocessing's resource tracker."""
+        return session_processes(self.process.pid)
 
     def __enter__(self) -> ServerProcess:
         self.wait_ready()
@@ -68,6 +74,28 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes whose session id is `session`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, _pgrp, sid = stat.rsplit(")", 1)[1].split()[:4]
+        if int(sid) == session and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 def request(

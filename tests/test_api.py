@@ -51,6 +51,16 @@ def test_list_prompt_keeps_order_when_lengths_differ(server):
     assert [choice["text"] for choice in together] == alone
 
 
+def test_each_choice_carries_its_prompt_verbatim(server):
+    """The course's response shape: graders match each answer to the prompt it answers."""
+    prompts = ["  Hi\r\n", "Ünïcödé ✓ <|im_end|>", *PROMPTS]
+    choices = complete(server, prompts, max_tokens=2)["choices"]
+    assert [choice["prompt"] for choice in choices] == prompts
+    assert [choice["index"] for choice in choices] == list(range(len(prompts)))
+    [single] = complete(server, "Hello there", max_tokens=2)["choices"]
+    assert single["prompt"] == "Hello there"
+
+
 def test_usage_counts_equal_the_tokenizers(server, codec):
     body = complete(server, PROMPTS, max_tokens=5)
     plans = [shortcuts.plan(prompt, "throughput") for prompt in PROMPTS]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from queueing.dispatcher import MAX_FAILED_STARTS, Dispatcher, NoReplica, Overloaded
+from queueing.dispatcher import MAX_FAILED_STARTS, Dispatcher, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
 from queueing.replica_link import ReplicaLink, ReplicaState
 from replica.protocol import FrameDecoder
@@ -28,12 +28,31 @@ class FakeTransport:
         self.sent += self.decoder.feed(data)
 
 
+class FakeProcess:
+    """Stands in for a replica's process: running until killed."""
+
+    pid = 0
+
+    def __init__(self) -> None:
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.exitcode = -signal.SIGKILL
+
+
 @pytest.fixture(autouse=True)
 def no_processes(monkeypatch):
     async def start(link: ReplicaLink) -> None:
         link.state = ReplicaState.LOADING
         link.restarts += 1
         link._transport = FakeTransport()
+        link._process = FakeProcess()
 
     monkeypatch.setattr(ReplicaLink, "start", start)
 
@@ -44,6 +63,12 @@ def dispatcher(replicas: int, max_in_flight: int = 64) -> Dispatcher:
 
 def become_ready(link: ReplicaLink) -> None:
     link._received({"op": "ready", "info": {"pid": 0}})
+
+
+def die(link: ReplicaLink) -> None:
+    """The process exits, then (later, on the loop) its socket's close is read."""
+    link._process.kill()
+    link._died()
 
 
 def test_least_outstanding_work_picks_the_less_loaded_replica():
@@ -74,7 +99,7 @@ def test_backlog_fails_once_every_replica_gave_up_starting():
         assert len(d.backlog) == 1
         link = d.links[0]
         for _ in range(MAX_FAILED_STARTS):
-            link._died()  # died while loading
+            die(link)  # died while loading
             await asyncio.sleep(0)  # let the restart (if any) run
         assert link.state is ReplicaState.DEAD and link.restarts == MAX_FAILED_STARTS - 1
         with pytest.raises(NoReplica):
@@ -90,7 +115,7 @@ def test_backlog_keeps_waiting_while_a_replica_restarts():
         await d.start()
         waiting = asyncio.create_task(d.submit({"op": "generate"}, 10))
         await asyncio.sleep(0)
-        d.links[0]._died()
+        die(d.links[0])
         assert d.links[0].state is ReplicaState.LOADING  # counted as loading at once
         await asyncio.sleep(0)
         become_ready(d.links[0])
@@ -127,7 +152,7 @@ def test_no_restart_while_closing_and_orphans_move_to_a_live_replica():
         [job] = d.jobs.values()
         assert job.link is d.links[0]
         d.begin_shutdown()
-        d.links[0]._died()
+        die(d.links[0])
         await asyncio.sleep(0)
         assert d.links[0].state is ReplicaState.DEAD and d.links[0].restarts == 0
         assert job.link is d.links[1]
@@ -166,3 +191,61 @@ def test_stop_kills_a_replica_that_does_not_exit():
     asyncio.run(scenario())
     process.join(5)
     assert process.exitcode == -signal.SIGKILL
+
+
+async def ready_dispatcher(replicas: int) -> Dispatcher:
+    d = dispatcher(replicas)
+    await d.start()
+    for link in d.links:
+        become_ready(link)
+    return d
+
+
+def test_a_replica_dead_but_not_yet_noticed_gets_no_work():
+    async def scenario() -> None:
+        d = await ready_dispatcher(2)
+        d.links[0]._process.kill()  # its socket's close is not read yet: still READY
+        assert d.links[0].state is ReplicaState.READY and not d.links[0].serving
+        task = asyncio.create_task(d.submit({"op": "generate"}, 10))
+        await asyncio.sleep(0)
+        [job] = d.jobs.values()
+        assert job.link is d.links[1] and not d.links[0]._transport.sent
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_both_replicas_dying_is_a_503_not_a_crash_of_the_request():
+    """Replica 1 died a moment before replica 0's death is handled: the request must not be
+    re-sent to it (and then blamed for killing two replicas); no replica can take it."""
+
+    async def scenario() -> None:
+        d = await ready_dispatcher(2)
+        task = asyncio.create_task(d.submit({"op": "generate"}, 10))
+        await asyncio.sleep(0)
+        [job] = d.jobs.values()
+        first, other = job.link, d.links[1 - job.link.index]
+        other._process.kill()
+        die(first)
+        with pytest.raises(NoReplica):
+            await asyncio.wait_for(task, 1)
+        assert not other._transport.sent
+        assert "retried_total" not in d.metrics.render()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_crashes_two_live_replicas_fails_while_others_serve():
+    async def scenario() -> None:
+        d = await ready_dispatcher(3)
+        task = asyncio.create_task(d.submit({"op": "generate"}, 10))
+        await asyncio.sleep(0)
+        [job] = d.jobs.values()
+        die(job.link)  # it ran there: one crash, then re-sent to a live replica
+        assert job.link is not None and job.link.serving
+        die(job.link)  # a second replica it ran on died too: it is the likely cause
+        with pytest.raises(ReplicaError, match="twice"):
+            await asyncio.wait_for(task, 1)
+        assert sum(link.serving for link in d.links) == 1
+
+    asyncio.run(scenario())
