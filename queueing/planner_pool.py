@@ -167,13 +167,15 @@ class PlannerPool:
             self._idle.append(_Worker(self.function))
 
     def close(self) -> None:
-        """Kill every worker now, busy or not (shutdown must not wait for a runaway plan)."""
+        """Kill every worker now, busy or not (shutdown must not wait for a runaway plan).
+
+        A busy worker's caller then reads EOF and gets WorkerDied; no replacement starts."""
         self._closed = True
-        workers = [*self._idle, *self._busy]
+        idle, busy = list(self._idle), list(self._busy)
         self._idle.clear()
-        self._busy.clear()
-        for worker in workers:
+        for worker in idle:
             worker.sock.close()
+        for worker in idle + busy:
             worker.process.kill()
-        for worker in workers:
+        for worker in idle + busy:
             worker.process.join(JOIN_S)

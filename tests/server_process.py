@@ -92,6 +92,15 @@ def session_processes(session: int) -> list[int]:
     return found
 
 
+def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def children(pid: int) -> list[int]:
     """Direct children of `pid` (Linux /proc)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
