@@ -221,3 +221,21 @@ def test_full_shape_moe_block_close_to_transformers_in_bf16():
         exact = block.float()(x.float())[0]
     print(f"bf16 vs fp32: ours {rel_error(ours, exact):.4f}, theirs {rel_error(theirs, exact):.4f}")
     assert rel_error(ours, exact) < 1.5 * rel_error(theirs, exact) + 1e-3
+
+
+def test_the_server_serves_the_moe_checkpoint_end_to_end(checkpoint):
+    from tests.server_process import ServerProcess, request
+
+    mcq = (
+        "The following is a multiple choice question about medicine.\nWhich organ pumps blood?\n"
+        "A. Liver\nB. Heart\nC. Lung\nD. Kidney\nAnswer:"
+    )
+    with ServerProcess("--model", str(checkpoint)) as server:
+        _, health, _ = request(server.url + "/health", method="GET")
+        body = {"prompt": ["Write a haiku about rain.", mcq], "max_tokens": 8}
+        status, answer, _ = request(server.url + "/v1/completions", body)
+    assert health["replicas"][0]["model_type"] == "qwen3_moe"
+    assert status == 200
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] >= 8
+    assert answer["choices"][1]["text"] in {f"The answer is ({x})." for x in "ABCD"}
