@@ -245,14 +245,18 @@ def test_client_disconnect_cancels_the_work(server):
 
 
 def test_api_key_is_required_when_set_and_health_stays_open():
-    with ServerProcess(env={"API_KEY": "sesame"}) as process:
+    with ServerProcess("--metrics-auth", env={"API_KEY": "sesame"}) as process:
         status, answer, _ = request(process.url + ROUTE, GOOD)
         assert_openai_error(status, answer, 401)
         wrong = {"Authorization": "Bearer nope"}
         assert request(process.url + ROUTE, GOOD, headers=wrong)[0] == 401
         right = {"Authorization": "Bearer sesame"}
         assert request(process.url + ROUTE, GOOD, headers=right)[0] == 200
-        assert process.health_status() == 200
+        assert process.health_status() == 200 and process.health_status("/ready") == 200
+        status, answer, _ = request(process.url + "/metrics", method="GET")
+        assert_openai_error(status, answer, 401)
+        status, text, _ = request(process.url + "/metrics", method="GET", headers=right)
+        assert status == 200 and 'requests_total{status="200"} 1' in text
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_zero():
@@ -266,6 +270,10 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero():
         client.join()
         assert result[0][0] == 200 and len(result[0][1]["choices"]) == 4
         assert process.process.wait(30) == 0
+        deadline = time.monotonic() + 5
+        while process.processes():  # replicas, planner workers, resource tracker: all gone
+            assert time.monotonic() < deadline, process.processes()
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])

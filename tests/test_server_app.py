@@ -216,3 +216,23 @@ def test_shutdown_stops_replica_restarts_before_in_flight_work_drains():
         assert app[server.SERVICE].dispatcher.closing
 
     asyncio.run(main())
+
+
+def test_requests_still_running_when_the_drain_ends_get_a_503():
+    async def scenario(client, service, dispatcher) -> None:
+        dispatcher.release.clear()  # the replica never answers
+        async with asyncio.TaskGroup() as group:
+            pending = group.create_task(client.post(ROUTE, json={"prompt": "Hi"}))
+            while not dispatcher.running:
+                await asyncio.sleep(0.01)
+            started = asyncio.get_running_loop().time()
+            service.begin_shutdown()
+        async with pending.result() as response:
+            body = await response.json()
+        assert response.status == 503 and "shutting down" in body["error"]["message"], body
+        assert response.headers["Retry-After"] and response.headers["Connection"] == "close"
+        waited = asyncio.get_running_loop().time() - started
+        assert service.shutdown.drain_s - 0.05 < waited < service.shutdown.drain_s + 0.5
+        assert 'requests_total{status="503"} 1' in await metrics_text(client)
+
+    serve(scenario, "--shutdown-timeout", "0.6")
