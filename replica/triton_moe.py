@@ -3,10 +3,13 @@
 1. `_route_kernel`, a program per token: softmax over the router's logits, top-k, renormalise,
    then file the token's k (token, expert) pairs in per-expert buckets (an atomic counter per
    expert gives each pair its place).
-2. `_expert_up_kernel`, a program per (expert, block of intermediate columns): that expert's
+2. `_expert_up_kernel`, a program per (block of intermediate columns, expert): that expert's
    bucketed tokens, BLOCK_M at a time, times its gate and up rows, SiLU(gate) * up fused.
-3. `_expert_down_kernel`, a program per (expert, block of hidden columns): the down projection,
+3. `_expert_down_kernel`, a program per (block of hidden columns, expert): the down projection,
    scaled by the routing weight, one output row per pair.
+
+Column blocks vary fastest over the grid, so the programs running side by side share an expert's
+token rows in L2 (17% faster at prefill than expert-major order, `python -m replica.tune_moe`).
 
 Each expert's weights are read once per BLOCK_M of its tokens and untouched experts cost a
 program that reads one counter, so a decode step reads only the experts it routes to. Every
@@ -83,9 +86,9 @@ def _expert_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
+    expert = tl.program_id(1).to(tl.int64)
     count = tl.load(counts_ptr + expert)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_live = cols < inter
     ks = tl.arange(0, BLOCK_K)
     # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, read transposed.
@@ -125,9 +128,9 @@ def _expert_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
+    expert = tl.program_id(1).to(tl.int64)
     count = tl.load(counts_ptr + expert)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_live = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + expert * hidden * inter + cols[None, :] * inter + ks[:, None]
@@ -149,28 +152,28 @@ def _expert_down_kernel(
 
 
 @dataclass(frozen=True)
-class Tiles:
-    """Block sizes of the expert GEMMs, chosen by the mean tokens per expert.
-
-    Decode (a few tokens per expert) is a weight stream: thin row blocks sized so that nearly
-    every expert's tokens fit in one (each extra block re-reads the expert), thin column blocks
-    so that many programs keep every SM reading. Prefill (hundreds per expert) is compute: the
-    widest tiles that fit shared memory. Measured on an H100 (docs/PERF.md)."""
+class Tile:
+    """Block sizes of one expert GEMM: rows (tokens), output columns (gate and up each, for the
+    up kernel), reduction depth, warps and pipeline stages."""
 
     rows: int
-    up_cols: int  # gate and up columns each
-    down_cols: int
+    cols: int
     depth: int
     warps: int
     stages: int
 
-    @classmethod
-    def for_load(cls, tokens_per_expert: float) -> Tiles:
-        if tokens_per_expert <= 8:
-            return cls(16, 32, 64, 128, 4, 4)
-        if tokens_per_expert <= 24:
-            return cls(32, 32, 64, 128, 4, 4)
-        return cls(128, 128, 256, 64, 8, 3)
+
+def tiles_for(tokens_per_expert: float) -> tuple[Tile, Tile]:
+    """(up, down) tiles by the mean tokens per expert.
+
+    Decode (a few tokens per expert) is a weight stream: row blocks sized so that nearly every
+    expert's tokens fit in one (each extra block re-reads the expert), thin column blocks so that
+    many programs keep every SM reading. Prefill (hundreds per expert) is compute: wide tiles.
+    Chosen with `python -m replica.tune_moe` on an H100 (docs/PERF.md)."""
+    if tokens_per_expert <= 24:
+        rows = 16 if tokens_per_expert <= 8 else 32
+        return Tile(rows, 32, 128, 4, 4), Tile(rows, 64, 128, 4, 4)
+    return Tile(128, 128, 64, 8, 3), Tile(256, 128, 64, 8, 3)
 
 
 def _block_k(dim: int) -> int:
@@ -181,8 +184,9 @@ def _block_k(dim: int) -> int:
     return block
 
 
-def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
-    """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted."""
+def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None) -> Tensor:
+    """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
+    `tiles` (up, down) overrides `tiles_for` (the tuning sweep)."""
     tokens, hidden = x.shape
     experts, inter = moe.num_experts, moe.down.shape[2]
     top_k = moe.top_k
@@ -206,9 +210,9 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=4,
     )
-    tiles = Tiles.for_load(pairs / experts)
+    up, down = tiles or tiles_for(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    _expert_up_kernel[(experts, triton.cdiv(inter, tiles.up_cols))](
+    _expert_up_kernel[(triton.cdiv(inter, up.cols), experts)](
         x,
         moe.gate_up,
         counts,
@@ -218,14 +222,14 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         inter,
         tokens,
         TOP_K=top_k,
-        BLOCK_M=tiles.rows,
-        BLOCK_N=tiles.up_cols,
-        BLOCK_K=min(tiles.depth, _block_k(hidden)),
-        num_warps=tiles.warps,
-        num_stages=tiles.stages,
+        BLOCK_M=up.rows,
+        BLOCK_N=up.cols,
+        BLOCK_K=min(up.depth, _block_k(hidden)),
+        num_warps=up.warps,
+        num_stages=up.stages,
     )
     out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
-    _expert_down_kernel[(experts, triton.cdiv(hidden, tiles.down_cols))](
+    _expert_down_kernel[(triton.cdiv(hidden, down.cols), experts)](
         act,
         moe.down,
         weights,
@@ -235,10 +239,10 @@ def fused_moe(x: Tensor, moe: SparseMoE) -> Tensor:
         hidden,
         inter,
         tokens,
-        BLOCK_M=tiles.rows,
-        BLOCK_N=tiles.down_cols,
-        BLOCK_K=min(tiles.depth, _block_k(inter)),
-        num_warps=tiles.warps,
-        num_stages=tiles.stages,
+        BLOCK_M=down.rows,
+        BLOCK_N=down.cols,
+        BLOCK_K=min(down.depth, _block_k(inter)),
+        num_warps=down.warps,
+        num_stages=down.stages,
     )
     return out
