@@ -60,7 +60,7 @@ def _hub_tensors(layer, p: str) -> dict[str, torch.Tensor]:
         attn + "o_proj.weight": layer.o_proj,
         attn + "q_norm.weight": layer.q_norm,
         attn + "k_norm.weight": layer.k_norm,
-        mlp + "gate.weight": layer.mlp.router.to(layer.qkv.dtype),
+        mlp + "gate.weight": layer.mlp.router,
     }
     for e in range(layer.mlp.num_experts):
         gate, up = layer.mlp.gate_up[e].chunk(2)

@@ -38,7 +38,7 @@ class DenseMLP:
 class SparseMoE:
     """Router and experts of one layer. Experts are stacked so one kernel reaches them all."""
 
-    router: Tensor  # [experts, hidden], fp32: routing decides discrete choices, keep it exact
+    router: Tensor  # [experts, hidden]; its logits are computed in fp32 (`route`)
     gate_up: Tensor  # [experts, 2 * moe_intermediate, hidden]: gate rows, then up rows
     down: Tensor  # [experts, hidden, moe_intermediate]
     top_k: int
@@ -64,9 +64,10 @@ class SparseMoE:
 
 
 def route(x: Tensor, moe: SparseMoE) -> tuple[Tensor, Tensor]:
-    """(weights [T, k] in x's dtype, expert ids [T, k]): softmax in fp32 over the router's
-    logits, top-k, renormalised when the config says so."""
-    logits = F.linear(x.to(moe.router.dtype), moe.router)
+    """(weights [T, k] in x's dtype, expert ids [T, k]): the router's logits in fp32 (routing
+    makes discrete choices: keep them exact), softmax, top-k, renormalised when the config says
+    so. On fp32 weights (the CPU) this is transformers' arithmetic."""
+    logits = F.linear(x.float(), moe.router.float())
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, moe.top_k, dim=-1)
     if moe.norm_topk_prob:

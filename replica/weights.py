@@ -49,9 +49,6 @@ class Builder(Protocol):
 
     def norm(self, name: str, size: int) -> Tensor: ...
 
-    def router(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        """Kept in fp32 whatever the model's dtype."""
-
 
 def build(config: PretrainedConfig, builder: Builder) -> ModelWeights:
     hidden = config.hidden_size
@@ -93,7 +90,7 @@ def _mlp(config: PretrainedConfig, builder: Builder, p: str) -> DenseMLP | Spars
     experts, inter = config.num_experts, config.moe_intermediate_size
     expert = [f"{p}experts.{e}." for e in range(experts)]
     return SparseMoE(
-        router=builder.router(p + "gate.weight", (experts, hidden)),
+        router=builder.matrix([p + "gate.weight"], (experts, hidden)),
         gate_up=builder.matrix(
             [e + n for e in expert for n in ("gate_proj.weight", "up_proj.weight")],
             (experts, 2 * inter, hidden),
@@ -111,16 +108,13 @@ class CheckpointBuilder:
         self.reader, self.device, self.dtype = reader, device, dtype
 
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
-        return self._stack(names, shape, self.dtype)
+        return self._stack(names, shape)
 
     def norm(self, name: str, size: int) -> Tensor:
-        return self._stack([name], (size,), self.dtype)
+        return self._stack([name], (size,))
 
-    def router(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        return self._stack([name], shape, torch.float32)
-
-    def _stack(self, names: list[str], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        out = torch.empty(shape, dtype=dtype, device=self.device)
+    def _stack(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
         rows = out.view(-1, *shape[-1:]) if len(shape) > 1 else out.view(1, -1)
         start = 0
         for name in names:
@@ -144,17 +138,11 @@ class RandomBuilder:
         self.std = getattr(config, "initializer_range", 0.02)
 
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
-        return self._normal(shape, self.dtype)
+        out = torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        return out.mul_(self.std)
 
     def norm(self, name: str, size: int) -> Tensor:
         return torch.ones(size, device=self.device, dtype=self.dtype)
-
-    def router(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        return self._normal(shape, torch.float32)
-
-    def _normal(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        out = torch.randn(shape, generator=self.gen, device=self.device, dtype=dtype)
-        return out.mul_(self.std)
 
 
 class NameBuilder:
@@ -169,9 +157,6 @@ class NameBuilder:
 
     def norm(self, name: str, size: int) -> Tensor:
         return self.matrix([name], (size,))
-
-    def router(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        return self.matrix([name], shape)
 
 
 def expected_tensor_names(config: PretrainedConfig) -> set[str]:

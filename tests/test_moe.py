@@ -103,7 +103,6 @@ def test_random_weights_build_the_moe_not_a_dense_model():
     assert isinstance(moe, SparseMoE)
     assert moe.gate_up.shape == (8, 2 * 32, 64)
     assert moe.down.shape == (8, 64, 32)
-    assert moe.router.dtype == torch.float32
     with torch.device("meta"):
         theirs = Qwen3MoeForCausalLM(config)
     assert model.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
@@ -206,7 +205,6 @@ def test_full_shape_moe_block_close_to_transformers_in_bf16():
     from replica.triton_ops import TritonOps
 
     config, moe = real_moe(seed=3)
-    moe.router.copy_(moe.router.bfloat16())  # theirs is a bf16 parameter: the same values
     with torch.device("cuda"):
         block = Qwen3MoeSparseMoeBlock(config).to(torch.bfloat16).eval()
     block.gate.weight.data.copy_(moe.router)
