@@ -185,10 +185,9 @@ def decode_profile(engine: Engine, rows: int, live: int, bandwidth: float) -> di
     at `rows` rows of `live` tokens each, each part against its byte floor."""
     from replica.attention.triton_decode import WAVES
 
-    runner = engine.decoder
-    runner.inputs[:, :rows] = torch.tensor([[1], [live - 1], [0], [live]], device="cuda")
-    runner.inputs[2, :rows] = torch.arange(rows, device="cuda")
-    step_ms = _time_ms(runner.graphs[rows].replay)
+    runner = engine.runner
+    runner.decode([1] * rows, [live - 1] * rows, list(range(rows)))
+    step_ms = _time_ms(lambda: runner.step(rows))
     attention_ms = _attention_ms(engine, rows, live, WAVES)
     kv_ms = 1e3 * rows * live * bytes_per_token(engine.model.config, engine.model.dtype) / bandwidth
     weights_ms = 1e3 * engine.model.weight_bytes() / bandwidth

@@ -31,13 +31,10 @@ LIVE = 500
 
 def step_ms(engine: Engine, rows: int, seed: int) -> float:
     """One replay of the decode graph at `rows` rows, each at position LIVE - 1 of its slot."""
-    runner, gen = engine.decoder, torch.Generator().manual_seed(seed)
-    vocab = engine.model.config.vocab_size
-    runner.inputs[0, :rows] = torch.randint(0, vocab, (rows,), generator=gen).cuda()
-    runner.inputs[1, :rows] = LIVE - 1
-    runner.inputs[2, :rows] = torch.arange(rows, device="cuda")
-    runner.inputs[3, :rows] = LIVE
-    return _time_ms(runner.graphs[rows].replay, repeats=20)
+    runner, gen = engine.runner, torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, engine.model.config.vocab_size, (rows,), generator=gen).tolist()
+    runner.decode(tokens, [LIVE - 1] * rows, list(range(rows)))
+    return _time_ms(lambda: runner.step(rows), repeats=20)
 
 
 def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:

@@ -156,7 +156,7 @@ class Qwen3:
 def load_model(source: ModelSource, device: str, dtype: torch.dtype, seed: int = 0) -> Qwen3:
     """Weights for `source`: its checkpoint, layer by layer, else random.
 
-    `tiny-random` takes the reference model's seeded weights, so that our engine and
+    `tiny-random` takes transformers' seeded weights, so that our engine and
     transformers serve identical tokens; any other config without weights is random on the device.
     """
     if source.weights_dir is not None:

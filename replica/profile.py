@@ -64,8 +64,8 @@ def main() -> None:
     top_kernels(prefill, f"prefill of {args.tokens} tokens in {len(requests)} prompts")
     rows = args.rows
     tokens, positions, slots = [1] * rows, [427] * rows, list(range(rows))
-    engine.decoder.graphs.clear()  # eager: the profiler sees each kernel
-    top_kernels(lambda: engine.decoder.run(tokens, positions, slots), f"decode step, {rows} rows")
+    engine.runner.graphs.clear()  # eager: the profiler sees each kernel
+    top_kernels(lambda: engine.runner.decode(tokens, positions, slots), f"decode step, {rows} rows")
 
 
 if __name__ == "__main__":

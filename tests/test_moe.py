@@ -12,14 +12,16 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from replica.checkpoint import VENDORED_CONFIGS, CheckpointReader, resolve
-from replica.engine import QWEN3_EOS_IDS, Engine
+from replica.checkpoint import VENDORED_CONFIGS, VENDORED_TOKENIZER, CheckpointReader, resolve
+from replica.engine import Engine
 from replica.kv_cache import bytes_per_token
 from replica.model import Qwen3
 from replica.moe import SparseMoE
 from replica.protocol import EngineRequest
+from replica.tokenization import PromptCodec
 from replica.weights import expected_tensor_names
 
+EOS_IDS = PromptCodec(VENDORED_TOKENIZER).eos_ids
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -134,8 +136,8 @@ def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, pro
                 torch.tensor([prompt]),
                 max_new_tokens=NEW_TOKENS,
                 do_sample=False,
-                eos_token_id=list(QWEN3_EOS_IDS),
-                pad_token_id=QWEN3_EOS_IDS[1],
+                eos_token_id=list(EOS_IDS),
+                pad_token_id=EOS_IDS[1],
             )
             expected.append(out[0, len(prompt) :].tolist())
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
@@ -157,9 +159,8 @@ def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts
         with torch.no_grad():
             logits = reference(torch.tensor([prompts[i]])).logits[0, -1, ids]
         assert results[i].choice_index == int(logits.argmax())
-        torch.testing.assert_close(
-            torch.tensor(results[i].choice_logits), logits, rtol=1e-4, atol=1e-5
-        )
+        ours = engine.runner.prefill([prompts[i]], [0])[0, ids]
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-5)
 
 
 # On the GPU: the fused kernels at the real shape.

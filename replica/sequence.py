@@ -1,0 +1,47 @@
+"""One request's state inside the engine, from admission to its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from replica.protocol import EngineRequest, EngineResult
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Sequence:
+    request: EngineRequest
+    slot: int = -1  # its KV-cache slot while it runs
+    limit: int = 0  # most tokens it may generate: its cap, bounded by the slot's length
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def is_scoring(self) -> bool:
+        return self.request.choice_ids is not None
+
+    @property
+    def position(self) -> int:
+        """Where its newest token sits: the next decode step feeds that token at that position."""
+        return self.prompt_len + len(self.output) - 1
+
+    def result(self, finish_reason: FinishReason) -> EngineResult:
+        return EngineResult(
+            id=self.id,
+            prompt_tokens=self.prompt_len,
+            output_ids=self.output,
+            finish_reason=finish_reason,
+        )
