@@ -171,7 +171,7 @@ def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
 def attention_sweep(engine: Engine, bandwidth: float) -> list[dict]:
     """Decode attention at several split counts (programs per multiprocessor)."""
     results = []
-    for rows, live in ((64, 428), (256, 843)):
+    for rows, live in ((64, 428), (min(256, engine.max_rows), 843)):
         kv_bytes = rows * live * bytes_per_token(engine.model.config, engine.model.dtype)
         for waves in (2, 4, 8, 16):
             ms = _attention_ms(engine, rows, live, waves)
@@ -276,7 +276,8 @@ def main() -> None:
 
     report["attention_sweep"] = attention_sweep(engine, bandwidth)
     report["decode_profile"] = [
-        decode_profile(engine, rows, live, bandwidth) for rows, live in ((64, 428), (256, 843))
+        decode_profile(engine, min(rows, engine.max_rows), live, bandwidth)
+        for rows, live in ((64, 428), (256, 843))
     ]
     save()
 

@@ -7,8 +7,6 @@ The graphs read their inputs from `DecodeInputs`, static buffers the runner fill
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -23,38 +21,39 @@ def batch_sizes(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
-@dataclass
 class DecodeInputs:
-    """What a decode graph reads, one entry per row (row i feeds token i at position i of slot i
-    and attends over seq_lens[i] tokens). Rows past the live ones are padding."""
+    """What a decode graph reads, one column per row: row i feeds `tokens[i]` at `positions[i]`
+    of slot `slots[i]` and attends over `seq_lens[i]` tokens. One int64 buffer underneath, so a
+    step's inputs cross to the device in one copy; rows past the live ones are padding that
+    writes to the cache's scratch slot."""
 
-    tokens: Tensor  # int64
-    positions: Tensor  # int64
-    slots: Tensor  # int64
-    seq_lens: Tensor  # int32
+    def __init__(self, rows: int, scratch_slot: int, device: torch.device) -> None:
+        self.scratch_slot = scratch_slot
+        self.packed = torch.zeros(4, rows, dtype=torch.int64, device=device)
+        self.tokens, self.positions, self.slots, self.seq_lens = self.packed.unbind(0)
+        self.slots.fill_(scratch_slot)
+        self.seq_lens.fill_(1)
 
-    @classmethod
-    def allocate(cls, rows: int, scratch_slot: int, device: torch.device) -> DecodeInputs:
-        def zeros(dtype: torch.dtype) -> Tensor:
-            return torch.zeros(rows, dtype=dtype, device=device)
-
-        inputs = cls(zeros(torch.int64), zeros(torch.int64), zeros(torch.int64), zeros(torch.int32))
-        inputs.pad(0, scratch_slot)
-        return inputs
-
-    def pad(self, start: int, scratch_slot: int) -> None:
-        """Rows from `start` on write their K/V to the scratch slot and attend over one token."""
-        self.tokens[start:] = 0
-        self.positions[start:] = 0
-        self.slots[start:] = scratch_slot
-        self.seq_lens[start:] = 1
+    def set(self, tokens: list[int], positions: list[int], slots: list[int], size: int) -> None:
+        """Live rows first, padding up to `size`; row i attends over positions[i] + 1 tokens."""
+        pad = size - len(tokens)
+        host = torch.tensor(
+            [
+                tokens + [0] * pad,
+                positions + [0] * pad,
+                slots + [self.scratch_slot] * pad,
+                [p + 1 for p in positions] + [1] * pad,
+            ],
+            dtype=torch.int64,
+        )
+        self.packed[:, :size].copy_(host)
 
     def batch(self, size: int) -> Batch:
         return Batch(
             self.tokens[:size],
             self.positions[:size],
             self.slots[:size],
-            seq_lens=self.seq_lens[:size],
+            seq_lens=self.seq_lens[:size].to(torch.int32),
         )
 
 
@@ -71,7 +70,7 @@ class ModelRunner:
     ) -> None:
         self.model, self.cache, self.attention = model, cache, attention
         self.sizes = sizes
-        self.inputs = DecodeInputs.allocate(sizes[-1], cache.scratch_slot, model.device)
+        self.inputs = DecodeInputs(sizes[-1], cache.scratch_slot, model.device)
         self.next_tokens = torch.zeros(sizes[-1], dtype=torch.int64, device=model.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if not enforce_eager:
@@ -86,16 +85,10 @@ class ModelRunner:
 
     def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> list[int]:
         """Next greedy token of each row; row i attends over positions[i] + 1 tokens."""
-        rows = len(tokens)
-        size = self.size_for(rows)
-        host = torch.tensor([tokens, positions, slots, [p + 1 for p in positions]])
-        inputs = self.inputs
-        buffers = (inputs.tokens, inputs.positions, inputs.slots, inputs.seq_lens)
-        for buffer, values in zip(buffers, host, strict=True):
-            buffer[:rows].copy_(values)
-        self.inputs.pad(rows, self.cache.scratch_slot)
+        size = self.size_for(len(tokens))
+        self.inputs.set(tokens, positions, slots, size)
         self.step(size)
-        return self.next_tokens[:rows].tolist()
+        return self.next_tokens[: len(tokens)].tolist()
 
     def size_for(self, rows: int) -> int:
         return next(s for s in self.sizes if s >= rows)
