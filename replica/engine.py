@@ -215,11 +215,14 @@ class Engine:
             sequence.slot = self.cache.allocate()
         logits = self.runner.prefill([s.prompt_ids for s in group], [s.slot for s in group])
         first_tokens = logits.argmax(-1).tolist()
+        choices = _best_choices(group, logits)
         results = []
-        for sequence, row_logits, token in zip(group, logits, first_tokens, strict=True):
+        for i, (sequence, token) in enumerate(zip(group, first_tokens, strict=True)):
             if sequence.is_scoring:
                 self.cache.release(sequence.slot)
-                results.append(self._score(sequence, row_logits))
+                results.append(
+                    EngineResult(sequence.id, sequence.prompt_len, choice_index=choices[i])
+                )
                 continue
             room = self.max_seq_len - sequence.prompt_len
             sequence.limit = min(sequence.request.max_new_tokens, room)
@@ -234,15 +237,6 @@ class Engine:
         self.stats.prefill_tokens += sum(s.prompt_len for s in group)
         self.stats.prefill_s += time.perf_counter() - start
         return results
-
-    @staticmethod
-    def _score(sequence: Sequence, logits: Tensor) -> EngineResult:
-        choice_logits = logits[sequence.request.choice_ids or []]
-        return EngineResult(
-            id=sequence.id,
-            prompt_tokens=sequence.prompt_len,
-            choice_index=int(choice_logits.argmax()),
-        )
 
     def _decode(self) -> list[EngineResult]:
         start = time.perf_counter()
@@ -275,3 +269,19 @@ class Engine:
         self.scheduler.finish(sequence)
         self.cache.release(sequence.slot)
         return sequence.result(reason)
+
+
+def _best_choices(group: list[Sequence], logits: Tensor) -> dict[int, int]:
+    """Row -> index of the highest-scoring choice token, for the scoring rows of a prefill, in
+    one device sync rather than one per request."""
+    rows = [i for i, s in enumerate(group) if s.is_scoring]
+    if not rows:
+        return {}
+    choice_ids = [group[i].request.choice_ids or [] for i in rows]
+    width = max(len(ids) for ids in choice_ids)
+    index = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in choice_ids])
+    picked = logits[rows].gather(1, index.to(logits.device))
+    widths = torch.tensor([len(ids) for ids in choice_ids], device=logits.device)
+    padding = torch.arange(width, device=logits.device)[None, :] >= widths[:, None]
+    best = picked.masked_fill(padding, float("-inf")).argmax(-1).tolist()
+    return dict(zip(rows, best, strict=True))
