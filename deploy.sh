@@ -13,7 +13,7 @@
 # The Modal client is the first that works of: the `modal` command, .venv/bin/python -m modal,
 # python3 -m modal; it must be version MIN_MODAL or later. deploy.sh then runs, side by side,
 # `modal run deploy/weights.py` (fills the weights volume) and `modal deploy deploy/modal_app.py`
-# (builds the image, deploys), waits for the endpoint's /health, and prints the URL and how to
+# (builds the image, deploys), waits for the endpoint's /ready, and prints the URL and how to
 # call it. --dry-run prints every setting (deploy/systems.py, with python3) and deploys nothing.
 # docs/DEPLOY.md explains each choice.
 set -euo pipefail
@@ -162,14 +162,14 @@ if [[ -z $url ]]; then
   url="https://<workspace>--$app-completion.modal.run"
   echo "deploy.sh: modal deploy printed no URL; <workspace> is your Modal workspace (modal profile current)"
 elif command -v curl >/dev/null 2>&1; then
-  echo "deploy.sh: waiting up to ${READY_WAIT_S}s for $url/health (the container loads the model)"
+  echo "deploy.sh: waiting up to ${READY_WAIT_S}s for $url/ready (every replica loaded)"
   deadline=$((SECONDS + READY_WAIT_S))
-  until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$url/health" || true)" == 200 ]]; do
-    ((SECONDS < deadline)) || fail "$url/health did not answer 200 within ${READY_WAIT_S}s: see modal app logs $app"
+  until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$url/ready" || true)" == 200 ]]; do
+    ((SECONDS < deadline)) || fail "$url/ready did not answer 200 within ${READY_WAIT_S}s: see modal app logs $app"
     sleep 10
   done
 else
-  echo "deploy.sh: no curl, so not waiting for $url/health; the first request wakes the container"
+  echo "deploy.sh: no curl, so not waiting for $url/ready; the first request wakes the container"
 fi
 
 cat <<EOF

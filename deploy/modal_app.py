@@ -98,4 +98,4 @@ def completion() -> None:
     deadline = time.monotonic() + systems.STARTUP_TIMEOUT_S - 60
     wait_for_weights(systems.ready_marker(DEPLOYMENT.model), weights.reload, deadline)
     server = subprocess.Popen(DEPLOYMENT.server_command(sys.executable), cwd=REMOTE_ROOT)
-    wait_until_ready(server, f"http://127.0.0.1:{systems.PORT}/health", deadline)
+    wait_until_ready(server, f"http://127.0.0.1:{systems.PORT}/ready", deadline)

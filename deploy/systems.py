@@ -241,7 +241,7 @@ class Deployment:
             "cpu_cores": f"{CPU_CORES:g} reserved",
             "memory": f"{MEMORY_MIB // 1024} GiB reserved",
             "max_containers": f"{self.max_containers} (--max-containers N scales out)",
-            "min_containers": f"{MIN_CONTAINERS} (deploy.sh wakes the container and waits for /health)",
+            "min_containers": f"{MIN_CONTAINERS} (deploy.sh wakes the container and waits for /ready)",
             "scaledown_window_s": str(SCALEDOWN_WINDOW_S),
             "max_concurrent_inputs": f"{MAX_INPUTS} per container",
             "timeout_s": f"{TIMEOUT_S} per request",

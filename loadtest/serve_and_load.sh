@@ -16,7 +16,7 @@ python3 server.py --model "$config" --random-weights --gpus "$gpus" --port "$por
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 started=$(date +%s)
-until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
+until curl -sf "http://127.0.0.1:$port/ready" >/dev/null; do  # every replica loaded
   kill -0 $server 2>/dev/null || { tail -30 "$out/server.log"; exit 1; }
   sleep 1
 done

@@ -197,7 +197,7 @@ def test_the_graders_path_deploys_with_the_modal_command(
             "1",
         )
     url = URL.format(n=n)
-    assert grader.curls() == [f"curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/health"]
+    assert grader.curls() == [f"curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/ready"]
     out = settings(result.stdout)
     assert out["id"] == f"abc (from folder name {folder})"
     assert out["system"] == f"{n} (from folder name {folder})"
