@@ -28,7 +28,7 @@ import torch
 from replica.checkpoint import VENDORED_CONFIGS, resolve
 from replica.engine import Engine, EngineStats
 from replica.kv_cache import bytes_per_token
-from replica.protocol import EngineRequest
+from replica.protocol import EngineRequest, SamplingParams
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
@@ -203,6 +203,28 @@ def decode_profile(engine: Engine, rows: int, live: int, bandwidth: float) -> di
     }
 
 
+def sampling_cost(engine: Engine, live: int = 500) -> list[dict]:
+    """The decode step at 64 and 256 rows (or as many as the card holds) with every row sampling
+    (temperature 1, top_p 0.95, top_k 50, its own seed) against the same step all greedy: both
+    are graph replays of the same inputs."""
+    runner, results = engine.runner, []
+    for rows in sorted({min(64, engine.max_rows), min(256, engine.max_rows)}):
+        args = ([1] * rows, [live - 1] * rows, list(range(rows)))
+        runner.decode(*args, [SamplingParams(1.0, 0.95, 50, seed=i) for i in range(rows)])
+        sampled_ms = _time_ms(lambda rows=rows: runner.step(rows, sampled=True), repeats=50)
+        greedy_ms = _time_ms(lambda rows=rows: runner.step(rows), repeats=50)
+        overhead = round(sampled_ms / greedy_ms - 1, 4)
+        results.append(
+            {
+                "rows": rows,
+                "greedy_ms": round(greedy_ms, 3),
+                "sampled_ms": round(sampled_ms, 3),
+                "overhead": overhead,
+            }
+        )
+    return results
+
+
 def mixed_requests(count: int, vocab: int, seed: int) -> list[EngineRequest]:
     rng = random.Random(seed)
     requests = []
@@ -274,6 +296,9 @@ def main() -> None:
     report["bench5_scoring"] = scoring(engine, args.requests, vocab, flops)
     save()
 
+    report["sampling_cost"] = sampling_cost(engine)
+    save()
+
     report["attention_sweep"] = attention_sweep(engine, bandwidth)
     report["decode_profile"] = [
         decode_profile(engine, min(rows, engine.max_rows), live, bandwidth)
@@ -307,6 +332,7 @@ def main() -> None:
             f" prefill tok/s {run['prefill_tok_s']}"
         )
     print("bench5_scoring", report["bench5_scoring"])
+    print("sampling_cost", report["sampling_cost"])
     for entry in report["attention_sweep"] + report["decode_profile"]:
         print(entry)
 

@@ -9,10 +9,12 @@ prefill: the argmax over their choice tokens, no decode at all.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,12 +25,14 @@ from replica.checkpoint import ModelSource
 from replica.kv_cache import KVCache, plan_slots
 from replica.model import load_model
 from replica.model_runner import ModelRunner, batch_sizes
-from replica.protocol import EngineRequest, EngineResult
+from replica.protocol import EngineRequest, EngineResult, SamplingParams
+from replica.sampling import sample
 from replica.scheduler import Scheduler
 from replica.sequence import FinishReason, Sequence
 from replica.tokenization import PromptCodec
 
 log = logging.getLogger(__name__)
+GREEDY = SamplingParams()
 
 
 @dataclass
@@ -123,6 +127,7 @@ class Engine:
             eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
         self.eos_ids = frozenset(eos_ids)
         self.stats = EngineStats()
+        self._seeds = random.Random(os.urandom(16))  # for sampled requests that bring none
         with clock.phase("warmup"):
             if on_cuda if warm_up is None else warm_up:
                 self._warm_up_prefill()
@@ -190,6 +195,9 @@ class Engine:
             raise ValueError(f"prompt of {n} tokens; this engine takes 1..{self.max_seq_len - 1}")
         if request.choice_ids is not None and not request.choice_ids:
             raise ValueError("a scoring request needs at least one choice id")
+        sampling = request.sampling
+        if sampling is not None and not sampling.greedy and sampling.seed is None:
+            request.sampling = replace(sampling, seed=self._seeds.getrandbits(63))
         self.scheduler.add(Sequence(request))
 
     def cancel(self, request_id: int) -> bool:
@@ -214,7 +222,7 @@ class Engine:
         for sequence in group:
             sequence.slot = self.cache.allocate()
         logits = self.runner.prefill([s.prompt_ids for s in group], [s.slot for s in group])
-        first_tokens = logits.argmax(-1).tolist()
+        first_tokens = _first_tokens(group, logits)
         choices = _best_choices(group, logits)
         results = []
         for i, (sequence, token) in enumerate(zip(group, first_tokens, strict=True)):
@@ -242,8 +250,12 @@ class Engine:
         start = time.perf_counter()
         running = list(self.scheduler.running.values())
         positions = [s.position for s in running]
+        sampled = any(s.sampling is not None for s in running)
         tokens = self.runner.decode(
-            [s.output[-1] for s in running], positions, [s.slot for s in running]
+            [s.output[-1] for s in running],
+            positions,
+            [s.slot for s in running],
+            [s.sampling or GREEDY for s in running] if sampled else None,
         )
         results = [
             result
@@ -269,6 +281,25 @@ class Engine:
         self.scheduler.finish(sequence)
         self.cache.release(sequence.slot)
         return sequence.result(reason)
+
+
+def _first_tokens(group: list[Sequence], logits: Tensor) -> list[int]:
+    """Each prompt's first generated token: greedy, or drawn like a decode step's."""
+    tokens = logits.argmax(-1)
+    rows = [i for i, s in enumerate(group) if s.sampling is not None]
+    if rows:
+        params = [group[i].sampling or GREEDY for i in rows]
+        device = logits.device
+        drawn = sample(
+            logits[rows],
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([p.seed or 0 for p in params], device=device),
+            torch.tensor([group[i].prompt_len - 1 for i in rows], device=device),
+        )
+        tokens[rows] = drawn
+    return tokens.tolist()
 
 
 def _best_choices(group: list[Sequence], logits: Tensor) -> dict[int, int]:

@@ -83,6 +83,21 @@ class EngineRequest:
     prompt_ids: list[int]
     max_new_tokens: int = 0
     choice_ids: list[int] | None = None
+    sampling: SamplingParams | None = None  # None: greedy
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request draws its tokens (replica.sampling does the drawing)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # None: the engine draws one
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
 
 
 @dataclass

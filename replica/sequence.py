@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from replica.protocol import EngineRequest, EngineResult
+from replica.protocol import EngineRequest, EngineResult, SamplingParams
 
 FinishReason = Literal["stop", "length"]
 
@@ -28,6 +28,12 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def sampling(self) -> SamplingParams | None:
+        """None for greedy requests (they take the greedy decode graphs)."""
+        params = self.request.sampling
+        return None if params is None or params.greedy else params
 
     @property
     def is_scoring(self) -> bool:

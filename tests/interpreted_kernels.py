@@ -105,7 +105,26 @@ def moe() -> None:
             assert layer.expert_tokens.sum().item() == tokens * top_k
 
 
-CHECKS = {"prefill": prefill, "decode": decode, "elementwise": elementwise, "moe": moe}
+def sampling() -> None:
+    from replica.sampling import gumbel_argmax, row_keys
+    from replica.triton_sampling import gumbel_argmax_triton
+
+    rows, vocab = 6, 5000  # a vocabulary past one block, not a multiple of it
+    logits = torch.randn(rows, vocab) * 3
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3])
+    threshold = torch.tensor([-float("inf"), 2.0, -float("inf"), 4.0, 0.0, -1.0])
+    keys = row_keys(torch.arange(rows) * 7919, torch.arange(rows) + 100)
+    expected = gumbel_argmax(logits, temperature, threshold, keys)
+    assert torch.equal(gumbel_argmax_triton(logits, temperature, threshold, keys), expected)
+
+
+CHECKS = {
+    "prefill": prefill,
+    "decode": decode,
+    "elementwise": elementwise,
+    "moe": moe,
+    "sampling": sampling,
+}
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("check", ["prefill", "decode", "elementwise", "moe"])
+@pytest.mark.parametrize("check", ["prefill", "decode", "elementwise", "moe", "sampling"])
 def test_kernel_matches_its_reference_in_the_interpreter(check: str):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     script = ROOT / "tests" / "interpreted_kernels.py"

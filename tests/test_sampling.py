@@ -1,0 +1,122 @@
+"""Per-request sampling: exact greedy at temperature 0, seeds reproducible whatever shares the
+batch, top-k / top-p truncation, and draws that follow softmax(logits / T)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica.checkpoint import resolve
+from replica.engine import Engine
+from replica.protocol import EngineRequest, SamplingParams
+from replica.sampling import gumbel_argmax, row_keys, sample, thresholds
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=4, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 151_000, (n,), generator=gen).tolist() for n in (7, 30, 3, 12, 19)]
+
+
+def generate(engine: Engine, requests: list[EngineRequest]) -> dict[int, list[int]]:
+    for request in requests:
+        engine.add(request)
+    outputs = {}
+    while engine.has_work():
+        for result in engine.step():
+            outputs[result.id] = result.output_ids
+    return outputs
+
+
+def test_temperature_zero_and_top_k_one_are_exactly_greedy(engine, prompts):
+    greedy = generate(engine, [EngineRequest(i, p, NEW_TOKENS) for i, p in enumerate(prompts)])
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=1)):
+        requests = [EngineRequest(i, p, NEW_TOKENS, sampling=params) for i, p in enumerate(prompts)]
+        assert generate(engine, requests) == greedy
+
+
+def test_a_seed_draws_the_same_tokens_whatever_shares_its_batch(engine, prompts):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    alone = generate(engine, [EngineRequest(0, prompts[0], NEW_TOKENS, sampling=seeded)])[0]
+    neighbours = [
+        EngineRequest(1, prompts[1], 5),
+        EngineRequest(2, prompts[2], 40, sampling=SamplingParams(temperature=0.7)),
+        EngineRequest(0, prompts[0], NEW_TOKENS, sampling=seeded),
+        EngineRequest(3, prompts[3], 9, sampling=SamplingParams(temperature=1.3, top_k=20)),
+        EngineRequest(4, prompts[4], 30),
+    ]
+    crowded = generate(engine, neighbours)  # five requests over four slots: refilled mid-way
+    assert crowded[0] == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=99)
+    assert (
+        generate(engine, [EngineRequest(0, prompts[0], NEW_TOKENS, sampling=other_seed)])[0]
+        != alone
+    )
+
+
+def test_unseeded_requests_differ(engine, prompts):
+    params = SamplingParams(temperature=1.0)
+    first, second = (
+        generate(engine, [EngineRequest(0, prompts[1], NEW_TOKENS, sampling=params)])[0]
+        for _ in range(2)
+    )
+    assert first != second
+
+
+def test_draws_follow_softmax_of_logits_over_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 0.2, 1.5]])
+    temperature = torch.tensor([0.7])
+    draws = 20_000
+    keys = row_keys(torch.full((draws,), 42), torch.arange(draws))
+    tokens = gumbel_argmax(
+        logits.expand(draws, -1), temperature.expand(draws), torch.full((draws,), -torch.inf), keys
+    )
+    frequencies = torch.bincount(tokens, minlength=8).float() / draws
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    assert (frequencies - expected).abs().max() < 0.015
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
+    logits = torch.tensor([[4.0, 3.5, 3.0, 1.0, 0.0, -1.0, 2.0, 0.5]]).expand(2000, -1)
+    rows = logits.shape[0]
+    temperature = torch.full((rows,), 1.0)
+    seeds, positions = torch.arange(rows), torch.zeros(rows, dtype=torch.int64)
+
+    def drawn(top_k: int, top_p: float) -> set[int]:
+        k, p = torch.full((rows,), top_k), torch.full((rows,), top_p)
+        return set(sample(logits, temperature, k, p, seeds, positions).tolist())
+
+    assert drawn(top_k=3, top_p=1.0) == {0, 1, 2}
+    # softmax masses: 0.45, 0.27, 0.17 for tokens 0-2, then 0.06 (token 6): 0.6 needs two
+    assert drawn(top_k=0, top_p=0.6) == {0, 1}
+    assert drawn(top_k=0, top_p=1e-6) == {0}
+    assert len(drawn(top_k=0, top_p=1.0)) == 8
+    full = thresholds(logits[:1], temperature[:1], torch.tensor([0]), torch.tensor([1.0]))
+    assert full.item() == float("-inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_in_cuda_graphs(prompts):
+    """On the GPU (graph replays, the Triton sampler): temperature 0 is exactly greedy and a
+    seed draws the same tokens alone and in a crowded batch."""
+    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=4, max_seq_len=128)
+    greedy = generate(engine, [EngineRequest(i, p, NEW_TOKENS) for i, p in enumerate(prompts)])
+    zero = SamplingParams(temperature=0.0)
+    requests = [EngineRequest(i, p, NEW_TOKENS, sampling=zero) for i, p in enumerate(prompts)]
+    assert generate(engine, requests) == greedy
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, seed=7)
+    alone = generate(engine, [EngineRequest(0, prompts[0], NEW_TOKENS, sampling=seeded)])[0]
+    crowd = [
+        EngineRequest(i, p, NEW_TOKENS, sampling=SamplingParams(1.2)) for i, p in enumerate(prompts)
+    ]
+    crowd[0] = EngineRequest(0, prompts[0], NEW_TOKENS, sampling=seeded)
+    assert generate(engine, crowd)[0] == alone
+    assert alone != greedy[0]
