@@ -138,7 +138,7 @@ class ModelRunner:
             return
         i = self.inputs
         self.next_tokens[:size] = sample(
-            logits.float(),
+            logits,
             i.temperature[:size],
             i.top_k[:size],
             i.top_p[:size],

@@ -41,7 +41,7 @@ def row_keys(seeds: Tensor, positions: Tensor) -> Tensor:
 
 def thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """[B] fp32: the smallest logit / T a row may still draw (-inf: no truncation)."""
-    values = torch.topk(logits, min(CANDIDATES, logits.shape[-1]), dim=-1).values
+    values = torch.topk(logits, min(CANDIDATES, logits.shape[-1]), dim=-1).values.float()
     values = values * inverse(temperature)[:, None]
     width = values.shape[-1]
     ranks = torch.arange(width, device=logits.device)
@@ -61,7 +61,7 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, threshold: Tensor, keys: 
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     bits = mix32(keys[:, None] ^ vocab[None, :])
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    scaled = logits * inverse(temperature)[:, None]
+    scaled = logits.float() * inverse(temperature)[:, None]
     noisy = scaled - torch.log(-torch.log(uniform))
     return torch.where(scaled >= threshold[:, None], noisy, -torch.inf).argmax(-1)
 
@@ -74,8 +74,9 @@ def sample(
     seeds: Tensor,
     positions: Tensor,
 ) -> Tensor:
-    """[B] next tokens: greedy where temperature is 0, sampled elsewhere. Every shape is fixed
-    by the batch, so this runs inside a CUDA graph."""
+    """[B] next tokens: greedy where temperature is 0, sampled elsewhere. `logits` in the model's
+    dtype (widened to fp32 where they are read, never copied whole). Every shape is fixed by the
+    batch, so this runs inside a CUDA graph."""
     greedy = logits.argmax(-1)
     threshold = thresholds(logits, temperature, top_k, top_p)
     keys = row_keys(seeds, positions)

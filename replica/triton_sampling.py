@@ -34,7 +34,8 @@ def _gumbel_argmax_kernel(
     for start in range(0, vocab, BLOCK):
         tokens = start + tl.arange(0, BLOCK)
         live = tokens < vocab
-        scaled = tl.load(logits_ptr + row * vocab + tokens, mask=live, other=0.0) * inv_t
+        logit = tl.load(logits_ptr + row * vocab + tokens, mask=live, other=0.0)
+        scaled = logit.to(tl.float32) * inv_t
         bits = _mix32(key ^ tokens.to(tl.uint32))
         uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         score = scaled - tl.log(-tl.log(uniform))
