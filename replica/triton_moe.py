@@ -72,6 +72,15 @@ def _route_kernel(
 
 
 @triton.jit
+def _program_tile(counts_ptr, width, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An expert GEMM program's expert, that expert's token count, its output columns (and
+    which of them exist) and the reduction offsets."""
+    expert = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, tl.load(counts_ptr + expert), cols, cols < width, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def _expert_up_kernel(
     x_ptr,
     w_ptr,  # [experts, 2 * inter, hidden]
@@ -86,11 +95,7 @@ def _expert_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert = tl.program_id(1).to(tl.int64)
-    count = tl.load(counts_ptr + expert)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_live = cols < inter
-    ks = tl.arange(0, BLOCK_K)
+    expert, count, cols, col_live, ks = _program_tile(counts_ptr, inter, BLOCK_N, BLOCK_K)
     # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, read transposed.
     gate_rows = w_ptr + expert * 2 * inter * hidden + cols[None, :] * hidden + ks[:, None]
     up_rows = gate_rows + inter * hidden
@@ -128,11 +133,7 @@ def _expert_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert = tl.program_id(1).to(tl.int64)
-    count = tl.load(counts_ptr + expert)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_live = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
+    expert, count, cols, col_live, ks = _program_tile(counts_ptr, hidden, BLOCK_N, BLOCK_K)
     w_rows = w_ptr + expert * hidden * inter + cols[None, :] * inter + ks[:, None]
     for start in range(0, count, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.checkpoint import VENDORED_TOKENIZER, build_reference_model, resolve
+from replica.checkpoint import build_reference_model, resolve
 from replica.engine import Engine
 from replica.model_runner import batch_sizes
 from replica.protocol import EngineRequest, EngineResult
-from replica.tokenization import PromptCodec
+from tests.transformers_oracle import greedy_continuations
 
-EOS_IDS = PromptCodec(VENDORED_TOKENIZER).eos_ids  # <|im_end|>, <|endoftext|>
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
 
@@ -35,19 +34,7 @@ def prompts(source) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected(reference, prompts) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt, one prompt at a time."""
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = reference.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=list(EOS_IDS),
-                pad_token_id=EOS_IDS[1],
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return greedy_continuations(reference, prompts, NEW_TOKENS)
 
 
 def run(engine: Engine, requests: list[EngineRequest]) -> dict[int, EngineResult]:

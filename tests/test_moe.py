@@ -12,16 +12,15 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from replica.checkpoint import VENDORED_CONFIGS, VENDORED_TOKENIZER, CheckpointReader, resolve
+from replica.checkpoint import VENDORED_CONFIGS, CheckpointReader, resolve
 from replica.engine import Engine
 from replica.kv_cache import bytes_per_token
 from replica.model import Qwen3
 from replica.moe import SparseMoE
 from replica.protocol import EngineRequest
-from replica.tokenization import PromptCodec
 from replica.weights import expected_tensor_names
+from tests.transformers_oracle import greedy_continuations
 
-EOS_IDS = PromptCodec(VENDORED_TOKENIZER).eos_ids
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (5, 17, 40, 3, 64, 9, 28, 1)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -129,17 +128,7 @@ def _load(checkpoint: Path):
 
 def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, prompts):
     """Four slots for eight prompts of mixed lengths: rows are refilled mid-batch."""
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = reference.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=list(EOS_IDS),
-                pad_token_id=EOS_IDS[1],
-            )
-            expected.append(out[0, len(prompt) :].tolist())
+    expected = greedy_continuations(reference, prompts, NEW_TOKENS)
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
     engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_seq_len=256)
     requests = [EngineRequest(i, p, c) for i, (p, c) in enumerate(zip(prompts, caps, strict=True))]
