@@ -107,6 +107,7 @@ def test_both_cpu_replicas_receive_work(server):
     assert len(served) == 2 and all(count > 0 for count in served.values()), served
 
 
+@pytest.mark.slow
 def test_health_is_503_while_loading_then_200():
     process = ServerProcess()
     try:

@@ -33,7 +33,7 @@ MODELS = {
     2: "Qwen/Qwen3-4B-Instruct-2507",
     3: "Qwen/Qwen3-30B-A3B-Instruct-2507",
 }
-ANSWER_CAPS = {1: 512, 2: 1024, 3: 2048}
+COURSE_CONCURRENCY = 300  # the grader's requests in flight at once
 KV_KIB = {1: 144, 2: 144, 3: 96}  # 36 x 8 x 128 x 2 x 2 and 48 x 4 x 128 x 2 x 2 bytes
 URL = "https://ws--abc-system-{n}-completion.modal.run"
 
@@ -168,6 +168,26 @@ def number(value: str) -> int:
     return int(value.split()[0])
 
 
+def slot_tokens(n: int) -> int:
+    """A KV slot holds the longest expected prompt plus the longest answer the profile asks for."""
+    import shortcuts
+
+    profile = shortcuts.PROFILES[PROFILES[n]]
+    return systems.PROMPT_LIMIT + max(profile.open_cap, profile.mcq_reasoning_cap or 0)
+
+
+def pins() -> dict[str, str]:
+    """requirements.txt's `name==version` pins."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def image_step(steps: list[tuple[str, tuple, dict]], name: str) -> tuple[tuple, dict]:
+    """The arguments of the image's one step called `name`."""
+    [(args, kwargs)] = [(args, kwargs) for step, args, kwargs in steps if step == name]
+    return args, kwargs
+
+
 # --- the grader's path ---------------------------------------------------------------------------
 
 
@@ -227,14 +247,15 @@ def test_the_graders_dry_run_shows_the_sizing(grader: Grader, folder: str, n: in
     assert number(out["memory"]) >= 64 and out["memory"].split()[1] == "GiB"
     assert number(out["max_containers"]) == 1
     assert number(out["min_containers"]) == 0
-    assert number(out["max_concurrent_inputs"]) == 300
-    max_seq_len = 1536 + ANSWER_CAPS[n]
+    assert number(out["max_concurrent_inputs"]) >= COURSE_CONCURRENCY
+    max_seq_len = slot_tokens(n)
     assert number(out["max_seq_len"]) == max_seq_len
     assert f"--max-seq-len {max_seq_len} " in out["server"]
     assert f"--profile {PROFILES[n]} " in out["server"]
     assert number(out["kv_per_token"]) == KV_KIB[n]
     slots = number(out["kv_slots_per_gpu"])
-    assert 0 < slots <= 256 and out["kv_slots_per_gpu"].split()[1] == "(estimate:"
+    max_batch = int(out["server"].split("--max-batch ")[1].split()[0])
+    assert 0 < slots <= max_batch and out["kv_slots_per_gpu"].split()[1] == "(estimate:"
     assert number(out["kv_tokens_per_gpu"]) == slots * max_seq_len
     assert number(out["kv_slots_per_container"]) == 2 * slots
 
@@ -538,23 +559,26 @@ def test_the_app_reserves_the_container_it_needs(monkeypatch: pytest.MonkeyPatch
     assert options["scaledown_window"] >= 1200
     assert options["timeout"] >= 600  # the course client waits 600 s
     assert options["startup_timeout"] >= 600
-    (volume,) = options["volumes"].values()
-    assert list(options["volumes"]) == ["/weights"] and volume.name == "qwen3-weights"
+    [mount] = options["volumes"]  # the weights volume: the marker the container waits on is in it
+    assert systems.ready_marker(MODELS[n]).is_relative_to(mount)
     assert options["env"] == {
         "DEPLOY_APP_NAME": f"abc-system-{n}",
         "DEPLOY_PROFILE": PROFILES[n],
         "DEPLOY_MODEL": MODELS[n],
         "DEPLOY_MAX_CONTAINERS": "1",
     }
-    assert m.completion.concurrent == ((), {"max_inputs": 300})
-    assert m.completion.web_server[0] == (8000,)
+    assert m.completion.concurrent[1]["max_inputs"] >= COURSE_CONCURRENCY
 
     command = m.DEPLOYMENT.server_command("python")
     assert command[1] == "server.py"
-    assert command[command.index("--model") + 1] == MODELS[n]
-    assert command[command.index("--profile") + 1] == PROFILES[n]
-    assert command[command.index("--gpus") + 1] == "0,1"
-    assert command[command.index("--max-seq-len") + 1] == str(1536 + ANSWER_CAPS[n])
+    flag = dict(zip(command[2::2], command[3::2], strict=True))
+    assert flag["--model"] == MODELS[n]
+    assert flag["--profile"] == PROFILES[n]
+    # Modal forwards to the port the server listens on, and every reserved GPU gets a replica
+    assert m.completion.web_server[0] == (int(flag["--port"]),)
+    gpus = int(options["gpu"].split(":")[1])
+    assert sorted(map(int, flag["--gpus"].split(","))) == list(range(gpus))
+    assert flag["--max-seq-len"] == str(slot_tokens(n))
 
 
 def test_max_containers_reaches_modal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -578,41 +602,49 @@ def test_bad_variables_are_refused(
 
 
 def test_the_image_resolves_torch_and_holds_no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    steps = import_app(monkeypatch, "modal_app.py", **system_env(3)).image.steps
+    m = import_app(monkeypatch, "modal_app.py", **system_env(3))
+    steps = m.image.steps
     names = [name for name, _, _ in steps]
-    assert names == [
+    # packages and the project's files only: nothing in the build runs code or downloads weights
+    assert set(names) <= {
         "debian_slim",
         "pip_install",
         "pip_install_from_requirements",
         "env",
         "add_local_python_source",
         "add_local_dir",
-    ]
-    _, torch_args, torch_options = steps[1]
-    assert torch_args == ("torch==2.13.0+cu126",)
+    }
+    # torch's CUDA build first, so that requirements.txt's torch pin is already met by it
+    assert names.index("pip_install") < names.index("pip_install_from_requirements")
+    (torch,), torch_options = image_step(steps, "pip_install")
+    version, cuda = torch.removeprefix("torch==").split("+")
+    assert version == pins()["torch"] and cuda.startswith("cu")
     # an extra index, not a replacement for PyPI: torch's setuptools>=77 resolves from PyPI
-    assert torch_options == {"extra_index_url": "https://download.pytorch.org/whl/cu126"}
-    assert steps[3][1] == ({"HF_HUB_CACHE": "/weights/hub", "HF_HUB_OFFLINE": "1"},)
-    assert steps[4][1] == ("systems",)
+    assert set(torch_options) == {"extra_index_url"}
+    assert torch_options["extra_index_url"].endswith(f"/whl/{cuda}")
+    # the replicas read the weights offline, from the Hugging Face cache in the mounted volume
+    ((env,), _) = image_step(steps, "env")
+    [mount] = m.app.functions["completion"]["volumes"]
+    assert env["HF_HUB_OFFLINE"] == "1" and Path(env["HF_HUB_CACHE"]).is_relative_to(mount)
+    assert image_step(steps, "add_local_python_source")[0] == ("systems",)
     assert "flash" not in repr(steps)
 
 
 def test_image_pins_match_the_project() -> None:
-    pins = dict(
-        line.split("==")
-        for line in (ROOT / "requirements.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    )
-    assert pins["torch"] == systems.TORCH_VERSION
-    assert pins["huggingface-hub"] == systems.HUB_VERSION
+    assert pins()["torch"] == systems.TORCH_VERSION
+    assert pins()["huggingface-hub"] == systems.HUB_VERSION
 
 
 def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     m = import_app(monkeypatch, "weights.py", **system_env(3))
     options = m.app.functions["fill"]
-    assert options["volumes"]["/weights"].name == "qwen3-weights"
+    serving = import_app(monkeypatch, "modal_app.py", **system_env(3))
+    [(mount, volume)] = serving.app.functions["completion"]["volumes"].items()
+    assert options["volumes"][mount].name == volume.name  # what the serving container reads
     assert options["cpu"] >= 8
-    assert m.image.steps[1][1] == ("huggingface-hub==2.4.0",)
+    assert image_step(m.image.steps, "pip_install")[0] == (
+        f"huggingface-hub=={pins()['huggingface-hub']}",
+    )
     assert m.DEPLOYMENT.model == "Qwen/Qwen3-30B-A3B-Instruct-2507"
 
     import huggingface_hub
@@ -717,9 +749,9 @@ def test_the_real_modal_accepts_both_apps(monkeypatch: pytest.MonkeyPatch) -> No
 
 @needs_modal
 def test_wheels_and_local_state_stay_out_of_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modal.file_pattern_matcher import FilePatternMatcher
+    import modal
 
-    ignored = FilePatternMatcher(*import_app(monkeypatch, "modal_app.py").LOCAL_ONLY)
+    ignored = modal.FilePatternMatcher(*import_app(monkeypatch, "modal_app.py").LOCAL_ONLY)
     for path in ("flash_attn-2.8.3-cp311.whl", "dist/x.whl", ".venv", "replica/__pycache__"):
         assert ignored(Path(path)), path
     for path in ("server.py", "shortcuts/graph.py", "vendor/data/dev_combined.jsonl"):

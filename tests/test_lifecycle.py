@@ -24,6 +24,8 @@ from tests.test_reliability import (
     still_serving,
 )
 
+pytestmark = pytest.mark.slow  # each test starts, kills or signals server processes
+
 LONG_PROMPT = "Say hi. " + "-" * 17_000  # over 16 KiB (planned in a worker), few tokens
 
 

@@ -373,6 +373,7 @@ def check_outputs(out: Path) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_replay_of_the_sample_schedule_at_10x(server, tmp_path):
     url = server.url + "/v1/completions"
     args = ["replay", "--url", url, "--schedule", str(SAMPLE), "--speed", "10"]
@@ -395,6 +396,7 @@ def test_replay_of_the_sample_schedule_at_10x(server, tmp_path):
     assert accuracy["mmlu_med"]["scored"] == expected["mmlu_med"]
 
 
+@pytest.mark.slow
 def test_closed_loop_of_50_clients_for_10_seconds(server, tmp_path):
     url = server.url + "/v1/completions"
     args = ["closed", "--url", url, "--clients", "50", "--seconds", "10"]

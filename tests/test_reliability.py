@@ -121,6 +121,7 @@ def test_fuzzed_json_never_gets_a_5xx_or_hangs(server, body):
         assert_openai_error(status, answer, status)
 
 
+@pytest.mark.slow
 def test_admission_bound_answers_503_with_retry_after():
     with ServerProcess("--max-in-flight", "2") as process:
         body = {"prompt": ["Tell me a long story."] * 2, "max_tokens": 400}
@@ -167,6 +168,7 @@ def _batch_bodies(count: int, max_tokens: int, seed: int = 0) -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 def test_300_concurrent_batches_are_all_answered(server):
     bodies = _batch_bodies(300, max_tokens=4)
     results = asyncio.run(_many(server.url + ROUTE, bodies))
@@ -180,6 +182,7 @@ def _replica_pids(process: ServerProcess) -> list[int]:
     return [replica["pid"] for replica in body["replicas"]]
 
 
+@pytest.mark.slow
 def test_killed_replica_loses_nothing_and_is_restarted():
     with ServerProcess("--cpu-replicas", "2") as process:
         victim = _replica_pids(process)[0]
@@ -209,6 +212,7 @@ def test_killed_replica_loses_nothing_and_is_restarted():
         assert _metric(process, "retried_total") > 0
 
 
+@pytest.mark.slow
 def test_no_live_replica_gets_a_quick_503():
     with ServerProcess() as process:
         os.kill(_replica_pids(process)[0], signal.SIGKILL)
@@ -259,6 +263,7 @@ def test_api_key_is_required_when_set_and_health_stays_open():
         assert status == 200 and 'requests_total{status="200"} 1' in text
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_work_and_exits_zero():
     with ServerProcess() as process:
         result = []
@@ -276,6 +281,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero():
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_process_group_drains_in_flight_work(stop):
     """Ctrl-C or `kill -TERM -pgid` reaches replicas too; they must keep serving the drain."""
@@ -314,6 +320,7 @@ async def _soak_client(session, url: str, deadline: float, seed: int, tally: dic
         tally[key] = tally.get(key, 0) + 1
 
 
+@pytest.mark.slow
 def test_soak_300_clients_mixing_good_and_bad_loses_nothing(server):
     async def soak() -> dict:
         tally: dict = {}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from shortcuts import PROFILES, Answer, Generate, Score, plan, router
 from shortcuts.router import route
 from tests.shortcuts_dev_data import ROUTE_OF_TASK, dev_rows
 
@@ -136,6 +139,110 @@ def test_infobench_wrapped_graph_routes_graph_only_when_it_parses():
     assert route(wrapped.replace("weight: 4", "weight: -4")) == "open"
 
 
-@given(st.text(max_size=400))
-def test_never_raises(prompt):
-    assert route(prompt) in {"graph", "mcq", "open"}
+# Prompts of every route, cut into at random places by the pieces the router and the parsers
+# look for (or by arbitrary text), then wrapped as a client might: hypothesis reaches each
+# route, and the near misses between them.
+BASES = [
+    GRAPH,
+    f"Instruction: Solve this.\nQuestion: {GRAPH}\nGeneration:",
+    mcq_prompt(4, raw=False),
+    mcq_prompt(10, raw=True),
+    "Instruction: Answer the question.\nQuestion: Which is bigger?\nA. 3\nB. 4\nGeneration:",
+    "Write a haiku about the sea.",
+    "",
+]
+FRAGMENTS = [
+    "<|im_start|>user\n",
+    "<|im_start|>assistant\n",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "Instruction: ",
+    "\nQuestion: ",
+    "\nGeneration:",
+    "Which one is right?\n",
+    "Choices:\n",
+    "\nA. ",
+    "\nB. ",
+    " (C) ",
+    "\nAnswer:",
+    "The answer is (",
+    "Write a multiple choice quiz.",
+    "directed graph with 3 nodes",
+    "1 -> 2, weight: -1\n",
+    "0 -> 2, weight: 1.5\n",
+    "2 -> 0, weight: " + "9" * 12 + "\n",
+    "Find the top 2 shortest paths from node 0 to node 2.",
+    "\r\n",
+    "\r",
+    " \t",
+    "\x00",
+]
+
+
+def cut_into(base: str, cuts: list[tuple[int, str]], wrap) -> str:
+    for at, piece in cuts:
+        at %= len(base) + 1
+        base = base[:at] + piece + base[at:]
+    return wrap(base)
+
+
+odd_prompts = st.builds(
+    cut_into,
+    st.sampled_from(BASES),
+    st.lists(
+        st.tuples(st.integers(0), st.sampled_from(FRAGMENTS) | st.text(max_size=12)), max_size=4
+    ),
+    st.sampled_from(list(WRAPPERS.values())),
+)
+
+
+# caplog spans every example of a run: any router failure logged in any of them fails the test.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(odd_prompts, st.sampled_from(sorted(PROFILES)))
+@example(GRAPH, "throughput")  # solved on the CPU
+@example(GRAPH.replace("weight: 4", "weight: -4"), "balanced")  # graph-shaped, unparsable
+@example(chat(mcq_prompt(4, raw=False)), "throughput")  # letter scoring
+@example(mcq_prompt(10, raw=True), "accuracy")  # reasoning, scoring as the fallback
+def test_odd_prompts_get_a_plan_of_their_route_without_the_routers_safety_net(
+    caplog, prompt, profile
+):
+    """The router's catch-all is for bugs: no prompt may need it. Each route gets its plan."""
+    task = route(prompt)
+    shaped = plan(prompt, profile)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert shaped.task == task
+    if task == "graph":  # solved, or the model answers the unparsable prompt
+        assert isinstance(shaped, Answer | Generate)
+        if isinstance(shaped, Answer):
+            assert shaped.text.startswith("submit_paths(paths=[")
+    elif task == "mcq":  # scored over the offered letters, directly or after reasoning
+        score = shaped if isinstance(shaped, Score) else shaped.fallback
+        assert isinstance(score, Score)
+        offered = "ABCDEFGHIJ"[: len(score.choices)]
+        assert len(score.choices) >= 2 and score.choices == list(offered)
+        assert isinstance(shaped, Score) == (PROFILES[profile].mcq_reasoning_cap is None)
+    else:
+        assert isinstance(shaped, Generate) and shaped.fallback is None
+        assert shaped.messages[-1]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    "prompt", [GRAPH, f"Instruction: Solve this.\nQuestion: {GRAPH}\nGeneration:"]
+)
+def test_a_router_bug_costs_the_shortcut_not_the_request(monkeypatch, caplog, prompt):
+    """An exception inside the graph recogniser or parser: logged, and the prompt goes to the
+    model as an open instruction instead of failing its request."""
+
+    def broken(text: str) -> None:
+        raise RuntimeError("parser bug")
+
+    assert route(prompt) == "graph"
+    monkeypatch.setattr(router, "looks_like_graph", broken)
+    monkeypatch.setattr(router, "parse_graph", broken)
+    assert route(prompt) == "open"
+    shaped = plan(prompt, "throughput")
+    assert isinstance(shaped, Generate) and shaped.task == "open"
+    assert "0 -> 1, weight: 4" in shaped.messages[-1]["content"]
+    failures = [r for r in caplog.records if r.name == router.__name__]
+    assert failures and all(r.levelno == logging.ERROR and r.exc_info for r in failures)
