@@ -1,17 +1,9 @@
-"""What crosses the pipe between the front end and a replica, and what an engine consumes.
+"""How messages cross the socket between the front end and a replica, and what an engine
+consumes.
 
-Pipe messages are plain dicts (cheap to pickle). Front end -> replica:
-  {"op": "generate", "id": int, "messages": [{"role", "content"}], "max_tokens": int}
-  {"op": "score", "id": int, "messages": [...], "prefix": str, "choices": ["A", "B", ...]}
-  {"op": "cancel", "id": int}
-  {"op": "shutdown"}
-Replica -> front end:
-  {"op": "ready", "info": {...}}
-  {"op": "result", "id": int, "text": str, "finish_reason": "stop" | "length",
-   "prompt_tokens": int, "completion_tokens": int, "choice": str | None}
-  {"op": "error", "id": int, "status": int, "message": str, "param": str | None,
-   "code": str | None}                   (OpenAI's error fields, e.g. context_length_exceeded)
-  {"op": "cancelled", "id": int}          (the engine dropped it and freed its slot)
+Each message (replica.messages: one dataclass per kind) is framed as its pickled length, then
+the pickle. The front end reads frames with FrameDecoder on its asyncio transport; the replica
+uses BlockingChannel.
 """
 
 from __future__ import annotations
@@ -21,23 +13,27 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Generic, Literal, TypeVar
+
+from replica.messages import FromReplica, Message, ToReplica
 
 FRAME_HEADER = struct.Struct("!I")  # each message: its pickled length, then the pickle
+M = TypeVar("M", bound=Message)
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
+def encode_frame(message: Message) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME_HEADER.pack(len(body)) + body
 
 
-class FrameDecoder:
-    """Reassembles messages from a byte stream that arrives in arbitrary pieces."""
+class FrameDecoder(Generic[M]):
+    """Reassembles messages (of type M: what the other end sends) from a byte stream that
+    arrives in arbitrary pieces."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[M]:
         self.buffer += data
         messages = []
         while len(self.buffer) >= FRAME_HEADER.size:
@@ -55,17 +51,17 @@ class BlockingChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder()
-        self.ready: list[dict[str, Any]] = []
+        self.decoder = FrameDecoder[ToReplica]()
+        self.ready: list[ToReplica] = []
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: FromReplica) -> None:
         self.sock.sendall(encode_frame(message))
 
     def poll(self) -> bool:
         """True if a message can be received without blocking (or the peer has gone)."""
         return bool(self.ready) or bool(select.select([self.sock], [], [], 0)[0])
 
-    def recv(self) -> dict[str, Any]:
+    def recv(self) -> ToReplica:
         """The next message; EOFError once the front end has closed its end."""
         while not self.ready:
             data = self.sock.recv(1 << 20)

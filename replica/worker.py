@@ -10,10 +10,20 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from replica.protocol import BlockingChannel
+from replica.messages import (
+    Cancel,
+    Cancelled,
+    Failed,
+    Ready,
+    Request,
+    Result,
+    Score,
+    Shutdown,
+    Usage,
+)
+from replica.protocol import BlockingChannel, EngineRequest, EngineResult
 
 
 @dataclass(frozen=True)
@@ -31,17 +41,15 @@ def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
     """Process entry point: load, report ready, then serve until shutdown or a closed socket.
 
     SIGINT/SIGTERM are ignored: a Ctrl-C or a process-group SIGTERM reaches replicas too, and the
-    front end owns their lifecycle (it drains in-flight work, then sends "shutdown").
+    front end owns their lifecycle (it drains in-flight work, then sends Shutdown).
     """
     ignore_stop_signals()
-    from replica.protocol import BlockingChannel
-
     conn = BlockingChannel(sock)
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     started = time.monotonic()
     replica = Replica(spec)
-    conn.send({"op": "ready", "info": replica.info(time.monotonic() - started)})
+    conn.send(Ready(replica.info(time.monotonic() - started)))
     replica.run(conn)
 
 
@@ -72,7 +80,6 @@ class Replica:
         self.codec = PromptCodec(self.source.tokenizer_dir)
         self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
         self.max_context = self.engine.max_seq_len
-        self.pending: dict[int, dict[str, Any]] = {}
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
@@ -93,59 +100,42 @@ class Replica:
                     message = conn.recv()
                 except EOFError:
                     return
-                if message["op"] == "shutdown":
+                if isinstance(message, Shutdown):
                     return
                 self._handle(conn, message)
             for result in self.engine.step():
-                conn.send(self._answer(result))
+                conn.send(self._result(result))
 
-    def _handle(self, conn: BlockingChannel, message: dict[str, Any]) -> None:
-        if message["op"] == "cancel":
-            if self.engine.cancel(message["id"]):
-                self.pending.pop(message["id"], None)
-                conn.send({"op": "cancelled", "id": message["id"]})
+    def _handle(self, conn: BlockingChannel, message: Request | Cancel) -> None:
+        if isinstance(message, Cancel):
+            if self.engine.cancel(message.id):
+                conn.send(Cancelled(message.id))
             return
         try:
-            request = self._to_engine_request(message)
+            self.engine.add(self._to_engine_request(message))
         except ValueError as error:
-            conn.send(
-                {
-                    "op": "error",
-                    "id": message["id"],
-                    "status": 400,
-                    "message": str(error),
-                    "param": getattr(error, "param", None),
-                    "code": getattr(error, "code", None),
-                }
-            )
-            return
-        self.pending[request.id] = message
-        self.engine.add(request)
+            param, code = getattr(error, "param", None), getattr(error, "code", None)
+            conn.send(Failed(message.id, 400, str(error), param, code))
 
-    def _to_engine_request(self, message: dict[str, Any]):
-        from replica.protocol import EngineRequest
-
-        prompt_ids = self.codec.encode_chat(message["messages"], message.get("prefix", ""))
+    def _to_engine_request(self, message: Request) -> EngineRequest:
+        job = message.job
+        prefix = job.prefix if isinstance(job, Score) else ""
+        prompt_ids = self.codec.encode_chat(job.messages, prefix)
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ContextOverflow(
                 f"This model's maximum context length is {self.max_context} tokens, "
                 f"but the prompt has {len(prompt_ids)} tokens."
             )
-        if message["op"] == "score":
-            choice_ids = self.codec.choice_ids(message["choices"])
-            return EngineRequest(message["id"], prompt_ids, 0, choice_ids)
-        return EngineRequest(message["id"], prompt_ids, min(message["max_tokens"], room))
+        if isinstance(job, Score):
+            return EngineRequest(
+                message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
+            )
+        return EngineRequest(message.id, prompt_ids, min(job.max_tokens, room))
 
-    def _answer(self, result) -> dict[str, Any]:
-        message = self.pending.pop(result.id)
-        choice = None if result.choice_index is None else message["choices"][result.choice_index]
-        return {
-            "op": "result",
-            "id": result.id,
-            "text": self.codec.decode(result.output_ids),
-            "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": 1 if choice is not None else len(result.output_ids),
-            "choice": choice,
-        }
+    def _result(self, result: EngineResult) -> Result:
+        """A Score's answer is its option index and counts one completion token."""
+        scored = result.choice_index is not None
+        usage = Usage(result.prompt_tokens, 1 if scored else len(result.output_ids))
+        text = self.codec.decode(result.output_ids)
+        return Result(result.id, text, result.finish_reason, usage, result.choice_index)

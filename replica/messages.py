@@ -1,0 +1,112 @@
+"""Every message between the front end and a replica, one frozen dataclass each.
+
+They cross the socket pickled inside replica.protocol's frames. The front end imports this
+module and never torch, so nothing here may import it (or anything that does).
+
+Front end -> replica: a Request (a Generate or a Score job under the id the dispatcher gave
+it), Cancel, Shutdown. Replica -> front end: Ready once loaded, then for each request exactly
+one of Result, Failed or Cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Chat = list[dict[str, str]]  # [{"role": ..., "content": ...}]: what the chat template renders
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Decode an assistant turn for `messages`, at most `max_tokens` tokens."""
+
+    messages: Chat
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Score:
+    """One prefill of `messages` plus `prefix`; the answer is the index of the option whose
+    token the model ranks highest next (no decode step at all)."""
+
+    messages: Chat
+    prefix: str
+    options: tuple[str, ...]
+
+
+Job = Generate | Score
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    job: Job
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client went away: drop the request and free its KV slot."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Exit once the messages before this one are handled."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Loaded and serving; `info` describes the replica for /health (model, pid, KV slots…)."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens a replica processed for a request (OpenAI's usage, without the total)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    """A request's answer: the generated text, or for a Score the chosen option's index."""
+
+    id: int
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    choice: int | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request the replica refused; status, param and code follow OpenAI's errors
+    (e.g. 400, "prompt", "context_length_exceeded")."""
+
+    id: int
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The engine dropped a cancelled request and freed its slot."""
+
+    id: int
+
+
+ToReplica = Request | Cancel | Shutdown
+FromReplica = Ready | Result | Failed | Cancelled
+Message = ToReplica | FromReplica
