@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+
 from queueing.metrics import Metrics
 from queueing.replica_link import ReplicaLink, ReplicaState
+from replica.messages import (
+    Cancelled,
+    Failed,
+    FromReplica,
+    Generate,
+    Job,
+    Ready,
+    Request,
+    Result,
+)
 from replica.worker import ReplicaSpec
 
-log = logging.getLogger(__name__)
-
 MAX_CRASHES = 2  # a request running on two replicas that died is failed, not retried forever
-MAX_FAILED_STARTS = 3  # a replica that dies this often before ever being ready stays down
-SHUTDOWN_GRACE_S = 5.0  # for replicas to exit after "shutdown" (one engine step is enough)
+SHUTDOWN_GRACE_S = 5.0  # for replicas to exit after Shutdown (one engine step is enough)
 
 
 class Overloaded(Exception):
@@ -48,38 +56,51 @@ class ReplicaError(Exception):
         self.code = code
 
 
+def estimated_work(job: Job) -> int:
+    """Tokens a job will cost, roughly, for load balancing (no tokenizer in the front end):
+    its prompt at 4 characters a token, plus what it may generate."""
+    prompt = sum(len(message["content"]) for message in job.messages) // 4
+    return prompt + (job.max_tokens if isinstance(job, Generate) else 0)
+
+
 @dataclass
-class _Job:
-    message: dict[str, Any]
+class _Pending:
+    request: Request
     work: int
-    future: asyncio.Future
+    future: asyncio.Future[Result]
     link: ReplicaLink | None = None
     crashes: int = 0  # replicas that died while it ran on them
 
 
 class Dispatcher:
     def __init__(self, specs: list[ReplicaSpec], metrics: Metrics, max_in_flight: int) -> None:
-        self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.links = [
             ReplicaLink(index, spec, self._on_message, self._on_death)
             for index, spec in enumerate(specs)
         ]
-        self.jobs: dict[int, _Job] = {}
+        self.pending: dict[int, _Pending] = {}
         self.backlog: list[int] = []
-        self.failed_starts = [0] * len(specs)
         self.closing = False  # set when shutdown begins: dead replicas are not restarted
         self.ever_ready = False  # before the first start completes, requests wait
         self.admitted = 0  # prompts reserved by `admission`, answered or not
         self._ids = itertools.count()
-        self._restarts: set[asyncio.Task] = set()  # the loop keeps only weak references
-        metrics.gauge("queue_depth", "Prompts waiting for a ready replica.", self._backlog_gauge)
-        metrics.gauge("in_flight", "Model requests admitted and not answered.", self._in_flight)
-        metrics.gauge(
-            "admitted", "Prompts holding admission (bound: --max-in-flight).", self._admitted
+        self._sent = metrics.counter(
+            "replica_requests_total", "Model requests sent, per replica.", ["replica"]
         )
-        metrics.gauge("replica_up", "1 when the replica is ready.", self._replica_up)
-        metrics.gauge("replica_restarts", "Restarts per replica.", self._replica_restarts)
+        self._cancelled = metrics.counter(
+            "cancelled_total", "Model requests cancelled (client went away)."
+        )
+        self._freed = metrics.counter(
+            "replica_cancelled_total", "Cancelled requests whose replica freed their work."
+        )
+        self._deaths = metrics.counter(
+            "replica_deaths_total", "Replica processes that died.", ["replica"]
+        )
+        self._retried = metrics.counter(
+            "retried_total", "Model requests re-sent after a replica died."
+        )
+        metrics.add_collector(self)
 
     async def start(self) -> None:
         for link in self.links:
@@ -97,34 +118,19 @@ class Dispatcher:
 
     def report(self) -> dict[str, Any]:
         """What /health and /ready show: overall status, whether all replicas serve, each one."""
-        replicas = self.health()
+        replicas = [link.snapshot() for link in self.links]
         serving = sum(replica["serving"] for replica in replicas)
         ready = "all" if serving == len(replicas) else "some" if serving else "none"
-        loading = any(link.state is ReplicaState.LOADING for link in self.links)
         status = {"all": "ready", "some": "degraded"}.get(ready)
-        status = status or ("loading" if loading else "unavailable")
+        status = status or ("loading" if self._any_starting() else "unavailable")
         return {"status": status, "ready": ready, "replicas": replicas}
-
-    def health(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "replica": link.index,
-                "state": link.state.value,
-                "serving": link.serving,
-                "pid": link.pid,
-                "restarts": link.restarts,
-                "outstanding": link.outstanding,
-                "in_flight": len(link.in_flight),
-                **link.info,
-            }
-            for link in self.links
-        ]
 
     @contextmanager
     def admission(self, count: int) -> Iterator[None]:
         """Reserve room for `count` prompts for the block's duration (Overloaded if none).
 
-        Reserving here, not when jobs are created later in tasks, keeps a burst within the bound.
+        Reserving here, not when requests are created later in tasks, keeps a burst within the
+        bound.
         """
         if self.admitted + count > self.max_in_flight:
             raise Overloaded
@@ -136,91 +142,76 @@ class Dispatcher:
         finally:
             self.admitted -= count
 
-    async def submit(self, message: dict[str, Any], work: int) -> dict[str, Any]:
-        """Run one model request; cancelled if the caller is (e.g. the client went away)."""
-        request_id = next(self._ids)
-        job = _Job({**message, "id": request_id}, work, asyncio.get_running_loop().create_future())
-        self.jobs[request_id] = job
-        self._place(request_id)
+    async def submit(self, job: Job) -> Result:
+        """Run one model job; cancelled if the caller is (e.g. the client went away). A refusal
+        by the replica raises ReplicaError."""
+        request = Request(next(self._ids), job)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[request.id] = _Pending(request, estimated_work(job), future)
+        self._place(request.id)
         try:
-            return await job.future
+            return await future
         except asyncio.CancelledError:
-            self._forget(request_id, cancel=True)
-            self.metrics.inc("cancelled_total", "Model requests cancelled (client went away).")
+            self._forget(request.id, cancel=True)
+            self._cancelled.inc()
             raise
 
     def _place(self, request_id: int) -> None:
-        job = self.jobs[request_id]
+        pending = self.pending[request_id]
         serving = [link for link in self.links if link.serving]
         if serving:
-            job.link = min(serving, key=lambda link: link.outstanding)
-            self.metrics.inc(
-                "replica_requests_total",
-                "Model requests sent, per replica.",
-                replica=str(job.link.index),
-            )
-            job.link.send(job.message, job.work)
-        elif not self.ever_ready and self._any_loading():
+            pending.link = min(serving, key=lambda link: link.outstanding)
+            self._sent.labels(replica=str(pending.link.index)).inc()
+            pending.link.send(pending.request, pending.work)
+        elif not self.ever_ready and self._any_starting():
             self.backlog.append(request_id)
         else:
             self._fail(request_id, NoReplica())
 
-    def _any_loading(self) -> bool:
-        return any(link.state is ReplicaState.LOADING for link in self.links)
+    def _any_starting(self) -> bool:
+        return any(link.starting for link in self.links)
 
-    def _forget(self, request_id: int, cancel: bool = False) -> _Job | None:
-        job = self.jobs.pop(request_id, None)
-        if job is not None and job.link is not None:
+    def _forget(self, request_id: int, cancel: bool = False) -> _Pending | None:
+        pending = self.pending.pop(request_id, None)
+        if pending is not None and pending.link is not None:
             if cancel:
-                job.link.cancel(request_id, job.work)
+                pending.link.cancel(request_id)
             else:
-                job.link.done(request_id, job.work)
-        return job
+                pending.link.done(request_id)
+        return pending
 
     def _fail(self, request_id: int, error: Exception) -> None:
-        job = self._forget(request_id)
-        if job is not None and not job.future.done():
-            job.future.set_exception(error)
+        pending = self._forget(request_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(error)
 
-    def _on_message(self, link: ReplicaLink, message: dict[str, Any]) -> None:
-        if message["op"] == "cancelled":
-            self.metrics.inc(
-                "replica_cancelled_total", "Cancelled requests whose replica freed their work."
-            )
-            return
-        if message["op"] == "ready":
-            self.ever_ready = True
-            self.failed_starts[link.index] = 0
-            backlog, self.backlog = self.backlog, []
-            for request_id in backlog:
-                if request_id in self.jobs:
-                    self._place(request_id)
-            return
-        if message["op"] == "error":
-            error = ReplicaError(
-                message["status"], message["message"], message.get("param"), message.get("code")
-            )
-            self._fail(message["id"], error)
-            return
-        job = self._forget(message["id"])
-        if job is not None and not job.future.done():
-            job.future.set_result(message)
+    def _on_message(self, link: ReplicaLink, message: FromReplica) -> None:
+        match message:
+            case Ready():
+                self._on_ready()
+            case Result():
+                pending = self._forget(message.id)
+                if pending is not None and not pending.future.done():
+                    pending.future.set_result(message)
+            case Failed():
+                error = ReplicaError(message.status, message.message, message.param, message.code)
+                self._fail(message.id, error)
+            case Cancelled():
+                self._freed.inc()
 
-    def _on_death(self, link: ReplicaLink) -> None:
-        orphans = list(link.in_flight)
-        link.in_flight.clear()
+    def _on_ready(self) -> None:
+        """The first replica up (or one back): requests waiting for one go out now."""
+        self.ever_ready = True
+        backlog, self.backlog = self.backlog, []
+        for request_id in backlog:
+            if request_id in self.pending:
+                self._place(request_id)
+
+    def _on_death(self, link: ReplicaLink, orphans: list[int]) -> None:
         if not self.closing:
-            self.metrics.inc(
-                "replica_deaths_total", "Replica processes that died.", replica=str(link.index)
-            )
-            if not link.info:
-                self.failed_starts[link.index] += 1
-            if self.failed_starts[link.index] < MAX_FAILED_STARTS:
-                link.info = {}
-                link.state = ReplicaState.LOADING  # from now on, so waiting requests keep waiting
-                task = asyncio.get_running_loop().create_task(self._restart(link))
-                self._restarts.add(task)
-                task.add_done_callback(self._restarts.discard)
+            self._deaths.labels(replica=str(link.index)).inc()
+            if link.may_restart:
+                link.restart()
         for request_id in orphans:
             self._rescue(request_id)
         self._fail_backlog_if_hopeless()
@@ -228,31 +219,21 @@ class Dispatcher:
     def _rescue(self, request_id: int) -> None:
         """A request whose replica died: it only ever goes to a replica whose process is running
         (`serving`), so the death counts against it; with no replica left, a 503 (NoReplica)."""
-        job = self.jobs.get(request_id)
-        if job is None:
+        pending = self.pending.get(request_id)
+        if pending is None:
             return
-        job.link = None
-        job.crashes += 1
+        pending.link = None
+        pending.crashes += 1
         if not self.any_serving:
             self._fail(request_id, NoReplica())
-        elif job.crashes >= MAX_CRASHES:
+        elif pending.crashes >= MAX_CRASHES:
             self._fail(request_id, ReplicaError(500, "the request crashed its replica twice"))
         else:
-            self.metrics.inc("retried_total", "Model requests re-sent after a replica died.")
+            self._retried.inc()
             self._place(request_id)
 
-    async def _restart(self, link: ReplicaLink) -> None:
-        """Start a replica again; a failure to even spawn counts as a failed start."""
-        try:
-            await link.start()
-        except Exception:
-            log.exception("replica %d could not be restarted", link.index)
-            link.state = ReplicaState.DEAD
-            self.failed_starts[link.index] = MAX_FAILED_STARTS
-            self._fail_backlog_if_hopeless()
-
     def _fail_backlog_if_hopeless(self) -> None:
-        """With no replica loading or ready, waiting requests would wait forever: fail them."""
+        """With no replica starting or ready, waiting requests would wait forever: fail them."""
         if any(link.state is not ReplicaState.DEAD for link in self.links):
             return
         backlog, self.backlog = self.backlog, []
@@ -272,7 +253,7 @@ class Dispatcher:
         """
         self.closing = True
         for link in self.links:
-            if link.state is ReplicaState.LOADING:
+            if link.starting:
                 link.kill()
             else:
                 link.shutdown()
@@ -284,17 +265,23 @@ class Dispatcher:
                 break
             await asyncio.sleep(0.05)
 
-    def _backlog_gauge(self) -> dict[tuple, float]:
-        return {(): len(self.backlog)}
-
-    def _in_flight(self) -> dict[tuple, float]:
-        return {(): len(self.jobs)}
-
-    def _admitted(self) -> dict[tuple, float]:
-        return {(): self.admitted}
-
-    def _replica_up(self) -> dict[tuple, float]:
-        return {(("replica", str(link.index)),): float(link.serving) for link in self.links}
-
-    def _replica_restarts(self) -> dict[tuple, float]:
-        return {(("replica", str(link.index)),): max(link.restarts, 0) for link in self.links}
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges, read at scrape time (prometheus_client's collector interface)."""
+        yield GaugeMetricFamily(
+            "queue_depth", "Prompts waiting for a ready replica.", len(self.backlog)
+        )
+        yield GaugeMetricFamily(
+            "in_flight", "Model requests admitted and not answered.", len(self.pending)
+        )
+        yield GaugeMetricFamily(
+            "admitted", "Prompts holding admission (bound: --max-in-flight).", self.admitted
+        )
+        up = GaugeMetricFamily("replica_up", "1 when the replica is ready.", labels=["replica"])
+        restarts = GaugeMetricFamily(
+            "replica_restarts", "Restarts per replica.", labels=["replica"]
+        )
+        for link in self.links:
+            up.add_metric([str(link.index)], float(link.serving))
+            restarts.add_metric([str(link.index)], link.restarts)
+        yield up
+        yield restarts
