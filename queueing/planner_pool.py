@@ -126,7 +126,10 @@ class PlannerPool:
     def __init__(self, size: int, function: Callable[..., Any], metrics: Metrics) -> None:
         self.size = size
         self.function = function
-        self.metrics = metrics
+        self._killed = metrics.counter(
+            "planner_workers_killed_total",
+            "Planner workers killed (past the plan timeout, caller gone, or died) and replaced.",
+        )
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
@@ -159,10 +162,7 @@ class PlannerPool:
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
-        self.metrics.inc(
-            "planner_workers_killed_total",
-            "Planner workers killed (past the plan timeout, caller gone, or died) and replaced.",
-        )
+        self._killed.inc()
         if not self._closed:
             self._idle.append(_Worker(self.function))
 
