@@ -1,18 +1,21 @@
 """Task routing, the exact graph solver, and per-task prompt shaping for the server."""
 
+from shortcuts.plans import Answer, Generate, Model, Plan, Reply, Score, UnsolvedGraph
 from shortcuts.profiles import PROFILES, Profile, get_profile
-from shortcuts.prompts import Answer, Generate, Plan, Score, finish, plan, plan_unshaped
+from shortcuts.prompts import plan, plan_unshaped
 from shortcuts.router import Route, route
 
 __all__ = [
     "PROFILES",
     "Answer",
     "Generate",
+    "Model",
     "Plan",
     "Profile",
+    "Reply",
     "Route",
     "Score",
-    "finish",
+    "UnsolvedGraph",
     "get_profile",
     "plan",
     "plan_unshaped",

@@ -64,14 +64,17 @@ def _last_run(marks: list[str]) -> list[str]:
     return []
 
 
-def looks_like_mcq(text: str) -> bool:
-    """Options A, B, … plus an MCQ cue, and not a request to write a quiz."""
+def offered_letters(text: str) -> list[str]:
+    """The option letters of an MCQ (options A, B, … plus an MCQ cue, and not a request to
+    write a quiz); [] for any other text."""
     cued = (
         _STRONG_CUE.search(text) is not None
         or _dangling_answer(text) is not None
         or all(r.search(text) for r in (_QUESTION_CUE, _PICK_ONE))
     )
-    return cued and _AUTHORING.search(text) is None and len(option_letters(text)) >= 2
+    if not cued or _AUTHORING.search(text) is not None:
+        return []
+    return option_letters(text)
 
 
 def question_text(text: str) -> str:

@@ -12,6 +12,7 @@ import shortcuts
 from loadtest.solver_timing import worst_cases
 from queueing.metrics import Metrics
 from queueing.planning import INLINE_PROMPT_CHARS, REQUEST_BUDGET_S, Planner
+from tests.prometheus_text import sample
 
 STALL_BAR_S = 0.1
 
@@ -39,7 +40,8 @@ async def worst_loop_gap(work: Awaitable[list[shortcuts.Plan]]) -> tuple[list, f
 
 def plan_request(prompts: list[str], timeout: float = 60) -> tuple[list, float, str]:
     """Plans, worst loop gap and the metrics text, from a fresh planner with its workers."""
-    planner = Planner("throughput", timeout, Metrics())
+    metrics = Metrics()
+    planner = Planner("throughput", timeout, metrics)
 
     async def main() -> tuple[list, float]:
         planner.pool.start()
@@ -50,7 +52,7 @@ def plan_request(prompts: list[str], timeout: float = 60) -> tuple[list, float, 
             planner.pool.close()
 
     plans, gap = asyncio.run(main())
-    return plans, gap, planner.metrics.render()
+    return plans, gap, metrics.render()
 
 
 def slowest_graph() -> str:
@@ -69,8 +71,7 @@ def test_a_request_of_many_slow_graphs_never_stalls_the_loop():
     plans, gap, metrics = plan_request([prompt] * 40)
     assert gap < STALL_BAR_S, f"the loop stalled for {gap:.3f} s"
     assert plans == [expected] * 40, "plans made in a worker must equal inline ones"
-    offloaded = [line for line in metrics.splitlines() if "request_budget" in line]
-    assert offloaded and float(offloaded[0].split()[-1]) >= 30, metrics
+    assert sample(metrics, "plan_offloaded_total", reason="request_budget") >= 30, metrics
 
 
 def test_a_long_prompt_plans_in_a_worker_and_gives_the_same_plan():
@@ -78,8 +79,8 @@ def test_a_long_prompt_plans_in_a_worker_and_gives_the_same_plan():
     assert len(prompt) > INLINE_PROMPT_CHARS
     plans, _, metrics = plan_request([prompt, "Hi"])
     assert plans == [shortcuts.plan(p, "throughput") for p in (prompt, "Hi")]
-    assert 'plan_offloaded_total{reason="prompt_size"} 1' in metrics
-    assert "plan_fallback_total" not in metrics
+    assert sample(metrics, "plan_offloaded_total", reason="prompt_size") == 1
+    assert "plan_fallback_total{" not in metrics
 
 
 def test_a_megabyte_of_crafted_prompts_never_stalls_the_loop():
@@ -95,5 +96,17 @@ def test_a_plan_past_the_timeout_falls_back_to_the_model():
     huge = "You are given a directed graph with 100 nodes. " + "0 -> 1, weight: 1\n" * 400_000
     plans, _, metrics = plan_request([huge], timeout=0.05)
     assert plans == [shortcuts.plan_unshaped(huge, "throughput")]
-    assert 'plan_fallback_total{reason="timeout"} 1' in metrics
-    assert "planner_workers_killed_total 1" in metrics
+    assert sample(metrics, "plan_fallback_total", reason="timeout") == 1
+    assert sample(metrics, "planner_workers_killed_total") == 1
+
+
+def test_a_graph_the_solver_cannot_take_is_counted_and_capped_by_the_client():
+    unparsable = (
+        "You are given a directed graph with 3 nodes and the following edges:\n"
+        "0 -> 1, weight: -4\n1 -> 2, weight: 1\nFind the top 2 shortest paths from node 0 to node 2."
+    )
+    metrics = Metrics()
+    planner = Planner("throughput", 60, metrics)  # plans inline: no worker starts
+    [plan] = asyncio.run(planner.plan_all([unparsable], max_tokens=7))
+    assert isinstance(plan, shortcuts.UnsolvedGraph) and plan.max_tokens == 7
+    assert sample(metrics.render(), "graph_unparsed_total") == 1

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import cache
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shortcuts import PROFILES, Answer, Generate, Score, finish, get_profile, plan, plan_unshaped
+from replica import messages as wire
+from shortcuts import (
+    PROFILES,
+    Answer,
+    Generate,
+    Plan,
+    Reply,
+    Score,
+    UnsolvedGraph,
+    get_profile,
+    plan,
+    plan_unshaped,
+)
 from shortcuts.grading import grade
 from tests.shortcuts_dev_data import DATA, rows_of
 
 TOKENIZER = DATA.parent / "qwen3-tokenizer"
 OPEN_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
+
+
+class FakeModel:
+    """Answers a Generate with `text` (3 tokens) and a Score with option `choice`; keeps the
+    jobs it was given."""
+
+    def __init__(self, text: str = "", choice: int | None = None) -> None:
+        self.text, self.choice = text, choice
+        self.jobs: list[wire.Job] = []
+
+    async def __call__(self, job: wire.Job) -> wire.Result:
+        self.jobs.append(job)
+        if isinstance(job, wire.Score):
+            return wire.Result(len(self.jobs), "", "stop", wire.Usage(10, 1), self.choice)
+        return wire.Result(len(self.jobs), self.text, "length", wire.Usage(20, 3))
+
+
+def reply(shaped: Plan, text: str = "", choice: int | None = None) -> tuple[Reply, FakeModel]:
+    model = FakeModel(text, choice)
+    return asyncio.run(shaped.reply(model)), model
 
 
 @cache
@@ -29,6 +62,8 @@ def test_graph_prompts_are_answered_immediately(profile):
         shaped = plan(row["prompt"], profile)
         assert isinstance(shaped, Answer) and shaped.task == "graph"
         assert grade("graph", shaped.text, row["gold_answer"]) == 1.0
+        answered, model = reply(shaped)
+        assert answered == Reply("graph", shaped.text) and not model.jobs  # no model call
 
 
 @pytest.mark.parametrize("profile", ["throughput", "balanced"])
@@ -41,15 +76,22 @@ def test_mcq_is_letter_scoring(profile):
         assert [m["role"] for m in shaped.messages] == ["system", "user"]
         user = shaped.messages[-1]["content"]
         assert row["meta"]["raw_choices"][-1] in user and not user.endswith("Answer:")
-        assert grade("mmlu_med", finish(shaped, row["gold_answer"]), row["gold_answer"]) == 1.0
+        gold = shaped.choices.index(row["gold_answer"])
+        answered, model = reply(shaped, choice=gold)
+        assert grade("mmlu_med", answered.text, row["gold_answer"]) == 1.0
+        [job] = model.jobs  # the letters travel; the index comes back
+        assert job == wire.Score(shaped.messages, shaped.prefix, ("A", "B", "C", "D"))
+        assert answered.usage == wire.Usage(10, 1) and answered.finish_reason == "stop"
 
 
 def test_mcq_choices_follow_the_offered_letters():
     options = "\n".join(f"{chr(65 + i)}. choice {i}" for i in range(7))
     shaped = plan(f"Question: which?\nChoices:\n{options}", "throughput")
     assert shaped.choices == list("ABCDEFG")
-    with pytest.raises(ValueError):
-        finish(shaped, "H")
+    assert reply(shaped, choice=6)[0].text == "The answer is (G)."
+    for out_of_range in (7, -1, None):
+        with pytest.raises(ValueError):
+            reply(shaped, choice=out_of_range)
 
 
 def test_accuracy_mcq_reasons_then_answers_with_scoring_fallback():
@@ -62,11 +104,25 @@ def test_accuracy_mcq_reasons_then_answers_with_scoring_fallback():
     reasoning = (
         "<think>The answer is (A)?</think>Hmm, maybe (A). On reflection **The answer is (C)**."
     )
-    assert finish(shaped, reasoning) == "The answer is (C)."
-    assert finish(shaped, "The answer is (B). Wait, The answer is (E).") == "The answer is (B)."
-    assert finish(shaped, "Either A or C, hard to say") is fallback
-    assert finish(shaped, "The answer is (E).") is fallback  # not an offered letter
-    assert finish(fallback, "D") == "The answer is (D)."
+    for text, letter in [(reasoning, "C"), ("The answer is (B). Wait, The answer is (E).", "B")]:
+        answered, model = reply(shaped, text)
+        assert answered == Reply("mcq", f"The answer is ({letter}).", "length", wire.Usage(20, 3))
+        assert [type(job) for job in model.jobs] == [wire.Generate]
+    for no_letter in ("Either A or C, hard to say", "The answer is (E)."):  # E is not offered
+        answered, model = reply(shaped, no_letter, choice=3)
+        assert answered == Reply("mcq", "The answer is (D).", "stop", wire.Usage(30, 4))
+        assert [type(job) for job in model.jobs] == [wire.Generate, wire.Score]
+
+
+def test_the_clients_max_tokens_caps_what_the_model_may_generate():
+    row = rows_of("mmlu_med")[0]
+    assert plan(row["prompt"], "accuracy", max_tokens=7).max_tokens == 7
+    assert (
+        plan("Write a haiku.", "throughput", max_tokens=9000).max_tokens == OPEN_CAPS["throughput"]
+    )
+    assert plan_unshaped("Write a haiku.", "balanced", max_tokens=5).max_tokens == 5
+    [job] = reply(plan("Write a haiku.", "balanced", max_tokens=5))[1].jobs
+    assert job == wire.Generate(plan("Write a haiku.", "balanced").messages, 5)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -91,9 +147,11 @@ def test_infobench_wrapper_becomes_instruction_then_input():
 
 def test_open_output_loses_reasoning_blocks():
     shaped = plan("Write a haiku.", "balanced")
-    assert finish(shaped, "<think>plan it</think>\n\nAn old pond.") == "An old pond."
-    assert finish(shaped, "plan it</think>An old pond.") == "An old pond."
-    assert finish(shaped, "<think>An old pond.") == "An old pond."
+    for output in ("<think>plan it</think>\n\nAn old pond.", "plan it</think>An old pond."):
+        assert reply(shaped, output)[0].text == "An old pond."
+    assert reply(shaped, "<think>An old pond.")[0] == Reply(
+        "open", "An old pond.", "length", wire.Usage(20, 3)
+    )
 
 
 def test_unparsable_graph_goes_to_the_model_as_graph():
@@ -102,7 +160,9 @@ def test_unparsable_graph_goes_to_the_model_as_graph():
         "Find the top 2 shortest paths from node 0 to node 1."
     )
     shaped = plan(prompt, "throughput")
-    assert isinstance(shaped, Generate) and shaped.task == "graph" and shaped.max_tokens == 512
+    assert isinstance(shaped, UnsolvedGraph) and shaped.task == "graph"
+    assert shaped.max_tokens == 512 and shaped.fallback is None
+    assert shaped.messages[-1]["content"] == prompt
 
 
 def test_unknown_profile_is_rejected():
