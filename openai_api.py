@@ -17,6 +17,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from replica.messages import Usage
+from shortcuts import Reply
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,6 +91,8 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """What we honour of a completions request (decoding settings are not honoured)."""
+
     prompts: list[str]
     max_tokens: int | None
 
@@ -123,14 +128,10 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     return CompletionRequest(prompts, max_tokens)
 
 
-def completion_body(
-    model: str, prompts: list[str], results: list[dict[str, Any]]
-) -> dict[str, Any]:
+def completion_body(model: str, prompts: list[str], replies: list[Reply]) -> dict[str, Any]:
     """A `text_completion` object; each choice also carries the prompt it answers, verbatim,
     as the course's example output does (its graders match answers to prompts; OpenAI clients
     ignore the extra field)."""
-    prompt_tokens = sum(r["prompt_tokens"] for r in results)
-    completion_tokens = sum(r["completion_tokens"] for r in results)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -140,17 +141,21 @@ def completion_body(
             {
                 "index": i,
                 "prompt": prompt,
-                "text": r["text"],
+                "text": reply.text,
                 "logprobs": None,
-                "finish_reason": r["finish_reason"],
+                "finish_reason": reply.finish_reason,
             }
-            for i, (prompt, r) in enumerate(zip(prompts, results, strict=True))
+            for i, (prompt, reply) in enumerate(zip(prompts, replies, strict=True))
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage_body(sum((reply.usage for reply in replies), Usage())),
+    }
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
 
 

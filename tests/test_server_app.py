@@ -1,22 +1,26 @@
-"""The front end in-process (no replicas): planning off the loop, errors, admission, shutdown."""
+"""The front end in-process (no replicas): planning off the loop, the path from HTTP to the
+model and back, errors, admission, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import server
 import shortcuts
+from openai_api import ApiError, parse_completion_request
 from queueing.dispatcher import Dispatcher
+from queueing.metrics import Metrics
+from replica import messages as wire
 from shortcuts.prompts import OPEN_SYSTEM
+from tests.prometheus_text import sample
+from tests.shortcuts_dev_data import rows_of
 
 ROUTE = "/v1/completions"
-USAGE = {"prompt_tokens": 1, "completion_tokens": 1}
 
 
 def huge_graph_prompt() -> str:
@@ -30,11 +34,12 @@ def huge_graph_prompt() -> str:
 
 
 class FakeDispatcher(Dispatcher):
-    """No replicas: `submit` records messages and answers (or fails) at once."""
+    """No replicas: `submit` records jobs and answers them (or fails) at once; a Score gets
+    its first option."""
 
-    def __init__(self, service: server.CompletionService, max_in_flight: int) -> None:
-        super().__init__([], service.metrics, max_in_flight)
-        self.sent: list[dict[str, Any]] = []
+    def __init__(self, max_in_flight: int) -> None:
+        super().__init__([], Metrics(), max_in_flight)  # the app's metrics have a dispatcher
+        self.sent: list[wire.Job] = []
         self.release = asyncio.Event()
         self.release.set()
         self.error: Exception | None = None
@@ -43,8 +48,8 @@ class FakeDispatcher(Dispatcher):
     async def start(self) -> None:
         pass
 
-    async def submit(self, message: dict[str, Any], work: int) -> dict[str, Any]:
-        self.sent.append(message)
+    async def submit(self, job: wire.Job) -> wire.Result:
+        self.sent.append(job)
         if self.error is not None:
             raise self.error
         self.running += 1
@@ -53,7 +58,8 @@ class FakeDispatcher(Dispatcher):
             await self.release.wait()
         finally:
             self.running -= 1
-        return {"text": "hi", "choice": None, "finish_reason": "stop", **USAGE}
+        choice = 0 if isinstance(job, wire.Score) else None
+        return wire.Result(len(self.sent), "hi", "stop", wire.Usage(1, 1), choice)
 
 
 def parse_args(*flags: str):
@@ -61,7 +67,7 @@ def parse_args(*flags: str):
 
 
 def serve(
-    scenario: Callable[[TestClient, server.CompletionService, FakeDispatcher], Awaitable[None]],
+    scenario: Callable[[TestClient, server.Frontend, FakeDispatcher], Awaitable[None]],
     *flags: str,
 ) -> None:
     """Run `scenario` against an in-process app whose dispatcher is a FakeDispatcher."""
@@ -69,10 +75,10 @@ def serve(
     async def main() -> None:
         args = parse_args(*flags)
         app = server.build_app(args)
-        service = app[server.SERVICE]
-        service.dispatcher = FakeDispatcher(service, args.max_in_flight)
+        front = app[server.FRONTEND]
+        front.service.dispatcher = FakeDispatcher(args.max_in_flight)
         async with TestClient(TestServer(app)) as client:
-            await scenario(client, service, service.dispatcher)
+            await scenario(client, front, front.service.dispatcher)
 
     asyncio.run(main())
 
@@ -83,13 +89,13 @@ async def metrics_text(client: TestClient) -> str:
 
 
 @pytest.fixture
-def service():
-    service = server.CompletionService(parse_args())
-    yield service
-    service.planner.pool.close()
+def front():
+    front = server.Frontend(parse_args())
+    yield front
+    front.service.planner.pool.close()
 
 
-def test_huge_graph_prompt_is_planned_without_stalling_the_loop(service):
+def test_huge_graph_prompt_is_planned_without_stalling_the_loop(front):
     prompt = huge_graph_prompt()
     started = time.perf_counter()
     shortcuts.plan(prompt, "throughput")
@@ -108,49 +114,83 @@ def test_huge_graph_prompt_is_planned_without_stalling_the_loop(service):
                 last = now
 
         ticker = asyncio.create_task(tick())
-        [action] = await service.planner.plan_all([prompt])
+        [action] = await front.service.planner.plan_all([prompt])
         done.set()
         await ticker
         return action, max(gaps)
 
     action, worst_gap = asyncio.run(scenario())
-    assert isinstance(action, shortcuts.Generate) and action.task == "graph"  # over the caps
+    assert isinstance(action, shortcuts.UnsolvedGraph)  # over the caps
     assert worst_gap < 0.1, f"the event loop stalled for {worst_gap:.3f} s"
+
+
+def test_one_prompt_of_each_route_goes_its_way_and_comes_back_in_order():
+    graph, mcq = rows_of("graph")[0]["prompt"], rows_of("mmlu_med")[0]["prompt"]
+
+    async def scenario(client, front, dispatcher) -> None:
+        request = {"prompt": [graph, mcq, "Hi"], "max_tokens": 5}
+        async with client.post(ROUTE, json=request) as response:
+            body = await response.json()
+        assert response.status == 200, body
+        [solved, scored, generated] = [choice["text"] for choice in body["choices"]]
+        assert solved.startswith("submit_paths(paths=[[0, ")  # no model call
+        assert (scored, generated) == ("The answer is (A).", "hi")
+        [score, generate] = dispatcher.sent  # the letters go, the index (0) comes back
+        assert isinstance(score, wire.Score) and score.options == ("A", "B", "C", "D")
+        assert isinstance(generate, wire.Generate) and generate.max_tokens == 5
+        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+
+    serve(scenario)
+
+
+def test_reasoning_without_a_letter_falls_back_to_scoring():
+    mcq = rows_of("mmlu_med")[0]["prompt"]
+
+    async def scenario(client, front, dispatcher) -> None:
+        async with client.post(ROUTE, json={"prompt": mcq}) as response:
+            body = await response.json()
+        assert response.status == 200, body
+        assert body["choices"][0]["text"] == "The answer is (A)."  # "hi" names no letter
+        assert [type(job) for job in dispatcher.sent] == [wire.Generate, wire.Score]
+        assert body["usage"]["prompt_tokens"] == 2 and body["usage"]["completion_tokens"] == 2
+
+    serve(scenario, "--profile", "accuracy")
 
 
 def test_planning_timeout_sends_the_prompt_to_the_model_as_open():
     prompt = huge_graph_prompt()
 
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         async with client.post(ROUTE, json={"prompt": [prompt, "Hi"]}) as response:
             body = await response.json()
         assert response.status == 200, body
         assert [c["text"] for c in body["choices"]] == ["hi", "hi"]
-        [fallback] = [m for m in dispatcher.sent if m["messages"][-1]["content"] == prompt]
-        assert fallback["messages"][0] == {"role": "system", "content": OPEN_SYSTEM}
+        [fallback] = [job for job in dispatcher.sent if job.messages[-1]["content"] == prompt]
+        assert fallback.messages[0] == {"role": "system", "content": OPEN_SYSTEM}
         assert 'plan_fallback_total{reason="timeout"} 1' in await metrics_text(client)
 
     serve(scenario, "--plan-timeout", "0.01", "--max-body-bytes", str(16 << 20))
 
 
 def test_planning_error_sends_the_prompt_to_the_model_as_open(monkeypatch):
-    def broken(prompt: str, profile: str) -> shortcuts.Plan:
+    def broken(prompt: str, profile: str, max_tokens: int | None) -> shortcuts.Plan:
         raise RuntimeError("planner bug")
 
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         monkeypatch.setattr(shortcuts, "plan", broken)  # inline planning (the workers run on)
-        async with client.post(ROUTE, json={"prompt": "What is 2+2?"}) as response:
+        body = {"prompt": "What is 2+2?", "max_tokens": 3}
+        async with client.post(ROUTE, json=body) as response:
             body = await response.json()
         assert response.status == 200, body
         [sent] = dispatcher.sent
-        assert sent["op"] == "generate" and sent["messages"][-1]["content"] == "What is 2+2?"
+        assert sent.messages[-1]["content"] == "What is 2+2?" and sent.max_tokens == 3
         assert 'plan_fallback_total{reason="error"} 1' in await metrics_text(client)
 
     serve(scenario)
 
 
 def test_unexpected_exception_is_an_openai_json_500_and_counted():
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         dispatcher.error = KeyError("a bug")
         async with client.post(ROUTE, json={"prompt": "Hi"}) as response:
             assert response.status == 500
@@ -159,14 +199,15 @@ def test_unexpected_exception_is_an_openai_json_500_and_counted():
         assert set(body["error"]) == {"message", "type", "param", "code"}
         assert body["error"]["type"] == "server_error"
         text = await metrics_text(client)
-        assert "unhandled_errors_total 1" in text
-        assert 'requests_total{status="500"} 1' in text
+        assert sample(text, "unhandled_errors_total") == 1
+        assert sample(text, "requests_total", status="500") == 1
+        assert sample(text, "prompts_total", task="open", status="error") == 1
 
     serve(scenario)
 
 
 def test_burst_never_exceeds_the_admission_bound():
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         dispatcher.release.clear()
 
         async def post() -> int:
@@ -187,7 +228,7 @@ def test_burst_never_exceeds_the_admission_bound():
 
 
 def test_more_prompts_than_could_ever_be_admitted_is_a_400():
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         async with client.post(ROUTE, json={"prompt": ["a", "b", "c"]}) as response:
             body = await response.json()
         assert response.status == 400, body
@@ -201,11 +242,11 @@ def test_more_prompts_than_could_ever_be_admitted_is_a_400():
 
 
 def test_n_null_means_the_default():
-    assert server.parse_completion_request(b'{"prompt": "a", "n": null}').prompts == ["a"]
-    assert server.parse_completion_request(b'{"prompt": "a", "n": 1}').prompts == ["a"]
+    assert parse_completion_request(b'{"prompt": "a", "n": null}').prompts == ["a"]
+    assert parse_completion_request(b'{"prompt": "a", "n": 1}').prompts == ["a"]
     for bad in (b"2", b"0", b"true", b'"1"'):
-        with pytest.raises(server.ApiError):
-            server.parse_completion_request(b'{"prompt": "a", "n": ' + bad + b"}")
+        with pytest.raises(ApiError):
+            parse_completion_request(b'{"prompt": "a", "n": ' + bad + b"}")
 
 
 def test_shutdown_stops_replica_restarts_before_in_flight_work_drains():
@@ -213,26 +254,26 @@ def test_shutdown_stops_replica_restarts_before_in_flight_work_drains():
         app = server.build_app(parse_args())
         app.freeze()
         await app.shutdown()  # on_shutdown: runs while handlers still drain
-        assert app[server.SERVICE].dispatcher.closing
+        assert app[server.FRONTEND].service.dispatcher.closing
 
     asyncio.run(main())
 
 
 def test_requests_still_running_when_the_drain_ends_get_a_503():
-    async def scenario(client, service, dispatcher) -> None:
+    async def scenario(client, front, dispatcher) -> None:
         dispatcher.release.clear()  # the replica never answers
         async with asyncio.TaskGroup() as group:
             pending = group.create_task(client.post(ROUTE, json={"prompt": "Hi"}))
             while not dispatcher.running:
                 await asyncio.sleep(0.01)
             started = asyncio.get_running_loop().time()
-            service.begin_shutdown()
+            front.begin_shutdown()
         async with pending.result() as response:
             body = await response.json()
         assert response.status == 503 and "shutting down" in body["error"]["message"], body
         assert response.headers["Retry-After"] and response.headers["Connection"] == "close"
         waited = asyncio.get_running_loop().time() - started
-        assert service.shutdown.drain_s - 0.05 < waited < service.shutdown.drain_s + 0.5
+        assert front.shutdown.drain_s - 0.05 < waited < front.shutdown.drain_s + 0.5
         assert 'requests_total{status="503"} 1' in await metrics_text(client)
 
     serve(scenario, "--shutdown-timeout", "0.6")
