@@ -19,7 +19,8 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class Generate:
-    """Decode an assistant turn for `messages`, at most `max_tokens` tokens."""
+    """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
+    lower of the profile's cap and the client's)."""
 
     messages: Chat
     max_tokens: int
@@ -40,6 +41,8 @@ Job = Generate | Score
 
 @dataclass(frozen=True)
 class Request:
+    """A job under the id the dispatcher gave it; the replica's answer carries the same id."""
+
     id: int
     job: Job
 

@@ -28,22 +28,24 @@ CHAT = [{"role": "user", "content": "Which letter comes first?\nA. a\nB. b\nC. c
 
 
 class FrontEnd:
-    """The front end's end of the socket, blocking (a test needs no event loop)."""
+    """The front end's end of the socket, read blocking (no event loop needed here)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = FrameDecoder[FromReplica]()
-        self.received: list[FromReplica] = []
 
     def send(self, message: ToReplica) -> None:
         self.sock.sendall(encode_frame(message))
 
     def recv(self) -> FromReplica:
-        while not self.received:
+        """The next reply (each test reads all of its replies before the next one sends)."""
+        replies: list[FromReplica] = []
+        while not replies:
             data = self.sock.recv(1 << 16)
             assert data, "the replica closed its end"
-            self.received += self.decoder.feed(data)
-        return self.received.pop(0)
+            replies = self.decoder.feed(data)
+        [reply] = replies
+        return reply
 
 
 @pytest.fixture(scope="module")
