@@ -112,10 +112,12 @@ class Replica:
                 conn.send(Cancelled(message.id))
             return
         try:
-            self.engine.add(self._to_engine_request(message))
-        except ValueError as error:
+            request = self._to_engine_request(message)
+        except ValueError as error:  # the request's fault (too long, an odd option): a 400
             param, code = getattr(error, "param", None), getattr(error, "code", None)
             conn.send(Failed(message.id, 400, str(error), param, code))
+            return
+        self.engine.add(request)
 
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
