@@ -99,7 +99,8 @@ class ReplicaLink:
 
     `on_message(link, message)` receives every message, after the link has taken Ready's info;
     `on_death(link, orphans)` fires once per process when its socket closes, with the ids of
-    the requests that were in flight there. Only the link's own methods change its state.
+    the requests that were in flight there (and, with none, when a restart cannot even spawn a
+    process). Only the link's own methods change its state.
     """
 
     def __init__(
