@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from queueing.planning import INLINE_PROMPT_CHARS
 from tests.server_process import ServerProcess, children, is_running, request
 from tests.test_reliability import (
     ROUTE,
@@ -26,7 +27,7 @@ from tests.test_reliability import (
 
 pytestmark = pytest.mark.slow  # each test starts, kills or signals server processes
 
-LONG_PROMPT = "Say hi. " + "-" * 17_000  # over 16 KiB (planned in a worker), few tokens
+LONG_PROMPT = "Say hi. " + "-" * (INLINE_PROMPT_CHARS + 600)  # planned in a worker, few tokens
 
 
 def planner_pids(process: ServerProcess) -> list[int]:

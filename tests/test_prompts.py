@@ -26,7 +26,6 @@ from shortcuts.grading import grade
 from tests.shortcuts_dev_data import DATA, rows_of
 
 TOKENIZER = DATA.parent / "qwen3-tokenizer"
-OPEN_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
 
 
 class FakeModel:
@@ -118,7 +117,8 @@ def test_the_clients_max_tokens_caps_what_the_model_may_generate():
     row = rows_of("mmlu_med")[0]
     assert plan(row["prompt"], "accuracy", max_tokens=7).max_tokens == 7
     assert (
-        plan("Write a haiku.", "throughput", max_tokens=9000).max_tokens == OPEN_CAPS["throughput"]
+        plan("Write a haiku.", "throughput", max_tokens=9000).max_tokens
+        == get_profile("throughput").open_cap
     )
     assert plan_unshaped("Write a haiku.", "balanced", max_tokens=5).max_tokens == 5
     [job] = reply(plan("Write a haiku.", "balanced", max_tokens=5))[1].jobs
@@ -130,7 +130,7 @@ def test_open_prompts_are_unwrapped_and_capped(profile):
     for row in rows_of("infobench"):
         shaped = plan(row["prompt"], profile)
         assert isinstance(shaped, Generate) and shaped.task == "open"
-        assert shaped.max_tokens == OPEN_CAPS[profile] and shaped.fallback is None
+        assert shaped.max_tokens == get_profile(profile).open_cap and shaped.fallback is None
         system, user = shaped.messages
         assert system["role"] == "system" and "concise" in system["content"]
         assert user["role"] == "user" and user["content"]
@@ -161,7 +161,7 @@ def test_unparsable_graph_goes_to_the_model_as_graph():
     )
     shaped = plan(prompt, "throughput")
     assert isinstance(shaped, UnsolvedGraph) and shaped.task == "graph"
-    assert shaped.max_tokens == 512 and shaped.fallback is None
+    assert shaped.max_tokens == get_profile("throughput").open_cap and shaped.fallback is None
     assert shaped.messages[-1]["content"] == prompt
 
 
