@@ -6,36 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
 
 import shortcuts
 from loadtest.solver_timing import worst_cases
 from queueing.metrics import Metrics
 from queueing.planning import INLINE_PROMPT_CHARS, REQUEST_BUDGET_S, Planner
+from tests.loop_gaps import worst_loop_gap
 from tests.prometheus_text import sample
 
 STALL_BAR_S = 0.1
-
-
-async def worst_loop_gap(work: Awaitable[list[shortcuts.Plan]]) -> tuple[list, float]:
-    """Run `work` while a 5 ms ticker notes the longest time the loop could not run it."""
-    gaps = [0.0]
-    done = asyncio.Event()
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    try:
-        return await work, max(gaps)
-    finally:
-        done.set()
-        await ticker
 
 
 def plan_request(prompts: list[str], timeout: float = 60) -> tuple[list, float, str]:
