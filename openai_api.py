@@ -1,110 +1,45 @@
-"""The OpenAI completions contract at the HTTP edge: request parsing, the response body, and
-every error as `{"error": {message, type, param, code}}`, including the ones aiohttp raises
-before or while it reads a body (oversized headers, bad chunking, undecodable encodings).
+"""The OpenAI contract at the HTTP edge: request parsing and validation (a 400 naming the
+field for anything wrong or unsupported) and the response bodies. Error plumbing is
+http_errors'.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from replica.messages import Usage
+from http_errors import ApiError
+from openai_params import Options, parse_options
+from replica.messages import Chat, Usage
 from shortcuts import Reply
 
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: rendered as {"error": {message, type, param, code}}.
-
-    `close` ends the connection after the answer (its request body was not read to the end,
-    so nothing after it on the connection can be trusted)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        close: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-        self.close = close
-
-    def response(self) -> web.Response:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {
-            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
-        }
-        response = json_response(body, self.status, self.headers)
-        if self.close:
-            response.force_close()
-        return response
-
-
-def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
-
-
-async def read_body(request: web.Request, timeout: float) -> bytes:
-    """The whole body, or a JSON error: 408 if it does not arrive within `timeout` seconds (a
-    half-sent body would otherwise hold its connection forever), 400 if it cannot be decoded
-    (a `Content-Encoding: gzip` body that is not gzip, broken chunking), 413 past the size cap
-    (aiohttp's HTTPRequestEntityTooLarge, shaped by the error middleware)."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise ApiError(
-            408, f"The request body did not arrive within {timeout:g} s.", close=True
-        ) from None
-    except web.RequestPayloadError as error:
-        # The parser stopped feeding this body: mark it finished, or aiohttp would try to drain
-        # it after the answer and log the decode error again as an unhandled exception.
-        request.content.feed_eof()
-        cause = error.__cause__ or error
-        detail = getattr(cause, "message", None) or str(cause)
-        raise ApiError(
-            400, f"The request body could not be read: {detail.strip()}", close=True
-        ) from None
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """What we honour of a completions request (decoding settings are not honoured)."""
+    """What we honour of a completions request: its prompts and options."""
 
     prompts: list[str]
-    max_tokens: int | None
+    options: Options = field(default_factory=Options)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What we honour of a chat completions request: its messages, as given, and options."""
+
+    messages: Chat
+    options: Options = field(default_factory=Options)
 
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
-    """Validate a request body; every way it can be wrong is a 400 naming the field."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise ApiError(400, f"The request body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
+    """Validate a request body; every way it can be wrong is a 400 naming the field. Without
+    sampling fields it decodes greedily (the course's path)."""
+    body = _json_object(raw)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts:
@@ -115,17 +50,44 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
             "'prompt' must contain only strings (token-id prompts are not supported).",
             "prompt",
         )
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    return CompletionRequest(prompts, parse_options(body, greedy_unless_set=True))
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Validate a chat body: text messages from system, user or assistant (a content list
+    may hold text parts only); OpenAI's default temperature, 1."""
+    body = _json_object(raw)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list.", "messages")
+    chat = [_chat_message(message) for message in messages]
+    return ChatRequest(chat, parse_options(body, greedy_unless_set=False))
+
+
+def _chat_message(message: Any) -> dict[str, str]:
+    if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+        raise ApiError(
+            400, f"Each message needs a 'role' among {', '.join(CHAT_ROLES)}.", "messages"
+        )
+    content = message.get("content")
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
     ):
-        raise ApiError(400, "'max_tokens' must be a positive integer.", "max_tokens")
-    if body.get("stream"):
-        raise ApiError(400, "Streaming is not supported; send 'stream': false.", "stream")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):  # null means the default, 1
-        raise ApiError(400, "Only 'n': 1 is supported.", "n")
-    return CompletionRequest(prompts, max_tokens)
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ApiError(400, "Each message's 'content' must be text.", "messages")
+    return {"role": message["role"], "content": content}
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, f"The request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
 
 
 def completion_body(model: str, prompts: list[str], replies: list[Reply]) -> dict[str, Any]:
@@ -133,10 +95,7 @@ def completion_body(model: str, prompts: list[str], replies: list[Reply]) -> dic
     as the course's example output does (its graders match answers to prompts; OpenAI clients
     ignore the extra field)."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
+        **envelope("cmpl", "text_completion", model),
         "choices": [
             {
                 "index": i,
@@ -151,6 +110,16 @@ def completion_body(model: str, prompts: list[str], replies: list[Reply]) -> dic
     }
 
 
+def envelope(id_prefix: str, kind: str, model: str) -> dict[str, Any]:
+    """The fields every response object starts with."""
+    return {
+        "id": f"{id_prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
 def usage_body(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -159,62 +128,54 @@ def usage_body(usage: Usage) -> dict[str, int]:
     }
 
 
-def errors_as_json(
-    on_unhandled: Callable[[], None],
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """A middleware: every failure leaves as an OpenAI-style JSON error, never as an HTML page
-    or a 5xx trace; `on_unhandled` counts the bugs (exceptions nobody meant to raise)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as error:
-            return error.response()
-        except web.HTTPException as error:
-            if error.status < 400:
-                raise
-            headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
-            return ApiError(error.status, error.reason, headers=headers).response()
-        except Exception:  # a bug: log it, count it, and still answer in the API's format
-            log.exception("unhandled error serving %s %s", request.method, request.path)
-            on_unhandled()
-            return ApiError(500, "Internal server error.", code="internal_error").response()
-
-    return middleware
+def chat_body(model: str, reply: Reply) -> dict[str, Any]:
+    """A `chat.completion` object with the assistant's message."""
+    return {
+        **envelope("chatcmpl", "chat.completion", model),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text},
+                "logprobs": None,
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+        "usage": usage_body(reply.usage),
+    }
 
 
-class _JsonErrorProtocol(RequestHandler):
-    """aiohttp's connection handler, answering the errors it raises itself (a bad request line,
-    oversized headers, broken chunking: nothing an app handler or middleware ever sees) in the
-    API's JSON instead of plain text. aiohttp has no public hook for these; the pinned version
-    is held to it by tests/test_http_errors.py."""
+class Chunks:
+    """The objects of one streamed response: `text_completion` pieces, or for chat
+    `chat.completion.chunk` deltas (the first delta of a choice names its role), all under one
+    id, then a usage chunk whose choices are empty."""
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises if a reply was sent
-        if status >= 500:
-            error = ApiError(status, "Internal server error.", code="internal_error", close=True)
+    def __init__(self, model: str, chat: bool) -> None:
+        self.chat = chat
+        kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+        self.base = envelope(*kind, model)
+        self.started: set[int] = set()
+
+    def piece(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            delta = (
+                {"content": text}
+                if index in self.started
+                else {"role": "assistant", "content": text}
+            )
+            choice["delta"] = delta
+            self.started.add(index)
         else:
-            first_line = (message or "Bad request.").strip().splitlines()[0]
-            error = ApiError(status, f"Malformed HTTP request: {first_line}", close=True)
-        return error.response()
+            choice["text"] = text
+        return {**self.base, "choices": [choice]}
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": usage_body(usage)}
 
 
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorRunner(web.AppRunner):
-    """An AppRunner whose connections use _JsonErrorProtocol."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # same object and state, JSON protocol errors
-        return server
+def models_body(model: str) -> dict[str, Any]:
+    """`/v1/models`: the one model this server serves."""
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "qwen3-server"}],
+    }

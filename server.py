@@ -14,26 +14,28 @@ import hmac
 import logging
 import os
 import signal
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvloop
 from aiohttp import web
 
 import shortcuts
+from http_errors import ApiError, JsonErrorRunner, errors_as_json, json_response, read_body
 from openai_api import (
-    ApiError,
-    CompletionRequest,
-    JsonErrorRunner,
+    Chunks,
+    chat_body,
     completion_body,
-    errors_as_json,
-    json_response,
+    models_body,
+    parse_chat_request,
     parse_completion_request,
-    read_body,
 )
+from openai_params import Options
+from openai_stream import write_events
 from queueing.dispatcher import SHUTDOWN_GRACE_S, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
 from queueing.service import CompletionService
 from queueing.shutdown import Shutdown, ShuttingDown
+from queueing.streams import Piece
 from replica.worker import ReplicaSpec
 
 log = logging.getLogger("server")
@@ -48,7 +50,7 @@ class Frontend:
     per-request metrics."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.model_name = args.model
+        self.model_name = args.served_model_name or args.model
         self.api_key = os.environ.get("API_KEY") or None
         self.metrics_need_key = args.metrics_auth
         self.body_timeout = args.body_timeout
@@ -81,18 +83,40 @@ class Frontend:
         """Stop the planner workers and replicas within what is left of the time."""
         await self.service.close(min(SHUTDOWN_GRACE_S, self.shutdown.seconds_left(EXIT_MARGIN_S)))
 
-    async def complete(self, request: CompletionRequest) -> dict[str, Any]:
-        """One completions request answered: a `text_completion` body, or an ApiError."""
+    async def complete(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        """One completions request answered: a `text_completion` body or stream, or an
+        ApiError."""
+        parsed = parse_completion_request(raw)
         bound = self.service.max_prompts
-        if len(request.prompts) > bound:  # could never be admitted: retrying would not help
+        if len(parsed.prompts) > bound:  # could never be admitted: retrying would not help
             raise ApiError(
                 400,
                 f"A request may carry at most {bound} prompts (--max-in-flight); "
-                f"this one has {len(request.prompts)}.",
+                f"this one has {len(parsed.prompts)}.",
                 "prompt",
             )
-        replies = await self.service.complete(request.prompts, request.max_tokens)
-        return completion_body(self.model_name, request.prompts, replies)
+        options = parsed.options
+        if options.stream:
+            pieces = self.service.stream(parsed.prompts, options)
+            return await self._stream(request, pieces, options, chat=False)
+        replies = await self.service.complete(parsed.prompts, options)
+        return json_response(completion_body(self.model_name, parsed.prompts, replies))
+
+    async def chat(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        """One chat completions request: a `chat.completion` body or chunk stream."""
+        parsed = parse_chat_request(raw)
+        options = parsed.options
+        if options.stream:
+            pieces = self.service.stream_chat(parsed.messages, options)
+            return await self._stream(request, pieces, options, chat=True)
+        reply = await self.service.chat(parsed.messages, options)
+        return json_response(chat_body(self.model_name, reply))
+
+    async def _stream(
+        self, request: web.Request, pieces: AsyncIterator[Piece], options: Options, chat: bool
+    ) -> web.StreamResponse:
+        chunks = Chunks(self.model_name, chat)
+        return await write_events(request, pieces, chunks, options.include_usage)
 
 
 def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
@@ -128,16 +152,35 @@ def _cuda_available() -> bool:
 FRONTEND = web.AppKey("frontend", Frontend)
 
 
-async def completions(request: web.Request) -> web.Response:
+Answer = Callable[[Frontend, web.Request, bytes], Awaitable[web.StreamResponse]]
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, Frontend.complete)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, Frontend.chat)
+
+
+async def models(request: web.Request) -> web.Response:
+    front = request.app[FRONTEND]
+    front.authorize(request)
+    return json_response(models_body(front.model_name))
+
+
+async def _answer(request: web.Request, answer: Answer) -> web.StreamResponse:
+    """The shared path of the model endpoints: key, drain, body, then `answer`, with each
+    outcome counted by status and dispatch errors mapped to theirs."""
     front = request.app[FRONTEND]
     status = "500"
     try:
         front.authorize(request)
         async with front.shutdown.draining():
             raw = await read_body(request, front.body_timeout)
-            response = await front.complete(parse_completion_request(raw))
+            response = await answer(front, request, raw)
         status = "200"
-        return json_response(response)
+        return response
     except (ApiError, web.HTTPException) as error:
         status = str(error.status)
         raise
@@ -193,6 +236,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app[FRONTEND] = front
     for route in COMPLETION_ROUTES:
         app.router.add_post(route, completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
@@ -216,6 +261,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="HF id, checkpoint dir or tiny-random"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        help="the model's name in responses and /v1/models (default: --model)",
     )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from queueing.metrics import Metrics
 from queueing.replica_link import ReplicaLink, ReplicaState
 from replica.messages import (
     Cancelled,
+    Delta,
     Failed,
     FromReplica,
     Generate,
@@ -70,6 +71,8 @@ class _Pending:
     future: asyncio.Future[Result]
     link: ReplicaLink | None = None
     crashes: int = 0  # replicas that died while it ran on them
+    on_delta: Callable[[Delta], None] | None = None  # a streamed request's text as it grows
+    streamed: bool = False  # some text went out: a retry elsewhere would repeat it
 
 
 class Dispatcher:
@@ -145,16 +148,39 @@ class Dispatcher:
     async def submit(self, job: Job) -> Result:
         """Run one model job; cancelled if the caller is (e.g. the client went away). A refusal
         by the replica raises ReplicaError."""
-        request = Request(next(self._ids), job)
-        future = asyncio.get_running_loop().create_future()
-        self.pending[request.id] = _Pending(request, estimated_work(job), future)
-        self._place(request.id)
+        request_id, future = self._open(job)
         try:
             return await future
         except asyncio.CancelledError:
-            self._forget(request.id, cancel=True)
-            self._cancelled.inc()
+            self._abandon(request_id)
             raise
+
+    async def stream(self, job: Generate) -> AsyncIterator[Delta | Result]:
+        """Run a streamed Generate: its Deltas as they arrive, then its Result. A consumer
+        that stops early (its client went away) cancels the request."""
+        deltas: asyncio.Queue[Delta | None] = asyncio.Queue()
+        request_id, future = self._open(job, deltas.put_nowait)
+        future.add_done_callback(lambda _: deltas.put_nowait(None))
+        try:
+            while (delta := await deltas.get()) is not None:
+                yield delta
+            yield future.result()
+        finally:
+            if not future.done():
+                self._abandon(request_id)
+
+    def _open(
+        self, job: Job, on_delta: Callable[[Delta], None] | None = None
+    ) -> tuple[int, asyncio.Future[Result]]:
+        request = Request(next(self._ids), job)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[request.id] = _Pending(request, estimated_work(job), future, on_delta=on_delta)
+        self._place(request.id)
+        return request.id, future
+
+    def _abandon(self, request_id: int) -> None:
+        self._forget(request_id, cancel=True)
+        self._cancelled.inc()
 
     def _place(self, request_id: int) -> None:
         pending = self.pending[request_id]
@@ -189,6 +215,11 @@ class Dispatcher:
         match message:
             case Ready():
                 self._on_ready()
+            case Delta():
+                pending = self.pending.get(message.id)
+                if pending is not None and pending.on_delta is not None:
+                    pending.streamed = True
+                    pending.on_delta(message)
             case Result():
                 pending = self._forget(message.id)
                 if pending is not None and not pending.future.done():
@@ -226,6 +257,8 @@ class Dispatcher:
         pending.crashes += 1
         if not self.any_serving:
             self._fail(request_id, NoReplica())
+        elif pending.streamed:
+            self._fail(request_id, ReplicaError(500, "the replica died while streaming"))
         elif pending.crashes >= MAX_CRASHES:
             self._fail(request_id, ReplicaError(500, "the request crashed its replica twice"))
         else:

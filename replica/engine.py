@@ -127,6 +127,7 @@ class Engine:
             eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
         self.eos_ids = frozenset(eos_ids)
         self.stats = EngineStats()
+        self._watched: dict[int, Sequence] = {}  # id -> sequence, for requests with `watch`
         self._seeds = random.Random(os.urandom(16))  # for sampled requests that bring none
         with clock.phase("warmup"):
             if on_cuda if warm_up is None else warm_up:
@@ -198,9 +199,24 @@ class Engine:
         sampling = request.sampling
         if sampling is not None and not sampling.greedy and sampling.seed is None:
             request.sampling = replace(sampling, seed=self._seeds.getrandbits(63))
-        self.scheduler.add(Sequence(request))
+        sequence = Sequence(request)
+        if request.watch:
+            self._watched[request.id] = sequence
+        self.scheduler.add(sequence)
+
+    def new_tokens(self) -> list[tuple[int, list[int]]]:
+        """(id, tokens) for each running watched request that generated tokens since the last
+        call: host ints the step already had, so no device sync. A finished request's last
+        tokens come in its result instead."""
+        fresh = []
+        for sequence in self._watched.values():
+            if len(sequence.output) > sequence.reported:
+                fresh.append((sequence.id, sequence.output[sequence.reported :]))
+                sequence.reported = len(sequence.output)
+        return fresh
 
     def cancel(self, request_id: int) -> bool:
+        self._watched.pop(request_id, None)
         sequence = self.scheduler.cancel(request_id)
         if sequence is not None and sequence.slot >= 0:
             self.cache.release(sequence.slot)
@@ -278,6 +294,7 @@ class Engine:
         return None
 
     def _finish(self, sequence: Sequence, reason: FinishReason) -> EngineResult:
+        self._watched.pop(sequence.id, None)
         self.scheduler.finish(sequence)
         self.cache.release(sequence.slot)
         return sequence.result(reason)

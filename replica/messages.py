@@ -5,7 +5,7 @@ module and never torch, so nothing here may import it (or anything that does).
 
 Front end -> replica: a Request (a Generate or a Score job under the id the dispatcher gave
 it), Cancel, Shutdown. Replica -> front end: Ready once loaded, then for each request exactly
-one of Result, Failed or Cancelled.
+one of Result, Failed or Cancelled (a streamed Generate first sends its text in Deltas).
 """
 
 from __future__ import annotations
@@ -18,12 +18,38 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How a request draws its tokens (replica.sampling does the drawing)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # None: the engine draws one
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The client's decoding settings: how tokens are drawn (None: greedy) and the strings
+    that end the text before them."""
+
+    sampling: SamplingParams | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Generate:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
-    lower of the profile's cap and the client's)."""
+    lower of the profile's cap and the client's); `stream` sends the text in Deltas as it
+    grows."""
 
     messages: Chat
     max_tokens: int
+    decoding: Decoding = Decoding()
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,14 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """More text of a streamed request, as it is generated (never half a character)."""
+
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
 class Failed:
     """A request the replica refused; status, param and code follow OpenAI's errors
     (e.g. 400, "prompt", "context_length_exceeded")."""
@@ -111,5 +145,5 @@ class Cancelled:
 
 
 ToReplica = Request | Cancel | Shutdown
-FromReplica = Ready | Result | Failed | Cancelled
+FromReplica = Ready | Delta | Result | Failed | Cancelled
 Message = ToReplica | FromReplica

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from replica.messages import FromReplica, Message, ToReplica
+from replica.messages import FromReplica, Message, SamplingParams, ToReplica
 
 FRAME_HEADER = struct.Struct("!I")  # each message: its pickled length, then the pickle
 M = TypeVar("M", bound=Message)
@@ -80,20 +80,7 @@ class EngineRequest:
     max_new_tokens: int = 0
     choice_ids: list[int] | None = None
     sampling: SamplingParams | None = None  # None: greedy
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a request draws its tokens (replica.sampling does the drawing)."""
-
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int | None = None  # None: the engine draws one
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+    watch: bool = False  # report its new tokens each step (Engine.new_tokens)
 
 
 @dataclass

@@ -16,6 +16,7 @@ class Sequence:
     slot: int = -1  # its KV-cache slot while it runs
     limit: int = 0  # most tokens it may generate: its cap, bounded by the slot's length
     output: list[int] = field(default_factory=list)
+    reported: int = 0  # output tokens Engine.new_tokens has handed out (watched requests)
 
     @property
     def id(self) -> int:

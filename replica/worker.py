@@ -15,7 +15,9 @@ from typing import Any
 from replica.messages import (
     Cancel,
     Cancelled,
+    Delta,
     Failed,
+    Generate,
     Ready,
     Request,
     Result,
@@ -24,6 +26,7 @@ from replica.messages import (
     Usage,
 )
 from replica.protocol import BlockingChannel, EngineRequest, EngineResult
+from replica.text_watch import TextWatch
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Replica:
         self.codec = PromptCodec(self.source.tokenizer_dir)
         self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
         self.max_context = self.engine.max_seq_len
+        self.watches: dict[int, tuple[TextWatch, bool]] = {}  # id -> its text, streamed or not
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
@@ -105,9 +109,25 @@ class Replica:
                 self._handle(conn, message)
             for result in self.engine.step():
                 conn.send(self._result(result))
+            self._follow(conn)
+
+    def _follow(self, conn: BlockingChannel) -> None:
+        """Watched requests' new text: streamed out as Deltas, and a stop string ends its
+        request at once (cancelled in the engine, so its slot frees now)."""
+        for request_id, ids in self.engine.new_tokens():
+            watch, streamed = self.watches[request_id]
+            watch.add(ids)
+            if watch.stopped:
+                self.engine.cancel(request_id)
+                del self.watches[request_id]
+                usage = Usage(watch.prompt_tokens, len(watch.ids))
+                conn.send(Result(request_id, watch.text, "stop", usage))
+            elif streamed and (piece := watch.unsent()):
+                conn.send(Delta(request_id, piece))
 
     def _handle(self, conn: BlockingChannel, message: Request | Cancel) -> None:
         if isinstance(message, Cancel):
+            self.watches.pop(message.id, None)
             if self.engine.cancel(message.id):
                 conn.send(Cancelled(message.id))
             return
@@ -118,6 +138,10 @@ class Replica:
             conn.send(Failed(message.id, 400, str(error), param, code))
             return
         self.engine.add(request)
+        job = message.job
+        if request.watch and isinstance(job, Generate):
+            watch = TextWatch(self.codec.decode, len(request.prompt_ids), job.decoding.stop)
+            self.watches[message.id] = (watch, job.stream)
 
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
@@ -133,11 +157,24 @@ class Replica:
             return EngineRequest(
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )
-        return EngineRequest(message.id, prompt_ids, min(job.max_tokens, room))
+        watch = job.stream or bool(job.decoding.stop)
+        sampling = job.decoding.sampling
+        return EngineRequest(
+            message.id, prompt_ids, min(job.max_tokens, room), None, sampling, watch
+        )
 
     def _result(self, result: EngineResult) -> Result:
-        """A Score's answer is its option index and counts one completion token."""
+        """A Score's answer is its option index and counts one completion token; a watched
+        request's text is its watch's, which a stop string in its last tokens still cuts."""
         scored = result.choice_index is not None
         usage = Usage(result.prompt_tokens, 1 if scored else len(result.output_ids))
-        text = self.codec.decode(result.output_ids)
-        return Result(result.id, text, result.finish_reason, usage, result.choice_index)
+        watched = self.watches.pop(result.id, None)
+        if watched is None:
+            text = self.codec.decode(result.output_ids)
+            return Result(result.id, text, result.finish_reason, usage, result.choice_index)
+        watch = watched[0]
+        watch.add(result.output_ids[len(watch.ids) :])
+        text = watch.finish()
+        if watch.stopped:
+            return Result(result.id, text, "stop", Usage(result.prompt_tokens, len(watch.ids)))
+        return Result(result.id, text, result.finish_reason, usage)

@@ -1,6 +1,15 @@
 """Task routing, the exact graph solver, and per-task prompt shaping for the server."""
 
-from shortcuts.plans import Answer, Generate, Model, Plan, Reply, Score, UnsolvedGraph
+from shortcuts.plans import (
+    Answer,
+    Generate,
+    Model,
+    Plan,
+    Reply,
+    Score,
+    UnsolvedGraph,
+    with_decoding,
+)
 from shortcuts.profiles import PROFILES, Profile, get_profile
 from shortcuts.prompts import plan, plan_unshaped
 from shortcuts.router import Route, route
@@ -20,4 +29,5 @@ __all__ = [
     "plan",
     "plan_unshaped",
     "route",
+    "with_decoding",
 ]

@@ -72,9 +72,14 @@ class Generate:
     messages: wire.Chat
     max_tokens: int
     fallback: Score | None = None
+    decoding: wire.Decoding = field(default_factory=wire.Decoding)  # the default: greedy
+
+    @property
+    def job(self) -> wire.Generate:
+        return wire.Generate(self.messages, self.max_tokens, self.decoding)
 
     async def reply(self, model: Model) -> Reply:
-        result = await model(wire.Generate(self.messages, self.max_tokens))
+        result = await model(self.job)
         text = strip_think(result.text)
         if self.fallback is None:
             return Reply(self.task, text, result.finish_reason, result.usage)
@@ -91,3 +96,9 @@ class UnsolvedGraph(Generate):
 
 
 Plan = Answer | Score | Generate
+
+
+def with_decoding(plan: Plan, decoding: wire.Decoding) -> Plan:
+    """The plan under the client's decoding settings: they apply to what the model generates
+    (a Score picks its letter by argmax, whatever they say)."""
+    return replace(plan, decoding=decoding) if isinstance(plan, Generate) else plan

@@ -51,7 +51,9 @@ BAD_BODIES = {
     "float max_tokens": (b'{"prompt": "a", "max_tokens": 2.5}', 400),
     "string max_tokens": (b'{"prompt": "a", "max_tokens": "8"}', 400),
     "bool max_tokens": (b'{"prompt": "a", "max_tokens": true}', 400),
-    "stream": (b'{"prompt": "a", "stream": true}', 400),
+    "stream not a flag": (b'{"prompt": "a", "stream": "yes"}', 400),
+    "temperature out of range": (b'{"prompt": "a", "temperature": 9}', 400),
+    "echo (not implemented)": (b'{"prompt": "a", "echo": true}', 400),
     "n > 1": (b'{"prompt": "a", "n": 2}', 400),
 }
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -61,6 +62,13 @@ class FakeDispatcher(Dispatcher):
             self.running -= 1
         choice = 0 if isinstance(job, wire.Score) else None
         return wire.Result(len(self.sent), "hi", "stop", wire.Usage(1, 1), choice)
+
+    async def stream(self, job: wire.Generate) -> AsyncIterator[wire.Delta | wire.Result]:
+        """Streams "hi" padded with the whitespace a shaped answer loses."""
+        self.sent.append(job)
+        for piece in ("  h", "i", " "):
+            yield wire.Delta(len(self.sent), piece)
+        yield wire.Result(len(self.sent), "  hi ", "length", wire.Usage(1, 3))
 
 
 def parse_args(*flags: str):
@@ -122,6 +130,30 @@ def test_one_prompt_of_each_route_goes_its_way_and_comes_back_in_order():
         assert isinstance(score, wire.Score) and score.options == ("A", "B", "C", "D")
         assert isinstance(generate, wire.Generate) and generate.max_tokens == 5
         assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+
+    serve(scenario)
+
+
+def test_a_stream_carries_every_route_and_the_clients_decoding_settings():
+    graph, mcq = rows_of("graph")[0]["prompt"], rows_of("mmlu_med")[0]["prompt"]
+    body = {"prompt": [graph, mcq, "Hi"], "temperature": 0.5, "stop": ["zz"]}
+
+    async def scenario(client, front, dispatcher) -> None:
+        async with client.post(ROUTE, json=body) as response:
+            whole = await response.json()
+        async with client.post(ROUTE, json={**body, "stream": True}) as response:
+            events = [line for line in (await response.text()).splitlines() if line]
+        assert events[-1] == "data: [DONE]"
+        chunks = [orjson.loads(event.removeprefix("data: ")) for event in events[:-1]]
+        texts, reasons = ["", "", ""], [None, None, None]
+        for choice in (chunk["choices"][0] for chunk in chunks):
+            texts[choice["index"]] += choice["text"]
+            reasons[choice["index"]] = choice["finish_reason"]
+        assert texts == [choice["text"] for choice in whole["choices"]]
+        assert texts[2] == "hi" and reasons == ["stop", "stop", "length"]
+        score, generate = dispatcher.sent[-2:]
+        assert isinstance(score, wire.Score) and generate.stream
+        assert generate.decoding == wire.Decoding(wire.SamplingParams(0.5), ("zz",))
 
     serve(scenario)
 

@@ -1,0 +1,159 @@
+"""OpenAI parity end to end, with the real `openai` client against server subprocesses on
+checkpoints saved by transformers: chat equals transformers' greedy generate, streams add up
+to the unstreamed text, seeds, stops, /v1/models, refused fields, and a client that leaves
+mid-stream frees its slot."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+from replica.checkpoint import VENDORED_TOKENIZER, tiny_random_config
+from replica.tokenization import PromptCodec
+from tests.prometheus_text import sample
+from tests.server_process import ServerProcess, request
+from tests.test_moe import save_tiny_moe
+from tests.transformers_oracle import greedy_continuations
+
+pytestmark = pytest.mark.slow
+CHATS = [
+    [{"role": "user", "content": "Hello there"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another, ünïcödé ✓"},
+    ],
+]
+NEW_TOKENS = 24
+
+
+def save_tiny_dense(directory: Path) -> Path:
+    """A tiny dense Qwen3 with an untied head and the real tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    config = tiny_random_config()
+    config.tie_word_embeddings = False
+    Qwen3ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def checkpoint(request, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp(request.param)
+    return save_tiny_dense(directory) if request.param == "dense" else save_tiny_moe(directory)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with ServerProcess("--model", str(checkpoint), "--served-model-name", "tiny") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_greedy_chat_equals_transformers_generate(checkpoint, client):
+    codec = PromptCodec(VENDORED_TOKENIZER)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    for messages in CHATS:
+        prompt = codec.encode_chat(messages)
+        [expected] = greedy_continuations(reference, [prompt], NEW_TOKENS)
+        answer = client.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_tokens=NEW_TOKENS
+        )
+        assert answer.object == "chat.completion" and answer.model == "tiny"
+        assert answer.choices[0].message.content == codec.decode(expected)
+        assert answer.usage.prompt_tokens == len(prompt)
+        assert answer.usage.completion_tokens == len(expected)
+
+
+def test_streams_add_up_to_the_unstreamed_text(client):
+    settings = {"model": "tiny", "max_tokens": NEW_TOKENS, "temperature": 0}
+    whole = client.chat.completions.create(messages=CHATS[1], **settings)
+    chunks = list(
+        client.chat.completions.create(
+            messages=CHATS[1], stream=True, stream_options={"include_usage": True}, **settings
+        )
+    )
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    prompts = ["Tell me a story.", "Hi"]
+    whole = client.completions.create(prompt=prompts, **settings)
+    pieces = {0: "", 1: ""}
+    for chunk in client.completions.create(prompt=prompts, stream=True, **settings):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.text
+    assert [pieces[0], pieces[1]] == [choice.text for choice in whole.choices]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sampled(seed: int) -> str:
+        answer = client.chat.completions.create(
+            model="tiny", messages=CHATS[0], temperature=1.0, seed=seed, max_tokens=NEW_TOKENS
+        )
+        return answer.choices[0].message.content
+
+    assert sampled(1) == sampled(1)
+    assert sampled(1) != sampled(2)
+    completion = client.completions.create(
+        model="tiny", prompt="Tell me a story.", temperature=1.0, seed=1, max_tokens=NEW_TOKENS
+    )
+    greedy = client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=24)
+    assert completion.choices[0].text != greedy.choices[0].text
+
+
+def test_stop_strings_end_the_text(client):
+    settings = {"model": "tiny", "messages": CHATS[0], "temperature": 0, "max_tokens": 200}
+    full = client.chat.completions.create(**settings).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full[: full.find(stop)]
+    answer = client.chat.completions.create(stop=[stop, "never-there"], **settings)
+    assert answer.choices[0].message.content == cut
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(stop=stop, stream=True, **settings)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
+
+
+def test_models_and_refused_fields(server, client):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    for field, value in [("echo", True), ("logprobs", 2), ("suffix", "x"), ("best_of", 3)]:
+        status, body, _ = request(server.url + "/v1/completions", {"prompt": "Hi", field: value})
+        assert status == 400 and body["error"]["param"] == field
+    status, body, _ = request(
+        server.url + "/v1/chat/completions",
+        {"messages": CHATS[0], "tools": [{"type": "function"}]},
+    )
+    assert status == 400 and body["error"]["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=CHATS[0], temperature=3)
+    assert refused.value.body["param"] == "temperature"
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server):
+    body = {"messages": CHATS[0], "max_tokens": 3000, "stream": True, "temperature": 0}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body))
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.close()  # mid-stream: thousands of tokens are still to come
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, metrics, _ = request(server.url + "/metrics", method="GET")
+        if sample(metrics, "replica_cancelled_total") >= 1:
+            break
+        time.sleep(0.2)
+    assert sample(metrics, "replica_cancelled_total") >= 1
+    assert sample(metrics, "in_flight") == 0
