@@ -157,10 +157,12 @@ class Replica:
             return EngineRequest(
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )
-        watch = job.stream or bool(job.decoding.stop)
-        sampling = job.decoding.sampling
         return EngineRequest(
-            message.id, prompt_ids, min(job.max_tokens, room), None, sampling, watch
+            message.id,
+            prompt_ids,
+            min(job.max_tokens, room),
+            sampling=job.decoding.sampling,
+            watch=job.stream or bool(job.decoding.stop),
         )
 
     def _result(self, result: EngineResult) -> Result:
