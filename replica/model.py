@@ -116,12 +116,7 @@ class Qwen3:
 
     def active_params(self) -> int:
         """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
-        return sum(
-            sum(t.numel() for t in layer.tensors())
-            - sum(t.numel() for t in layer.mlp.tensors())
-            + layer.mlp.active_params()
-            for layer in self.layers
-        )
+        return sum(layer.active_params() for layer in self.layers)
 
     def forward(self, batch: Batch, cache: KVCache, attention: AttentionBackend) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""

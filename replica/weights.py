@@ -30,9 +30,16 @@ class LayerWeights:
     post_norm: Tensor
     mlp: DenseMLP | SparseMoE
 
+    def attention_tensors(self) -> list[Tensor]:
+        """Everything but the MLP: norms, projections, q/k norms."""
+        return [getattr(self, f.name) for f in fields(self) if f.name != "mlp"]
+
     def tensors(self) -> list[Tensor]:
-        own = [getattr(self, f.name) for f in fields(self) if f.name != "mlp"]
-        return own + self.mlp.tensors()
+        return self.attention_tensors() + self.mlp.tensors()
+
+    def active_params(self) -> int:
+        """Weights one token multiplies (an MoE layer: its router and top-k experts)."""
+        return sum(t.numel() for t in self.attention_tensors()) + self.mlp.active_params()
 
 
 @dataclass
