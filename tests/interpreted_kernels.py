@@ -106,16 +106,33 @@ def moe() -> None:
 
 
 def sampling() -> None:
-    from replica.sampling import gumbel_argmax, row_keys
-    from replica.triton_sampling import gumbel_argmax_triton
+    from replica.sampling import CANDIDATES, sample
+    from replica.triton_sampling import GATHERED, sample_triton
 
-    rows, vocab = 6, 5000  # a vocabulary past one block, not a multiple of it
-    logits = torch.randn(rows, vocab) * 3
-    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3])
-    threshold = torch.tensor([-float("inf"), 2.0, -float("inf"), 4.0, 0.0, -1.0])
-    keys = row_keys(torch.arange(rows) * 7919, torch.arange(rows) + 100)
-    expected = gumbel_argmax(logits, temperature, threshold, keys)
-    assert torch.equal(gumbel_argmax_triton(logits, temperature, threshold, keys), expected)
+    # a vocabulary past one block and not a multiple of it, and every kind of row
+    rows, vocab, lanes = 8, 5000, 2048
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3, 0.0, 0.9])
+    top_k = torch.tensor([0, 40, 0, 300, 7, 0, 20, 256])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.8, 0.05, 0.5, 0.1])
+    seeds, positions = torch.arange(rows) * 7919, torch.arange(rows) + 100
+    smooth = torch.randn(rows, vocab) * 3
+    # many ties at the CANDIDATES-th largest logit, under 50 distinct larger ones (1 + 2**-7
+    # ends its bf16 key in a set bit)
+    tie = torch.tensor([1.0, 1.0 + 2**-7]).repeat(rows // 2)[:, None]
+    coarse = torch.minimum(smooth.round() / 2, tie)
+    coarse[:, :50] = 1.1 + torch.rand(rows, 50)
+    for logits in (smooth, coarse):
+        # how many logits reach the kernel's floor: the CANDIDATES-th largest lane maximum
+        lane_max = torch.full((rows, lanes), -torch.inf).scatter_reduce(
+            1, (torch.arange(vocab) % lanes).expand(rows, -1), logits, "amax"
+        )
+        floor = lane_max.sort(-1, descending=True).values[:, CANDIDATES - 1 : CANDIDATES]
+        reach = (logits >= floor).sum(-1)
+        assert (reach <= GATHERED).all() if logits is smooth else (reach > GATHERED).all()
+        for dtype in (torch.float32, torch.bfloat16):
+            args = (logits.to(dtype), temperature, top_k, top_p, seeds, positions)
+            drawn, expected = sample_triton(*args), sample(*args)
+            assert torch.equal(drawn, expected), (dtype, drawn, expected)
 
 
 CHECKS = {

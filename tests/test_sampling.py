@@ -94,12 +94,58 @@ def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
         return set(sample(logits, temperature, k, p, seeds, positions).tolist())
 
     assert drawn(top_k=3, top_p=1.0) == {0, 1, 2}
+    assert drawn(top_k=2, top_p=1.0) == {0, 1}
     # softmax masses: 0.45, 0.27, 0.17 for tokens 0-2, then 0.06 (token 6): 0.6 needs two
     assert drawn(top_k=0, top_p=0.6) == {0, 1}
     assert drawn(top_k=0, top_p=1e-6) == {0}
     assert len(drawn(top_k=0, top_p=1.0)) == 8
     full = thresholds(logits[:1], temperature[:1], torch.tensor([0]), torch.tensor([1.0]))
     assert full.item() == float("-inf")
+
+
+def test_top_k_keeps_ties_and_top_p_is_renormalised_over_the_top_k_tokens():
+    """vLLM's order: top-k keeps every logit at or above the k-th largest, then top-p counts
+    probability within those tokens (over the whole vocabulary when top-k is off)."""
+    rows = 2000
+    temperature, seeds = torch.full((rows,), 1.0), torch.arange(rows)
+    positions = torch.zeros(rows, dtype=torch.int64)
+
+    def drawn(logits: list[float], top_k: int, top_p: float) -> set[int]:
+        k, p = torch.full((rows,), top_k), torch.full((rows,), top_p)
+        batch = torch.tensor([logits]).expand(rows, -1)
+        return set(sample(batch, temperature, k, p, seeds, positions).tolist())
+
+    assert drawn([3.0, 2.0, 2.0, 1.0, 0.0], top_k=2, top_p=1.0) == {0, 1, 2}
+    # probabilities 0.46 and 0.17 of the whole vocabulary; 0.73 and 0.27 within the top 2
+    peaked = [2.0, 1.0] + [0.0] * 6
+    assert drawn(peaked, top_k=0, top_p=0.6) == {0, 1}
+    assert drawn(peaked, top_k=2, top_p=0.6) == {0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_triton_sampler_draws_what_the_reference_draws():
+    """Real vocabulary, bf16 (decode) and fp32 (prefill) logits, every kind of row, and rows
+    whose ties send the kernel down its exact path: the same tokens as the PyTorch reference."""
+    rows, vocab = 64, 151_936
+    gen = torch.Generator().manual_seed(3)
+    temperature = torch.rand(rows, generator=gen) * 1.5
+    temperature[::7] = 0.0
+    top_k = torch.randint(0, 300, (rows,), generator=gen)
+    top_k[::3] = 0
+    top_p = torch.rand(rows, generator=gen) * 0.99 + 0.01
+    top_p[::4] = 1.0
+    seeds = torch.randint(0, 2**62, (rows,), generator=gen)
+    positions = torch.randint(0, 4000, (rows,), generator=gen)
+    smooth = torch.randn(rows, vocab, generator=gen) * 3
+    tied = torch.minimum(smooth.round() / 2, torch.tensor([1.0, 1.0 + 2**-7]).repeat(32)[:, None])
+    tied[:, :50] = 1.1 + torch.rand(rows, 50, generator=gen)
+    for logits in (smooth, tied):
+        for dtype in (torch.bfloat16, torch.float32):
+            args = (logits.to(dtype), temperature, top_k, top_p, seeds, positions)
+            expected = sample(*args)
+            drawn = sample(*(a.cuda() for a in args)).cpu()
+            assert torch.equal(drawn, expected)
 
 
 @pytest.mark.gpu
