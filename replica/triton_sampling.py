@@ -168,6 +168,55 @@ def _gumbel_argmax(logits_ptr, vocab, stop, inv_t, threshold, key, BLOCK: tl.con
 
 
 @triton.jit
+def _candidates(
+    logits_ptr, vocab, lane_max, stop, width, inv_t, values_ptr, ids_ptr, CAP, KEY_BITS, BLOCK
+):
+    """A truncating row's candidates (`stop` is its vocabulary size; 0 for other rows) in CAP
+    slots: the logits at or above the floor (weight 1), or, when too many reach it, the ones
+    above the exact width-th largest logit and that logit weighing its ties. Returns their
+    values (-inf in empty slots), weights and token ids, which slots hold gathered logits,
+    whether the exact way was taken, and the row's softmax denominator of logit / T."""
+    lane_weight = tl.where(stop > 0, 1.0, 0.0)
+    floor = _key_value(_largest_key_reaching(_order_key(lane_max), lane_weight, width, KEY_BITS))
+    top_scaled = tl.max(lane_max, 0) * inv_t
+    count, full_mass = _gather(
+        logits_ptr, vocab, stop, floor, inv_t, top_scaled, values_ptr, ids_ptr, CAP, BLOCK
+    )
+    exact = (stop > 0) & (count > CAP)
+    stop = tl.where(exact, vocab, 0)
+    boundary, reaching = _largest_key_in_row(logits_ptr, vocab, stop, width, KEY_BITS, BLOCK)
+    floor = _key_value(boundary + tl.full([], 1 << (32 - KEY_BITS), tl.uint32))  # next key
+    above, _ = _gather(
+        logits_ptr, vocab, stop, floor, inv_t, top_scaled, values_ptr, ids_ptr, CAP, BLOCK
+    )
+    tl.debug_barrier()  # the gathered logits were stored by other threads of this program
+
+    slots = tl.arange(0, CAP)
+    stored = slots < tl.where(exact, above, count)
+    values = tl.load(values_ptr + slots, mask=stored, other=float("-inf"))
+    ids = tl.load(ids_ptr + slots, mask=stored, other=0)
+    tied = slots == tl.where(exact, above, CAP)  # (no slot is CAP)
+    values = tl.where(tied, _key_value(boundary), values)
+    copies = tl.where(stored, 1.0, tl.where(tied, (reaching - above).to(tl.float32), 0.0))
+    return values, copies, ids, stored, exact, full_mass
+
+
+@triton.jit
+def _threshold(
+    values, copies, full_mass, top_k, top_p, width, inv_t, top_scaled, KEY_BITS: tl.constexpr
+):
+    """`replica.sampling.thresholds` from a row's candidates."""
+    keys = _order_key(values)
+    top_k_width = tl.where((top_k > 0) & (top_k < width), top_k, width)
+    kth = _largest_key_reaching(keys, copies, top_k_width, KEY_BITS)
+    weight = copies * tl.exp(values * inv_t - top_scaled)
+    top_k_mass = tl.sum(tl.where(keys >= kth, weight, 0.0), 0)
+    mass = tl.where(top_k > 0, top_k_mass, full_mass)
+    nucleus = _largest_key_reaching(keys, weight, top_p * mass, KEY_BITS)
+    return _key_value(tl.maximum(kth, nucleus))
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,
     temperature_ptr,
@@ -186,8 +235,6 @@ def _sample_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * vocab
-    values_ptr += row * CAP
-    ids_ptr += row * CAP
     temperature = tl.load(temperature_ptr + row)
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row)
@@ -198,88 +245,37 @@ def _sample_kernel(
     greedy, lane_max = _lane_maxima(logits_ptr, vocab, BLOCK)
     top_scaled = tl.max(lane_max, 0) * inv_t
 
-    # the logits at or above the floor, or (too many reach it) the ones above the width-th
-    lane_weight = tl.where(truncated, 1.0, 0.0)
-    floor = _largest_key_reaching(_order_key(lane_max), lane_weight, width, KEY_BITS)
-    count, full_mass = _gather(
-        logits_ptr,
-        vocab,
-        tl.where(truncated, vocab, 0),
-        _key_value(floor),
-        inv_t,
-        top_scaled,
-        values_ptr,
-        ids_ptr,
-        CAP,
-        BLOCK,
+    values_ptr += row * CAP
+    ids_ptr += row * CAP
+    stop = tl.where(truncated, vocab, 0)
+    values, copies, ids, stored, exact, full_mass = _candidates(
+        logits_ptr, vocab, lane_max, stop, width, inv_t, values_ptr, ids_ptr, CAP, KEY_BITS, BLOCK
     )
-    exact = truncated & (count > CAP)
-    exact_stop = tl.where(exact, vocab, 0)
-    boundary, reaching = _largest_key_in_row(logits_ptr, vocab, exact_stop, width, KEY_BITS, BLOCK)
-    above_boundary = _key_value(boundary + tl.full([], 1 << (32 - KEY_BITS), tl.uint32))
-    above, _ = _gather(
-        logits_ptr,
-        vocab,
-        exact_stop,
-        above_boundary,
-        inv_t,
-        top_scaled,
-        values_ptr,
-        ids_ptr,
-        CAP,
-        BLOCK,
+    threshold = _threshold(
+        values, copies, full_mass, top_k, top_p, width, inv_t, top_scaled, KEY_BITS
     )
-    tl.debug_barrier()  # the gathered logits were stored by other threads of this program
-
-    # the candidates: gathered logits of weight 1, and the boundary logit weighing its ties
-    slots = tl.arange(0, CAP)
-    stored = slots < tl.where(exact, above, count)
-    values = tl.load(values_ptr + slots, mask=stored, other=float("-inf"))
-    tied = slots == tl.where(exact, above, CAP)  # (no slot is CAP)
-    values = tl.where(tied, _key_value(boundary), values)
-    copies = tl.where(stored, 1.0, tl.where(tied, (reaching - above).to(tl.float32), 0.0))
-    keys = _order_key(values)
-    top_k_width = tl.where((top_k > 0) & (top_k < width), top_k, width)
-    kth = _largest_key_reaching(keys, copies, top_k_width, KEY_BITS)
-    weight = copies * tl.exp(values * inv_t - top_scaled)
-    top_k_mass = tl.sum(tl.where(keys >= kth, weight, 0.0), 0)
-    mass = tl.where(top_k > 0, top_k_mass, full_mass)
-    nucleus = _largest_key_reaching(keys, weight, top_p * mass, KEY_BITS)
-    threshold = tl.where(truncated, _key_value(tl.maximum(kth, nucleus)), float("-inf"))
+    threshold = tl.where(truncated, threshold, float("-inf"))
 
     key = _row_key(tl.load(seeds_ptr + row), tl.load(positions_ptr + row))
-    ids = tl.load(ids_ptr + slots, mask=stored, other=0)
-    gathered_draw = _first_best(
-        _gumbel_scores(values, ids, inv_t, threshold, key, stored), ids, vocab
-    )
+    scores = _gumbel_scores(values, ids, inv_t, threshold, key, stored)
     whole_row = sampled & (~truncated | exact)
     drawn = _gumbel_argmax(
         logits_ptr, vocab, tl.where(whole_row, vocab, 0), inv_t, threshold, key, BLOCK
     )
-    drawn = tl.where(whole_row, drawn, gathered_draw)
+    drawn = tl.where(whole_row, drawn, _first_best(scores, ids, vocab))
     tl.store(out_ptr + row, tl.where(sampled, drawn, greedy).to(tl.int64))
 
 
-def sample_triton(
-    logits: Tensor,
-    temperature: Tensor,
-    top_k: Tensor,
-    top_p: Tensor,
-    seeds: Tensor,
-    positions: Tensor,
-) -> Tensor:
-    """What `replica.sampling.sample` returns, in one launch."""
+def sample_triton(logits: Tensor, *row_settings: Tensor) -> Tensor:
+    """What `replica.sampling.sample` returns, in one launch; `row_settings` are its
+    temperature, top_k, top_p, seeds and positions."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     values = torch.empty(rows, GATHERED, dtype=torch.float32, device=logits.device)
     ids = torch.empty(rows, GATHERED, dtype=torch.int32, device=logits.device)
     _sample_kernel[(rows,)](
         logits.contiguous(),
-        temperature,
-        top_k,
-        top_p,
-        seeds,
-        positions,
+        *row_settings,
         values,
         ids,
         out,
