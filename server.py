@@ -20,8 +20,9 @@ import uvloop
 from aiohttp import web
 
 import shortcuts
-from http_errors import ApiError, JsonErrorRunner, errors_as_json, json_response, read_body
-from openai_api import (
+from api.errors import ApiError, JsonErrorRunner, errors_as_json, json_response, read_body
+from api.params import Options
+from api.responses import (
     Chunks,
     chat_body,
     completion_body,
@@ -29,14 +30,13 @@ from openai_api import (
     parse_chat_request,
     parse_completion_request,
 )
-from openai_params import Options
-from openai_stream import write_events
+from api.stream import write_events
 from queueing.dispatcher import SHUTDOWN_GRACE_S, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
 from queueing.service import CompletionService
 from queueing.shutdown import Shutdown, ShuttingDown
 from queueing.streams import Piece
-from replica.worker import ReplicaSpec
+from replica.wire.spec import ReplicaSpec
 
 log = logging.getLogger("server")
 
@@ -315,7 +315,7 @@ def refuse_unservable(args: argparse.Namespace) -> None:
 
     if args.model == "tiny-random":  # built in (replica.checkpoint.TINY_RANDOM): always servable
         return
-    command = [sys.executable, "-m", "replica.servable", args.model]
+    command = [sys.executable, "-m", "replica.loading.servable", args.model]
     command += ["--random-weights"] if args.random_weights else []
     check = subprocess.run(command, capture_output=True, text=True, check=False)
     if check.returncode != 0:

@@ -20,18 +20,18 @@ from prometheus_client.core import GaugeMetricFamily
 
 from queueing.metrics import Metrics
 from queueing.replica_link import ReplicaLink, ReplicaState
-from replica.messages import (
+from replica.wire.messages import (
     Cancelled,
     Delta,
     Failed,
     FromReplica,
-    Generate,
+    GenerateJob,
     Job,
     Ready,
     Request,
     Result,
 )
-from replica.worker import ReplicaSpec
+from replica.wire.spec import ReplicaSpec
 
 MAX_CRASHES = 2  # a request running on two replicas that died is failed, not retried forever
 SHUTDOWN_GRACE_S = 5.0  # for replicas to exit after Shutdown (one engine step is enough)
@@ -61,15 +61,17 @@ def estimated_work(job: Job) -> int:
     """Tokens a job will cost, roughly, for load balancing (no tokenizer in the front end):
     its prompt at 4 characters a token, plus what it may generate."""
     prompt = sum(len(message["content"]) for message in job.messages) // 4
-    return prompt + (job.max_tokens if isinstance(job, Generate) else 0)
+    return prompt + (job.max_tokens if isinstance(job, GenerateJob) else 0)
 
 
 @dataclass
 class _Pending:
+    """A request until it is answered. Where it runs is its link's to know (ReplicaLink keeps
+    the one map of what is in flight on each replica)."""
+
     request: Request
     work: int
     future: asyncio.Future[Result]
-    link: ReplicaLink | None = None
     crashes: int = 0  # replicas that died while it ran on them
     on_delta: Callable[[Delta], None] | None = None  # a streamed request's text as it grows
     streamed: bool = False  # some text went out: a retry elsewhere would repeat it
@@ -155,8 +157,8 @@ class Dispatcher:
             self._abandon(request_id)
             raise
 
-    async def stream(self, job: Generate) -> AsyncIterator[Delta | Result]:
-        """Run a streamed Generate: its Deltas as they arrive, then its Result. A consumer
+    async def stream(self, job: GenerateJob) -> AsyncIterator[Delta | Result]:
+        """Run a streamed GenerateJob: its Deltas as they arrive, then its Result. A consumer
         that stops early (its client went away) cancels the request."""
         deltas: asyncio.Queue[Delta | None] = asyncio.Queue()
         request_id, future = self._open(job, deltas.put_nowait)
@@ -186,9 +188,9 @@ class Dispatcher:
         pending = self.pending[request_id]
         serving = [link for link in self.links if link.serving]
         if serving:
-            pending.link = min(serving, key=lambda link: link.outstanding)
-            self._sent.labels(replica=str(pending.link.index)).inc()
-            pending.link.send(pending.request, pending.work)
+            link = min(serving, key=lambda link: link.outstanding)
+            self._sent.labels(replica=str(link.index)).inc()
+            link.send(pending.request, pending.work)
         elif not self.ever_ready and self._any_starting():
             self.backlog.append(request_id)
         else:
@@ -199,12 +201,17 @@ class Dispatcher:
 
     def _forget(self, request_id: int, cancel: bool = False) -> _Pending | None:
         pending = self.pending.pop(request_id, None)
-        if pending is not None and pending.link is not None:
+        link = self.link_of(request_id)
+        if pending is not None and link is not None:
             if cancel:
-                pending.link.cancel(request_id)
+                link.cancel(request_id)
             else:
-                pending.link.done(request_id)
+                link.done(request_id)
         return pending
+
+    def link_of(self, request_id: int) -> ReplicaLink | None:
+        """The replica a request is in flight on (None while it waits or after a death)."""
+        return next((link for link in self.links if link.holds(request_id)), None)
 
     def _fail(self, request_id: int, error: Exception) -> None:
         pending = self._forget(request_id)
@@ -253,7 +260,6 @@ class Dispatcher:
         pending = self.pending.get(request_id)
         if pending is None:
             return
-        pending.link = None
         pending.crashes += 1
         if not self.any_serving:
             self._fail(request_id, NoReplica())

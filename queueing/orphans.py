@@ -1,4 +1,5 @@
-"""Child processes that cannot outlive the front end, even when it is SIGKILLed.
+"""Child processes (replicas, planners) that the front end alone stops, and that cannot outlive
+it, even when it is SIGKILLed.
 
 Linux delivers a parent-death signal chosen with prctl(PR_SET_PDEATHSIG) when the thread that
 started the child exits; the front end starts every child from its event-loop (main) thread.
@@ -25,3 +26,10 @@ def die_with_parent(parent_pid: int) -> bool:
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
     return True
+
+
+def ignore_stop_signals() -> None:
+    """SIGINT/SIGTERM are ignored: a Ctrl-C or a process-group SIGTERM reaches children too, and
+    the front end owns their lifecycle (it drains in-flight work, then stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

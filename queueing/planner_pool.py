@@ -20,8 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from queueing.metrics import Metrics
-from queueing.orphans import die_with_parent
-from replica.worker import ignore_stop_signals
+from queueing.orphans import die_with_parent, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ when a busy replica is not reading (the transport buffers), and reads arrive as 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -15,10 +16,10 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, Protocol
 
-from queueing.orphans import die_with_parent
-from replica.messages import Cancel, FromReplica, Ready, Request, Shutdown
-from replica.protocol import FrameDecoder, encode_frame
-from replica.worker import ReplicaSpec, serve
+from queueing.orphans import die_with_parent, ignore_stop_signals
+from replica.wire.framing import FrameDecoder, encode_frame
+from replica.wire.messages import Cancel, FromReplica, Ready, Request, Shutdown
+from replica.wire.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,17 @@ class ReplicaProtocol(asyncio.Protocol):
         self.on_closed()
 
 
-def _serve_until_parent_dies(sock: socket.socket, spec: ReplicaSpec, parent_pid: int) -> None:
-    """Replica process entry: `serve`, but SIGKILLed if the front end dies (even by SIGKILL)."""
+REPLICA_WORKER = "replica.worker"  # imported in the child only: the front end never loads torch
+
+
+def _replica_process(sock: socket.socket, spec: ReplicaSpec, parent_pid: int) -> None:
+    """Replica process entry: pinned to its GPU before torch is imported, SIGKILLed if the front
+    end dies (even by SIGKILL), deaf to stop signals; then the worker serves."""
     die_with_parent(parent_pid)
-    serve(sock, spec)
+    ignore_stop_signals()
+    if spec.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+    importlib.import_module(REPLICA_WORKER).serve(sock, spec)
 
 
 async def launch(
@@ -77,7 +85,7 @@ async def launch(
     """Spawn a replica process and connect `protocol` to the parent's end of its socket."""
     parent_end, child_end = socket.socketpair()
     process = mp.get_context("spawn").Process(
-        target=_serve_until_parent_dies,
+        target=_replica_process,
         args=(child_end, spec, os.getpid()),
         name=name,
         daemon=True,
@@ -201,6 +209,9 @@ class ReplicaLink:
         self._outstanding += work
         self._write(request)
 
+    def holds(self, request_id: int) -> bool:
+        return request_id in self._in_flight
+
     def done(self, request_id: int) -> bool:
         """Forget an answered (or failed) request; False if it was not in flight here."""
         work = self._in_flight.pop(request_id, None)
@@ -209,10 +220,14 @@ class ReplicaLink:
         self._outstanding -= work
         return True
 
-    def cancel(self, request_id: int) -> None:
-        """Forget a request and tell the replica to drop it and free its slot."""
-        if self.done(request_id) and self._state is ReplicaState.READY:
+    def cancel(self, request_id: int) -> bool:
+        """Forget a request and tell the replica to drop it and free its KV; False if it was
+        not in flight here."""
+        if not self.done(request_id):
+            return False
+        if self._state is ReplicaState.READY:
             self._write(Cancel(request_id))
+        return True
 
     def shutdown(self) -> None:
         """Ask the replica to exit; its socket closing then reads as a (planned) death."""

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import shortcuts
-from openai_params import Options
+from api.params import Options
 from queueing.dispatcher import Dispatcher
 from queueing.metrics import Metrics
 from queueing.planning import Planner
 from queueing.streams import Piece, merged
-from replica.messages import Chat, Delta, Generate
-from replica.worker import ReplicaSpec
+from replica.wire.messages import Chat, Delta, GenerateJob
+from replica.wire.spec import ReplicaSpec
 from shortcuts.text import strip_think
 
 CHAT_MAX_TOKENS = 4096  # a chat's default cap (the replica also caps at what its slot holds)
@@ -123,7 +123,7 @@ class CompletionService:
             yield Piece(index, reply.text, reply)
 
     async def _stream_job(
-        self, index: int, job: Generate, task: shortcuts.Route, started: float
+        self, index: int, job: GenerateJob, task: shortcuts.Route, started: float
     ) -> AsyncIterator[Piece]:
         """A shaped turn's text is stripped as `plan.reply` strips it (leading and trailing
         whitespace held back), so the pieces add up to the unstreamed text."""
@@ -158,5 +158,5 @@ class CompletionService:
         self._tokens_out.inc(reply.usage.completion_tokens)
 
 
-def _chat_job(messages: Chat, options: Options) -> Generate:
-    return Generate(messages, options.max_tokens or CHAT_MAX_TOKENS, options.decoding)
+def _chat_job(messages: Chat, options: Options) -> GenerateJob:
+    return GenerateJob(messages, options.max_tokens or CHAT_MAX_TOKENS, options.decoding)

@@ -1,65 +1,47 @@
 """The replica process: owns one device, turns pipe messages into engine requests and back.
 
-torch is imported only inside `serve`, after CUDA_VISIBLE_DEVICES pins the process to its GPU.
+The front end spawns it (queueing.replica_link) with CUDA_VISIBLE_DEVICES already pinned to its
+GPU, so importing torch here sees only that device.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from replica.messages import (
+import torch
+
+from replica.engine.engine import Engine
+from replica.engine.request import EngineRequest, EngineResult
+from replica.loading.source import resolve
+from replica.text_watch import TextWatch
+from replica.tokenization import PromptCodec
+from replica.wire.framing import BlockingChannel
+from replica.wire.messages import (
     Cancel,
     Cancelled,
     Delta,
     Failed,
-    Generate,
+    GenerateJob,
     Ready,
     Request,
     Result,
-    Score,
+    ScoreJob,
     Shutdown,
     Usage,
 )
-from replica.protocol import BlockingChannel, EngineRequest, EngineResult
-from replica.text_watch import TextWatch
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """Everything a replica needs to start; picklable so a spawned process can receive it."""
-
-    model: str
-    gpu: int | None = None
-    random_weights: bool = False
-    cpu_threads: int = 1
-    options: dict[str, Any] = field(default_factory=dict)
+from replica.wire.spec import ReplicaSpec
 
 
 def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
-    """Process entry point: load, report ready, then serve until shutdown or a closed socket.
-
-    SIGINT/SIGTERM are ignored: a Ctrl-C or a process-group SIGTERM reaches replicas too, and the
-    front end owns their lifecycle (it drains in-flight work, then sends Shutdown).
-    """
-    ignore_stop_signals()
+    """Process entry point: load, report ready, then serve until shutdown or a closed socket."""
     conn = BlockingChannel(sock)
-    if spec.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     started = time.monotonic()
     replica = Replica(spec)
     conn.send(Ready(replica.info(time.monotonic() - started)))
     replica.run(conn)
-
-
-def ignore_stop_signals() -> None:
-    """For processes the front end owns (replicas, planners): it alone decides when they stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ContextOverflow(ValueError):
@@ -70,12 +52,6 @@ class ContextOverflow(ValueError):
 
 class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
-        import torch
-
-        from replica.checkpoint import resolve
-        from replica.engine import Engine
-        from replica.tokenization import PromptCodec
-
         torch.set_num_threads(spec.cpu_threads)
         self.spec = spec
         self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
@@ -139,13 +115,13 @@ class Replica:
             return
         self.engine.add(request)
         job = message.job
-        if request.watch and isinstance(job, Generate):
+        if request.watch and isinstance(job, GenerateJob):
             watch = TextWatch(self.codec.decode, len(request.prompt_ids), job.decoding.stop)
             self.watches[message.id] = (watch, job.stream)
 
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
-        prefix = job.prefix if isinstance(job, Score) else ""
+        prefix = job.prefix if isinstance(job, ScoreJob) else ""
         prompt_ids = self.codec.encode_chat(job.messages, prefix)
         room = self.max_context - len(prompt_ids)
         if room < 1:
@@ -153,7 +129,7 @@ class Replica:
                 f"This model's maximum context length is {self.max_context} tokens, "
                 f"but the prompt has {len(prompt_ids)} tokens."
             )
-        if isinstance(job, Score):
+        if isinstance(job, ScoreJob):
             return EngineRequest(
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )

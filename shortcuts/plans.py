@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from replica import messages as wire
+from replica.wire import messages as wire
 from shortcuts import mcq
 from shortcuts.router import Route
 from shortcuts.text import strip_think
@@ -52,7 +52,7 @@ class Score:
     choices: list[str]
 
     async def reply(self, model: Model) -> Reply:
-        result = await model(wire.Score(self.messages, self.prefix, tuple(self.choices)))
+        result = await model(wire.ScoreJob(self.messages, self.prefix, tuple(self.choices)))
         return Reply(self.task, mcq.answer_line(self.letter(result)), "stop", result.usage)
 
     def letter(self, result: wire.Result) -> str:
@@ -75,8 +75,8 @@ class Generate:
     decoding: wire.Decoding = field(default_factory=wire.Decoding)  # the default: greedy
 
     @property
-    def job(self) -> wire.Generate:
-        return wire.Generate(self.messages, self.max_tokens, self.decoding)
+    def job(self) -> wire.GenerateJob:
+        return wire.GenerateJob(self.messages, self.max_tokens, self.decoding)
 
     async def reply(self, model: Model) -> Reply:
         result = await model(self.job)

@@ -9,7 +9,7 @@ UnsolvedGraph: the model answers it as open text.
 
 from __future__ import annotations
 
-from replica.messages import Chat
+from replica.wire.messages import Chat
 from shortcuts import graph, mcq
 from shortcuts.plans import Answer, Generate, Plan, Score, UnsolvedGraph
 from shortcuts.profiles import get_profile

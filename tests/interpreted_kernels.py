@@ -14,7 +14,7 @@ import torch
 
 from replica.attention import PackedRows
 from replica.attention.reference import ReferenceAttention
-from replica.ops import TorchOps
+from replica.model.ops import TorchOps
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
 
@@ -24,7 +24,7 @@ def close(ours: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def prefill() -> None:
-    from replica.attention.triton_prefill import prefill_attention
+    from replica.kernels.prefill_attention import prefill_attention
 
     lengths = [130, 1, 64, 7]
     rows = PackedRows.from_lengths(lengths, torch.device("cpu"))
@@ -36,7 +36,7 @@ def prefill() -> None:
 
 
 def decode() -> None:
-    from replica.attention.triton_decode import decode_attention
+    from replica.kernels.decode_attention import decode_attention
 
     k_cache, v_cache = torch.randn(2, 6, 300, KV_HEADS, HEAD_DIM)
     q = torch.randn(4, HEADS, HEAD_DIM)
@@ -48,7 +48,7 @@ def decode() -> None:
 
 
 def elementwise() -> None:
-    from replica.triton_ops import TritonOps
+    from replica.kernels.elementwise import TritonOps
 
     inv_freq = 1.0 / 1e6 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
     ops = [cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq) for cls in (TorchOps, TritonOps)]
@@ -74,8 +74,8 @@ def elementwise() -> None:
 
 
 def moe() -> None:
-    from replica.moe import SparseMoE
-    from replica.triton_ops import TritonOps
+    from replica.kernels.elementwise import TritonOps
+    from replica.model.mlp import SparseMoE
 
     experts, hidden, inter = 8, 32, 16
     ops = [
@@ -89,7 +89,6 @@ def moe() -> None:
             down=torch.randn(experts, hidden, inter) / inter**0.5,
             top_k=top_k,
             norm_topk_prob=normalize,
-            expert_tokens=torch.zeros(experts, dtype=torch.int32),
         )
         for tokens in (1, 5, 60, 300):  # 60 and 300: experts take several blocks of rows
             x, h, weight = (
@@ -97,8 +96,8 @@ def moe() -> None:
                 torch.randn(tokens, hidden),
                 torch.randn(hidden),
             )
-            expected = ops[0].add_rms_norm(h, layer(x, ops[0]), weight)
-            fused = layer(x, ops[1])
+            expected = ops[0].add_rms_norm(h, ops[0].mlp(x, layer), weight)
+            fused = ops[1].mlp(x, layer)
             assert fused.shape == (tokens * top_k, hidden)
             for a, b in zip(expected, ops[1].add_rms_norm(h, fused, weight), strict=True):
                 close(b, a)
@@ -106,8 +105,8 @@ def moe() -> None:
 
 
 def sampling() -> None:
-    from replica.sampling import CANDIDATES, sample
-    from replica.triton_sampling import GATHERED, sample_triton
+    from replica.kernels.sampling import GATHERED, sample_triton
+    from replica.model.sampling import CANDIDATES, sample
 
     # a vocabulary past one block and not a multiple of it, and every kind of row
     rows, vocab, lanes = 8, 5000, 2048

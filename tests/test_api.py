@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import shortcuts
-from replica.checkpoint import VENDORED_TOKENIZER
+from replica.loading.source import VENDORED_TOKENIZER
 from replica.tokenization import PromptCodec
 from tests.server_process import ServerProcess, request
 

@@ -8,8 +8,9 @@ import itertools
 import pytest
 import torch
 
-from replica.attention import PackedRows, flash_attn_available, select_backend
+from replica.attention import PackedRows, flash_attn_available
 from replica.attention.reference import ReferenceAttention
+from replica.backends import select_attention
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -68,7 +69,7 @@ def test_reference_decode_reads_each_rows_slot_up_to_its_length():
 
 
 def test_cpu_selects_reference():
-    assert select_backend(torch.device("cpu")).name == "reference"
+    assert select_attention(torch.device("cpu")).name == "reference"
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,7 +95,7 @@ def test_gpu_decode_matches_reference(name: str):
     lengths = lengths.to(torch.int32)
     for size in (1, 2, 8, rows):  # every split count the engine uses at these sizes
         args = (slot_ids[:size], lengths[:size])
-        out = select_backend(torch.device(dev), name).decode(q[:size], k_cache, v_cache, *args)
+        out = select_attention(torch.device(dev), name).decode(q[:size], k_cache, v_cache, *args)
         ref = ReferenceAttention().decode(q[:size].float(), k_cache.float(), v_cache.float(), *args)
         assert torch.isfinite(out).all()
         errors = [rel_error(out[b], ref[b]) for b in range(size)]
@@ -111,7 +112,7 @@ def test_gpu_prefill_matches_reference(name: str):
     tokens = spans[-1].stop
     q = torch.randn(tokens, 32, 128, device=dev, dtype=dt, generator=gen)
     k, v = torch.randn(2, tokens, 8, 128, device=dev, dtype=dt, generator=gen)
-    out = select_backend(torch.device(dev), name).prefill(q, k, v, rows)
+    out = select_attention(torch.device(dev), name).prefill(q, k, v, rows)
     ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), rows)
     assert torch.isfinite(out).all()
     for span in spans:

@@ -667,7 +667,7 @@ def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_the_fill_downloads_what_the_replica_reads() -> None:
-    from replica.checkpoint import DOWNLOAD_PATTERNS
+    from replica.loading.source import DOWNLOAD_PATTERNS
 
     assert set(DOWNLOAD_PATTERNS) <= set(systems.WEIGHT_PATTERNS)
 

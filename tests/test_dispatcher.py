@@ -15,22 +15,22 @@ from queueing import replica_link
 from queueing.dispatcher import Dispatcher, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
 from queueing.replica_link import MAX_FAILED_STARTS, ReplicaState
-from replica.messages import (
+from replica.wire.framing import FrameDecoder, encode_frame
+from replica.wire.messages import (
     Cancel,
     Cancelled,
     Failed,
-    Generate,
+    GenerateJob,
     Ready,
     Request,
     Result,
     Shutdown,
     Usage,
 )
-from replica.protocol import FrameDecoder, encode_frame
-from replica.worker import ReplicaSpec
+from replica.wire.spec import ReplicaSpec
 from tests.prometheus_text import sample
 
-JOB = Generate([{"role": "user", "content": "Hi"}], 10)
+JOB = GenerateJob([{"role": "user", "content": "Hi"}], 10)
 
 
 class FakeTransport:
@@ -114,9 +114,9 @@ def dispatcher(replicas: int, max_in_flight: int = 64, metrics: Metrics | None =
     return Dispatcher(specs, metrics or Metrics(), max_in_flight)
 
 
-def with_work(work: int) -> Generate:
+def with_work(work: int) -> GenerateJob:
     """A job whose estimated work is `work` tokens (its prompt is empty)."""
-    return Generate([{"role": "user", "content": ""}], work)
+    return GenerateJob([{"role": "user", "content": ""}], work)
 
 
 async def ready_dispatcher(replicas: Replicas, count: int, **options: Any) -> Dispatcher:
@@ -134,7 +134,7 @@ def test_least_outstanding_work_picks_the_less_loaded_replica(replicas):
         for work in (1000, 10, 10):  # round-robin would send the third to replica 0
             tasks.append(asyncio.create_task(d.submit(with_work(work))))
             await asyncio.sleep(0)
-        placed = [pending.link.index for pending in d.pending.values()]
+        placed = [d.link_of(request_id).index for request_id in d.pending]
         assert [link.outstanding for link in d.links] == [1000, 20]
         assert [link.in_flight for link in d.links] == [1, 2]
         for task in tasks:
@@ -260,13 +260,13 @@ def test_no_restart_while_closing_and_orphans_move_to_a_live_replica(replicas):
         d = await ready_dispatcher(replicas, 2)
         task = asyncio.create_task(d.submit(JOB))
         await asyncio.sleep(0)
-        [pending] = d.pending.values()
-        assert pending.link is d.links[0]
+        [request_id] = d.pending
+        assert d.link_of(request_id) is d.links[0]
         d.begin_shutdown()
         replicas[0].die()
         await asyncio.sleep(0)
         assert d.links[0].state is ReplicaState.DEAD and d.links[0].restarts == 0
-        assert pending.link is d.links[1]
+        assert d.link_of(request_id) is d.links[1]
         [resent] = replicas[1].sent
         replicas[1].answer(resent)
         assert (await task).text == "ok"
@@ -311,8 +311,8 @@ def test_a_replica_dead_but_not_yet_noticed_gets_no_work(replicas):
         assert d.links[0].state is ReplicaState.READY and not d.links[0].serving
         task = asyncio.create_task(d.submit(JOB))
         await asyncio.sleep(0)
-        [pending] = d.pending.values()
-        assert pending.link is d.links[1] and not replicas[0].sent
+        [request_id] = d.pending
+        assert d.link_of(request_id) is d.links[1] and not replicas[0].sent
         task.cancel()
 
     asyncio.run(scenario())
@@ -327,8 +327,8 @@ def test_both_replicas_dying_is_a_503_not_a_crash_of_the_request(replicas):
         d = await ready_dispatcher(replicas, 2, metrics=metrics)
         task = asyncio.create_task(d.submit(JOB))
         await asyncio.sleep(0)
-        [pending] = d.pending.values()
-        first, other = pending.link.index, 1 - pending.link.index
+        [request_id] = d.pending
+        first, other = d.link_of(request_id).index, 1 - d.link_of(request_id).index
         replicas[other].process.kill()
         replicas[first].die()
         with pytest.raises(NoReplica):
@@ -344,10 +344,14 @@ def test_a_request_that_crashes_two_live_replicas_fails_while_others_serve(repli
         d = await ready_dispatcher(replicas, 3)
         task = asyncio.create_task(d.submit(JOB))
         await asyncio.sleep(0)
-        [pending] = d.pending.values()
-        replicas[pending.link.index].die()  # it ran there: one crash, then re-sent elsewhere
-        assert pending.link is not None and pending.link.serving
-        replicas[pending.link.index].die()  # a second replica it ran on died: the likely cause
+        [request_id] = d.pending
+        replicas[
+            d.link_of(request_id).index
+        ].die()  # it ran there: one crash, then re-sent elsewhere
+        assert d.link_of(request_id) is not None and d.link_of(request_id).serving
+        replicas[
+            d.link_of(request_id).index
+        ].die()  # a second replica it ran on died: the likely cause
         with pytest.raises(ReplicaError, match="twice"):
             await asyncio.wait_for(task, 1)
         assert sum(link.serving for link in d.links) == 1

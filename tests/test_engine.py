@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.checkpoint import build_reference_model, resolve
-from replica.engine import Engine
-from replica.model_runner import batch_sizes
-from replica.protocol import EngineRequest, EngineResult
+from replica.engine.engine import Engine
+from replica.engine.model_runner import batch_sizes
+from replica.engine.request import EngineRequest, EngineResult
+from replica.loading.reference import build_reference_model
+from replica.loading.source import resolve
 from tests.transformers_oracle import greedy_continuations
 
 NEW_TOKENS = 64
@@ -64,7 +65,7 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
         assert results[i].output_ids == expected[i][:cap]
         assert results[i].finish_reason == "length"
         assert results[i].prompt_tokens == len(prompts[i])
-    assert engine.cache.num_free == engine.max_rows
+    assert engine.scheduler.slots.num_free == engine.max_rows
 
 
 def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, expected):
@@ -113,7 +114,7 @@ def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, ex
         torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-5)
     assert results[10].choice_index == 1  # the token greedy generation picks first
     assert results[99].output_ids == expected[3][:5]
-    assert engine.cache.num_free == engine.max_rows
+    assert engine.scheduler.slots.num_free == engine.max_rows
 
 
 def test_cancel_frees_the_slot(source, prompts, expected):
@@ -122,9 +123,9 @@ def test_cancel_frees_the_slot(source, prompts, expected):
     engine.add(EngineRequest(2, prompts[1], 5))
     engine.add(EngineRequest(3, prompts[2], 5))
     assert engine.step() == []  # request 1 prefilled into the only slot
-    assert engine.cache.num_free == 0
+    assert engine.scheduler.slots.num_free == 0
     assert engine.cancel(1)
-    assert engine.cache.num_free == 1
+    assert engine.scheduler.slots.num_free == 1
     assert engine.cancel(3)  # still waiting
     assert not engine.cancel(1)
     assert not engine.cancel(42)
@@ -151,7 +152,7 @@ def test_prefill_warm_up_fits_short_slots_and_leaves_nothing_behind(source):
     engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, warm_up=True)
     assert engine.info["startup_s"] >= engine.info["warmup_s"] + engine.info["weights_s"]
     assert not engine.has_work()
-    assert engine.cache.num_free == engine.max_rows
+    assert engine.scheduler.slots.num_free == engine.max_rows
     assert engine.stats.prefill_calls == 0
 
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 import server
-from http_errors import JsonErrorRunner
+from api.errors import JsonErrorRunner
 from tests.prometheus_text import sample
 from tests.server_process import free_port
 from tests.test_server_app import FakeDispatcher, parse_args

@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from replica.attention import select_backend
-from replica.checkpoint import VENDORED_CONFIGS, build_reference_model, resolve
-from replica.kv_cache import KVCache, plan_slots
-from replica.model import Batch, Qwen3
-from replica.ops import TorchOps
+from replica.backends import select_attention, select_ops
+from replica.engine.kv_cache import KVCache, plan_slots
+from replica.loading.model import model_from_state_dict, random_model
+from replica.loading.reference import build_reference_model
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.model.ops import TorchOps
+from replica.model.qwen3 import Batch, Qwen3
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -23,7 +25,7 @@ def prefill_then_decode(
     dev = torch.device(device)
     shape = plan_slots(model.config, model.dtype, dev, len(prompt) + 8, 2, 0.5)
     cache = KVCache(shape, model.dtype, dev)
-    attention = select_backend(dev)
+    attention = select_attention(dev)
     batch = Batch.prefill([prompt[:split], [7] * 3], [1, 0], dev)
     prefill = model.logits(model.forward(batch, cache, attention)[:split])
     decoded = []
@@ -41,7 +43,7 @@ def prefill_then_decode(
 def test_fp32_logits_match_transformers():
     source = resolve("tiny-random")
     reference = build_reference_model(source)
-    model = Qwen3.from_state_dict(source.config, reference.state_dict(), "cpu", torch.float32)
+    model = model_from_state_dict(source.config, reference.state_dict(), "cpu", torch.float32)
     prompt = torch.randint(
         0, source.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)
     )
@@ -53,7 +55,7 @@ def test_fp32_logits_match_transformers():
 
 def test_random_weights_have_transformers_shapes():
     config = resolve("tiny-random").config
-    ours = Qwen3.random(config, "cpu", torch.float32)
+    ours = random_model(config, "cpu", torch.float32)
     theirs = build_reference_model(resolve("tiny-random"))
     assert ours.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
     assert ours.layers[0].qkv.shape == (
@@ -64,9 +66,9 @@ def test_random_weights_have_transformers_shapes():
 
 def test_rope_theta_comes_from_the_config():
     config = Qwen3Config.from_pretrained(VENDORED_CONFIGS / "qwen3-4b-instruct-2507")
-    model = Qwen3.random(resolve("tiny-random").config, "cpu", torch.float32)
+    model = random_model(resolve("tiny-random").config, "cpu", torch.float32)
     assert model.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 16))
-    from replica.checkpoint import rope_theta
+    from replica.model.architecture import rope_theta
 
     assert rope_theta(config) == 5_000_000
 
@@ -87,7 +89,9 @@ def test_bf16_4b_logits_close_to_transformers():
     with torch.device("cuda"):  # not `.to(bf16)`: that would round RoPE's inv_freq too
         reference = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     assert reference.model.rotary_emb.inv_freq.dtype == torch.float32
-    model = Qwen3.from_state_dict(config, reference.state_dict(), "cuda", torch.bfloat16)
+    model = model_from_state_dict(
+        config, reference.state_dict(), "cuda", torch.bfloat16, select_ops(torch.device("cuda"))
+    )
     prompt = torch.randint(0, config.vocab_size, (300,), device="cuda")
     with torch.no_grad():
         theirs = reference(prompt[None]).logits[0].float()
@@ -103,7 +107,7 @@ def test_bf16_4b_logits_close_to_transformers():
 @gpu
 @pytest.mark.gpu
 def test_fused_ops_match_torch_ops():
-    from replica.triton_ops import TritonOps
+    from replica.kernels.elementwise import TritonOps
 
     gen = torch.Generator(device="cuda").manual_seed(4)
     dev, dt = "cuda", torch.bfloat16

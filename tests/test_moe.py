@@ -12,13 +12,16 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from replica.checkpoint import VENDORED_CONFIGS, CheckpointReader, resolve
-from replica.engine import Engine
-from replica.kv_cache import bytes_per_token
-from replica.model import Qwen3
-from replica.moe import SparseMoE
-from replica.protocol import EngineRequest
-from replica.weights import expected_tensor_names
+from replica.engine.engine import Engine
+from replica.engine.kv_cache import bytes_per_token
+from replica.engine.request import EngineRequest
+from replica.kernels.elementwise import TritonOps
+from replica.loading.model import random_model
+from replica.loading.reader import CheckpointReader
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.loading.weights import expected_tensor_names
+from replica.model.mlp import SparseMoE
+from replica.model.qwen3 import Qwen3
 from tests.transformers_oracle import greedy_continuations
 
 NEW_TOKENS = 64
@@ -99,7 +102,7 @@ def test_vendored_30b_config_reads_as_moe_with_96_kib_of_kv_a_token():
 
 def test_random_weights_build_the_moe_not_a_dense_model():
     config = tiny_moe_config()
-    model = Qwen3.random(config, "cpu", torch.float32)
+    model = random_model(config, "cpu", torch.float32)
     moe = model.layers[0].mlp
     assert isinstance(moe, SparseMoE)
     assert moe.gate_up.shape == (8, 2 * 32, 64)
@@ -120,7 +123,7 @@ def test_loaded_experts_are_the_checkpoints(checkpoint, reference):
 
 
 def _load(checkpoint: Path):
-    from replica.weights import load_checkpoint
+    from replica.loading.weights import load_checkpoint
 
     config = resolve(str(checkpoint)).config
     return load_checkpoint(CheckpointReader.from_dir(checkpoint), config, "cpu", torch.float32)
@@ -136,7 +139,7 @@ def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, pro
     for i, cap in enumerate(caps):
         assert len(expected[i]) == NEW_TOKENS  # no EOS from these weights: a full comparison
         assert results[i].output_ids == expected[i][:cap]
-    assert engine.stats.prefill_calls > 1 and engine.cache.num_free == engine.max_rows
+    assert engine.stats.prefill_calls > 1 and engine.scheduler.slots.num_free == engine.max_rows
 
 
 def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts):
@@ -158,7 +161,7 @@ def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts
 def real_moe(seed: int = 0) -> tuple[Qwen3MoeConfig, SparseMoE]:
     config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
     config.num_hidden_layers = 1
-    model = Qwen3.random(config, "cuda", torch.bfloat16, seed)
+    model = random_model(config, "cuda", torch.bfloat16, seed, TritonOps)
     return config, model.layers[0].mlp
 
 
@@ -169,8 +172,8 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 @gpu
 @pytest.mark.gpu
 def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
-    from replica.ops import TorchOps
-    from replica.triton_ops import TritonOps
+    from replica.kernels.elementwise import TritonOps
+    from replica.model.ops import TorchOps
 
     config, moe = real_moe()
     shape = (32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
@@ -179,12 +182,12 @@ def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
     for tokens in (1, 3, 8, 64, 256, 1000, 4096, 16384):
         x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
         h = torch.zeros_like(x)
-        expected = moe(x, torch_ops)
-        pairs = moe(x, triton_ops)
+        expected = torch_ops.mlp(x, moe)
+        pairs = triton_ops.mlp(x, moe)
         error = rel_error(triton_ops.add_rms_norm(h, pairs, weight)[0], expected)
         assert error < 1e-2, (tokens, error)
         assert int(moe.expert_tokens.sum()) == tokens * config.num_experts_per_tok
-        assert torch.equal(moe(x, triton_ops), pairs)  # wherever the atomics filed each pair
+        assert torch.equal(triton_ops.mlp(x, moe), pairs)  # wherever the atomics filed each pair
 
 
 @gpu
@@ -192,7 +195,7 @@ def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
 def test_full_shape_moe_block_close_to_transformers_in_bf16():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    from replica.triton_ops import TritonOps
+    from replica.kernels.elementwise import TritonOps
 
     config, moe = real_moe(seed=3)
     with torch.device("cuda"):
@@ -203,7 +206,7 @@ def test_full_shape_moe_block_close_to_transformers_in_bf16():
     x = torch.randn(1, 300, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     ops = TritonOps(32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
     h = torch.zeros_like(x[0])
-    ours = ops.add_rms_norm(h, moe(x[0], ops), torch.ones_like(h[0]))[0]
+    ours = ops.add_rms_norm(h, ops.mlp(x[0], moe), torch.ones_like(h[0]))[0]
     with torch.no_grad():
         theirs = block(x)[0]
         exact = block.float()(x.float())[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from http_errors import ApiError
-from openai_api import parse_chat_request, parse_completion_request
-from replica.messages import Decoding, SamplingParams
+from api.errors import ApiError
+from api.responses import parse_chat_request, parse_completion_request
+from replica.wire.messages import Decoding, SamplingParams
 
 CHAT = [{"role": "user", "content": "Hi"}]
 

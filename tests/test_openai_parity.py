@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
-from replica.checkpoint import VENDORED_TOKENIZER, tiny_random_config
+from replica.loading.config import tiny_random_config
+from replica.loading.source import VENDORED_TOKENIZER
 from replica.tokenization import PromptCodec
 from tests.prometheus_text import sample
 from tests.server_process import ServerProcess, request

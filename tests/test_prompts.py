@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replica import messages as wire
+from replica.wire import messages as wire
 from shortcuts import (
     PROFILES,
     Answer,
@@ -38,7 +38,7 @@ class FakeModel:
 
     async def __call__(self, job: wire.Job) -> wire.Result:
         self.jobs.append(job)
-        if isinstance(job, wire.Score):
+        if isinstance(job, wire.ScoreJob):
             return wire.Result(len(self.jobs), "", "stop", wire.Usage(10, 1), self.choice)
         return wire.Result(len(self.jobs), self.text, "length", wire.Usage(20, 3))
 
@@ -79,7 +79,7 @@ def test_mcq_is_letter_scoring(profile):
         answered, model = reply(shaped, choice=gold)
         assert grade("mmlu_med", answered.text, row["gold_answer"]) == 1.0
         [job] = model.jobs  # the letters travel; the index comes back
-        assert job == wire.Score(shaped.messages, shaped.prefix, ("A", "B", "C", "D"))
+        assert job == wire.ScoreJob(shaped.messages, shaped.prefix, ("A", "B", "C", "D"))
         assert answered.usage == wire.Usage(10, 1) and answered.finish_reason == "stop"
 
 
@@ -106,11 +106,11 @@ def test_accuracy_mcq_reasons_then_answers_with_scoring_fallback():
     for text, letter in [(reasoning, "C"), ("The answer is (B). Wait, The answer is (E).", "B")]:
         answered, model = reply(shaped, text)
         assert answered == Reply("mcq", f"The answer is ({letter}).", "length", wire.Usage(20, 3))
-        assert [type(job) for job in model.jobs] == [wire.Generate]
+        assert [type(job) for job in model.jobs] == [wire.GenerateJob]
     for no_letter in ("Either A or C, hard to say", "The answer is (E)."):  # E is not offered
         answered, model = reply(shaped, no_letter, choice=3)
         assert answered == Reply("mcq", "The answer is (D).", "stop", wire.Usage(30, 4))
-        assert [type(job) for job in model.jobs] == [wire.Generate, wire.Score]
+        assert [type(job) for job in model.jobs] == [wire.GenerateJob, wire.ScoreJob]
 
 
 def test_the_clients_max_tokens_caps_what_the_model_may_generate():
@@ -122,7 +122,7 @@ def test_the_clients_max_tokens_caps_what_the_model_may_generate():
     )
     assert plan_unshaped("Write a haiku.", "balanced", max_tokens=5).max_tokens == 5
     [job] = reply(plan("Write a haiku.", "balanced", max_tokens=5))[1].jobs
-    assert job == wire.Generate(plan("Write a haiku.", "balanced").messages, 5)
+    assert job == wire.GenerateJob(plan("Write a haiku.", "balanced").messages, 5)
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.checkpoint import resolve
-from replica.engine import Engine
-from replica.protocol import EngineRequest, SamplingParams
-from replica.sampling import gumbel_argmax, row_keys, sample, thresholds
+from replica.engine.engine import Engine
+from replica.engine.request import EngineRequest
+from replica.loading.source import resolve
+from replica.model.sampling import gumbel_argmax, row_keys, sample, thresholds
+from replica.wire.messages import SamplingParams
 
 NEW_TOKENS = 24
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from replica.checkpoint import VENDORED_CONFIGS, VENDORED_TOKENIZER, resolve
-from replica.servable import UnsupportedModel, check_servable
+from replica.loading.servable import UnsupportedModel, check_servable
+from replica.loading.source import VENDORED_CONFIGS, VENDORED_TOKENIZER, resolve
 from tests.server_process import ROOT
 from tests.test_moe import save_tiny_moe
 

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import server
 import shortcuts
-from openai_api import ApiError, parse_completion_request
+from api.responses import ApiError, parse_completion_request
 from queueing.dispatcher import Dispatcher
 from queueing.metrics import Metrics
-from replica import messages as wire
+from replica.wire import messages as wire
 from shortcuts.prompts import OPEN_SYSTEM
 from tests.loop_gaps import worst_loop_gap
 from tests.prometheus_text import sample
@@ -60,10 +60,10 @@ class FakeDispatcher(Dispatcher):
             await self.release.wait()
         finally:
             self.running -= 1
-        choice = 0 if isinstance(job, wire.Score) else None
+        choice = 0 if isinstance(job, wire.ScoreJob) else None
         return wire.Result(len(self.sent), "hi", "stop", wire.Usage(1, 1), choice)
 
-    async def stream(self, job: wire.Generate) -> AsyncIterator[wire.Delta | wire.Result]:
+    async def stream(self, job: wire.GenerateJob) -> AsyncIterator[wire.Delta | wire.Result]:
         """Streams "hi" padded with the whitespace a shaped answer loses."""
         self.sent.append(job)
         for piece in ("  h", "i", " "):
@@ -127,8 +127,8 @@ def test_one_prompt_of_each_route_goes_its_way_and_comes_back_in_order():
         assert solved.startswith("submit_paths(paths=[[0, ")  # no model call
         assert (scored, generated) == ("The answer is (A).", "hi")
         [score, generate] = dispatcher.sent  # the letters go, the index (0) comes back
-        assert isinstance(score, wire.Score) and score.options == ("A", "B", "C", "D")
-        assert isinstance(generate, wire.Generate) and generate.max_tokens == 5
+        assert isinstance(score, wire.ScoreJob) and score.options == ("A", "B", "C", "D")
+        assert isinstance(generate, wire.GenerateJob) and generate.max_tokens == 5
         assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
 
     serve(scenario)
@@ -152,7 +152,7 @@ def test_a_stream_carries_every_route_and_the_clients_decoding_settings():
         assert texts == [choice["text"] for choice in whole["choices"]]
         assert texts[2] == "hi" and reasons == ["stop", "stop", "length"]
         score, generate = dispatcher.sent[-2:]
-        assert isinstance(score, wire.Score) and generate.stream
+        assert isinstance(score, wire.ScoreJob) and generate.stream
         assert generate.decoding == wire.Decoding(wire.SamplingParams(0.5), ("zz",))
 
     serve(scenario)
@@ -166,7 +166,7 @@ def test_reasoning_without_a_letter_falls_back_to_scoring():
             body = await response.json()
         assert response.status == 200, body
         assert body["choices"][0]["text"] == "The answer is (A)."  # "hi" names no letter
-        assert [type(job) for job in dispatcher.sent] == [wire.Generate, wire.Score]
+        assert [type(job) for job in dispatcher.sent] == [wire.GenerateJob, wire.ScoreJob]
         assert body["usage"]["prompt_tokens"] == 2 and body["usage"]["completion_tokens"] == 2
 
     serve(scenario, "--profile", "accuracy")

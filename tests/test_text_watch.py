@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from replica.checkpoint import VENDORED_TOKENIZER
+from replica.loading.source import VENDORED_TOKENIZER
 from replica.text_watch import TextWatch
 from replica.tokenization import PromptCodec
 

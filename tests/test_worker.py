@@ -9,20 +9,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from replica.messages import (
+from replica.wire.framing import BlockingChannel, FrameDecoder, encode_frame
+from replica.wire.messages import (
     Cancel,
     Cancelled,
     Failed,
     FromReplica,
-    Generate,
+    GenerateJob,
     Request,
     Result,
-    Score,
+    ScoreJob,
     Shutdown,
     ToReplica,
 )
-from replica.protocol import BlockingChannel, FrameDecoder, encode_frame
-from replica.worker import Replica, ReplicaSpec
+from replica.wire.spec import ReplicaSpec
+from replica.worker import Replica
 
 CHAT = [{"role": "user", "content": "Which letter comes first?\nA. a\nB. b\nC. c"}]
 
@@ -63,7 +64,7 @@ def front() -> Iterator[FrontEnd]:
 
 
 def test_a_score_comes_back_as_the_index_of_an_option(front):
-    front.send(Request(1, Score(CHAT, "The answer is (", ("A", "B", "C"))))
+    front.send(Request(1, ScoreJob(CHAT, "The answer is (", ("A", "B", "C"))))
     result = front.recv()
     assert isinstance(result, Result) and result.id == 1
     assert result.choice in (0, 1, 2) and result.text == ""
@@ -71,14 +72,14 @@ def test_a_score_comes_back_as_the_index_of_an_option(front):
 
 
 def test_a_generate_comes_back_as_text_with_its_usage(front):
-    front.send(Request(2, Generate(CHAT, 3)))
+    front.send(Request(2, GenerateJob(CHAT, 3)))
     result = front.recv()
     assert isinstance(result, Result) and result.choice is None
     assert result.finish_reason == "length" and result.usage.completion_tokens == 3
 
 
 def test_a_prompt_over_the_context_is_refused_with_openai_fields(front):
-    front.send(Request(3, Generate([{"role": "user", "content": "hello " * 5000}], 3)))
+    front.send(Request(3, GenerateJob([{"role": "user", "content": "hello " * 5000}], 3)))
     refusal = front.recv()
     assert isinstance(refusal, Failed) and (refusal.id, refusal.status) == (3, 400)
     assert (refusal.param, refusal.code) == ("prompt", "context_length_exceeded")
@@ -86,6 +87,6 @@ def test_a_prompt_over_the_context_is_refused_with_openai_fields(front):
 
 
 def test_a_cancelled_request_is_dropped_and_acknowledged(front):
-    front.send(Request(4, Generate(CHAT, 2000)))
+    front.send(Request(4, GenerateJob(CHAT, 2000)))
     front.send(Cancel(4))
     assert front.recv() == Cancelled(4)

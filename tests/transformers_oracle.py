@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from replica.checkpoint import VENDORED_TOKENIZER
+from replica.loading.source import VENDORED_TOKENIZER
 from replica.tokenization import PromptCodec
 
 EOS_IDS = PromptCodec(VENDORED_TOKENIZER).eos_ids  # <|im_end|>, <|endoftext|>

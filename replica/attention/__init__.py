@@ -1,4 +1,4 @@
-"""Attention backends behind one interface, and the choice among them.
+"""Attention backends behind one interface (replica.backends chooses among them).
 
 Every backend takes queries after RoPE and a KV cache that already holds this step's keys and
 values. Prefill attends within each prompt of a packed batch (no padding tokens, so the
@@ -76,34 +76,9 @@ class AttentionBackend(Protocol):
         """
 
 
-BACKENDS = ("reference", "triton", "flash")
-
-
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """`name` if given; else flash-attn when it imports, then Triton on CUDA; CPU: reference."""
-    if name is None:
-        if device.type != "cuda":
-            name = "reference"
-        else:
-            name = "flash" if flash_attn_available() else "triton"
-    if name == "reference":
-        from replica.attention.reference import ReferenceAttention
-
-        return ReferenceAttention()
-    if name == "triton":
-        from replica.attention.triton_backend import TritonAttention
-
-        return TritonAttention()
-    if name == "flash":
-        from replica.attention.flash import FlashAttention
-
-        return FlashAttention()
-    raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")

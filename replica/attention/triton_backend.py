@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from replica.attention import PackedRows
-from replica.attention.triton_decode import decode_attention
-from replica.attention.triton_prefill import prefill_attention
+from replica.kernels.decode_attention import decode_attention
+from replica.kernels.prefill_attention import prefill_attention
 
 
 class TritonAttention:

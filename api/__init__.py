@@ -1,0 +1,1 @@
+"""The OpenAI contract: request parsing and params, response bodies, SSE events, HTTP errors."""

@@ -1,0 +1,131 @@
+"""The settings both OpenAI endpoints share: token caps, sampling, stop strings, streaming, `n`,
+and the fields we do not implement. Each is validated on its own, and anything wrong or
+unsupported is a 400 that names its field (never silently ignored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.errors import ApiError
+from replica.wire.messages import Decoding, SamplingParams
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+MAX_STOPS = 4
+MAX_SEED = 2**63 - 1
+# Fields we do not implement, with the values that mean "off" (accepted as if absent).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "suffix": ("",),
+    "best_of": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What we honour of a request besides its prompt: the client's token cap, its decoding
+    settings, and whether (and with a usage chunk or not) to stream."""
+
+    max_tokens: int | None = None
+    decoding: Decoding = field(default_factory=Decoding)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:
+    """`greedy_unless_set`: a body with no sampling field decodes greedily (the course's path
+    on /v1/completions); otherwise OpenAI's default temperature, 1, applies."""
+    refuse_unsupported(body)
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):  # null means the default, 1
+        raise ApiError(400, "Only 'n': 1 is supported.", "n")
+    name = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = _integer(body, name, 1)
+    stream = _flag(body, "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object.", "stream_options")
+    usage = stream and _flag(stream_options, "include_usage", "stream_options")
+    decoding = Decoding(parse_sampling(body, greedy_unless_set), parse_stop(body))
+    return Options(max_tokens, decoding, stream, usage)
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, off in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == neutral for neutral in off):
+            raise ApiError(400, f"'{name}' is not supported by this server.", name)
+
+
+def parse_sampling(body: dict[str, Any], greedy_unless_set: bool) -> SamplingParams | None:
+    """None (greedy) at temperature 0."""
+    unset = not any(body.get(name) is not None for name in SAMPLING_FIELDS)
+    default_temperature = 0.0 if greedy_unless_set and unset else 1.0
+    temperature = _number(body, "temperature", 0.0, 2.0, default_temperature)
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
+    if top_p == 0.0:
+        raise ApiError(400, "'top_p' must be in (0, 1].", "top_p")
+    top_k = _integer(body, "top_k", -1) or 0
+    seed = _integer(body, "seed", 0, MAX_SEED)
+    if temperature == 0.0:
+        return None
+    return SamplingParams(temperature, top_p, max(top_k, 0), seed)
+
+
+def parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise ApiError(
+            400,
+            f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty strings.",
+            "stop",
+        )
+    return tuple(stops)
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be a number from {low:g} to {high:g}.", name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise ApiError(400, f"'{name}' must be an integer {bound}.", name)
+    return value
+
+
+def _flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false.", param or name)
+    return bool(value)

@@ -1,0 +1,1 @@
+"""GPU benchmarks of the engine (`python -m benchmarks.<name>`); results go to docs/PERF.md."""

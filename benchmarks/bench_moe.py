@@ -1,0 +1,117 @@
+"""The MoE (Qwen3-30B-A3B) engine against its byte floor and the dense 4B, in one GPU run.
+
+    python -m benchmarks.bench_moe --out docs/perf/moe-h100.json
+
+Random weights of the real shapes. For each model: start-up, the graph-replayed decode step at
+1, 8, 64 and 256 rows of about 500 live tokens, and MCQ scoring (bench 5's workload: prefill-only
+requests of 100 to 600 tokens). The MoE step's floor is the bytes it must read (every non-expert
+weight, the experts its routing touched in that very step, the rows' live K/V) over a copy
+bandwidth measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
+from replica.engine.engine import Engine
+from replica.engine.kv_cache import bytes_per_token
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.model.mlp import SparseMoE
+
+ROWS = (1, 8, 64, 256)
+LIVE = 500
+
+
+def step_ms(engine: Engine, rows: int, seed: int) -> float:
+    """One replay of the decode graph at `rows` rows, each at position LIVE - 1 of its slot."""
+    runner, gen = engine.runner, torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, engine.model.config.vocab_size, (rows,), generator=gen).tolist()
+    runner.decode(tokens, [LIVE - 1] * rows, list(range(rows)))
+    return _time_ms(lambda: runner.step(rows), repeats=20)
+
+
+def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
+    """Bytes the step just replayed had to read, and the mean experts it touched per layer.
+    The embedding table is left out: a step reads only its rows' embeddings."""
+    model = engine.model
+    total = model.weight_bytes() - model.embed.numel() * model.embed.element_size()
+    if model.lm_head is model.embed:
+        total += model.lm_head.numel() * model.lm_head.element_size()
+    touched = []
+    for layer in model.layers:
+        moe = layer.mlp
+        if isinstance(moe, SparseMoE):
+            assert moe.expert_tokens is not None
+            used = int((moe.expert_tokens > 0).sum())
+            per_expert = sum(t.numel() * t.element_size() for t in (moe.gate_up, moe.down))
+            total -= (moe.num_experts - used) * per_expert // moe.num_experts
+            touched.append(used)
+    total += rows * LIVE * bytes_per_token(model.config, model.dtype)
+    return total, sum(touched) / max(len(touched), 1)
+
+
+def measure(config: str, bandwidth: float, flops: float, args: argparse.Namespace) -> dict:
+    source = resolve(config, random_weights=True)
+    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_seq_len=args.max_seq_len)
+    result: dict = {"engine": engine.info, "startup_s": engine.info["startup_s"]}
+    result["decode_step_ms"], result["bytes_floor_fraction"], result["experts_touched"] = {}, {}, {}
+    for rows in ROWS:
+        ms = step_ms(engine, rows, seed=rows)
+        floor_bytes, touched = step_floor_bytes(engine, rows)
+        result["decode_step_ms"][str(rows)] = round(ms, 3)
+        result["bytes_floor_fraction"][str(rows)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
+        result["experts_touched"][str(rows)] = round(touched, 1)
+    result["scoring"] = scoring(engine, args.requests, source.config.vocab_size, flops)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moe", default=str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"))
+    parser.add_argument("--dense", default=str(VENDORED_CONFIGS / "qwen3-4b-instruct-2507"))
+    parser.add_argument("--out", type=Path, default=Path("docs/perf/moe.json"))
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--max-seq-len", type=int, default=640)
+    args = parser.parse_args()
+    random.seed(0)
+    bandwidth, flops = copy_bandwidth(torch.device("cuda")), matmul_flops(torch.device("cuda"))
+    dense = measure(args.dense, bandwidth, flops, args)
+    moe = measure(args.moe, bandwidth, flops, args)
+    report = {
+        "model_type": "qwen3_moe",
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "matmul_tflops": round(flops / 1e12, 1),
+        "decode_step_ms": moe["decode_step_ms"],
+        "bytes_floor_fraction": moe["bytes_floor_fraction"],
+        "experts_touched_per_layer": moe["experts_touched"],
+        "dense_decode_step_ms_batch1": dense["decode_step_ms"]["1"],
+        "batch1_step_vs_dense": round(moe["decode_step_ms"]["1"] / dense["decode_step_ms"]["1"], 2),
+        "scoring_prompts_per_s": moe["scoring"]["prompts_per_s"],
+        "dense_scoring_prompts_per_s": dense["scoring"]["prompts_per_s"],
+        "scoring_vs_dense": round(
+            moe["scoring"]["prompts_per_s"] / dense["scoring"]["prompts_per_s"], 2
+        ),
+        "startup_s": moe["startup_s"],
+        "moe": moe,
+        "dense": dense,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for key, value in report.items():
+        if key not in ("moe", "dense"):
+            print(f"{key:30} {value}")
+
+
+if __name__ == "__main__":
+    main()

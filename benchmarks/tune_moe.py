@@ -1,0 +1,72 @@
+"""Sweep the fused MoE's GEMM tiles at the real Qwen3-30B-A3B layer shape (CUDA).
+
+    python -m benchmarks.tune_moe [--tokens 16384 4096 256]
+
+For each token count: the layer with `tiles_for`'s choice, then each candidate tile for the up
+kernel (down kept at the default) and for the down kernel (up kept at the default), in ms and
+TFLOP/s of the whole layer, with its relative difference from the default's result (another
+reduction depth sums in another order). `tiles_for` holds the winners.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.bench import _time_ms
+from replica.kernels.moe import Tile, fused_moe, tiles_for
+from replica.loading.model import random_model
+from replica.loading.source import VENDORED_CONFIGS, resolve
+
+CANDIDATES = [
+    Tile(64, 64, 64, 4, 4),
+    Tile(64, 128, 64, 4, 3),
+    Tile(64, 128, 64, 8, 4),
+    Tile(128, 64, 64, 4, 4),
+    Tile(128, 128, 64, 8, 3),
+    Tile(128, 128, 64, 8, 4),
+    Tile(128, 128, 32, 8, 4),
+    Tile(128, 256, 64, 8, 3),
+    Tile(256, 128, 64, 8, 3),
+    Tile(32, 64, 128, 4, 4),
+    Tile(16, 32, 128, 4, 4),
+]
+
+
+def layer_ms(x: torch.Tensor, moe, tiles: tuple[Tile, Tile] | None) -> float:
+    return _time_ms(lambda: fused_moe(x, moe, tiles))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 4096, 256])
+    args = parser.parse_args()
+    config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
+    config.num_hidden_layers = 1
+    moe = random_model(config, "cuda", torch.bfloat16).layers[0].mlp
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    for tokens in args.tokens:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        gflop = tokens * moe.top_k * 2 * (hidden * 2 * inter + inter * hidden) / 1e9
+        up, down = tiles_for(tokens * moe.top_k / moe.num_experts)
+        expected = fused_moe(x, moe).float()
+        ms = layer_ms(x, moe, None)
+        print(
+            f"{tokens} tokens, default up {up} down {down}: {ms:.3f} ms, {gflop / ms:.0f} TFLOP/s"
+        )
+        for kernel in ("up", "down"):
+            for tile in CANDIDATES:
+                tiles = (tile, down) if kernel == "up" else (up, tile)
+                try:
+                    ours = fused_moe(x, moe, tiles).float()
+                    ms = layer_ms(x, moe, tiles)
+                except Exception as failure:  # a tile too big for shared memory
+                    print(f"  {kernel} {tile}: {type(failure).__name__}")
+                    continue
+                diff = ((ours - expected).norm() / expected.norm()).item()
+                print(f"  {kernel} {tile}: {ms:.3f} ms, {gflop / ms:.0f} TFLOP/s, diff {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The fused Qwen3-MoE layer on CUDA: routing and a grouped expert GEMM in three Triton kernels.
+
+1. `_route_kernel`, a program per token: softmax over the router's logits, top-k, renormalise,
+   then file the token's k (token, expert) pairs in per-expert buckets (an atomic counter per
+   expert gives each pair its place).
+2. `_expert_up_kernel`, a program per (block of intermediate columns, expert): that expert's
+   bucketed tokens, BLOCK_M at a time, times its gate and up rows, SiLU(gate) * up fused.
+3. `_expert_down_kernel`, a program per (block of hidden columns, expert): the down projection,
+   scaled by the routing weight, one output row per pair.
+
+Column blocks vary fastest over the grid, so the programs running side by side share an expert's
+token rows in L2 (17% faster at prefill than expert-major order, `python -m benchmarks.tune_moe`).
+
+Each expert's weights are read once per BLOCK_M of its tokens and untouched experts cost a
+program that reads one counter, so a decode step reads only the experts it routes to. Every
+shape is fixed by the token count, so a decode step stays one CUDA-graph replay. A pair's output
+does not depend on where the atomics filed it, so results are deterministic; the k outputs of a
+token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the residual add.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from replica.model.mlp import SparseMoE
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    weights_ptr,
+    counts_ptr,
+    bucket_ptr,
+    num_experts,
+    bucket_stride,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.load(
+        logits_ptr + token * num_experts + experts,
+        mask=experts < num_experts,
+        other=-float("inf"),
+    )
+    probs = tl.exp(logits - tl.max(logits, 0))
+    probs = probs / tl.sum(probs, 0)
+    slots = tl.arange(0, BLOCK_K)
+    top_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    top_probs = tl.zeros([BLOCK_K], dtype=tl.float32)
+    remaining = tl.where(experts < num_experts, probs, -1.0)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, 0)
+        top_ids = tl.where(slots == j, best, top_ids)
+        top_probs = tl.where(slots == j, tl.max(remaining, 0), top_probs)
+        remaining = tl.where(experts == best, -1.0, remaining)
+    if NORMALIZE:
+        top_probs = top_probs / tl.sum(top_probs, 0)
+    live = slots < TOP_K
+    pairs = token * TOP_K + slots
+    tl.store(weights_ptr + pairs, top_probs, mask=live)
+    place = tl.atomic_add(counts_ptr + top_ids, 1, mask=live)
+    tl.store(bucket_ptr + top_ids.to(tl.int64) * bucket_stride + place, pairs, mask=live)
+
+
+@triton.jit
+def _program_tile(counts_ptr, width, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An expert GEMM program's expert, that expert's token count, its output columns (and
+    which of them exist) and the reduction offsets."""
+    expert = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, tl.load(counts_ptr + expert), cols, cols < width, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _expert_up_kernel(
+    x_ptr,
+    w_ptr,  # [experts, 2 * inter, hidden]
+    counts_ptr,
+    bucket_ptr,
+    out_ptr,  # [pairs, inter]
+    hidden,
+    inter,
+    bucket_stride,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert, count, cols, col_live, ks = _program_tile(counts_ptr, inter, BLOCK_N, BLOCK_K)
+    # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, read transposed.
+    gate_rows = w_ptr + expert * 2 * inter * hidden + cols[None, :] * hidden + ks[:, None]
+    up_rows = gate_rows + inter * hidden
+    for start in range(0, count, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_live = rows < count
+        pairs = tl.load(bucket_ptr + expert * bucket_stride + rows, mask=row_live, other=0)
+        x_rows = x_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * hidden + ks[None, :]
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, hidden, BLOCK_K):
+            x = tl.load(x_rows + k, mask=row_live[:, None], other=0.0)
+            gate += tl.dot(x, tl.load(gate_rows + k, mask=col_live[None, :], other=0.0))
+            up += tl.dot(x, tl.load(up_rows + k, mask=col_live[None, :], other=0.0))
+        dtype = x_ptr.dtype.element_ty
+        g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
+        silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        product = (silu * up.to(dtype).to(tl.float32)).to(dtype)
+        dst = out_ptr + pairs.to(tl.int64)[:, None] * inter + cols[None, :]
+        tl.store(dst, product, mask=row_live[:, None] & col_live[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    act_ptr,  # [pairs, inter]
+    w_ptr,  # [experts, hidden, inter]
+    weights_ptr,  # [pairs] fp32 routing weights
+    counts_ptr,
+    bucket_ptr,
+    out_ptr,  # [pairs, hidden]
+    hidden,
+    inter,
+    bucket_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert, count, cols, col_live, ks = _program_tile(counts_ptr, hidden, BLOCK_N, BLOCK_K)
+    w_rows = w_ptr + expert * hidden * inter + cols[None, :] * inter + ks[:, None]
+    for start in range(0, count, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_live = rows < count
+        pairs = tl.load(bucket_ptr + expert * bucket_stride + rows, mask=row_live, other=0)
+        pairs = pairs.to(tl.int64)
+        act_rows = act_ptr + pairs[:, None] * inter + ks[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, inter, BLOCK_K):
+            a = tl.load(act_rows + k, mask=row_live[:, None], other=0.0)
+            acc += tl.dot(a, tl.load(w_rows + k, mask=col_live[None, :], other=0.0))
+        dtype = act_ptr.dtype.element_ty
+        scale = tl.load(weights_ptr + pairs, mask=row_live, other=0.0)
+        y = (acc.to(dtype).to(tl.float32) * scale[:, None]).to(dtype)
+        dst = out_ptr + pairs[:, None] * hidden + cols[None, :]
+        tl.store(dst, y, mask=row_live[:, None] & col_live[None, :])
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Block sizes of one expert GEMM: rows (tokens), output columns (gate and up each, for the
+    up kernel), reduction depth, warps and pipeline stages."""
+
+    rows: int
+    cols: int
+    depth: int
+    warps: int
+    stages: int
+
+
+def tiles_for(tokens_per_expert: float) -> tuple[Tile, Tile]:
+    """(up, down) tiles by the mean tokens per expert.
+
+    Decode (a few tokens per expert) is a weight stream: row blocks sized so that nearly every
+    expert's tokens fit in one (each extra block re-reads the expert), thin column blocks so that
+    many programs keep every SM reading. Prefill (hundreds per expert) is compute: wide tiles.
+    Chosen with `python -m benchmarks.tune_moe` on an H100 (docs/PERF.md)."""
+    if tokens_per_expert <= 24:
+        rows = 16 if tokens_per_expert <= 8 else 32
+        return Tile(rows, 32, 128, 4, 4), Tile(rows, 64, 128, 4, 4)
+    return Tile(128, 128, 64, 8, 3), Tile(256, 128, 64, 8, 3)
+
+
+def _block_k(dim: int) -> int:
+    """The widest reduction block (at most 128) that divides `dim`: no masks on the K loop."""
+    block = math.gcd(dim, 128)
+    if block < 16:
+        raise ValueError(f"expert dimension {dim} is not a multiple of 16")
+    return block
+
+
+def router_logits(x: Tensor, router: Tensor) -> Tensor:
+    """[T, experts] in fp32. bf16 inputs widen to fp32 exactly, so one GEMM that accumulates
+    and writes fp32 gives fp32 logits without casting x (on a 16k-token prefill the cast and an
+    fp32 GEMM took 0.28 ms a layer). CUDA only; the interpreter's CPU runs take the plain way."""
+    if x.is_cuda:
+        return torch.mm(x, router.t(), out_dtype=torch.float32)
+    return torch.nn.functional.linear(x.float(), router.float())
+
+
+def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None) -> Tensor:
+    """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
+    `tiles` (up, down) overrides `tiles_for` (the tuning sweep)."""
+    tokens, hidden = x.shape
+    experts, inter = moe.num_experts, moe.down.shape[2]
+    top_k = moe.top_k
+    pairs = tokens * top_k
+    counts = moe.expert_tokens
+    counts.zero_()
+    bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
+    weights = torch.empty(pairs, dtype=torch.float32, device=x.device)
+    logits = router_logits(x, moe.router)
+    _route_kernel[(tokens,)](
+        logits,
+        weights,
+        counts,
+        bucket,
+        experts,
+        tokens,
+        TOP_K=top_k,
+        NORMALIZE=moe.norm_topk_prob,
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=4,
+    )
+    up, down = tiles or tiles_for(pairs / experts)
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    _expert_up_kernel[(triton.cdiv(inter, up.cols), experts)](
+        x,
+        moe.gate_up,
+        counts,
+        bucket,
+        act,
+        hidden,
+        inter,
+        tokens,
+        TOP_K=top_k,
+        BLOCK_M=up.rows,
+        BLOCK_N=up.cols,
+        BLOCK_K=min(up.depth, _block_k(hidden)),
+        num_warps=up.warps,
+        num_stages=up.stages,
+    )
+    out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    _expert_down_kernel[(triton.cdiv(hidden, down.cols), experts)](
+        act,
+        moe.down,
+        weights,
+        counts,
+        bucket,
+        out,
+        hidden,
+        inter,
+        tokens,
+        BLOCK_M=down.rows,
+        BLOCK_N=down.cols,
+        BLOCK_K=min(down.depth, _block_k(inter)),
+        num_warps=down.warps,
+        num_stages=down.stages,
+    )
+    return out

@@ -1,0 +1,57 @@
+"""Resolve a `--model` argument to a config, a tokenizer directory and a weights directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from replica.loading.config import config_from_dict, tiny_random_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+VENDORED_TOKENIZER = PROJECT_ROOT / "vendor" / "qwen3-tokenizer"
+VENDORED_CONFIGS = PROJECT_ROOT / "vendor" / "configs"
+TINY_RANDOM = "tiny-random"
+# Hub repos keep the chat template in tokenizer_config.json or in chat_template.jinja.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's pieces live. `weights_dir` is None for randomly initialised weights."""
+
+    name: str
+    config: PretrainedConfig  # Qwen3Config or Qwen3MoeConfig
+    tokenizer_dir: Path
+    weights_dir: Path | None
+
+
+def resolve(model: str, random_weights: bool = False) -> ModelSource:
+    """Map a model argument to its source.
+
+    `model` is `tiny-random`, a local checkpoint dir (config.json + safetensors), a config-only dir
+    (with `random_weights`), or a Hugging Face id, downloaded once into the local cache. A config
+    of a family we do not serve raises `UnsupportedModel`.
+    """
+    if model == TINY_RANDOM:
+        return ModelSource(TINY_RANDOM, tiny_random_config(), VENDORED_TOKENIZER, None)
+    path = Path(model)
+    if not path.is_dir():
+        path = _download(model, config_only=random_weights)
+    config = config_from_dict(json.loads((path / "config.json").read_text()))
+    has_tokenizer = (path / "tokenizer.json").exists()
+    return ModelSource(
+        name=model,
+        config=config,
+        tokenizer_dir=path if has_tokenizer else VENDORED_TOKENIZER,
+        weights_dir=None if random_weights else path,
+    )
+
+
+def _download(repo_id: str, config_only: bool) -> Path:
+    from huggingface_hub import snapshot_download  # only a Hub id needs it
+
+    patterns = ["config.json"] if config_only else DOWNLOAD_PATTERNS
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))

@@ -1,0 +1,118 @@
+"""Our Qwen3 forward (dense or MoE): plain weight tensors, QKV and gate/up fused at load,
+attention pluggable.
+
+The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.model.ops`),
+so that fp32 greedy tokens match it exactly. Activations are [tokens, features] over the packed
+tokens of a batch: no padding, so every matrix multiply does only live work.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PretrainedConfig
+
+from replica.attention import AttentionBackend, PackedRows
+from replica.engine.kv_cache import KVCache
+from replica.model.architecture import attention_shape, rope_theta
+from replica.model.ops import TorchOps
+from replica.model.weights import ModelWeights
+
+
+@dataclass
+class Batch:
+    """One forward's tokens, packed: prefill takes whole prompts (`rows` says where each lies),
+    decode one token per row (`seq_lens` says how much of its slot each row attends over)."""
+
+    input_ids: Tensor  # [T] int64
+    positions: Tensor  # [T] int64
+    slot_ids: Tensor  # [T] int64: the KV-cache slot each token's K/V are written to
+    seq_lens: Tensor | None = None  # decode: [T] int32, live length including this token
+    rows: PackedRows | None = None  # prefill
+
+    @classmethod
+    def prefill(cls, prompts: list[list[int]], slots: list[int], device: torch.device) -> Batch:
+        lengths = [len(p) for p in prompts]
+        chain = itertools.chain.from_iterable
+        host = torch.tensor(
+            [
+                list(chain(prompts)),
+                list(chain(range(n) for n in lengths)),
+                list(chain([slot] * n for slot, n in zip(slots, lengths, strict=True))),
+            ]
+        )
+        input_ids, positions, slot_ids = host.to(device).unbind(0)
+        rows = PackedRows.from_lengths(lengths, device)
+        return cls(input_ids, positions, slot_ids, rows=rows)
+
+
+class Qwen3:
+    """Qwen3 causal LM (dense or MoE) over an external KV cache and attention backend."""
+
+    def __init__(
+        self, config: PretrainedConfig, weights: ModelWeights, ops: type[TorchOps] = TorchOps
+    ) -> None:
+        """`ops`: TorchOps, or the fused kernels' TritonOps on CUDA (replica.backends chooses)."""
+        self.config = config
+        self.embed = weights.embed
+        self.layers = weights.layers
+        self.final_norm = weights.final_norm
+        self.lm_head = weights.lm_head
+        self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(config)
+        self.eps = config.rms_norm_eps
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        self.inv_freq = (1.0 / rope_theta(config) ** exponents).to(self.device)
+        self.ops = ops(self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight once (a tied embedding counts once): a dense decode step reads
+        them all; an MoE step reads only the experts it routes to."""
+        tensors = {id(t): t for layer in self.layers for t in layer.tensors()}
+        for t in (self.embed, self.final_norm, self.lm_head):
+            tensors[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def active_params(self) -> int:
+        """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
+        return sum(layer.active_params() for layer in self.layers)
+
+    def forward(self, batch: Batch, cache: KVCache, attention: AttentionBackend) -> Tensor:
+        """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
+        ops, layers = self.ops, self.layers
+        h, x = ops.add_rms_norm(
+            F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
+        )
+        for index, w in enumerate(layers):
+            k_cache, v_cache = cache.layer(index)
+            q, k, v = ops.rope_store(
+                F.linear(x, w.qkv),
+                w.q_norm,
+                w.k_norm,
+                batch.positions,
+                batch.slot_ids,
+                k_cache,
+                v_cache,
+            )
+            if batch.rows is None:
+                out = attention.decode(q, k_cache, v_cache, batch.slot_ids, batch.seq_lens)
+            else:
+                out = attention.prefill(q, k, v, batch.rows)
+            h, x = ops.add_rms_norm(h, F.linear(out.reshape(h.shape[0], -1), w.o_proj), w.post_norm)
+            next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
+            h, x = ops.add_rms_norm(h, ops.mlp(x, w.mlp), next_norm)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.lm_head)

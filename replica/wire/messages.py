@@ -1,0 +1,149 @@
+"""Every message between the front end and a replica, one frozen dataclass each.
+
+They cross the socket pickled inside replica.wire.framing's frames. The front end imports this
+module and never torch, so nothing here may import it (or anything that does).
+
+Front end -> replica: a Request (a GenerateJob or a ScoreJob under the id the dispatcher gave
+it), Cancel, Shutdown. Replica -> front end: Ready once loaded, then for each request exactly
+one of Result, Failed or Cancelled (a streamed GenerateJob first sends its text in Deltas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Chat = list[dict[str, str]]  # [{"role": ..., "content": ...}]: what the chat template renders
+FinishReason = Literal["stop", "length"]  # the one definition: engine, wire and API share it
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request draws its tokens (replica.model.sampling does the drawing)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # None: the engine draws one
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The client's decoding settings: how tokens are drawn (None: greedy) and the strings
+    that end the text before them."""
+
+    sampling: SamplingParams | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
+    lower of the profile's cap and the client's); `stream` sends the text in Deltas as it
+    grows."""
+
+    messages: Chat
+    max_tokens: int
+    decoding: Decoding = Decoding()
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One prefill of `messages` plus `prefix`; the answer is the index of the option whose
+    token the model ranks highest next (no decode step at all)."""
+
+    messages: Chat
+    prefix: str
+    options: tuple[str, ...]
+
+
+Job = GenerateJob | ScoreJob
+
+
+@dataclass(frozen=True)
+class Request:
+    """A job under the id the dispatcher gave it; the replica's answer carries the same id."""
+
+    id: int
+    job: Job
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client went away: drop the request and free its KV."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Exit once the messages before this one are handled."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Loaded and serving; `info` describes the replica for /health (model, pid, KV slots…)."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens a replica processed for a request (OpenAI's usage, without the total)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    """A request's answer: the generated text, or for a ScoreJob the chosen option's index."""
+
+    id: int
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    choice: int | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """More text of a streamed request, as it is generated (never half a character)."""
+
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request the replica refused; status, param and code follow OpenAI's errors
+    (e.g. 400, "prompt", "context_length_exceeded")."""
+
+    id: int
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The engine dropped a cancelled request and freed its slot."""
+
+    id: int
+
+
+ToReplica = Request | Cancel | Shutdown
+FromReplica = Ready | Delta | Result | Failed | Cancelled
+Message = ToReplica | FromReplica
