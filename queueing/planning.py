@@ -42,7 +42,8 @@ class Planner:
             "plan_offloaded_total", "Prompts planned in a worker process, by why.", ["reason"]
         )
         self._unsolved = metrics.counter(
-            "graph_unparsed_total", "Graph-like prompts the solver could not parse."
+            "graph_unsolved_total",
+            "Graph-like prompts the solver could not take (unparsable, or over its caps).",
         )
 
     async def plan_all(

@@ -123,7 +123,7 @@ class CompletionService:
             yield Piece(index, reply.text, reply)
 
     async def _stream_job(
-        self, index: int, job: GenerateJob, task: shortcuts.Route, started: float
+        self, index: int, job: GenerateJob, task: shortcuts.Task, started: float
     ) -> AsyncIterator[Piece]:
         """A shaped turn's text is stripped as `plan.reply` strips it (leading and trailing
         whitespace held back), so the pieces add up to the unstreamed text."""

@@ -7,6 +7,7 @@ from shortcuts.plans import (
     Plan,
     Reply,
     Score,
+    Task,
     UnsolvedGraph,
     with_decoding,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Reply",
     "Route",
     "Score",
+    "Task",
     "UnsolvedGraph",
     "get_profile",
     "plan",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from replica.wire import messages as wire
 from shortcuts import mcq
@@ -17,6 +18,7 @@ from shortcuts.router import Route
 from shortcuts.text import strip_think
 
 Model = Callable[[wire.Job], Awaitable[wire.Result]]
+Task = Route | Literal["chat"]  # chat: /v1/chat/completions, the messages as given (no routing)
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Reply:
     """One prompt's final answer, and the tokens the model processed for it (none for an
     answer found in the front end)."""
 
-    task: Route
+    task: Task
     text: str
     finish_reason: wire.FinishReason = "stop"
     usage: wire.Usage = field(default_factory=wire.Usage)

@@ -15,7 +15,7 @@ from shortcuts.graph import GraphTask, looks_like_graph, parse_graph
 from shortcuts.mcq import offered_letters
 from shortcuts.text import split_infobench, task_text
 
-Route = Literal["graph", "mcq", "open", "chat"]  # chat: /v1/chat/completions, unshaped
+Route = Literal["graph", "mcq", "open"]  # what `route` finds in a prompt
 
 log = logging.getLogger(__name__)
 

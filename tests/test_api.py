@@ -146,4 +146,4 @@ def test_unparsable_graph_prompt_goes_to_the_model_and_is_counted(server):
     [choice] = complete(server, broken, max_tokens=4)["choices"]
     assert choice["finish_reason"] == "length" and "submit_paths" not in choice["text"]
     _status, text, _ = request(server.url + "/metrics", method="GET")
-    assert "graph_unparsed_total 1" in text
+    assert "graph_unsolved_total 1" in text

@@ -88,4 +88,4 @@ def test_a_graph_the_solver_cannot_take_is_counted_and_capped_by_the_client():
     planner = Planner("throughput", 60, metrics)  # plans inline: no worker starts
     [plan] = asyncio.run(planner.plan_all([unparsable], max_tokens=7))
     assert isinstance(plan, shortcuts.UnsolvedGraph) and plan.max_tokens == 7
-    assert sample(metrics.render(), "graph_unparsed_total") == 1
+    assert sample(metrics.render(), "graph_unsolved_total") == 1

@@ -57,13 +57,19 @@ def plan_slots(
     if device.type == "cuda":
         free = device_free_bytes(device, memory_cap_gib)
         per_slot = max_seq_len * bytes_per_token(config, dtype)
-        slots = min(max_slots, int(free * fraction) // per_slot - 1)
+        slots = slots_that_fit(int(free * fraction), per_slot, max_slots)
         if slots < 1:
             raise RuntimeError(
                 f"KV cache: {free / 2**30:.1f} GiB free holds no slot of {max_seq_len} tokens"
             )
     _, kv_heads, head_dim = attention_shape(config)
     return CacheShape(config.num_hidden_layers, slots, max_seq_len, kv_heads, head_dim)
+
+
+def slots_that_fit(budget_bytes: int, slot_bytes: int, max_slots: int) -> int:
+    """Whole slots in the budget, less the scratch slot, at most `max_slots` (deploy/systems.py
+    plans with the same rule; tests/test_structure.py holds the two together)."""
+    return min(max_slots, budget_bytes // slot_bytes - 1)
 
 
 def device_free_bytes(device: torch.device, cap_gib: float | None = None) -> int:
