@@ -1,0 +1,152 @@
+"""The tree is the architecture: no import circles among the project's modules (imports inside
+functions count), a small replica/ top level, a front end that never loads torch, and the deploy
+plan's KV sizing held to the engine's."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from replica.engine.kv_cache import bytes_per_token, slots_that_fit
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.loading.weights import NameBuilder, build
+from replica.model.qwen3 import Qwen3
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("api", "benchmarks", "loadtest", "queueing", "replica", "shortcuts")
+FRONT_END = ("server", "api", "queueing", "shortcuts", "replica.wire")
+
+
+def project_modules() -> dict[str, Path]:
+    """Module name -> file, for every project module outside tests/."""
+    modules = {"server": ROOT / "server.py"}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def imports_of(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports anywhere in its body (a name imported from a
+    package counts as the submodule when there is one)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if submodule in modules else base)
+    return {module for module in found if module in modules and module != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(path, name, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for successor in sorted(graph[node]):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            group = []
+            while (member := stack.pop()) != node:
+                group.append(member)
+            if group:
+                found.append(sorted([node, *group]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_round_a_circle():
+    graph = import_graph()
+    assert "replica.engine.engine" in graph["replica.worker"]  # the walk sees imports at all
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_sees_a_circle_through_a_function_level_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    source = "def late():\n    from replica.worker import serve\n"
+    path = ROOT / "tests" / "_probe.py"
+    path.write_text(source)
+    try:
+        assert imports_of(path, "probe", project_modules()) == {"replica.worker"}
+    finally:
+        path.unlink()
+
+
+def test_replica_keeps_at_most_ten_modules_at_its_top():
+    assert len(list((ROOT / "replica").glob("*.py"))) <= 10
+
+
+def test_the_front_end_imports_no_torch_and_no_engine():
+    """Importing every front-end module loads neither torch nor any of replica/ but its wire."""
+    names = [
+        n for n in project_modules() if any(n == f or n.startswith(f + ".") for f in FRONT_END)
+    ]
+    assert "queueing.replica_link" in names and "api.responses" in names
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "engine = [m for m in sys.modules if m.startswith('replica.')"
+        " and not m.startswith('replica.wire')]\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)), engine)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[] []"
+
+
+VENDORED = sorted(path.name for path in VENDORED_CONFIGS.iterdir())
+
+
+@pytest.mark.parametrize("name", VENDORED)
+def test_the_deploy_plan_sizes_kv_as_the_engine_does(name):
+    """deploy/systems.py works without torch, so it re-derives the engine's sizing: the bytes a
+    token's K/V take, the weights' bytes, and the slots a budget holds must be the engine's."""
+    systems = importlib.import_module("deploy.systems")  # a namespace package: no torch there
+    config = resolve(str(VENDORED_CONFIGS / name), random_weights=True).config
+    shape = systems.Shape.from_config(
+        json.loads((VENDORED_CONFIGS / name / "config.json").read_text())
+    )
+    assert shape.kv_bytes_per_token == bytes_per_token(config, torch.bfloat16)
+    weights = Qwen3(config, build(config, NameBuilder()))  # meta tensors: fp32 sizes
+    assert shape.weight_bytes == weights.weight_bytes() // 2
+    for seq_len in (1536, 2048, 3584, 32768):
+        slot_bytes = seq_len * shape.kv_bytes_per_token
+        for budget_gib in (0.1, 12, 19.3, 60):
+            budget = int(budget_gib * 2**30)
+            engine = slots_that_fit(budget, slot_bytes, systems.MAX_BATCH)
+            assert systems.slots_in(budget, slot_bytes) == max(0, engine), (seq_len, budget_gib)
