@@ -32,6 +32,7 @@ import torch
 from replica.engine.engine import Engine, EngineStats
 from replica.engine.kv_cache import bytes_per_token
 from replica.engine.request import EngineRequest
+from replica.kernels.decode_attention import WAVES, decode_attention
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.wire.messages import SamplingParams
 
@@ -158,8 +159,6 @@ def _time_ms(fn, repeats: int = 10) -> float:
 
 def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
     """The decode attention of every layer, captured as one CUDA graph (no launch gaps)."""
-    from replica.kernels.decode_attention import decode_attention
-
     model, cache = engine.model, engine.cache
     slots = torch.arange(rows, device="cuda")
     lens = torch.full((rows,), live, dtype=torch.int32, device="cuda")
@@ -188,8 +187,6 @@ def attention_sweep(engine: Engine, bandwidth: float) -> list[dict]:
 def decode_profile(engine: Engine, rows: int, live: int, bandwidth: float) -> dict:
     """Where one decode step's time goes: the whole step's graph against its attention alone,
     at `rows` rows of `live` tokens each, each part against its byte floor."""
-    from replica.kernels.decode_attention import WAVES
-
     runner = engine.runner
     runner.decode([1] * rows, [live - 1] * rows, list(range(rows)))
     step_ms = _time_ms(lambda: runner.step(rows))

@@ -48,7 +48,6 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
     for layer in model.layers:
         moe = layer.mlp
         if isinstance(moe, SparseMoE):
-            assert moe.expert_tokens is not None
             used = int((moe.expert_tokens > 0).sum())
             per_expert = sum(t.numel() * t.element_size() for t in (moe.gate_up, moe.down))
             total -= (moe.num_experts - used) * per_expert // moe.num_experts
