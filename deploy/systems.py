@@ -59,7 +59,7 @@ OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activati
 WEIGHTS_VOLUME = "qwen3-weights"
 WEIGHTS_APP = "qwen3-weights-fill"
 WEIGHTS_DIR = "/weights"
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # as replica/checkpoint.py
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # as replica/loading/source.py
 HUB_VERSION = "2.4.0"  # huggingface-hub, as requirements.txt pins it
 DOWNLOAD_WORKERS = 16
 FILL_CPU_CORES = 8.0  # hf-xet's parallel range downloads use the cores
@@ -129,13 +129,14 @@ def vendored_shape(model: str) -> tuple[Shape, Path] | None:
 
 
 def slots_in(budget_bytes: int, slot_bytes: int) -> int:
-    """replica/kv_cache.py's rule: whole slots in the budget, one kept as scratch, capped."""
+    """replica/engine/kv_cache.py's rule (slots_that_fit): whole slots in the budget, one kept as
+    scratch, capped; tests/test_structure.py holds the two together."""
     return max(0, min(MAX_BATCH, budget_bytes // slot_bytes - 1))
 
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """The engine's KV sizing (replica/kv_cache.py plan_slots) worked out for an A100-80GB.
+    """The engine's KV sizing (replica/engine/kv_cache.py plan_slots) worked out for an A100-80GB.
 
     An estimate: the free memory after loading is taken as the card less the weights less
     OVERHEAD_ESTIMATE_BYTES; the measured figures go in docs/DEPLOY.md.
