@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from benchmarks.bench import _time_ms
+from replica.kernels.elementwise import TritonOps
 from replica.kernels.moe import Tile, fused_moe, tiles_for
 from replica.loading.model import random_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -44,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
     config.num_hidden_layers = 1
-    moe = random_model(config, "cuda", torch.bfloat16).layers[0].mlp
+    moe = random_model(config, "cuda", torch.bfloat16, 0, TritonOps).layers[0].mlp
     hidden, inter = config.hidden_size, config.moe_intermediate_size
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)

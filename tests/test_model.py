@@ -8,7 +8,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from replica.backends import select_attention, select_ops
 from replica.engine.kv_cache import KVCache, plan_slots
-from replica.loading.model import model_from_state_dict, random_model
+from replica.loading.model import model_from_reader, random_model
+from replica.loading.reader import CheckpointReader
 from replica.loading.reference import build_reference_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.model.ops import TorchOps
@@ -43,7 +44,12 @@ def prefill_then_decode(
 def test_fp32_logits_match_transformers():
     source = resolve("tiny-random")
     reference = build_reference_model(source)
-    model = model_from_state_dict(source.config, reference.state_dict(), "cpu", torch.float32)
+    model = model_from_reader(
+        CheckpointReader.from_state_dict(reference.state_dict()),
+        source.config,
+        "cpu",
+        torch.float32,
+    )
     prompt = torch.randint(
         0, source.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)
     )
@@ -55,7 +61,7 @@ def test_fp32_logits_match_transformers():
 
 def test_random_weights_have_transformers_shapes():
     config = resolve("tiny-random").config
-    ours = random_model(config, "cpu", torch.float32)
+    ours = random_model(config, "cpu", torch.float32, 0, TorchOps)
     theirs = build_reference_model(resolve("tiny-random"))
     assert ours.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
     assert ours.layers[0].qkv.shape == (
@@ -66,7 +72,7 @@ def test_random_weights_have_transformers_shapes():
 
 def test_rope_theta_comes_from_the_config():
     config = Qwen3Config.from_pretrained(VENDORED_CONFIGS / "qwen3-4b-instruct-2507")
-    model = random_model(resolve("tiny-random").config, "cpu", torch.float32)
+    model = random_model(resolve("tiny-random").config, "cpu", torch.float32, 0, TorchOps)
     assert model.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 16))
     from replica.model.architecture import rope_theta
 
@@ -89,8 +95,9 @@ def test_bf16_4b_logits_close_to_transformers():
     with torch.device("cuda"):  # not `.to(bf16)`: that would round RoPE's inv_freq too
         reference = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     assert reference.model.rotary_emb.inv_freq.dtype == torch.float32
-    model = model_from_state_dict(
-        config, reference.state_dict(), "cuda", torch.bfloat16, select_ops(torch.device("cuda"))
+    reader = CheckpointReader.from_state_dict(reference.state_dict())
+    model = model_from_reader(
+        reader, config, "cuda", torch.bfloat16, select_ops(torch.device("cuda"))
     )
     prompt = torch.randint(0, config.vocab_size, (300,), device="cuda")
     with torch.no_grad():

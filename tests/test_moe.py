@@ -21,6 +21,7 @@ from replica.loading.reader import CheckpointReader
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.loading.weights import expected_tensor_names
 from replica.model.mlp import SparseMoE
+from replica.model.ops import TorchOps
 from replica.model.qwen3 import Qwen3
 from tests.transformers_oracle import greedy_continuations
 
@@ -102,7 +103,7 @@ def test_vendored_30b_config_reads_as_moe_with_96_kib_of_kv_a_token():
 
 def test_random_weights_build_the_moe_not_a_dense_model():
     config = tiny_moe_config()
-    model = random_model(config, "cpu", torch.float32)
+    model = random_model(config, "cpu", torch.float32, 0, TorchOps)
     moe = model.layers[0].mlp
     assert isinstance(moe, SparseMoE)
     assert moe.gate_up.shape == (8, 2 * 32, 64)
@@ -172,9 +173,6 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 @gpu
 @pytest.mark.gpu
 def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
-    from replica.kernels.elementwise import TritonOps
-    from replica.model.ops import TorchOps
-
     config, moe = real_moe()
     shape = (32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
     torch_ops, triton_ops = TorchOps(*shape), TritonOps(*shape)
@@ -194,8 +192,6 @@ def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
 @pytest.mark.gpu
 def test_full_shape_moe_block_close_to_transformers_in_bf16():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    from replica.kernels.elementwise import TritonOps
 
     config, moe = real_moe(seed=3)
     with torch.device("cuda"):

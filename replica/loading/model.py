@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 from transformers import PretrainedConfig
 
 from replica.loading.reader import CheckpointReader
@@ -28,31 +27,27 @@ def load_model(
     """
     if source.weights_dir is not None:
         reader = CheckpointReader.from_dir(source.weights_dir)
-        return Qwen3(source.config, load_checkpoint(reader, source.config, device, dtype), ops)
-    if source.name == TINY_RANDOM:
-        state = build_reference_model(source).state_dict()
-        return model_from_state_dict(source.config, state, device, dtype, ops)
-    return random_model(source.config, device, dtype, seed, ops)
+    elif source.name == TINY_RANDOM:
+        reader = CheckpointReader.from_state_dict(build_reference_model(source).state_dict())
+    else:
+        return random_model(source.config, device, dtype, seed, ops)
+    return model_from_reader(reader, source.config, device, dtype, ops)
 
 
-def model_from_state_dict(
+def model_from_reader(
+    reader: CheckpointReader,
     config: PretrainedConfig,
-    state: dict[str, Tensor],
     device: str,
     dtype: torch.dtype,
     ops: type[TorchOps] = TorchOps,
 ) -> Qwen3:
-    """Build from Hugging Face names (the tests' transformers models)."""
-    reader = CheckpointReader.from_state_dict(state)
+    """Every tensor of `reader` (Hugging Face names: a checkpoint, or the tests' transformers
+    models) into our model, layer by layer."""
     return Qwen3(config, load_checkpoint(reader, config, device, dtype), ops)
 
 
 def random_model(
-    config: PretrainedConfig,
-    device: str,
-    dtype: torch.dtype,
-    seed: int = 0,
-    ops: type[TorchOps] = TorchOps,
+    config: PretrainedConfig, device: str, dtype: torch.dtype, seed: int, ops: type[TorchOps]
 ) -> Qwen3:
     """Seeded random weights of the config's shapes, made on the device (the GPU benchmarks)."""
     return Qwen3(config, build(config, RandomBuilder(config, device, dtype, seed)), ops)
