@@ -783,16 +783,16 @@ def test_the_weights_step_fills_the_volume(
 
 
 class FillingVolume(FakeVolume):
-    """The weights volume as one fill sees it while another fill, holding the claim, writes
-    the marker and commits on the third reload."""
+    """The weights volume as one fill sees it while another fill writes the marker and commits:
+    seen on the reload numbered `seen_at`."""
 
-    def __init__(self, marker: Path) -> None:
+    def __init__(self, marker: Path, seen_at: int = 3) -> None:
         super().__init__("qwen3-weights")
-        self.marker = marker
+        self.marker, self.seen_at = marker, seen_at
 
     def reload(self) -> None:
         super().reload()
-        if self.reloads == 3:
+        if self.reloads == self.seen_at:
             self.marker.parent.mkdir(parents=True)
             self.marker.touch()
 
@@ -840,6 +840,16 @@ def test_a_fill_waits_for_the_fill_that_holds_the_claim(fill: SimpleNamespace) -
     assert fill.run(now=1001.0) == fill.marker
     assert fill.downloads == [] and fill.volume.reloads == 3
     assert fill.claims.get(MODELS[1]) == 1000.0 + fill.module.CLAIM_S  # not this fill's to drop
+
+
+def test_a_fill_that_claims_after_another_released_downloads_nothing(
+    fill: SimpleNamespace,
+) -> None:
+    """The other fill committed and released after this container mounted the volume."""
+    fill.volume.seen_at = 1
+    assert fill.run(now=1000.0) == fill.marker
+    assert fill.downloads == [] and fill.volume.reloads == 1
+    assert fill.claims.get(MODELS[1]) is None
 
 
 def test_a_lapsed_claim_is_taken_over(fill: SimpleNamespace) -> None:
