@@ -179,7 +179,7 @@ sdk_url() { # Modal's own record of the URL, from the SDK of the Python that run
   local python line
   if [[ ${modal_cmd[0]} != modal ]]; then
     python="${modal_cmd[0]}"
-  elif line="$(head -n 1 "$(command -v modal)")" && [[ $line =~ ^#!(/[^[:space:]]+)$ ]]; then
+  elif line="$(head -n 1 "$(command -v modal)")" && [[ $line =~ ^#!(/[^[:space:]]*/python[0-9.]*)$ ]]; then
     python="${BASH_REMATCH[1]}" # a pip, pipx or uv console script names its interpreter
   else
     return 1

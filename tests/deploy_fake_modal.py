@@ -350,7 +350,12 @@ import deploy_fake_modal
 deploy_fake_modal.SdkFunction.workspace = deploy_fake_modal.Workspace(Path({state!r}))
 Function = deploy_fake_modal.SdkFunction
 """
-SDK_MAIN = "import sys\nimport deploy_fake_modal\n\nsys.exit(deploy_fake_modal.main([{state!r}, 'modal', *sys.argv[1:]]))\n"
+SDK_MAIN = """import sys
+
+import deploy_fake_modal
+
+sys.exit(deploy_fake_modal.main([{state!r}, "modal", *sys.argv[1:]]))
+"""
 
 
 def sdk_package(folder: Path, state: Path) -> None:

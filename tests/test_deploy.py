@@ -63,6 +63,9 @@ READY_CURL = "curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/ready"
 STAND_IN = """#!/bin/sh
 exec {python} -S {helper} {state} {tool} "$@"
 """
+CONSOLE_SCRIPT = """#!{python}
+import modal.__main__  # the stand-in's command, as `python -m modal` runs it
+"""
 FAKE_PYTHON = """#!/bin/sh
 # python3 without site packages, so without modal; with_modal, one whose modal is the stand-in
 {export}exec {python} -S "$@"
@@ -142,6 +145,13 @@ class Grader:
 
     def python3_with_modal(self) -> None:
         self.write_python(self.bin / "python3", with_modal=True)
+
+    def modal_console_script(self) -> None:
+        """`modal` as pip, pipx or uv install it: a script run by the Python that has modal."""
+        python = self.root / "modal-env" / "python"
+        python.parent.mkdir()
+        self.write_python(python, with_modal=True)
+        self.write(self.bin / "modal", CONSOLE_SCRIPT, python=python)
 
     def copy(self, name: str) -> Path:
         """A fresh copy of the project, as the grader unzips it: no .venv, no .git."""
@@ -436,6 +446,7 @@ def test_model_and_max_containers_flags(grader: Grader) -> None:
     assert dry["model"] == "Qwen/Qwen3-8B"
     assert number(dry["max_containers"]) == 3
     assert dry["kv_slots_per_gpu"].startswith("unknown (no vendored config for Qwen/Qwen3-8B")
+    assert dry["timeline"].startswith("not estimated (no vendored config for Qwen/Qwen3-8B")
 
     assert grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3").returncode == 0
     deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
@@ -526,7 +537,9 @@ def test_the_fill_outlives_a_killed_deploy_sh(grader: Grader) -> None:
     copy = grader.copy("abc_3")
     deploy = grader.start(copy)
     wait_for(lambda: any(call.args.startswith("run ") for call in grader.calls()))
-    time.sleep(2)
+    fill_started = time.monotonic()
+    wait_for(lambda: grader.events("download-start"))  # the fill is on Modal's side
+    time.sleep(max(0.0, fill_started + 2 - time.monotonic()))
     os.killpg(deploy.pid, signal.SIGTERM)
     time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
@@ -569,22 +582,24 @@ def test_systems_1_and_2_deployed_at_once_fill_the_4b_once(grader: Grader) -> No
 
 
 @pytest.mark.parametrize(
-    ("style", "workspace", "sdk", "source"),
+    ("style", "workspace", "client", "source"),
     [
-        ("tree", LONG_WORKSPACE, False, "modal deploy's output"),  # the wide COLUMNS
-        ("folded", LONG_WORKSPACE, False, "modal profile current, taken as the workspace"),
-        ("none", "ws", False, "modal profile current, taken as the workspace"),
-        ("folded", LONG_WORKSPACE, True, "the Modal SDK"),
+        ("tree", LONG_WORKSPACE, "command", "modal deploy's output"),  # the wide COLUMNS
+        ("folded", LONG_WORKSPACE, "command", "modal profile current, taken as the workspace"),
+        ("none", "ws", "command", "modal profile current, taken as the workspace"),
+        ("folded", LONG_WORKSPACE, "python3", "the Modal SDK"),
+        ("folded", LONG_WORKSPACE, "console script", "the Modal SDK"),  # its #! line's Python
     ],
 )
 def test_the_url_does_not_depend_on_the_deploys_output(
-    grader: Grader, style: str, workspace: str, sdk: bool, source: str
+    grader: Grader, style: str, workspace: str, client: str, source: str
 ) -> None:
     grader.configure(url_style=style, workspace=workspace)
-    if sdk:
-        grader.python3_with_modal()
-    else:
-        grader.modal_on_path()
+    {
+        "command": grader.modal_on_path,
+        "python3": grader.python3_with_modal,
+        "console script": grader.modal_console_script,
+    }[client]()
     result = grader.run(grader.copy("abc_3"))
     assert result.returncode == 0, result.stderr
     url = f"https://{workspace}--abc-system-3-completion.modal.run"
