@@ -189,7 +189,9 @@ sdk_url() { # Modal's own record of the URL, from the SDK of the Python that run
 }
 printed_url() { grep -Eo "$URL_PATTERN" "$logs/deploy.log" | head -n 1; }
 profile_url() { # `modal setup` names the profile after the workspace
-  printf 'https://%s--%s-%s.modal.run\n' "$("${modal_cmd[@]}" profile current)" "$app" "$ENDPOINT"
+  local workspace
+  workspace="$("${modal_cmd[@]}" profile current)" && [[ $workspace =~ ^[A-Za-z0-9][A-Za-z0-9-]*$ ]] &&
+    printf 'https://%s--%s-%s.modal.run\n' "$workspace" "$app" "$ENDPOINT"
 }
 url=""
 for source in sdk_url printed_url profile_url; do

@@ -608,8 +608,11 @@ def test_the_url_does_not_depend_on_the_deploys_output(
     assert settings(result.stdout)["endpoint"] == url
 
 
-def test_without_a_url_deploy_sh_fails_rather_than_skip_the_wait(grader: Grader) -> None:
-    grader.configure(url_style="none", workspace="not a workspace")
+@pytest.mark.parametrize("profile", ["not a workspace", ""])
+def test_without_a_url_deploy_sh_fails_rather_than_skip_the_wait(
+    grader: Grader, profile: str
+) -> None:
+    grader.configure(url_style="none", workspace=profile)
     grader.modal_on_path()
     result = grader.run(grader.copy("abc_3"))
     assert result.returncode == 1
