@@ -12,14 +12,20 @@
 #
 # The Modal client is the first that works of: the `modal` command, .venv/bin/python -m modal,
 # python3 -m modal; it must be version MIN_MODAL or later. deploy.sh then runs, side by side,
-# `modal run deploy/weights.py` (fills the weights volume) and `modal deploy deploy/modal_app.py`
-# (builds the image, deploys), waits for the endpoint's /ready, and prints the URL and how to
-# call it. --dry-run prints every setting (deploy/systems.py, with python3) and deploys nothing.
-# docs/DEPLOY.md explains each choice.
+# `modal run --detach deploy/weights.py` (fills the weights volume, and goes on if deploy.sh is
+# stopped) and `modal deploy deploy/modal_app.py` (builds the image, deploys). As soon as the
+# deploy returns it finds the URL (the SDK, else the deploy's output, else the workspace from
+# `modal profile current`), wakes the container with GET /ready and waits for a 200, then prints
+# the URL and how to call it. --dry-run prints every setting (deploy/systems.py) and the expected
+# timeline (deploy/timeline.py), with python3, and deploys nothing. docs/DEPLOY.md says why.
 set -euo pipefail
 
 MIN_MODAL=1.2.0 # the app's oldest needs: env= on functions (1.2.0), startup_timeout (1.1.4)
 READY_WAIT_S=900
+READY_POLL_S=2      # between /ready requests that came back without a 200
+DEPLOY_COLUMNS=400  # for `modal deploy`: room for a 64-character workspace in the URL's line
+ENDPOINT=completion # deploy/systems.py's ENDPOINT: the URL's label is <app>-<function>
+URL_PATTERN='https://[A-Za-z0-9.-]+\.modal\.run'
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage="usage: $0 [<1|2|3>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--dry-run]"
@@ -137,40 +143,81 @@ app_module="$here/deploy/modal_app.py"
 echo "id: $id (from $id_from)"
 echo "system: $system (from $system_from)"
 echo "modal_client: ${modal_cmd[*]} $version (needs >= $MIN_MODAL)"
-echo "commands: ${modal_cmd[*]} run $weights_module & ${modal_cmd[*]} deploy $app_module"
+echo "commands: ${modal_cmd[*]} run --detach $weights_module & ${modal_cmd[*]} deploy $app_module"
 if ((dry_run)); then
   command -v python3 >/dev/null 2>&1 || fail "the dry run needs python3 (any 3.9 or later)"
-  exec python3 "$here/deploy/systems.py"
+  python3 "$here/deploy/systems.py"
+  exec python3 "$here/deploy/timeline.py"
 fi
+command -v curl >/dev/null 2>&1 || fail "no curl: deploy.sh needs it to wake the container and wait for /ready"
 
+# The fill is detached: it goes on in Modal if deploy.sh is stopped, and the container waits for
+# its marker, not for deploy.sh. Only its local client runs here, watched while /ready is polled.
 logs="$(mktemp -d "${TMPDIR:-/tmp}/deploy-$app.XXXXXX")"
-"${modal_cmd[@]}" run "$weights_module" >"$logs/weights.log" 2>&1 &
+"${modal_cmd[@]}" run --detach "$weights_module" >"$logs/weights.log" 2>&1 &
 weights_pid=$!
-if ! "${modal_cmd[@]}" deploy "$app_module" 2>&1 | tee "$logs/deploy.log"; then
-  kill "$weights_pid" 2>/dev/null || true
-  fail "modal deploy failed (its output is above)"
+weights_done=0
+weights_check() { # stop at once if the fill's client failed; print its result once it is done
+  if ((weights_done)) || kill -0 "$weights_pid" 2>/dev/null; then
+    return 0
+  fi
+  weights_done=1
+  if wait "$weights_pid"; then
+    grep "^weights: " "$logs/weights.log" || true
+  else
+    tail -n 20 "$logs/weights.log" >&2
+    fail "the weights step failed (its last lines are above); the container waits for the weights: run deploy.sh again"
+  fi
+}
+# Piped, the client wraps its output at 80 columns, which can fold the URL in two: a wide
+# COLUMNS keeps each line whole (docs/DEPLOY.md).
+if ! COLUMNS=$DEPLOY_COLUMNS "${modal_cmd[@]}" deploy "$app_module" 2>&1 | tee "$logs/deploy.log"; then
+  fail "modal deploy failed (its output is above); the detached weights fill goes on (log: $logs/weights.log)"
 fi
-echo "deploy.sh: waiting for the weights step (log: $logs/weights.log)"
-if ! wait "$weights_pid"; then
-  tail -n 20 "$logs/weights.log" >&2
-  fail "the weights step failed (its last lines are above); the container waits for the weights: run deploy.sh again"
-fi
-grep "^weights: " "$logs/weights.log" || true
 
-url="$(grep -Eo 'https://[A-Za-z0-9.-]+\.modal\.run' "$logs/deploy.log" | head -n 1 || true)"
-if [[ -z $url ]]; then
-  url="https://<workspace>--$app-completion.modal.run"
-  echo "deploy.sh: modal deploy printed no URL; <workspace> is your Modal workspace (modal profile current)"
-elif command -v curl >/dev/null 2>&1; then
-  echo "deploy.sh: waiting up to ${READY_WAIT_S}s for $url/ready (every replica loaded)"
-  deadline=$((SECONDS + READY_WAIT_S))
-  until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$url/ready" || true)" == 200 ]]; do
-    ((SECONDS < deadline)) || fail "$url/ready did not answer 200 within ${READY_WAIT_S}s: see modal app logs $app"
-    sleep 10
-  done
-else
-  echo "deploy.sh: no curl, so not waiting for $url/ready; the first request wakes the container"
-fi
+sdk_url() { # Modal's own record of the URL, from the SDK of the Python that runs the client
+  local python line
+  if [[ ${modal_cmd[0]} != modal ]]; then
+    python="${modal_cmd[0]}"
+  elif line="$(head -n 1 "$(command -v modal)")" && [[ $line =~ ^#!(/[^[:space:]]*/python[0-9.]*)$ ]]; then
+    python="${BASH_REMATCH[1]}" # a pip, pipx or uv console script names its interpreter
+  else
+    return 1
+  fi
+  "$python" -c 'import sys, modal; print(modal.Function.from_name(*sys.argv[1:]).get_web_url())' \
+    "$app" "$ENDPOINT"
+}
+printed_url() { grep -Eo "$URL_PATTERN" "$logs/deploy.log" | head -n 1; }
+profile_url() { # `modal setup` names the profile after the workspace
+  local workspace
+  workspace="$("${modal_cmd[@]}" profile current)" && [[ $workspace =~ ^[A-Za-z0-9][A-Za-z0-9-]*$ ]] &&
+    printf 'https://%s--%s-%s.modal.run\n' "$workspace" "$app" "$ENDPOINT"
+}
+url=""
+for source in sdk_url printed_url profile_url; do
+  candidate="$("$source" 2>>"$logs/url.log" || true)"
+  if [[ $candidate =~ ^$URL_PATTERN$ ]]; then
+    url="$candidate"
+    break
+  fi
+done
+[[ -n $url ]] || fail "deployed $app, but found no URL for it (see $logs/url.log): the first request to https://<workspace>--$app-$ENDPOINT.modal.run wakes it"
+case "$source" in
+  sdk_url) url_from="the Modal SDK" ;;
+  printed_url) url_from="modal deploy's output" ;;
+  *) url_from="modal profile current, taken as the workspace" ;;
+esac
+
+echo "deploy.sh: $url (from $url_from): waking the container, waiting up to ${READY_WAIT_S}s for /ready (every replica loaded)"
+deadline=$((SECONDS + READY_WAIT_S))
+while :; do
+  weights_check
+  status="$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$url/ready" || true)"
+  [[ $status != 200 ]] || break
+  ((SECONDS < deadline)) || fail "$url/ready did not answer 200 within ${READY_WAIT_S}s (last: $status): see modal app logs $app"
+  sleep "$READY_POLL_S"
+done
+weights_check
 
 cat <<EOF
 

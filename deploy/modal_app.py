@@ -4,6 +4,7 @@ deploy.sh runs `modal deploy deploy/modal_app.py` with the system's DEPLOY_* var
 setting comes from deploy/systems.py (which also prints them for `deploy.sh --dry-run`). The
 weights are not in the image: they live in the Modal Volume that deploy/weights.py fills, and the
 container waits for that fill's ready marker before it starts the server (docs/DEPLOY.md says why).
+deploy.sh wakes the container right after the deploy, so its start overlaps the download.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ app = modal.App(DEPLOYMENT.app_name)
 
 
 def wait_for_weights(
-    marker: Path, reload: Callable[[], None], deadline: float, poll_s: float = 5.0
+    marker: Path, reload: Callable[[], None], deadline: float, poll_s: float = 1.0
 ) -> None:
-    """deploy.sh fills the volume while `modal deploy` builds the image, so on a first deploy
-    the container can start before the weights are complete: wait for the fill's marker."""
+    """deploy.sh wakes this container as soon as `modal deploy` returns, while the weights may
+    still be downloading: wait for the fill's marker, looking often, so the replicas start
+    loading within about a second of the fill's commit."""
     while not marker.exists():
         if time.monotonic() >= deadline:
             raise TimeoutError(

@@ -1,18 +1,27 @@
 """deploy.sh and the Modal app, offline.
 
-The grader's path runs for real: a fresh copy of the project named `abc_3/` or `ABC_2/`, no venv,
-no environment variables but PATH, a fake `modal` command that records each call, and a python3
-that cannot import modal. What the app hands to Modal is read through a fake `modal` module, so
-no test needs the real package, the network or a GPU.
+The grader's path runs for real: a fresh copy of the project's tracked files named `abc_3/` or
+`ABC_2/`, no venv, no environment variables but PATH, and tests/deploy_fake_modal.py standing in
+for Modal: a `modal` command that records each call, runs the weights fill as Modal would (apart
+from the client, detached or not) into a shared volume folder, and a `curl` whose /ready request
+waits, as Modal holds it, until the app's weights marker is in. python3 cannot import modal. What
+the apps hand to Modal is read through the fake `modal` package, so no test needs the real one,
+the network or a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +30,9 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+
+from tests import deploy_fake_modal
+from tests.deploy_fake_modal import FakeVolume, FolderDict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_SH = ROOT / "deploy.sh"
@@ -36,30 +48,27 @@ MODELS = {
 COURSE_CONCURRENCY = 300  # the grader's requests in flight at once
 KV_KIB = {1: 144, 2: 144, 3: 96}  # 36 x 8 x 128 x 2 x 2 and 48 x 4 x 128 x 2 x 2 bytes
 URL = "https://ws--abc-system-{n}-completion.modal.run"
+LONG_WORKSPACE = "a-thirty-character-workspace-x"  # folds modal's URL line at 80 columns
+TIMELINE_ASSUMPTIONS = {
+    "download": "GB/s",
+    "volume_read": "GB/s",
+    "image_build": "min",
+    "fill_start": "min",
+    "redeploy": "min",
+    "gpu_start": "min",
+    "replica_start": "min",
+}
+READY_CURL = "curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/ready"
 
-FAKE_MODAL = """#!/bin/sh
-# Stands in for the Modal CLI: records each call with the DEPLOY_* variables it saw.
-printf '%s|%s|%s|%s|%s\\n' "$*" "$DEPLOY_APP_NAME" "$DEPLOY_PROFILE" "$DEPLOY_MODEL" \\
-  "$DEPLOY_MAX_CONTAINERS" >> {log}
-case "$1" in
-  --version) echo "modal client version: {version}" ;;
-  deploy) {deploy} ;;
-  run) {run} ;;
-esac
+STAND_IN = """#!/bin/sh
+exec {python} -S {helper} {state} {tool} "$@"
+"""
+CONSOLE_SCRIPT = """#!{python}
+import modal.__main__  # the stand-in's command, as `python -m modal` runs it
 """
 FAKE_PYTHON = """#!/bin/sh
-# python3 (run with -S: no site-packages, so no modal) or, with_modal, one that has modal.
-if [ "{with_modal}" = 1 ]; then
-  case "$1 $2" in
-    "-c import modal") exit 0 ;;
-    "-m modal") shift 2; exec {cli} "$@" ;;
-  esac
-fi
-exec {python} -S "$@"
-"""
-FAKE_CURL = """#!/bin/sh
-echo "curl $*" >> {log}
-printf 200
+# python3 without site packages, so without modal; with_modal, one whose modal is the stand-in
+{export}exec {python} -S "$@"
 """
 
 
@@ -72,77 +81,133 @@ class Call:
     max_containers: str
 
 
+@pytest.fixture(scope="session")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's tracked files as they are in this checkout: what the grader unzips."""
+    folder = tmp_path_factory.mktemp("tracked")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
+    )
+    for name in listed.stdout.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, folder / name)
+    return folder
+
+
 @dataclass
 class Grader:
-    """A temporary machine: project copies, a bin/ on PATH, and the log of the fakes' calls."""
+    """A temporary machine: project copies, a bin/ on PATH, and the stand-in Modal workspace."""
 
     root: Path
+    tracked: Path
 
     def __post_init__(self) -> None:
         self.bin = self.root / "bin"
         self.bin.mkdir()
-        self.log = self.root / "calls.log"
+        self.state = self.root / "modal-workspace"
+        self.state.mkdir()
+        self.log = self.state / "calls.log"
         self.log.touch()
+        self.configure()
         self.cli = self.root / "fake-modal-cli"
-        self.set_modal()
-        self.write(
-            self.bin / "python3", FAKE_PYTHON, with_modal=0, cli=self.cli, python=sys.executable
-        )
-        self.write(self.bin / "curl", FAKE_CURL, log=self.log)
+        self.stand_in(self.cli, "modal")
+        self.stand_in(self.bin / "curl", "curl")
+        self.write_python(self.bin / "python3", with_modal=False)
 
     def write(self, path: Path, template: str, **fields: object) -> None:
         path.write_text(template.format(**fields))
         path.chmod(0o755)
 
-    def set_modal(self, version: str = "1.6.4", fail: str = "", url: bool = True) -> None:
-        """The fake Modal client; `fail` names the subcommand that exits 1."""
-        deploy = 'echo "Created web function completion => https://ws--$DEPLOY_APP_NAME-completion.modal.run"'
-        outputs = {
-            "deploy": deploy if url else "echo deployed",
-            "run": 'echo "weights: $DEPLOY_MODEL is in the volume"',
-        }
-        if fail:
-            outputs[fail] = "echo boom; exit 1"
-        self.write(self.cli, FAKE_MODAL, log=self.log, version=version, **outputs)
+    def stand_in(self, path: Path, tool: str) -> None:
+        helper = deploy_fake_modal.__file__
+        self.write(
+            path, STAND_IN, python=sys.executable, helper=helper, state=self.state, tool=tool
+        )
+
+    def write_python(self, path: Path, with_modal: bool) -> None:
+        export = ""
+        if with_modal:
+            package = self.root / "sdk"
+            if not package.exists():
+                deploy_fake_modal.sdk_package(package, self.state)
+            export = f"export PYTHONPATH={package}\n"
+        self.write(path, FAKE_PYTHON, export=export, python=sys.executable)
+
+    def configure(self, **changes: object) -> None:
+        """The stand-in's settings (tests/deploy_fake_modal.py DEFAULTS)."""
+        path = self.state / "config.json"
+        config = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**config, **changes}))
 
     def modal_on_path(self) -> None:
         shutil.copy(self.cli, self.bin / "modal")
 
     def python3_with_modal(self) -> None:
-        self.write(
-            self.bin / "python3", FAKE_PYTHON, with_modal=1, cli=self.cli, python=sys.executable
-        )
+        self.write_python(self.bin / "python3", with_modal=True)
+
+    def modal_console_script(self) -> None:
+        """`modal` as pip, pipx or uv install it: a script run by the Python that has modal."""
+        python = self.root / "modal-env" / "python"
+        python.parent.mkdir()
+        self.write_python(python, with_modal=True)
+        self.write(self.bin / "modal", CONSOLE_SCRIPT, python=python)
 
     def copy(self, name: str) -> Path:
-        """A fresh copy of what the deploy needs, as the grader unzips it: no .venv, no .git."""
+        """A fresh copy of the project, as the grader unzips it: no .venv, no .git."""
         folder = self.root / name
-        shutil.copytree(DEPLOY, folder / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(ROOT / "vendor" / "configs", folder / "vendor" / "configs")
-        shutil.copy(DEPLOY_SH, folder)
-        shutil.copy(ROOT / "requirements.txt", folder)
+        shutil.copytree(self.tracked, folder)
         return folder
 
-    def run(self, folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    def command(self, folder: Path, args: tuple[str, ...], env: dict[str, str]) -> dict[str, Any]:
         """`./<folder>/deploy.sh ARGS` from the folder's parent, with only PATH (and TMPDIR)."""
-        return subprocess.run(
-            [f"./{folder.name}/deploy.sh", *args],
-            cwd=folder.parent,
-            env={"PATH": f"{self.bin}:/usr/bin:/bin", "TMPDIR": str(self.root), **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
+        return {
+            "args": [f"./{folder.name}/deploy.sh", *args],
+            "cwd": folder.parent,
+            "env": {"PATH": f"{self.bin}:/usr/bin:/bin", "TMPDIR": str(self.root), **env},
+            "text": True,
+        }
+
+    def run(self, folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(**self.command(folder, args, env), capture_output=True, timeout=60)
+
+    def start(self, folder: Path, *args: str) -> subprocess.Popen:
+        """deploy.sh in a process group of its own, as a harness that may kill it starts it."""
+        return subprocess.Popen(
+            **self.command(folder, args, {}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
 
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
     def calls(self) -> list[Call]:
-        return [Call(*line.split("|")) for line in self.log.read_text().splitlines() if "|" in line]
+        return [Call(*line.split("|")) for line in self.lines() if "|" in line]
 
     def curls(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if line.startswith("curl ")]
+        return [line for line in self.lines() if line.startswith("curl ")]
+
+    def events(self, kind: str) -> list[tuple[float, str]]:
+        """The stand-in's `kind` events (download-start, fill-done, wake...): time, detail."""
+        found = (line.split(" ", 3) for line in self.lines() if line.startswith("event "))
+        return [(float(at), detail) for _, at, what, detail in found if what == kind]
+
+    def marker(self, model: str) -> Path:
+        return systems.ready_marker(model, self.state / "volume")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 @pytest.fixture
-def grader(tmp_path: Path) -> Grader:
-    return Grader(tmp_path)
+def grader(tmp_path: Path, tracked: Path) -> Grader:
+    return Grader(tmp_path, tracked)
 
 
 def load_systems() -> ModuleType:
@@ -182,6 +247,23 @@ def pins() -> dict[str, str]:
     return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
 
 
+def url_source(stdout: str) -> tuple[str, str] | None:
+    """The URL deploy.sh waits on, and where it took it from."""
+    found = re.search(r"^deploy\.sh: (\S+) \(from (.+?)\): waking", stdout, re.M)
+    return (found[1], found[2]) if found else None
+
+
+def timeline(stdout: str, workspace: str) -> list[dict[str, Any]]:
+    """The dry run's `<workspace> step N: a-b to c-d min: what` lines, in order."""
+    step = re.compile(
+        rf"^{workspace} step \d+: ([\d.]+)-([\d.]+) to ([\d.]+)-([\d.]+) min: (.+)$", re.M
+    )
+    return [
+        {"start": (float(a), float(b)), "end": (float(c), float(d)), "what": what}
+        for a, b, c, d, what in step.findall(stdout)
+    ]
+
+
 def image_step(steps: list[tuple[str, tuple, dict]], name: str) -> tuple[tuple, dict]:
     """The arguments of the image's one step called `name`."""
     [(args, kwargs)] = [(args, kwargs) for step, args, kwargs in steps if step == name]
@@ -204,10 +286,10 @@ def test_the_graders_path_deploys_with_the_modal_command(
 
     assert result.returncode == 0, result.stderr
     calls = grader.calls()
-    assert sorted(c.args for c in calls) == [  # the weights step runs beside the deploy
+    assert sorted(c.args for c in calls) == [  # the weights fill runs beside the deploy
         "--version",
         f"deploy {copy}/deploy/modal_app.py",
-        f"run {copy}/deploy/weights.py",
+        f"run --detach {copy}/deploy/weights.py",
     ]
     for call in calls[1:]:
         assert (call.app, call.profile, call.model, call.max_containers) == (
@@ -217,7 +299,8 @@ def test_the_graders_path_deploys_with_the_modal_command(
             "1",
         )
     url = URL.format(n=n)
-    assert grader.curls() == [f"curl -s -o /dev/null -w %{{http_code}} --max-time 60 {url}/ready"]
+    assert grader.curls() == [READY_CURL.format(url=url)]
+    assert url_source(result.stdout) == (url, "modal deploy's output")
     out = settings(result.stdout)
     assert out["id"] == f"abc (from folder name {folder})"
     assert out["system"] == f"{n} (from folder name {folder})"
@@ -363,6 +446,7 @@ def test_model_and_max_containers_flags(grader: Grader) -> None:
     assert dry["model"] == "Qwen/Qwen3-8B"
     assert number(dry["max_containers"]) == 3
     assert dry["kv_slots_per_gpu"].startswith("unknown (no vendored config for Qwen/Qwen3-8B")
+    assert dry["timeline"].startswith("not estimated (no vendored config for Qwen/Qwen3-8B")
 
     assert grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3").returncode == 0
     deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
@@ -375,15 +459,16 @@ def test_model_and_max_containers_flags(grader: Grader) -> None:
 def test_without_modal_on_path_the_venv_client_is_used(grader: Grader) -> None:
     copy = grader.copy("abc_3")
     (copy / ".venv" / "bin").mkdir(parents=True)
-    grader.write(
-        copy / ".venv/bin/python", FAKE_PYTHON, with_modal=1, cli=grader.cli, python=sys.executable
-    )
+    grader.write_python(copy / ".venv/bin/python", with_modal=True)
     result = grader.run(copy)
     assert result.returncode == 0, result.stderr
     client = f"{copy}/.venv/bin/python -m modal"
     assert settings(result.stdout)["modal_client"] == f"{client} 1.6.4 (needs >= 1.2.0)"
-    assert f"commands: {client} run {copy}/deploy/weights.py & {client} deploy " in result.stdout
+    assert f"commands: {client} run --detach {copy}/deploy/weights.py & {client} deploy " in (
+        result.stdout
+    )
     assert sorted(c.args.split()[0] for c in grader.calls()) == ["--version", "deploy", "run"]
+    assert url_source(result.stdout) == (URL.format(n=3), "the Modal SDK")
 
 
 def test_without_modal_or_venv_python3_is_used(grader: Grader) -> None:
@@ -392,6 +477,7 @@ def test_without_modal_or_venv_python3_is_used(grader: Grader) -> None:
     assert result.returncode == 0, result.stderr
     assert settings(result.stdout)["modal_client"] == "python3 -m modal 1.6.4 (needs >= 1.2.0)"
     assert sorted(c.args.split()[0] for c in grader.calls()) == ["--version", "deploy", "run"]
+    assert url_source(result.stdout) == (URL.format(n=3), "the Modal SDK")
 
 
 def test_the_modal_command_comes_before_the_venv(grader: Grader) -> None:
@@ -416,7 +502,7 @@ def test_no_modal_client_fails_with_one_line(grader: Grader) -> None:
     [("1.2.0", True), ("1.10.0", True), ("2.0.1", True), ("1.1.9", False), ("0.99.12", False)],
 )
 def test_the_modal_client_version_is_checked(grader: Grader, version: str, ok: bool) -> None:
-    grader.set_modal(version=version)
+    grader.configure(version=version)
     grader.modal_on_path()
     result = grader.run(grader.copy("abc_3"), "--dry-run")
     assert (result.returncode == 0) is ok, result.stderr
@@ -435,7 +521,7 @@ def test_the_modal_client_version_is_checked(grader: Grader, version: str, ok: b
     [("deploy", "modal deploy failed"), ("run", "the weights step failed")],
 )
 def test_a_failed_step_fails_the_deploy(grader: Grader, fail: str, message: str) -> None:
-    grader.set_modal(fail=fail)
+    grader.configure(fail=fail, build_s=1.5)  # a failed fill is seen before the first /ready
     grader.modal_on_path()
     result = grader.run(grader.copy("abc_3"))
     assert result.returncode == 1
@@ -444,101 +530,143 @@ def test_a_failed_step_fails_the_deploy(grader: Grader, fail: str, message: str)
     assert grader.curls() == []
 
 
-def test_without_a_printed_url_the_pattern_is_shown(grader: Grader) -> None:
-    grader.set_modal(url=False)
+def test_the_fill_outlives_a_killed_deploy_sh(grader: Grader) -> None:
+    """The harness stops deploy.sh's whole process group 2 s into the fill: the fill goes on."""
+    grader.configure(build_s=30, download_s=4)
     grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    deploy = grader.start(copy)
+    wait_for(lambda: any(call.args.startswith("run ") for call in grader.calls()))
+    fill_started = time.monotonic()
+    wait_for(lambda: grader.events("download-start"))  # the fill is on Modal's side
+    time.sleep(max(0.0, fill_started + 2 - time.monotonic()))
+    os.killpg(deploy.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(deploy.pid, signal.SIGKILL)
+    deploy.communicate(timeout=10)
+    killed = time.time()
+
+    wait_for(grader.marker(MODELS[3]).exists, timeout=10)
+    [(downloaded, model)] = grader.events("download-done")
+    assert model == MODELS[3] and downloaded > killed
+    runs = [call.args for call in grader.calls() if call.args.startswith("run ")]
+    assert runs == [f"run --detach {copy}/deploy/weights.py"]
+
+
+def test_the_container_is_woken_while_the_weights_download(grader: Grader) -> None:
+    """The first /ready request goes out when `modal deploy` returns, not when the fill does;
+    Modal holds it until the container has the marker and is ready."""
+    grader.configure(build_s=0.1, download_s=2.0)
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_1"))
+    assert result.returncode == 0, result.stderr
+    [(woken, app)] = grader.events("wake")
+    [(downloaded, model)] = grader.events("download-done")
+    assert (app, model) == ("abc-system-1", MODELS[1])
+    assert woken < downloaded - 1
+    assert grader.curls() == [READY_CURL.format(url=URL.format(n=1))]
+
+
+def test_systems_1_and_2_deployed_at_once_fill_the_4b_once(grader: Grader) -> None:
+    grader.configure(download_s=1.0)
+    grader.modal_on_path()
+    started = {n: grader.start(grader.copy(f"abc_{n}")) for n in (1, 2)}
+    for n, deploy in started.items():
+        stdout, stderr = deploy.communicate(timeout=60)
+        assert deploy.returncode == 0, stderr
+        assert settings(stdout)["endpoint"] == URL.format(n=n)  # its container had the marker
+    wait_for(lambda: len(grader.events("fill-done")) == 2)  # the fill that waited has returned
+    assert [model for _, model in grader.events("download-start")] == [MODELS[1]]
+    assert sorted(grader.curls()) == [READY_CURL.format(url=URL.format(n=n)) for n in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("style", "workspace", "client", "source"),
+    [
+        ("tree", LONG_WORKSPACE, "command", "modal deploy's output"),  # the wide COLUMNS
+        ("folded", LONG_WORKSPACE, "command", "modal profile current, taken as the workspace"),
+        ("none", "ws", "command", "modal profile current, taken as the workspace"),
+        ("folded", LONG_WORKSPACE, "python3", "the Modal SDK"),
+        ("folded", LONG_WORKSPACE, "console script", "the Modal SDK"),  # its #! line's Python
+    ],
+)
+def test_the_url_does_not_depend_on_the_deploys_output(
+    grader: Grader, style: str, workspace: str, client: str, source: str
+) -> None:
+    grader.configure(url_style=style, workspace=workspace)
+    {
+        "command": grader.modal_on_path,
+        "python3": grader.python3_with_modal,
+        "console script": grader.modal_console_script,
+    }[client]()
     result = grader.run(grader.copy("abc_3"))
     assert result.returncode == 0, result.stderr
-    assert settings(result.stdout)["endpoint"] == (
-        "https://<workspace>--abc-system-3-completion.modal.run"
-    )
-    assert "modal deploy printed no URL" in result.stdout
+    url = f"https://{workspace}--abc-system-3-completion.modal.run"
+    assert url_source(result.stdout) == (url, source)
+    assert grader.curls() == [READY_CURL.format(url=url)]
+    assert settings(result.stdout)["endpoint"] == url
+
+
+@pytest.mark.parametrize("profile", ["not a workspace", ""])
+def test_without_a_url_deploy_sh_fails_rather_than_skip_the_wait(
+    grader: Grader, profile: str
+) -> None:
+    grader.configure(url_style="none", workspace=profile)
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_3"))
+    assert result.returncode == 1
+    assert "deploy.sh: deployed abc-system-3, but found no URL for it" in result.stderr
+    assert "endpoint:" not in result.stdout
     assert grader.curls() == []
+
+
+def test_the_dry_run_prints_the_timeline(grader: Grader) -> None:
+    grader.modal_on_path()
+    result = grader.run(grader.copy("abc_3"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = settings(result.stdout)
+    for name, unit in TIMELINE_ASSUMPTIONS.items():
+        assert re.fullmatch(rf"[\d.]+-[\d.]+ {unit} \(.+\)", out[f"assumed {name}"]), name
+    fresh, warm = (timeline(result.stdout, workspace) for workspace in ("fresh", "warm"))
+    assert [step["what"].split(":")[0] for step in fresh] == [
+        "modal deploy builds the serving image and deploys the app",
+        "beside it, the detached fill",
+        "deploy.sh's first /ready request wakes the container",
+        "the marker is in",
+        "replicas start up; /ready answers 200 and deploy.sh prints the endpoint",
+    ]
+    build, fill, wake, load, start = fresh
+    assert build["start"] == fill["start"] == (0.0, 0.0)  # side by side
+    assert wake["start"] == build["end"]  # woken when the deploy returns, not after the fill
+    assert load["start"] == tuple(map(max, wake["end"], fill["end"]))
+    assert warm[3]["start"] == warm[2]["end"]  # the marker is already there
+    # 61.1 GB, by hand from the assumptions: fill 0.5 + 61.1 / 0.35 / 60 = 3.4 to 1.5 + 61.1 /
+    # 0.15 / 60 = 8.3 min; load 1.0 to 2.0 min; start-up 0.3 to 1 min
+    assert fill["end"] == (3.4, 8.3)
+    assert start["end"] == (4.7, 11.3)
+    assert out["fresh ready"] == "4.7-11.3 min (the course queries after 5)"
+    assert out["warm ready"] == "2.0-5.5 min (the course queries after 5)"
 
 
 # --- what the app hands to Modal (a fake `modal` module) ----------------------------------------
 
 
-class FakeImage:
-    """Records the chain of image steps."""
+@pytest.fixture
+def import_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., ModuleType]:
+    """A fresh import of deploy/<file> with deploy.sh's variables (and the fake modal package,
+    its Dicts in this test's folder)."""
 
-    def __init__(self, steps: list[tuple[str, tuple, dict]]) -> None:
-        self.steps = steps
+    def load(file: str, fake: bool = True, **env: str) -> ModuleType:
+        for key in deploy_fake_modal.DEPLOY_VARIABLES:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        if fake:
+            monkeypatch.setitem(sys.modules, "modal", deploy_fake_modal.fake_modal(tmp_path))
+        return deploy_fake_modal.load(DEPLOY / file, f"deploy_{Path(file).stem}_{id(env)}")
 
-    @classmethod
-    def debian_slim(cls, **kwargs: Any) -> FakeImage:
-        return cls([("debian_slim", (), kwargs)])
-
-    def __getattr__(self, name: str) -> Callable[..., FakeImage]:
-        return lambda *args, **kwargs: FakeImage([*self.steps, (name, args, kwargs)])
-
-
-class FakeVolume:
-    def __init__(self, name: str, create_if_missing: bool = False) -> None:
-        self.name, self.create_if_missing, self.reloads, self.commits = (
-            name,
-            create_if_missing,
-            0,
-            0,
-        )
-
-    def reload(self) -> None:
-        self.reloads += 1
-
-    def commit(self) -> None:
-        self.commits += 1
-
-
-class FakeApp:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.functions: dict[str, dict[str, Any]] = {}
-
-    def function(self, **options: Any) -> Callable:
-        def register(fn: Callable) -> Callable:
-            self.functions[fn.__name__] = options
-            return fn
-
-        return register
-
-    def local_entrypoint(self) -> Callable:
-        return lambda fn: fn
-
-
-def tag(key: str) -> Callable:
-    """A decorator factory that notes its arguments on the function."""
-
-    def factory(*args: Any, **kwargs: Any) -> Callable:
-        def decorate(fn: Callable) -> Callable:
-            setattr(fn, key, (args, kwargs))
-            return fn
-
-        return decorate
-
-    return factory
-
-
-def import_app(
-    monkeypatch: pytest.MonkeyPatch, file: str, fake: bool = True, **env: str
-) -> ModuleType:
-    """A fresh import of deploy/<file> with deploy.sh's variables (and a fake modal module)."""
-    for key in ("DEPLOY_APP_NAME", "DEPLOY_PROFILE", "DEPLOY_MODEL", "DEPLOY_MAX_CONTAINERS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    if fake:
-        modal = SimpleNamespace(
-            Image=FakeImage,
-            Volume=SimpleNamespace(from_name=FakeVolume),
-            App=FakeApp,
-            concurrent=tag("concurrent"),
-            web_server=tag("web_server"),
-        )
-        monkeypatch.setitem(sys.modules, "modal", modal)
-    spec = importlib.util.spec_from_file_location(f"deploy_{file}_{id(env)}", DEPLOY / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load
 
 
 def system_env(n: int) -> dict[str, str]:
@@ -546,8 +674,10 @@ def system_env(n: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("n", PROFILES)
-def test_the_app_reserves_the_container_it_needs(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    m = import_app(monkeypatch, "modal_app.py", **system_env(n))
+def test_the_app_reserves_the_container_it_needs(
+    import_app: Callable[..., ModuleType], n: int
+) -> None:
+    m = import_app("modal_app.py", **system_env(n))
     assert m.app.name == f"abc-system-{n}"
     assert list(m.app.functions) == ["completion"]
     options = m.app.functions["completion"]
@@ -581,8 +711,8 @@ def test_the_app_reserves_the_container_it_needs(monkeypatch: pytest.MonkeyPatch
     assert flag["--max-seq-len"] == str(slot_tokens(n))
 
 
-def test_max_containers_reaches_modal(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = import_app(monkeypatch, "modal_app.py", DEPLOY_MAX_CONTAINERS="4", **system_env(1))
+def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> None:
+    m = import_app("modal_app.py", DEPLOY_MAX_CONTAINERS="4", **system_env(1))
     assert m.app.functions["completion"]["max_containers"] == 4
 
 
@@ -595,14 +725,16 @@ def test_max_containers_reaches_modal(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_bad_variables_are_refused(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], variable: str
+    import_app: Callable[..., ModuleType], env: dict[str, str], variable: str
 ) -> None:
     with pytest.raises(ValueError, match=variable):
-        import_app(monkeypatch, "modal_app.py", **env)
+        import_app("modal_app.py", **env)
 
 
-def test_the_image_resolves_torch_and_holds_no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = import_app(monkeypatch, "modal_app.py", **system_env(3))
+def test_the_image_resolves_torch_and_holds_no_weights(
+    import_app: Callable[..., ModuleType],
+) -> None:
+    m = import_app("modal_app.py", **system_env(3))
     steps = m.image.steps
     names = [name for name, _, _ in steps]
     # packages and the project's files only: nothing in the build runs code or downloads weights
@@ -635,10 +767,12 @@ def test_image_pins_match_the_project() -> None:
     assert pins()["huggingface-hub"] == systems.HUB_VERSION
 
 
-def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    m = import_app(monkeypatch, "weights.py", **system_env(3))
+def test_the_weights_step_fills_the_volume(
+    import_app: Callable[..., ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    m = import_app("weights.py", **system_env(3))
     options = m.app.functions["fill"]
-    serving = import_app(monkeypatch, "modal_app.py", **system_env(3))
+    serving = import_app("modal_app.py", **system_env(3))
     [(mount, volume)] = serving.app.functions["completion"]["volumes"].items()
     assert options["volumes"][mount].name == volume.name  # what the serving container reads
     assert options["cpu"] >= 8
@@ -656,7 +790,7 @@ def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_
         return str(tmp_path / "hub" / "snapshot")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    marker = m.fill_weights("Qwen/Qwen3-30B-A3B-Instruct-2507", tmp_path)
+    marker = m.download("Qwen/Qwen3-30B-A3B-Instruct-2507", tmp_path)
     assert marker == tmp_path / "ready" / "Qwen--Qwen3-30B-A3B-Instruct-2507"
     assert marker == systems.ready_marker("Qwen/Qwen3-30B-A3B-Instruct-2507", tmp_path)
     assert marker.read_text() == f"{tmp_path}/hub/snapshot\n"
@@ -666,6 +800,104 @@ def test_the_weights_step_fills_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_
     assert download_options["allow_patterns"] == systems.WEIGHT_PATTERNS
 
 
+class FillingVolume(FakeVolume):
+    """The weights volume as one fill sees it while another fill writes the marker and commits:
+    seen on the reload numbered `seen_at`."""
+
+    def __init__(self, marker: Path, seen_at: int = 3) -> None:
+        super().__init__("qwen3-weights")
+        self.marker, self.seen_at = marker, seen_at
+
+    def reload(self) -> None:
+        super().reload()
+        if self.reloads == self.seen_at:
+            self.marker.parent.mkdir(parents=True)
+            self.marker.touch()
+
+
+@pytest.fixture
+def fill(
+    import_app: Callable[..., ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> SimpleNamespace:
+    """deploy/weights.py with its download noted instead of run, a claims Dict and a volume."""
+    m = import_app("weights.py", **system_env(1))
+    fill = SimpleNamespace(
+        module=m,
+        claims=FolderDict(tmp_path / "claims"),
+        marker=systems.ready_marker(MODELS[1], tmp_path),
+        downloads=[],
+        held_at_commit=[],
+    )
+    fill.volume = FillingVolume(fill.marker)
+
+    def download(model: str, weights_dir: Path) -> None:
+        fill.downloads.append(model)
+        fill.marker.parent.mkdir(parents=True)
+        fill.marker.touch()
+
+    def commit() -> None:  # is the claim still held when the fill commits?
+        fill.held_at_commit.append(fill.claims.get(MODELS[1]) is not None)
+
+    monkeypatch.setattr(m, "download", download)
+    fill.volume.commit = commit
+    fill.run = lambda now: m.fill_weights(
+        MODELS[1], tmp_path, fill.volume, fill.claims, poll_s=0.01, clock=lambda: now
+    )
+    return fill
+
+
+def test_a_fill_under_a_free_claim_downloads_commits_then_releases(fill: SimpleNamespace) -> None:
+    assert fill.run(now=1000.0) == fill.marker
+    assert fill.downloads == [MODELS[1]]
+    assert fill.held_at_commit == [True]  # the next claimant reloads and sees the marker
+    assert fill.claims.get(MODELS[1]) is None
+
+
+def test_a_fill_waits_for_the_fill_that_holds_the_claim(fill: SimpleNamespace) -> None:
+    assert fill.module.claim(fill.claims, MODELS[1], now=1000.0)  # another fill's
+    assert fill.run(now=1001.0) == fill.marker
+    assert fill.downloads == [] and fill.volume.reloads == 3
+    assert fill.claims.get(MODELS[1]) == 1000.0 + fill.module.CLAIM_S  # not this fill's to drop
+
+
+def test_a_fill_that_claims_after_another_released_downloads_nothing(
+    fill: SimpleNamespace,
+) -> None:
+    """The other fill committed and released after this container mounted the volume."""
+    fill.volume.seen_at = 1
+    assert fill.run(now=1000.0) == fill.marker
+    assert fill.downloads == [] and fill.volume.reloads == 1
+    assert fill.claims.get(MODELS[1]) is None
+
+
+def test_a_lapsed_claim_is_taken_over(fill: SimpleNamespace) -> None:
+    """Its fill was stopped at its timeout, before it could release the claim."""
+    fill.claims.put(MODELS[1], 999.0)
+    fill.run(now=1000.0)
+    assert fill.downloads == [MODELS[1]]
+    assert fill.claims.get(MODELS[1]) is None
+
+
+def test_a_failed_download_releases_the_claim(
+    fill: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(model: str, weights_dir: Path) -> None:
+        raise OSError("the Hub went away")
+
+    monkeypatch.setattr(fill.module, "download", fail)
+    with pytest.raises(OSError, match="the Hub went away"):
+        fill.run(now=1000.0)
+    assert fill.claims.get(MODELS[1]) is None  # the next deploy fills it
+
+
+def test_a_filled_model_costs_no_claim_and_no_download(fill: SimpleNamespace) -> None:
+    fill.marker.parent.mkdir(parents=True)
+    fill.marker.touch()
+    fill.claims.put = None  # never called
+    assert fill.run(now=1000.0) == fill.marker
+    assert fill.downloads == [] and fill.volume.reloads == 0
+
+
 def test_the_fill_downloads_what_the_replica_reads() -> None:
     from replica.loading.source import DOWNLOAD_PATTERNS
 
@@ -673,9 +905,9 @@ def test_the_fill_downloads_what_the_replica_reads() -> None:
 
 
 def test_the_container_waits_for_the_weights_marker(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    import_app: Callable[..., ModuleType], tmp_path: Path
 ) -> None:
-    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+    m = import_app("modal_app.py", **system_env(1))
     marker = tmp_path / "ready" / "model"
     volume = FakeVolume("qwen3-weights")
 
@@ -705,8 +937,8 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
-def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+def test_wait_until_ready_waits_through_503(import_app: Callable[..., ModuleType]) -> None:
+    m = import_app("modal_app.py", **system_env(1))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     sleeper = subprocess.Popen(["sleep", "30"])
@@ -721,8 +953,8 @@ def test_wait_until_ready_waits_through_503(monkeypatch: pytest.MonkeyPatch) -> 
         server.server_close()
 
 
-def test_wait_until_ready_fails_when_the_server_dies(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = import_app(monkeypatch, "modal_app.py", **system_env(1))
+def test_wait_until_ready_fails_when_the_server_dies(import_app: Callable[..., ModuleType]) -> None:
+    m = import_app("modal_app.py", **system_env(1))
     dead = subprocess.Popen(["false"])
     dead.wait()
     with pytest.raises(RuntimeError, match="exited with code 1"):
@@ -737,25 +969,67 @@ needs_modal = pytest.mark.skipif(
 
 
 @needs_modal
-def test_the_real_modal_accepts_both_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_real_modal_accepts_both_apps(import_app: Callable[..., ModuleType]) -> None:
     import modal
 
-    app = import_app(monkeypatch, "modal_app.py", fake=False, **system_env(3))
-    fill = import_app(monkeypatch, "weights.py", fake=False, **system_env(3))
+    app = import_app("modal_app.py", fake=False, **system_env(3))
+    fill = import_app("weights.py", fake=False, **system_env(3))
     assert app.app.name == "abc-system-3"
     assert isinstance(app.completion, modal.Function)
     assert isinstance(fill.fill, modal.Function)
 
 
 @needs_modal
-def test_wheels_and_local_state_stay_out_of_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wheels_and_local_state_stay_out_of_the_image(
+    import_app: Callable[..., ModuleType],
+) -> None:
     import modal
 
-    ignored = modal.FilePatternMatcher(*import_app(monkeypatch, "modal_app.py").LOCAL_ONLY)
+    ignored = modal.FilePatternMatcher(*import_app("modal_app.py").LOCAL_ONLY)
     for path in ("flash_attn-2.8.3-cp311.whl", "dist/x.whl", ".venv", "replica/__pycache__"):
         assert ignored(Path(path)), path
     for path in ("server.py", "shortcuts/graph.py", "vendor/data/dev_combined.jsonl"):
         assert not ignored(Path(path)), path
+
+
+MODAL_PRINTS_A_WEB_FUNCTION = """
+import sys
+from modal._output.status import FunctionCreationStatus
+from modal.output import OutputManager, enable_output
+from modal_proto import api_pb2
+
+with enable_output(), OutputManager.get().display_object_tree():
+    with FunctionCreationStatus("web function", "completion") as status:
+        response = api_pb2.FunctionCreateResponse()
+        response.handle_metadata.web_url = sys.argv[1]
+        status.set_response(response)
+"""
+
+
+def script_setting(name: str) -> str:
+    """A `NAME=value` line of deploy.sh, unquoted."""
+    return re.search(rf"^{name}=(\S+)", DEPLOY_SH.read_text(), re.M)[1].strip("'")
+
+
+@needs_modal
+def test_deploy_sh_columns_keep_modals_url_line_whole() -> None:
+    """modal's own output code, piped as deploy.sh pipes it: at the default 80 columns a
+    30-character workspace folds the URL in two, at deploy.sh's COLUMNS it stays whole."""
+    url = f"https://{LONG_WORKSPACE}--abc-system-3-completion.modal.run"
+
+    def urls(columns: str) -> list[str]:
+        printed = subprocess.run(
+            [sys.executable, "-c", MODAL_PRINTS_A_WEB_FUNCTION, url],
+            env={**os.environ, "COLUMNS": columns},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return re.findall(script_setting("URL_PATTERN"), printed.stdout)
+
+    assert urls("80") == []
+    assert urls(script_setting("DEPLOY_COLUMNS")) == [url]
 
 
 # --- the slot plan -------------------------------------------------------------------------------
