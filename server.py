@@ -122,7 +122,7 @@ class Frontend:
 def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else []
     options = {
-        "max_seq_len": args.max_seq_len,
+        "max_model_len": args.max_model_len,
         "max_batch": args.max_batch,
         "kv_fraction": args.kv_fraction,
         "gpu_memory_gb": args.gpu_memory_gb,
@@ -274,7 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attention", choices=["flash", "triton", "reference"], help="default: best that imports"
     )
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="tokens per KV slot")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=32768,
+        help="longest context (prompt and answer); the model's own is the most",
+    )
     parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch")
     parser.add_argument("--kv-fraction", type=float, default=0.9, help="of free GPU memory")
     parser.add_argument(

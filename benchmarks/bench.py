@@ -293,7 +293,7 @@ def main() -> None:
         eos_ids=(),  # forced lengths: every request runs to its cap
         kv_fraction=args.kv_fraction,
         max_batch=args.max_batch,
-        max_seq_len=args.max_seq_len,
+        max_model_len=args.max_seq_len,
     )
     report["engine"] = engine.info
     report["startup_s"] = engine.info["startup_s"]

@@ -58,7 +58,7 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
 
 def measure(config: str, bandwidth: float, flops: float, args: argparse.Namespace) -> dict:
     source = resolve(config, random_weights=True)
-    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_seq_len=args.max_seq_len)
+    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_model_len=args.max_seq_len)
     result: dict = {"engine": engine.info, "startup_s": engine.info["startup_s"]}
     result["decode_step_ms"], result["bytes_floor_fraction"], result["experts_touched"] = {}, {}, {}
     for rows in ROWS:

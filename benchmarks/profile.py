@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = resolve(args.config, random_weights=True)
-    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_seq_len=2048)
+    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_model_len=2048)
     requests = scoring_requests(args.tokens, source.config.vocab_size)
 
     def prefill() -> None:

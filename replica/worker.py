@@ -58,7 +58,7 @@ class Replica:
         self.source = resolve(spec.model, spec.random_weights)
         self.codec = PromptCodec(self.source.tokenizer_dir)
         self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
-        self.max_context = self.engine.max_seq_len
+        self.max_context = self.engine.max_context
         self.watches: dict[int, tuple[TextWatch, bool]] = {}  # id -> its text, streamed or not
 
     def info(self, startup_s: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def close(ours: torch.Tensor, reference: torch.Tensor) -> None:
 
 def prefill() -> None:
     from replica.kernels.prefill_attention import prefill_attention
+    from tests.test_attention import with_context
 
     lengths = [130, 1, 64, 7]
     rows = PackedRows.from_lengths(lengths, torch.device("cpu"))
@@ -32,19 +33,34 @@ def prefill() -> None:
     q = torch.randn(tokens, HEADS, HEAD_DIM)
     k = torch.randn(tokens, KV_HEADS, HEAD_DIM)
     v = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM)[:, HEADS:]  # strided, as in the engine
-    close(prefill_attention(q, k, v, rows), ReferenceAttention().prefill(q, k, v, rows))
+    cache = torch.zeros(1, 16, KV_HEADS, HEAD_DIM)
+    reference = ReferenceAttention().prefill(q, k, v, cache, cache, rows, None)
+    close(prefill_attention(q, k, v, rows), reference)
+    context, lengths = [5, 0, 150], [130, 1, 20]  # chunks after a cached context
+    q, k, v, _, _, k_cache, v_cache, cached = with_context(
+        context, lengths, (HEADS, KV_HEADS), HEAD_DIM, "cpu", torch.float32
+    )
+    rows = PackedRows.from_lengths(lengths, torch.device("cpu"))
+    reference = ReferenceAttention().prefill(q, k, v, k_cache, v_cache, rows, cached)
+    close(prefill_attention(q, k, v, rows, k_cache, v_cache, cached), reference)
 
 
 def decode() -> None:
     from replica.kernels.decode_attention import decode_attention
+    from tests.test_attention import paged_cache
 
-    k_cache, v_cache = torch.randn(2, 6, 300, KV_HEADS, HEAD_DIM)
+    gen = torch.Generator().manual_seed(7)
+    keys = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen) for n in (300, 1, 65, 128, 9)]
+    values = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen) for n in (300, 1, 65, 128, 9)]
+    k_cache, tables = paged_cache(keys, 40, 16, gen.manual_seed(3))
+    v_cache, _ = paged_cache(values, 40, 16, gen.manual_seed(3))
     q = torch.randn(4, HEADS, HEAD_DIM)
-    slots = torch.tensor([5, 0, 2, 3])
+    row_ids = torch.tensor([0, 1, 2, 3])
     lengths = torch.tensor([300, 1, 65, 128], dtype=torch.int32)
-    reference = ReferenceAttention().decode(q, k_cache, v_cache, slots, lengths)
+    reference = ReferenceAttention().decode(q, k_cache, v_cache, tables, row_ids, lengths)
     for waves in (1, 4):  # one split per row, then several
-        close(decode_attention(q, k_cache, v_cache, slots, lengths, waves), reference)
+        args = (q, k_cache, v_cache, tables, row_ids, lengths, waves)
+        close(decode_attention(*args), reference)
 
 
 def elementwise() -> None:
@@ -61,8 +77,9 @@ def elementwise() -> None:
     for tokens in (5, 300):  # a program per token (decode), then blocks of tokens (prefill)
         qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
         q_norm, k_norm = torch.randn(HEAD_DIM), torch.randn(HEAD_DIM)
-        positions, slots = torch.arange(tokens) % 64, torch.arange(tokens) // 64
-        caches = [torch.zeros(2, 6, 64, KV_HEADS, HEAD_DIM).unbind(0) for _ in ops]
+        positions = torch.randint(0, 4096, (tokens,))
+        slots = torch.randperm(24 * 16)[:tokens]  # flat slots, scattered over 24 blocks
+        caches = [torch.zeros(2, 24, 16, KV_HEADS, HEAD_DIM).unbind(0) for _ in ops]
         outs = [
             op.rope_store(qkv, q_norm, k_norm, positions, slots, *cache)
             for op, cache in zip(ops, caches, strict=True)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from replica.attention import PackedRows, flash_attn_available
+from replica.attention import CachedContext, PackedRows, flash_attn_available
 from replica.attention.reference import ReferenceAttention
 from replica.backends import select_attention
 
@@ -45,26 +45,91 @@ def test_packed_rows_pad_and_unpad():
     assert [s.stop - s.start for s in spans] == [3, 1, 2]
 
 
+def paged_cache(
+    sequences: list[torch.Tensor], blocks: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random cache [blocks, block_size, H, D] holding each sequence [L, H, D] in scattered
+    blocks, and the block tables [B, W] int32 that find them."""
+    first = sequences[0]
+    cache = torch.randn(
+        blocks, block_size, *first.shape[1:], generator=generator, device=first.device
+    ).to(first.dtype)
+    order = torch.randperm(blocks, generator=generator, device=first.device).tolist()
+    width = max(-(-len(seq) // block_size) for seq in sequences)
+    tables = []
+    for seq in sequences:
+        need = -(-len(seq) // block_size)
+        table, order = order[:need], order[need:]
+        flat = cache[table].flatten(0, 1)
+        flat[: len(seq)] = seq
+        cache[table] = flat.unflatten(0, (need, block_size))
+        tables.append(table + [0] * (width - need))
+    return cache, torch.tensor(tables, dtype=torch.int32, device=first.device)
+
+
+def with_context(
+    context: list[int], lengths: list[int], heads: tuple[int, int], dim: int, device: str, dtype
+) -> tuple[torch.Tensor, ...]:
+    """Rows whose first context[b] tokens are cached and whose next lengths[b] are the chunk:
+    q/k/v of the chunks, packed; the full K/V of each row; the caches and their context."""
+    gen = torch.Generator(device=device).manual_seed(sum(lengths))
+    full_k = [
+        torch.randn(c + n, heads[1], dim, generator=gen, device=device).to(dtype)
+        for c, n in zip(context, lengths, strict=True)
+    ]
+    full_v = [
+        torch.randn(c + n, heads[1], dim, generator=gen, device=device).to(dtype)
+        for c, n in zip(context, lengths, strict=True)
+    ]
+    blocks = sum(-(-(c + n) // 16) for c, n in zip(context, lengths, strict=True)) + 3
+    k_cache, tables = paged_cache(full_k, blocks, 16, gen.manual_seed(1))
+    v_cache, _ = paged_cache(full_v, blocks, 16, gen.manual_seed(1))
+    q = torch.randn(sum(lengths), heads[0], dim, generator=gen, device=device).to(dtype)
+    k = torch.cat([kk[c:] for kk, c in zip(full_k, context, strict=True)])
+    v = torch.cat([vv[c:] for vv, c in zip(full_v, context, strict=True)])
+    cached = CachedContext(
+        tables, torch.tensor(context, dtype=torch.int32, device=device), max(context)
+    )
+    return q, k, v, full_k, full_v, k_cache, v_cache, cached
+
+
 def test_reference_prefill_matches_naive_loop():
     torch.manual_seed(0)
     rows, spans = packed_rows([7, 1, 12])
     q = torch.randn(20, 4, 16)
     k, v = torch.randn(2, 20, 2, 16)
-    out = ReferenceAttention().prefill(q, k, v, rows)
+    cache = torch.zeros(1, 16, 2, 16)
+    out = ReferenceAttention().prefill(q, k, v, cache, cache, rows, None)
     for span in spans:
         expected = naive_attention(q[span], k[span], v[span])
         torch.testing.assert_close(out[span].double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_decode_reads_each_rows_slot_up_to_its_length():
-    torch.manual_seed(1)
-    k_cache, v_cache = torch.randn(2, 5, 20, 2, 16)
-    q = torch.randn(3, 4, 16)
-    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([20, 1, 9])
-    out = ReferenceAttention().decode(q, k_cache, v_cache, slots, lengths)
+def test_reference_prefill_over_a_cached_context_matches_naive_loop():
+    """Each chunk's queries follow its row's context: query i sees context + i + 1 keys."""
+    context, lengths = [5, 0, 33], [7, 1, 12]
+    q, k, v, full_k, full_v, k_cache, v_cache, cached = with_context(
+        context, lengths, (4, 2), 16, "cpu", torch.float32
+    )
+    rows, spans = packed_rows(lengths)
+    out = ReferenceAttention().prefill(q, k, v, k_cache, v_cache, rows, cached)
+    for b, span in enumerate(spans):
+        expected = naive_attention(q[span], full_k[b], full_v[b])
+        torch.testing.assert_close(out[span].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_decode_reads_each_rows_blocks_up_to_its_length():
+    gen = torch.Generator().manual_seed(1)
+    keys = [torch.randn(n, 2, 16, generator=gen) for n in (20, 1, 9, 40)]
+    values = [torch.randn(n, 2, 16, generator=gen) for n in (20, 1, 9, 40)]
+    k_cache, tables = paged_cache(keys, 12, 8, gen.manual_seed(5))
+    v_cache, _ = paged_cache(values, 12, 8, gen.manual_seed(5))
+    q = torch.randn(3, 4, 16, generator=gen)
+    row_ids, lengths = torch.tensor([3, 1, 0]), torch.tensor([33, 1, 20])
+    out = ReferenceAttention().decode(q, k_cache, v_cache, tables, row_ids, lengths)
     for b in range(3):
-        s, n = slots[b], lengths[b]
-        expected = naive_attention(q[b : b + 1], k_cache[s, :n], v_cache[s, :n])[0]
+        r, n = row_ids[b], lengths[b]
+        expected = naive_attention(q[b : b + 1], keys[r][:n], values[r][:n])[0]
         torch.testing.assert_close(out[b].double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -85,16 +150,18 @@ GPU_BACKENDS = ["triton", *(["flash"] if flash_attn_available() else [])]
 def test_gpu_decode_matches_reference(name: str):
     gen = torch.Generator(device="cuda").manual_seed(2)
     dev, dt = "cuda", torch.bfloat16
-    rows, slots, capacity = 24, 32, 4096
-    k_cache = torch.randn(slots, capacity, 8, 128, device=dev, dtype=dt, generator=gen)
-    v_cache = torch.randn(slots, capacity, 8, 128, device=dev, dtype=dt, generator=gen)
+    rows, capacity, blocks = 24, 4096, 24 * 256 + 8
+    k_cache = torch.randn(blocks, 16, 8, 128, device=dev, dtype=dt, generator=gen)
+    v_cache = torch.randn(blocks, 16, 8, 128, device=dev, dtype=dt, generator=gen)
+    tables = torch.randperm(blocks, device=dev, generator=gen)[: 32 * 256].view(32, 256)
+    tables = tables.to(torch.int32)
     q = torch.randn(rows, 32, 128, device=dev, dtype=dt, generator=gen)
-    slot_ids = torch.randperm(slots, device=dev, generator=gen)[:rows]
+    row_ids = torch.randperm(32, device=dev, generator=gen)[:rows]
     lengths = torch.randint(1, capacity + 1, (rows,), device=dev, generator=gen)
     lengths[:3] = torch.tensor([1, capacity, 65])
     lengths = lengths.to(torch.int32)
     for size in (1, 2, 8, rows):  # every split count the engine uses at these sizes
-        args = (slot_ids[:size], lengths[:size])
+        args = (tables, row_ids[:size], lengths[:size])
         out = select_attention(torch.device(dev), name).decode(q[:size], k_cache, v_cache, *args)
         ref = ReferenceAttention().decode(q[:size].float(), k_cache.float(), v_cache.float(), *args)
         assert torch.isfinite(out).all()
@@ -112,8 +179,29 @@ def test_gpu_prefill_matches_reference(name: str):
     tokens = spans[-1].stop
     q = torch.randn(tokens, 32, 128, device=dev, dtype=dt, generator=gen)
     k, v = torch.randn(2, tokens, 8, 128, device=dev, dtype=dt, generator=gen)
-    out = select_attention(torch.device(dev), name).prefill(q, k, v, rows)
-    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), rows)
+    cache = torch.zeros(1, 16, 8, 128, device=dev, dtype=dt)
+    out = select_attention(torch.device(dev), name).prefill(q, k, v, cache, cache, rows, None)
+    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), cache, cache, rows, None)
+    assert torch.isfinite(out).all()
+    for span in spans:
+        assert rel_error(out[span], ref[span]) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_gpu_prefill_over_a_cached_context_matches_reference(name: str):
+    context, lengths = [3000, 0, 17, 512], [1000, 300, 1, 64]
+    q, k, v, _, _, k_cache, v_cache, cached = with_context(
+        context, lengths, (32, 8), 128, "cuda", torch.bfloat16
+    )
+    rows, spans = packed_rows(lengths, "cuda")
+    out = select_attention(torch.device("cuda"), name).prefill(
+        q, k, v, k_cache, v_cache, rows, cached
+    )
+    ref = ReferenceAttention().prefill(
+        q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), rows, cached
+    )
     assert torch.isfinite(out).all()
     for span in spans:
         assert rel_error(out[span], ref[span]) < 1e-2

@@ -54,7 +54,7 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
     # Four slots for eight prompts, and caps that end rows at different steps, so rows are
     # refilled mid-batch (or, static, wait for the whole batch).
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
-    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, refill=refill)
+    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, refill=refill)
     requests = [
         EngineRequest(i, p, cap) for i, (p, cap) in enumerate(zip(prompts, caps, strict=True))
     ]
@@ -65,13 +65,13 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
         assert results[i].output_ids == expected[i][:cap]
         assert results[i].finish_reason == "length"
         assert results[i].prompt_tokens == len(prompts[i])
-    assert engine.scheduler.slots.num_free == engine.max_rows
+    assert idle(engine)
 
 
 def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, expected):
     """All eight prompts (177 tokens) in prefills of at most 64 tokens each, longest first; the
     packed prompts still continue exactly as transformers does."""
-    engine = Engine(source, "cpu", max_batch=8, max_seq_len=256, prefill_tokens=64)
+    engine = Engine(source, "cpu", max_batch=8, max_model_len=256, prefill_tokens=64)
     results = run(engine, [EngineRequest(i, p, 8) for i, p in enumerate(prompts)])
     assert [results[i].output_ids for i in range(len(prompts))] == [e[:8] for e in expected]
     # Longest first under a 64-token budget: [64], [40], [28, 17, 9, 5, 3, 1].
@@ -82,7 +82,7 @@ def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, exp
 def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
     steps = {}
     for refill in (True, False):
-        engine = Engine(source, "cpu", max_batch=2, max_seq_len=128, refill=refill)
+        engine = Engine(source, "cpu", max_batch=2, max_model_len=128, refill=refill)
         caps = [5, 30, 5]  # the third waits for the first (refill) or for both (static)
         run(engine, [EngineRequest(i, prompts[i], cap) for i, cap in enumerate(caps)])
         steps[refill] = engine.stats.decode_steps
@@ -92,7 +92,7 @@ def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
 def test_eos_stops_and_is_not_returned(source, prompts, expected):
     tokens = expected[2]
     stop_at = next(i for i in range(5, NEW_TOKENS) if tokens[i] not in tokens[:i])
-    engine = Engine(source, "cpu", eos_ids=[tokens[stop_at]], max_batch=2, max_seq_len=256)
+    engine = Engine(source, "cpu", eos_ids=[tokens[stop_at]], max_batch=2, max_model_len=256)
     result = run(engine, [EngineRequest(0, prompts[2], NEW_TOKENS)])[0]
     assert result.output_ids == tokens[:stop_at]
     assert result.finish_reason == "stop"
@@ -100,7 +100,7 @@ def test_eos_stops_and_is_not_returned(source, prompts, expected):
 
 def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, expected):
     choices = [[32, expected[0][0], 34], [362, 425, 356, 422], [11, 12]]
-    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256)
+    engine = Engine(source, "cpu", max_batch=4, max_model_len=256)
     requests = [EngineRequest(10 + i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
     requests.append(EngineRequest(99, prompts[3], 5))  # scoring mixed with generation
     results = run(engine, requests)
@@ -110,22 +110,22 @@ def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, ex
         result = results[10 + i]
         assert result.choice_index == int(logits.argmax())
         assert result.output_ids == []
-        ours = engine.runner.prefill([prompts[i]], [0])[0, ids]  # the logits it took the argmax of
+        ours = prefill_logits(engine, prompts[i])[ids]  # the logits it took the argmax of
         torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-5)
     assert results[10].choice_index == 1  # the token greedy generation picks first
     assert results[99].output_ids == expected[3][:5]
-    assert engine.scheduler.slots.num_free == engine.max_rows
+    assert idle(engine)
 
 
-def test_cancel_frees_the_slot(source, prompts, expected):
-    engine = Engine(source, "cpu", max_batch=1, max_seq_len=256)
+def test_cancel_frees_the_row_and_blocks(source, prompts, expected):
+    engine = Engine(source, "cpu", max_batch=1, max_model_len=256)
     engine.add(EngineRequest(1, prompts[0], 50))
     engine.add(EngineRequest(2, prompts[1], 5))
     engine.add(EngineRequest(3, prompts[2], 5))
-    assert engine.step() == []  # request 1 prefilled into the only slot
-    assert engine.scheduler.slots.num_free == 0
+    assert engine.step() == []  # request 1 prefilled into the only row
+    assert engine.scheduler.rows.num_free == 0
     assert engine.cancel(1)
-    assert engine.scheduler.slots.num_free == 1
+    assert engine.scheduler.rows.num_free == 1 and not any(engine.blocks.refs)
     assert engine.cancel(3)  # still waiting
     assert not engine.cancel(1)
     assert not engine.cancel(42)
@@ -135,8 +135,8 @@ def test_cancel_frees_the_slot(source, prompts, expected):
     assert not engine.has_work()
 
 
-def test_generation_stops_at_the_slot_length(source, prompts, expected):
-    engine = Engine(source, "cpu", max_batch=2, max_seq_len=70)
+def test_generation_stops_at_the_context_length(source, prompts, expected):
+    engine = Engine(source, "cpu", max_batch=2, max_model_len=70)
     result = run(engine, [EngineRequest(0, prompts[4], NEW_TOKENS)])[0]
     assert result.output_ids == expected[4][:6]
     assert result.finish_reason == "length"
@@ -146,14 +146,29 @@ def test_generation_stops_at_the_slot_length(source, prompts, expected):
         engine.add(EngineRequest(2, [], 5))
 
 
-def test_prefill_warm_up_fits_short_slots_and_leaves_nothing_behind(source):
+def test_prefill_warm_up_fits_a_short_context_and_leaves_nothing_behind(source):
     """The start-up warm-up (on by default on CUDA) packs 512 tokens from prompts that fit a
-    256-token slot, and leaves every slot free and the counters at zero."""
-    engine = Engine(source, "cpu", max_batch=4, max_seq_len=256, warm_up=True)
+    256-token context, and leaves every row and block free, nothing cached, counters at zero."""
+    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, warm_up=True)
     assert engine.info["startup_s"] >= engine.info["warmup_s"] + engine.info["weights_s"]
     assert not engine.has_work()
-    assert engine.scheduler.slots.num_free == engine.max_rows
+    assert idle(engine)
     assert engine.stats.prefill_calls == 0
+    assert engine.blocks.num_cached == 0 and engine.blocks.lookup_tokens == 0
+
+
+def idle(engine: Engine) -> bool:
+    """Every decode row free and no block held (cached ones may stay)."""
+    rows_free = engine.scheduler.rows.num_free == engine.max_rows
+    return rows_free and not any(engine.blocks.refs) and not engine.has_work()
+
+
+def prefill_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
+    """The last-token logits of one prompt prefilled alone, in blocks taken for it."""
+    blocks = engine.blocks.take(engine.scheduler.blocks_for(len(prompt)))
+    logits = engine.runner.prefill([(prompt, 0, len(prompt), blocks)])[0]
+    engine.blocks.release(blocks)
+    return logits
 
 
 def test_batch_sizes():
@@ -168,7 +183,7 @@ def test_cuda_graph_replay_equals_eager(source, prompts):
     """Same device, dtype and batch sizes: replaying captured graphs changes no token."""
     outputs = []
     for graphs in (True, False):
-        engine = Engine(source, "cuda", max_batch=4, max_seq_len=256, cuda_graphs=graphs)
+        engine = Engine(source, "cuda", max_batch=4, max_model_len=256, cuda_graphs=graphs)
         requests = [EngineRequest(i, p, 40 - 3 * i) for i, p in enumerate(prompts)]
         outputs.append({i: r.output_ids for i, r in run(engine, requests).items()})
     assert outputs[0] == outputs[1]

@@ -50,7 +50,7 @@ def chat(row: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def replica() -> Replica:
-    options = {"max_batch": 16, "max_seq_len": 256}
+    options = {"max_batch": 16, "max_model_len": 256}
     return Replica(ReplicaSpec("tiny-random", options=options))
 
 

@@ -7,11 +7,12 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from replica.backends import select_attention, select_ops
-from replica.engine.kv_cache import KVCache, plan_slots
+from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache
 from replica.loading.model import model_from_reader, random_model
 from replica.loading.reader import CheckpointReader
 from replica.loading.reference import build_reference_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.model.architecture import attention_shape
 from replica.model.ops import TorchOps
 from replica.model.qwen3 import Batch, Qwen3
 
@@ -21,24 +22,34 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def prefill_then_decode(
     model: Qwen3, prompt: list[int], split: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every prompt position: the first `split` by one prefill (packed in a batch of
-    two prompts), the rest by teacher-forced decode steps over the cache."""
-    dev = torch.device(device)
-    shape = plan_slots(model.config, model.dtype, dev, len(prompt) + 8, 2, 0.5)
+    """Logits of every prompt position: the first `split` by two prefill chunks (the first
+    packed beside another prompt, the second reading the first from the cache as its context),
+    the rest by teacher-forced decode steps, all through scattered blocks of a paged cache."""
+    dev, size = torch.device(device), BLOCK_SIZE
+    _, kv_heads, head_dim = attention_shape(model.config)
+    shape = CacheShape(model.config.num_hidden_layers, 64, size, kv_heads, head_dim)
     cache = KVCache(shape, model.dtype, dev)
     attention = select_attention(dev)
-    batch = Batch.prefill([prompt[:split], [7] * 3], [1, 0], dev)
-    prefill = model.logits(model.forward(batch, cache, attention)[:split])
+    blocks = [(7 * i + 3) % 60 for i in range(-(-len(prompt) // size))]  # out of order
+    first = split // 2
+    chunks = [(prompt, 0, first, blocks), ([7] * 3, 0, 3, [61])]
+    prefill = [model.logits(model.forward(Batch.prefill(chunks, size, dev), cache, attention))]
+    rest = Batch.prefill([(prompt, first, split, blocks)], size, dev)
+    assert rest.context is not None
+    prefill.append(model.logits(model.forward(rest, cache, attention)))
+    tables = torch.tensor([blocks], dtype=torch.int32, device=dev)
     decoded = []
     for pos in range(split, len(prompt)):
         step = Batch(
             input_ids=torch.tensor([prompt[pos]], device=dev),
             positions=torch.tensor([pos], device=dev),
-            slot_ids=torch.tensor([1], device=dev),
+            slots=torch.tensor([blocks[pos // size] * size + pos % size], device=dev),
+            tables=tables,
+            row_ids=torch.tensor([0], device=dev),
             seq_lens=torch.tensor([pos + 1], dtype=torch.int32, device=dev),
         )
         decoded.append(model.logits(model.forward(step, cache, attention)[0]))
-    return prefill, torch.stack(decoded)
+    return torch.cat([prefill[0][:first], prefill[1]]), torch.stack(decoded)
 
 
 def test_fp32_logits_match_transformers():
@@ -139,8 +150,8 @@ def test_fused_ops_match_torch_ops():
 
     qkv, q_norm, k_norm = randn(3 * 5, (heads + 2 * kv_heads) * dim), randn(dim), randn(dim)
     positions = torch.randint(0, 4000, (3 * 5,), device=dev)
-    slots = torch.tensor([2, 0, 5], device=dev).repeat_interleave(5)
-    caches = [randn(2, 7, 4096, kv_heads, dim).unbind(0) for _ in ops]
+    slots = torch.randperm(7 * 16, device=dev)[: 3 * 5]  # flat slots of a 7-block cache
+    caches = [randn(2, 7, 16, kv_heads, dim).unbind(0) for _ in ops]
     caches[1] = [c.clone() for c in caches[0]]
     outs = [
         op.rope_store(qkv, q_norm, k_norm, positions, slots, *c)
@@ -148,8 +159,8 @@ def test_fused_ops_match_torch_ops():
     ]
     for a, b in zip(outs[0], outs[1], strict=True):
         assert rel_error(b, a) < 1e-2
-    written = (slots, positions)
     for a, b in zip(caches[0], caches[1], strict=True):
-        assert rel_error(b[written], a[written]) < 1e-2
-        a[written], b[written] = 0, 0
+        a, b = a.flatten(0, 1), b.flatten(0, 1)
+        assert rel_error(b[slots], a[slots]) < 1e-2
+        a[slots], b[slots] = 0, 0
         assert torch.equal(a, b)  # nothing else was touched

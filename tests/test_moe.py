@@ -23,6 +23,7 @@ from replica.loading.weights import expected_tensor_names
 from replica.model.mlp import SparseMoE
 from replica.model.ops import TorchOps
 from replica.model.qwen3 import Qwen3
+from tests.test_engine import idle, prefill_logits
 from tests.transformers_oracle import greedy_continuations
 
 NEW_TOKENS = 64
@@ -134,25 +135,25 @@ def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, pro
     """Four slots for eight prompts of mixed lengths: rows are refilled mid-batch."""
     expected = greedy_continuations(reference, prompts, NEW_TOKENS)
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
-    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_seq_len=256)
+    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_model_len=256)
     requests = [EngineRequest(i, p, c) for i, (p, c) in enumerate(zip(prompts, caps, strict=True))]
     results = run(engine, requests)
     for i, cap in enumerate(caps):
         assert len(expected[i]) == NEW_TOKENS  # no EOS from these weights: a full comparison
         assert results[i].output_ids == expected[i][:cap]
-    assert engine.stats.prefill_calls > 1 and engine.scheduler.slots.num_free == engine.max_rows
+    assert engine.stats.prefill_calls > 1 and idle(engine)
 
 
 def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts):
     choices = [[32, 33, 34, 35], [362, 425, 356, 422], [11, 12]]
-    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_seq_len=256)
+    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_model_len=256)
     requests = [EngineRequest(i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
     results = run(engine, requests)
     for i, ids in enumerate(choices):
         with torch.no_grad():
             logits = reference(torch.tensor([prompts[i]])).logits[0, -1, ids]
         assert results[i].choice_index == int(logits.argmax())
-        ours = engine.runner.prefill([prompts[i]], [0])[0, ids]
+        ours = prefill_logits(engine, prompts[i])[ids]
         torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-5)
 
 

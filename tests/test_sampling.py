@@ -17,7 +17,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=4, max_seq_len=128)
+    return Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=4, max_model_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_the_triton_sampler_draws_what_the_reference_draws():
 def test_sampling_in_cuda_graphs(prompts):
     """On the GPU (graph replays, the Triton sampler): temperature 0 is exactly greedy and a
     seed draws the same tokens alone and in a crowded batch."""
-    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=4, max_seq_len=128)
+    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=4, max_model_len=128)
     greedy = generate(engine, [EngineRequest(i, p, NEW_TOKENS) for i, p in enumerate(prompts)])
     zero = SamplingParams(temperature=0.0)
     requests = [EngineRequest(i, p, NEW_TOKENS, sampling=zero) for i, p in enumerate(prompts)]

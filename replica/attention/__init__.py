@@ -2,8 +2,8 @@
 
 Every backend takes queries after RoPE and a KV cache that already holds this step's keys and
 values. Prefill attends within each prompt of a packed batch (no padding tokens, so the
-projections around attention do no wasted work); decode attends over each row's slot up to its
-live length.
+projections around attention do no wasted work), over what each row already holds in the cache;
+decode attends over each row's blocks up to its live length.
 """
 
 from __future__ import annotations
@@ -61,19 +61,56 @@ class PackedRows:
         return x.flatten(0, 1).index_select(0, self.padded_index)
 
 
-class AttentionBackend(Protocol):
-    name: str
+@dataclass(frozen=True)
+class CachedContext:
+    """What each prefill row already holds in the cache before this chunk: row b's first
+    `lengths[b]` tokens, in blocks `tables[b]` (a cached prefix, or its earlier chunks)."""
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, rows: PackedRows) -> Tensor:
-        """Causal attention within each row: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    tables: Tensor  # [B, blocks] int32 (zero past a row's own blocks)
+    lengths: Tensor  # [B] int32
+    max_len: int
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: list[list[int]], lengths: list[int], device: torch.device
+    ) -> CachedContext:
+        width = max(len(b) for b in blocks)
+        tables = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
+        host = torch.tensor(lengths, dtype=torch.int32)
+        return cls(tables.to(device), host.to(device), max(lengths))
+
+
+class AttentionBackend(Protocol):
+    """Caches are [blocks, block_size, Hkv, D]: token t of a sequence is at offset
+    t % block_size of its block t // block_size."""
+
+    name: str
+    block_size: int | None  # the block size its kernels need (None: any)
+
+    def prefill(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        rows: PackedRows,
+        context: CachedContext | None,
+    ) -> Tensor:
+        """Causal attention of each row's new tokens over its context and themselves:
+        q [T, Hq, D], k/v [T, Hkv, D] (also already in the cache) -> [T, Hq, D]."""
 
     def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ids: Tensor, seq_lens: Tensor
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        tables: Tensor,
+        row_ids: Tensor,
+        seq_lens: Tensor,
     ) -> Tensor:
-        """One query per row over its slot: q [B, Hq, D], caches [slots, T, Hkv, D] -> [B, Hq, D].
-
-        Row b reads k_cache[slot_ids[b], :seq_lens[b]].
-        """
+        """One query per row: q [B, Hq, D] -> [B, Hq, D]. Row b reads the first seq_lens[b]
+        tokens of the blocks tables[row_ids[b]]."""
 
 
 def flash_attn_available() -> bool:

@@ -1,30 +1,65 @@
-"""flash-attn: varlen prefill straight over the packed tokens, `flash_attn_with_kvcache` decode."""
+"""flash-attn: varlen prefill straight over the packed tokens (through the block tables where a
+row has context), `flash_attn_with_kvcache` decode over the paged cache.
+
+flash-attn's paged kernels take blocks of a multiple of 256 tokens: the engine sizes its blocks
+by `block_size` when this backend is chosen. Not run here (no flash-attn on our machines)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from torch import Tensor
 
-from replica.attention import PackedRows
+from replica.attention import CachedContext, PackedRows
 
 
 class FlashAttention:
     name = "flash"
+    block_size = 256
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, rows: PackedRows) -> Tensor:
+    def prefill(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        rows: PackedRows,
+        context: CachedContext | None,
+    ) -> Tensor:
         cu, width = rows.cu_seqlens, rows.max_len
-        return flash_attn_varlen_func(q, k, v, cu, cu, width, width, causal=True)
+        if context is None:
+            return flash_attn_varlen_func(q, k, v, cu, cu, width, width, causal=True)
+        key_lens = context.lengths + rows.lengths
+        cu_keys = F.pad(key_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return flash_attn_varlen_func(
+            q,
+            k_cache,
+            v_cache,
+            cu,
+            cu_keys,
+            width,
+            context.max_len + width,
+            causal=True,  # bottom-right aligned: each row's queries follow its context
+            block_table=context.tables,
+        )
 
     def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ids: Tensor, seq_lens: Tensor
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        tables: Tensor,
+        row_ids: Tensor,
+        seq_lens: Tensor,
     ) -> Tensor:
         out = flash_attn_with_kvcache(
             q[:, None],
             k_cache,
             v_cache,
             cache_seqlens=seq_lens,
-            cache_batch_idx=slot_ids.to(torch.int32),
+            block_table=tables[row_ids],
             causal=True,
         )
         return out[:, 0]

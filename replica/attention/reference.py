@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from replica.attention import PackedRows
+from replica.attention import CachedContext, PackedRows
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -21,20 +21,48 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class ReferenceAttention:
-    """Reads whole padded rows and whole slots, masking what is not live. Slow and obviously right."""
+    """Gathers whole padded rows and whole block tables, masking what is not live. Slow and
+    obviously right."""
 
     name = "reference"
+    block_size = None  # any
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, rows: PackedRows) -> Tensor:
+    def prefill(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        rows: PackedRows,
+        context: CachedContext | None,
+    ) -> Tensor:
         pos = torch.arange(rows.max_len, device=q.device)
-        causal = pos[None, :, None] >= pos[None, None, :]
-        live = pos[None, None, :] < rows.lengths[:, None, None]
-        return rows.unpad(_sdpa(rows.pad(q), rows.pad(k), rows.pad(v), causal & live))
+        live = pos[None, :, None] < rows.lengths[:, None, None]
+        if context is None:
+            causal = pos[None, :, None] >= pos[None, None, :]
+            return rows.unpad(_sdpa(rows.pad(q), rows.pad(k), rows.pad(v), causal & live))
+        keys, values = _gather(k_cache, context.tables), _gather(v_cache, context.tables)
+        key_pos = torch.arange(keys.shape[1], device=q.device)
+        query_pos = context.lengths[:, None, None] + pos[None, :, None]
+        visible = (key_pos[None, None, :] <= query_pos) & live
+        return rows.unpad(_sdpa(rows.pad(q), keys, values, visible))
 
     def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ids: Tensor, seq_lens: Tensor
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        tables: Tensor,
+        row_ids: Tensor,
+        seq_lens: Tensor,
     ) -> Tensor:
-        k, v = k_cache[slot_ids], v_cache[slot_ids]
+        k, v = _gather(k_cache, tables[row_ids]), _gather(v_cache, tables[row_ids])
         pos = torch.arange(k.shape[1], device=q.device)
         live = pos[None, None, :] < seq_lens[:, None, None]
         return _sdpa(q[:, None], k, v, live)[:, 0]
+
+
+def _gather(cache: Tensor, tables: Tensor) -> Tensor:
+    """[blocks, block_size, H, D] read through tables [B, W] -> [B, W * block_size, H, D]."""
+    return cache[tables.long()].flatten(1, 2)

@@ -1,10 +1,11 @@
 """The replica engine: the scheduler picks the work, the model runner runs it, sequences carry it.
 
-One `step` is either one prefill (waiting prompts, longest first, packed without padding) or one
-decode step over every running sequence (a CUDA-graph replay on the GPU). The scheduler gives each
-admitted sequence its KV slot, takes it back when the sequence finishes, and refills it between
-decode steps. Scoring requests (MCQ) end at their prefill: the argmax over their choice tokens, no
-decode at all.
+One `step` is either one prefill (waiting prompts, longest first, packed without padding; a long
+one in chunks) or one decode step over every running sequence (a CUDA-graph replay on the GPU).
+The KV cache is a pool of blocks: the scheduler gives each admitted sequence its blocks (sharing
+the cached blocks of a prefix others computed before), grows them as it decodes, takes them back
+when it finishes, and preempts the newest sequence when the pool runs dry. Scoring requests (MCQ)
+end at their prefill: the argmax over their choice tokens, no decode at all.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 from torch import Tensor
 
 from replica.backends import select_attention, select_ops, select_sampler
-from replica.engine.kv_cache import KVCache, plan_slots
-from replica.engine.model_runner import ModelRunner, batch_sizes
+from replica.engine.blocks import BlockPool
+from replica.engine.kv_cache import BLOCK_SIZE, KVCache, plan_blocks
+from replica.engine.model_runner import DecodeRows, ModelRunner, batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
-from replica.engine.scheduler import Scheduler
+from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import Sequence
 from replica.loading.model import load_model
 from replica.loading.source import ModelSource
@@ -35,6 +37,7 @@ from replica.wire.messages import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
+CPU_KV_TOKENS = 1 << 16  # the CPU's pool (the tiny model and the tests)
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Engine:
         kv_fraction: float = 0.9,
         gpu_memory_gb: float | None = None,
         max_batch: int = 256,
-        max_seq_len: int = 4096,
+        max_model_len: int = 32768,
+        kv_blocks: int | None = None,
         refill: bool = True,
         min_refill: int | None = None,
         attention: str | None = None,
@@ -97,28 +101,35 @@ class Engine:
         prefill_tokens: int = 16384,
         seed: int = 0,
     ) -> None:
+        """`max_model_len` caps the context (the model's own is the most); `kv_blocks` fixes
+        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS)."""
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
         clock = StartupClock(self.device)
         with clock.phase("weights"):
             self.model = load_model(source, str(self.device), dtype, seed, select_ops(self.device))
-        self.max_seq_len = min(max_seq_len, source.config.max_position_embeddings)
+        attention_backend = select_attention(self.device, attention)
+        block_size = attention_backend.block_size or BLOCK_SIZE
         with clock.phase("kv"):
-            shape = plan_slots(
+            cpu_blocks = kv_blocks or CPU_KV_TOKENS // block_size
+            shape = plan_blocks(
                 source.config,
                 dtype,
                 self.device,
-                self.max_seq_len,
-                max_batch,
+                block_size,
+                cpu_blocks,
                 kv_fraction,
                 gpu_memory_gb,
             )
+            if kv_blocks is not None:
+                shape = replace(shape, blocks=min(shape.blocks, kv_blocks))
             self.cache = KVCache(shape, dtype, self.device)
-        self.max_rows = shape.slots
+        # The longest sequence: the model's context, the flag, and what the pool could hold alone.
+        self.max_context = min(max_model_len, source.config.max_position_embeddings, shape.tokens)
+        self.max_rows = min(max_batch, shape.blocks)
         sizes = batch_sizes(self.max_rows)
         enforce_eager = not (on_cuda if cuda_graphs is None else cuda_graphs)
-        attention_backend = select_attention(self.device, attention)
         with clock.phase("graphs"):
             self.runner = ModelRunner(
                 self.model,
@@ -126,10 +137,16 @@ class Engine:
                 attention_backend,
                 select_sampler(self.device),
                 sizes,
+                -(-self.max_context // block_size),
                 enforce_eager,
             )
+        self.blocks = BlockPool(shape.blocks, block_size)
         self.scheduler = Scheduler(
-            self.max_rows, prefill_tokens, min_refill or max(1, self.max_rows // 8), refill
+            self.blocks,
+            self.max_rows,
+            prefill_tokens,
+            min_refill or max(1, self.max_rows // 8),
+            refill,
         )
         if eos_ids is None:  # the tokenizer's end-of-turn and end-of-text tokens
             eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
@@ -142,13 +159,15 @@ class Engine:
                 self._warm_up_prefill()
         self.info = self._describe(source, dtype, attention_backend.name, clock)
         log.info(
-            "%s on %s: weights %.1f GiB, KV cache %d tokens (%d slots x %d), start-up %.1f s",
+            "%s on %s: weights %.1f GiB, KV cache %d blocks x %d = %d tokens, max context %d, "
+            "start-up %.1f s",
             self.info["model_type"],
             self.device,
             self.info["weights_gib"],
+            shape.blocks,
+            shape.block_size,
             shape.tokens,
-            shape.slots,
-            shape.max_seq_len,
+            self.max_context,
             self.info["startup_s"],
         )
 
@@ -163,9 +182,11 @@ class Engine:
             "attention": attention,
             "cuda_graphs": bool(self.runner.graphs),
             "batch_sizes": self.runner.sizes,
-            "slots": shape.slots,
-            "max_seq_len": shape.max_seq_len,
+            "kv_blocks": shape.blocks,
+            "block_size": shape.block_size,
             "kv_tokens": shape.tokens,
+            "max_context": self.max_context,
+            "max_rows": self.max_rows,
             "model_type": source.config.model_type,
             "weights_gib": round(self.model.weight_bytes() / 2**30, 2),
             "kv_gib": round(self.cache.nbytes / 2**30, 2),
@@ -176,8 +197,9 @@ class Engine:
     def _warm_up_prefill(self) -> None:
         """Compile the prefill kernels' variants now rather than on the first requests: scoring
         prefills of 512 and 520 packed tokens (Triton specialises on sizes divisible by 16, and
-        the rope kernel blocks tokens past 256), made of as many prompts as the slot length needs."""
-        length = min(512, self.max_seq_len - 1)
+        the rope kernel blocks tokens past 256), made of as many prompts as the context needs.
+        They leave nothing behind: not their blocks in the prefix cache, nor their counts."""
+        length = min(512, self.max_context - 1)
         for total in (512, 520):
             count = min(self.max_rows, -(-total // length))
             for i in range(count):
@@ -186,6 +208,8 @@ class Engine:
             while self.has_work():
                 self.step()
         self.stats = EngineStats()
+        self.blocks = BlockPool(self.blocks.num_blocks, self.blocks.block_size)
+        self.scheduler.blocks = self.blocks
 
     @property
     def refill(self) -> bool:
@@ -200,8 +224,8 @@ class Engine:
 
     def add(self, request: EngineRequest) -> None:
         n = len(request.prompt_ids)
-        if not 0 < n < self.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens; this engine takes 1..{self.max_seq_len - 1}")
+        if not 0 < n < self.max_context:
+            raise ValueError(f"prompt of {n} tokens; this engine takes 1..{self.max_context - 1}")
         if request.choice_ids is not None and not request.choice_ids:
             raise ValueError("a scoring request needs at least one choice id")
         sequence = Sequence(request, self._sampling(request.sampling))
@@ -236,30 +260,35 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[EngineResult]:
-        group = self.scheduler.next_prefill()
-        if group:
-            return self._prefill(group)
+        chunks = self.scheduler.next_prefill()
+        if chunks:
+            return self._prefill(chunks)
         running = self.scheduler.decode_batch()
         return self._decode(running) if running else []
 
     # Prefill and decode.
 
-    def _prefill(self, group: list[Sequence]) -> list[EngineResult]:
+    def _prefill(self, chunks: list[Chunk]) -> list[EngineResult]:
         start = time.perf_counter()
-        logits = self.runner.prefill([s.prompt_ids for s in group], [s.slot for s in group])
+        logits = self.runner.prefill(
+            [(c.sequence.tokens, c.start, c.end, c.sequence.blocks) for c in chunks]
+        )
+        self.scheduler.prefilled(chunks)
+        done = [i for i, chunk in enumerate(chunks) if chunk.completes]
+        group = [chunks[i].sequence for i in done]
+        logits = logits[done]
         first_tokens = _first_tokens(group, logits, self.runner.sampler)
         choices = _best_choices(group, logits)
         results = []
         for i, (sequence, token) in enumerate(zip(group, first_tokens, strict=True)):
             if sequence.is_scoring:
-                self.scheduler.finish(sequence)
                 results.append(
                     EngineResult(sequence.id, sequence.prompt_len, choice_index=choices[i])
                 )
                 continue
-            room = self.max_seq_len - sequence.prompt_len
-            sequence.limit = min(sequence.request.max_new_tokens, room)
-            self.scheduler.start(sequence)
+            if not sequence.output:  # a first prefill (a preempted one keeps its limit)
+                room = self.max_context - sequence.prompt_len
+                sequence.limit = min(sequence.request.max_new_tokens, room)
             if sequence.limit <= 0:
                 result = self._finish(sequence, "length")
             else:
@@ -267,19 +296,28 @@ class Engine:
             if result is not None:
                 results.append(result)
         self.stats.prefill_calls += 1
-        self.stats.prefill_tokens += sum(s.prompt_len for s in group)
+        self.stats.prefill_tokens += sum(c.end - c.start for c in chunks)
         self.stats.prefill_s += time.perf_counter() - start
         return results
 
     def _decode(self, running: list[Sequence]) -> list[EngineResult]:
         start = time.perf_counter()
-        positions = [s.position for s in running]
+        rows, size = DecodeRows(), self.blocks.block_size
+        for sequence in running:
+            position = sequence.position
+            rows.tokens.append(sequence.output[-1])
+            rows.positions.append(position)
+            rows.row_ids.append(sequence.row)
+            rows.slots.append(sequence.blocks[position // size] * size + position % size)
+            written, held = sequence.table_written, len(sequence.blocks)
+            if written < held:
+                rows.table_entries += [
+                    (sequence.row, j, sequence.blocks[j]) for j in range(written, held)
+                ]
+                sequence.table_written = held
         sampled = any(s.sampling is not None for s in running)
         tokens = self.runner.decode(
-            [s.output[-1] for s in running],
-            positions,
-            [s.slot for s in running],
-            [s.sampling or GREEDY for s in running] if sampled else None,
+            rows, [s.sampling or GREEDY for s in running] if sampled else None
         )
         results = [
             result
@@ -288,7 +326,7 @@ class Engine:
         ]
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(running)
-        self.stats.decode_kv_tokens += sum(positions) + len(running)
+        self.stats.decode_kv_tokens += sum(rows.positions) + len(running)
         self.stats.decode_s += time.perf_counter() - start
         return results
 
@@ -320,7 +358,7 @@ def _first_tokens(group: list[Sequence], logits: Tensor, sample: Sampler) -> lis
             torch.tensor([p.top_k for p in params], device=device),
             torch.tensor([p.top_p for p in params], device=device),
             torch.tensor([p.seed or 0 for p in params], device=device),
-            torch.tensor([group[i].prompt_len - 1 for i in rows], device=device),
+            torch.tensor([group[i].position for i in rows], device=device),
         )
         tokens[rows] = drawn
     return tokens.tolist()

@@ -1,9 +1,11 @@
-"""The KV cache: one allocation after the weights, cut into per-request slots.
+"""The KV cache: one allocation after the weights, cut into fixed-size blocks.
 
-Layout per layer is [slots + 1, max_seq_len, kv_heads, head_dim], the layout
-`flash_attn_with_kvcache` reads. The extra last slot is scratch: padding rows of a fixed-size
-decode batch write there, so they never touch a live request's slot. Which request holds which
-slot is the scheduler's business (replica.engine.slots); this module sizes and holds the tensors.
+Layout per layer is [blocks + 1, block_size, kv_heads, head_dim] for K and for V (the layout of
+flash-attn's paged cache). Token t of a sequence lives in block `blocks[t // block_size]` at
+offset t % block_size; its flat slot is block * block_size + offset. The extra last block is
+scratch: padding rows of a fixed-size decode batch write there, so they never touch a live
+sequence's block. Who holds which block is the scheduler's (replica.engine.blocks); this module
+sizes and holds the tensors.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ from replica.model.architecture import attention_shape
 
 log = logging.getLogger(__name__)
 
+BLOCK_SIZE = 16  # tokens a block holds (flash-attn's paged kernels need multiples of 256)
+
 
 @dataclass(frozen=True)
 class CacheShape:
     layers: int
-    slots: int
-    max_seq_len: int
+    blocks: int
+    block_size: int
     kv_heads: int
     head_dim: int
 
     @property
     def tokens(self) -> int:
-        return self.slots * self.max_seq_len
+        return self.blocks * self.block_size
 
 
 def bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -40,36 +44,33 @@ def bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
-def plan_slots(
+def plan_blocks(
     config: PretrainedConfig,
     dtype: torch.dtype,
     device: torch.device,
-    max_seq_len: int,
-    max_slots: int,
+    block_size: int,
+    cpu_blocks: int,
     fraction: float,
     memory_cap_gib: float | None = None,
 ) -> CacheShape:
-    """Slots of `max_seq_len` tokens that fit in `fraction` of free GPU memory (CPU: `max_slots`).
+    """Blocks that fit in `fraction` of free GPU memory (CPU: `cpu_blocks`).
 
     `memory_cap_gib` makes the card look that large (e.g. 79 on a 141 GB H200 to plan as an
     A100-80GB would): what is already in use counts against the cap."""
-    slots = max_slots
+    blocks = cpu_blocks
     if device.type == "cuda":
         free = device_free_bytes(device, memory_cap_gib)
-        per_slot = max_seq_len * bytes_per_token(config, dtype)
-        slots = slots_that_fit(int(free * fraction), per_slot, max_slots)
-        if slots < 1:
-            raise RuntimeError(
-                f"KV cache: {free / 2**30:.1f} GiB free holds no slot of {max_seq_len} tokens"
-            )
+        blocks = blocks_that_fit(int(free * fraction), block_size * bytes_per_token(config, dtype))
+        if blocks < 1:
+            raise RuntimeError(f"KV cache: {free / 2**30:.1f} GiB free holds no block")
     _, kv_heads, head_dim = attention_shape(config)
-    return CacheShape(config.num_hidden_layers, slots, max_seq_len, kv_heads, head_dim)
+    return CacheShape(config.num_hidden_layers, blocks, block_size, kv_heads, head_dim)
 
 
-def slots_that_fit(budget_bytes: int, slot_bytes: int, max_slots: int) -> int:
-    """Whole slots in the budget, less the scratch slot, at most `max_slots` (deploy/systems.py
-    plans with the same rule; tests/test_structure.py holds the two together)."""
-    return min(max_slots, budget_bytes // slot_bytes - 1)
+def blocks_that_fit(budget_bytes: int, block_bytes: int) -> int:
+    """Whole blocks in the budget, less the scratch block (deploy/systems.py plans with the
+    same rule; tests/test_structure.py holds the two together)."""
+    return budget_bytes // block_bytes - 1
 
 
 def device_free_bytes(device: torch.device, cap_gib: float | None = None) -> int:
@@ -84,20 +85,24 @@ def device_free_bytes(device: torch.device, cap_gib: float | None = None) -> int
 
 
 class KVCache:
-    """K/V tensors per layer, and the scratch slot that decode padding rows write to."""
+    """K/V tensors per layer, and the scratch block that decode padding rows write to."""
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
-        dims = (shape.layers, 2, shape.slots + 1, shape.max_seq_len, shape.kv_heads, shape.head_dim)
+        dims = (shape.layers, 2, shape.blocks + 1, shape.block_size, shape.kv_heads, shape.head_dim)
         self.data = torch.zeros(dims, dtype=dtype, device=device)
-        self.scratch_slot = shape.slots
+        self.scratch_block = shape.blocks
         log.info(
-            "KV cache: %d slots x %d tokens = %d tokens, %.1f GiB",
-            shape.slots,
-            shape.max_seq_len,
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f GiB",
+            shape.blocks,
+            shape.block_size,
             shape.tokens,
             self.nbytes / 2**30,
         )
+
+    @property
+    def block_size(self) -> int:
+        return self.shape.block_size
 
     @property
     def nbytes(self) -> int:
@@ -105,3 +110,12 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.data[index, 0], self.data[index, 1]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block, every layer, K and V (a forked sequence's
+        partial last block, before it writes there)."""
+        if pairs:
+            source, destination = (
+                torch.tensor(p, device=self.data.device) for p in zip(*pairs, strict=True)
+            )
+            self.data[:, :, destination] = self.data[:, :, source]

@@ -1,12 +1,14 @@
 """The model on its device: the KV cache, packed prefill, and decode as CUDA-graph replays.
 
 Decode always runs at one of a few fixed batch sizes (1, 2, 4, ..., max), padding with rows that
-point at the cache's scratch slot, so that on CUDA each step replays a graph captured at start-up:
+point at the cache's scratch block, so that on CUDA each step replays a graph captured at start-up:
 two per size, greedy and sampling, so all-greedy steps pay nothing for sampling. The graphs read
 their inputs from `DecodeInputs`, static buffers the runner fills before a replay.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,21 +27,35 @@ def batch_sizes(max_rows: int) -> list[int]:
 
 
 class DecodeInputs:
-    """What a decode graph reads, one column per row: row i feeds `tokens[i]` at `positions[i]`
-    of slot `slots[i]` and attends over `seq_lens[i]` tokens; sampling graphs also read each
-    row's temperature, top_p, top_k and seed. One int64 and one fp32 buffer underneath, so a
-    step's inputs cross to the device in one or two copies; rows past the live ones are padding
-    that writes to the cache's scratch slot."""
+    """What a decode graph reads, one column per row: row i feeds `tokens[i]` at `positions[i]`,
+    writes its K/V to flat slot `slots[i]` and attends over `seq_lens[i]` tokens of the blocks
+    in `tables[row_ids[i]]`; sampling graphs also read each row's temperature, top_p, top_k and
+    seed. One int64 and one fp32 buffer underneath, so a step's inputs cross to the device in one
+    copy (three when a row samples). The block tables live on the device, one row per decode row
+    and grown entry by entry as sequences take blocks; rows past the live ones are padding, whose
+    table row points at the scratch block."""
 
-    def __init__(self, rows: int, scratch_slot: int, device: torch.device) -> None:
-        self.scratch_slot = scratch_slot
-        self.packed = torch.zeros(6, rows, dtype=torch.int64, device=device)
-        self.tokens, self.positions, self.slots, self.seq_lens, self.top_k, self.seeds = (
-            self.packed.unbind(0)
-        )
+    def __init__(
+        self, rows: int, max_blocks: int, scratch_block: int, block_size: int, device
+    ) -> None:
+        self.scratch_row, self.scratch_slot = rows, scratch_block * block_size
+        self.packed = torch.zeros(7, rows, dtype=torch.int64, device=device)
+        (
+            self.tokens,
+            self.positions,
+            self.row_ids,
+            self.slots,
+            self.seq_lens,
+            self.top_k,
+            self.seeds,
+        ) = self.packed.unbind(0)
         self.floats = torch.zeros(2, rows, dtype=torch.float32, device=device)
         self.temperature, self.top_p = self.floats.unbind(0)
-        self.slots.fill_(scratch_slot)
+        self.tables = torch.full(
+            (rows + 1, max_blocks), scratch_block, dtype=torch.int32, device=device
+        )
+        self.row_ids.fill_(self.scratch_row)
+        self.slots.fill_(self.scratch_slot)
         self.seq_lens.fill_(1)
 
     def set_sampling(self, sampling: list[SamplingParams], size: int) -> None:
@@ -52,29 +68,47 @@ class DecodeInputs:
             [p.seed or 0 for p in sampling] + [0] * pad,
         ]
         self.floats[:, :size].copy_(torch.tensor(floats, dtype=torch.float32))
-        self.packed[4:, :size].copy_(torch.tensor(ints, dtype=torch.int64))
+        self.packed[5:, :size].copy_(torch.tensor(ints, dtype=torch.int64))
 
-    def set(self, tokens: list[int], positions: list[int], slots: list[int], size: int) -> None:
+    def set(self, rows: DecodeRows, size: int) -> None:
         """Live rows first, padding up to `size`; row i attends over positions[i] + 1 tokens."""
-        pad = size - len(tokens)
+        pad = size - len(rows.tokens)
         host = torch.tensor(
             [
-                tokens + [0] * pad,
-                positions + [0] * pad,
-                slots + [self.scratch_slot] * pad,
-                [p + 1 for p in positions] + [1] * pad,
+                rows.tokens + [0] * pad,
+                rows.positions + [0] * pad,
+                rows.row_ids + [self.scratch_row] * pad,
+                rows.slots + [self.scratch_slot] * pad,
+                [p + 1 for p in rows.positions] + [1] * pad,
             ],
             dtype=torch.int64,
         )
-        self.packed[:4, :size].copy_(host)
+        self.packed[:5, :size].copy_(host)
+        if rows.table_entries:  # (row, index, block) for blocks the table lacks
+            entries = torch.tensor(rows.table_entries).to(self.tables.device)
+            self.tables[entries[:, 0], entries[:, 1]] = entries[:, 2].to(torch.int32)
 
     def batch(self, size: int) -> Batch:
         return Batch(
             self.tokens[:size],
             self.positions[:size],
             self.slots[:size],
+            tables=self.tables,
+            row_ids=self.row_ids[:size],
             seq_lens=self.seq_lens[:size].to(torch.int32),
         )
+
+
+@dataclass
+class DecodeRows:
+    """One decode step's live rows: each row's token, its position, its decode row (which
+    block table it reads), the flat slot its K/V go to, and the table entries to add first."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    row_ids: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    table_entries: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -88,38 +122,39 @@ class ModelRunner:
         attention: AttentionBackend,
         sampler: Sampler,
         sizes: list[int],
+        max_blocks: int,
         enforce_eager: bool,
     ) -> None:
+        """`sizes`: the decode batch sizes (graphs on CUDA); `max_blocks`: the most blocks one
+        sequence holds (the block tables' width)."""
         self.model, self.cache, self.attention, self.sampler = model, cache, attention, sampler
         self.sizes = sizes
-        self.inputs = DecodeInputs(sizes[-1], cache.scratch_slot, model.device)
+        self.inputs = DecodeInputs(
+            sizes[-1], max_blocks, cache.scratch_block, cache.block_size, model.device
+        )
         self.next_tokens = torch.zeros(sizes[-1], dtype=torch.int64, device=model.device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, sampled)
         if not enforce_eager:
             self._capture()
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> Tensor:
-        """Fp32 logits [B, vocab] of each prompt's last token; the prompts' K/V go to `slots`."""
-        batch = Batch.prefill(prompts, slots, self.model.device)
+    def prefill(self, chunks: list[tuple[list[int], int, int, list[int]]]) -> Tensor:
+        """Fp32 logits [B, vocab] of each chunk's last token. A chunk is (tokens, start, end,
+        blocks): tokens start..end are computed, their K/V written to `blocks`, which already
+        hold tokens 0..start."""
+        batch = Batch.prefill(chunks, self.cache.block_size, self.model.device)
         hidden = self.model.forward(batch, self.cache, self.attention)
         assert batch.rows is not None
         return self.model.logits(hidden[batch.rows.last_token]).float()
 
-    def decode(
-        self,
-        tokens: list[int],
-        positions: list[int],
-        slots: list[int],
-        sampling: list[SamplingParams] | None = None,
-    ) -> list[int]:
+    def decode(self, rows: DecodeRows, sampling: list[SamplingParams] | None = None) -> list[int]:
         """Next token of each row (greedy, or drawn by `sampling`, one entry per row with its
-        seed set); row i attends over positions[i] + 1 tokens."""
-        size = self.size_for(len(tokens))
-        self.inputs.set(tokens, positions, slots, size)
+        seed set)."""
+        size = self.size_for(len(rows.tokens))
+        self.inputs.set(rows, size)
         if sampling is not None:
             self.inputs.set_sampling(sampling, size)
         self.step(size, sampled=sampling is not None)
-        return self.next_tokens[: len(tokens)].tolist()
+        return self.next_tokens[: len(rows.tokens)].tolist()
 
     def size_for(self, rows: int) -> int:
         return next(s for s in self.sizes if s >= rows)

@@ -1,41 +1,75 @@
-"""Which sequences run next: the waiting queue, the running set, admission, refill and their KV.
+"""Which sequences run next, and the KV blocks and decode rows they hold.
 
-Admission comes in fills: one starts once `min_refill` rows are free (static batching: once
-nothing runs) and goes on, one prefill a step, until the rows or the queue run out. Waiting for
-several free rows keeps prefills large enough to run at full speed; refilling between decode
-steps keeps the decode batch full. The scheduler hands each admitted sequence its KV slot and
-takes it back when the sequence finishes or is cancelled: nothing else allocates KV.
+Admission comes in fills: one starts once `min_refill` decode rows are free (static batching:
+once nothing runs) and goes on, one prefill a step, until the rows, the blocks or the queue run
+out. Waiting for several free rows keeps prefills large enough to run at full speed; refilling
+between decode steps keeps the decode batch full. A scoring sequence needs no decode row: it is
+admitted whenever blocks allow, and its blocks go back (to the prefix cache) after its prefill.
+
+A prefill step computes at most `prefill_tokens` tokens: a longer prompt is prefilled in chunks,
+one chunk a step, alternating with decode steps while other rows run. A prompt's leading full
+blocks that are already cached are shared, not computed. When a decode step needs a block and
+none is free, the newest sequence gives its blocks back and waits again at the head of the
+queue; it is computed anew (prompt and output so far) when it is readmitted.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from dataclasses import dataclass
 
+from replica.engine.blocks import BlockPool
 from replica.engine.sequence import Sequence
 from replica.engine.slots import SlotPool
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens start..end of a sequence to compute in this prefill (0..start are in its blocks)."""
+
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def completes(self) -> bool:
+        """The chunk ends the sequence's tokens: its last logits give the next token."""
+        return self.end == len(self.sequence.tokens)
+
+
 class Scheduler:
-    def __init__(self, max_rows: int, prefill_tokens: int, min_refill: int, refill: bool) -> None:
+    def __init__(
+        self, blocks: BlockPool, max_rows: int, prefill_tokens: int, min_refill: int, refill: bool
+    ) -> None:
+        self.blocks = blocks
         self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens
         self.min_refill = min_refill
         self.refill = refill  # False is the static-batching ablation
-        self.slots = SlotPool(max_rows)
+        self.rows = SlotPool(max_rows)
         self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}
+        self.running: dict[int, Sequence] = {}  # in admission order
+        self.partial: Sequence | None = None  # a prompt between two of its chunks
+        self.preemptions = 0
+        self._arrivals = itertools.count()
         self._filling = False
+        self._chunked_last = False
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.blocks.block_size)
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.partial)
 
     def cancel(self, request_id: int) -> Sequence | None:
-        """Drop a request and free its slot; the sequence it was, if it was here."""
+        """Drop a request and free what it holds; the sequence it was, if it was here."""
         sequence = self.running.get(request_id)
+        if sequence is None and self.partial is not None and self.partial.id == request_id:
+            sequence, self.partial = self.partial, None
         if sequence is not None:
             self.finish(sequence)
             return sequence
@@ -45,44 +79,138 @@ class Scheduler:
                 return waiting
         return None
 
-    def next_prefill(self) -> list[Sequence]:
-        """The sequences to prefill in this step, each holding its slot (none: decode instead)."""
-        room = min(self.slots.num_free, self.max_rows - len(self.running))
+    # Prefill.
+
+    def next_prefill(self) -> list[Chunk]:
+        """What to prefill in this step, each sequence holding the blocks its chunk writes
+        (none: decode instead)."""
+        if self.partial is not None:
+            if self.running and self._chunked_last:
+                self._chunked_last = False  # the other rows decode once between two chunks
+                return []
+            self._chunked_last = True
+            return [self._chunk(self.partial, self.prefill_tokens)]
+        self._update_filling()
+        chunks: list[Chunk] = []
+        budget = self.prefill_tokens
+        for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens), reverse=True):
+            need = len(sequence.tokens) - self._admissible_cached(sequence)
+            if need > budget and chunks:
+                break
+            if not self._admit(sequence):
+                break
+            chunk = self._chunk(sequence, budget)
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+            if budget <= 0:
+                break
+        taken = {id(chunk.sequence) for chunk in chunks}
+        if taken:
+            self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        self._chunked_last = bool(chunks) and not chunks[0].completes
+        return chunks
+
+    def _update_filling(self) -> None:
+        room = self.rows.num_free
         if not self.waiting or room == 0:
             self._filling = False
         elif not self._filling:
             ready = self.refill and room >= min(self.min_refill, len(self.waiting))
             self._filling = ready or not self.running
-        group = self._take_group(room) if self._filling else []
-        for sequence in group:
-            sequence.slot = self.slots.allocate()
-        return group
+
+    def _candidates(self) -> list[Sequence]:
+        """Waiting sequences this prefill may take, in arrival order: scoring ones whenever
+        (they need no decode row), generating ones while a fill is on, one per free row."""
+        room = self.rows.num_free if self._filling else 0
+        picked = []
+        for sequence in itertools.islice(self.waiting, 4 * self.max_rows):
+            if sequence.is_scoring:
+                picked.append(sequence)
+            elif room > 0:
+                picked.append(sequence)
+                room -= 1
+        return picked
+
+    def _admissible_cached(self, sequence: Sequence) -> int:
+        return len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
+
+    def _admit(self, sequence: Sequence) -> bool:
+        """Give a waiting sequence its cached prefix and fresh blocks for the rest of its tokens,
+        if the pool can spare them and still leave a block for each running row."""
+        cached = self.blocks.cached_prefix(sequence.tokens)
+        idle = sum(self.blocks.refs[block] == 0 for block in cached)
+        fresh = self.blocks_for(len(sequence.tokens)) - len(cached)
+        if fresh + idle > self.blocks.num_free - len(self.running):
+            return False
+        self.blocks.hold(cached)
+        self.blocks.note_lookup(len(sequence.tokens), len(cached))
+        sequence.blocks = cached + self.blocks.take(fresh)
+        sequence.computed = len(cached) * self.blocks.block_size
+        sequence.arrival = next(self._arrivals)
+        return True
+
+    def _chunk(self, sequence: Sequence, budget: int) -> Chunk:
+        end = min(len(sequence.tokens), sequence.computed + budget)
+        return Chunk(sequence, sequence.computed, end)
+
+    def prefilled(self, chunks: list[Chunk]) -> None:
+        """The chunks' K/V are in the cache: their full blocks join the prefix cache; a sequence
+        whose tokens are all in starts decoding (a scoring one is done: its blocks go back)."""
+        for chunk in chunks:
+            sequence = chunk.sequence
+            sequence.computed = chunk.end
+            self.blocks.register(sequence.blocks, sequence.tokens, sequence.computed)
+            if not chunk.completes:
+                self.partial = sequence
+                continue
+            if sequence is self.partial:
+                self.partial = None
+            if sequence.is_scoring:
+                self.blocks.release(sequence.blocks)
+                sequence.blocks = []
+            else:
+                sequence.row = self.rows.allocate()
+                sequence.table_written = 0
+                self.running[sequence.id] = sequence
+
+    # Decode.
 
     def decode_batch(self) -> list[Sequence]:
-        """The running sequences, each fed its newest token in the next decode step."""
+        """The running sequences, each holding a block for the token it is fed next; the newest
+        are preempted while the pool has too few blocks for the rest."""
+        for sequence in list(self.running.values()):
+            while sequence.id in self.running and self._needs_block(sequence):
+                if self.blocks.num_free == 0:
+                    self._preempt(self._newest())
+                else:
+                    sequence.blocks += self.blocks.take(1)
         return list(self.running.values())
 
-    def _take_group(self, room: int) -> list[Sequence]:
-        """The longest prompts among the next `room` waiting, up to `prefill_tokens` tokens in
-        all (at least one). Prefill packs its prompts, so the projections do no padding work;
-        grouping by length still keeps the padded attention of non-varlen backends small."""
-        window = sorted(
-            itertools.islice(self.waiting, room), key=lambda s: s.prompt_len, reverse=True
-        )
-        budget, count = self.prefill_tokens, 0
-        while count < len(window) and (count == 0 or window[count].prompt_len <= budget):
-            budget -= window[count].prompt_len
-            count += 1
-        taken = {id(s) for s in window[:count]}
-        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
-        return window[:count]
+    def _needs_block(self, sequence: Sequence) -> bool:
+        return sequence.position // self.blocks.block_size >= len(sequence.blocks)
 
-    def start(self, sequence: Sequence) -> None:
-        """A prefilled sequence that decodes from the next step on."""
-        self.running[sequence.id] = sequence
+    def _newest(self) -> Sequence:
+        if self.partial is not None:
+            return self.partial
+        return next(reversed(self.running.values()))
+
+    def _preempt(self, sequence: Sequence) -> None:
+        """Give back its blocks and row; it waits first in line, to be computed anew."""
+        if sequence is self.partial:
+            self.partial = None
+        else:
+            del self.running[sequence.id]
+            self.rows.release(sequence.row)
+            sequence.row = -1
+        self.blocks.release(sequence.blocks)
+        sequence.blocks, sequence.computed = [], 0
+        self.waiting.appendleft(sequence)
+        self.preemptions += 1
 
     def finish(self, sequence: Sequence) -> None:
-        """A prefilled sequence is done (a scoring one right after its prefill): free its slot."""
-        self.running.pop(sequence.id, None)
-        self.slots.release(sequence.slot)
-        sequence.slot = -1
+        """A running (or partly prefilled) sequence is done: its row and blocks go back."""
+        if self.running.pop(sequence.id, None) is not None:
+            self.rows.release(sequence.row)
+            sequence.row = -1
+        self.blocks.release(sequence.blocks)
+        sequence.blocks = []

@@ -14,8 +14,12 @@ class Sequence:
     # How it draws its tokens: the request's settings with a seed (the engine draws one for a
     # sampled request that brings none); None for greedy, which takes the greedy decode graphs.
     sampling: SamplingParams | None = None
-    slot: int = -1  # its KV-cache slot while it runs (the scheduler's to give and take)
-    limit: int = 0  # most tokens it may generate: its cap, bounded by the slot's length
+    arrival: int = 0  # admission order: the newest running sequence is preempted first
+    blocks: list[int] = field(default_factory=list)  # its block table (the scheduler's to fill)
+    computed: int = 0  # tokens whose K/V are in its blocks
+    row: int = -1  # its decode row while it runs
+    table_written: int = 0  # blocks of `blocks` already in the decode graphs' block table
+    limit: int = 0  # most tokens it may generate: its cap, bounded by the context
     output: list[int] = field(default_factory=list)
     reported: int = 0  # output tokens Engine.new_tokens has handed out (watched requests)
 
@@ -24,12 +28,14 @@ class Sequence:
         return self.request.id
 
     @property
-    def prompt_ids(self) -> list[int]:
-        return self.request.prompt_ids
-
-    @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its K/V must hold: the prompt and what it generated (a preempted sequence
+        computes them all again)."""
+        return self.request.prompt_ids + self.output
 
     @property
     def is_scoring(self) -> bool:

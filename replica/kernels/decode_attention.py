@@ -1,9 +1,10 @@
-"""Decode attention in Triton: each row reads only its live length of its slot.
+"""Decode attention in Triton: each row reads only its live length, through its block table.
 
 Decode is split-K ("flash decoding"): program (row, kv_head, split) takes one chunk of the row's
 live length and all query heads sharing that KV head (GQA: K/V are read once per group), and
 writes a partial output with its log-sum-exp; a second kernel merges the splits. Chunk sizes
-follow each row's live length, so a short row costs little however large its slot is.
+follow each row's live length, so a short row costs little however long the context could be.
+Key t of a row is at offset t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SIZE].
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _split_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    slot_ptr,
+    table_ptr,
+    row_ptr,
     len_ptr,
     part_ptr,
     lse_ptr,
@@ -43,10 +45,11 @@ def _split_kernel(
     splits,
     stride_qb,
     stride_qh,
-    stride_ks,
+    stride_tr,
+    stride_kb,
     stride_kt,
     stride_kh,
-    stride_vs,
+    stride_vb,
     stride_vt,
     stride_vh,
     stride_pb,
@@ -58,11 +61,12 @@ def _split_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    slot = tl.load(slot_ptr + row).to(tl.int64)
+    table = table_ptr + tl.load(row_ptr + row).to(tl.int64) * stride_tr
     seq_len = tl.load(len_ptr + row)
     chunk = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK) * BLOCK
     start = split * chunk
@@ -78,8 +82,8 @@ def _split_kernel(
         mask=in_group[:, None],
         other=0.0,
     )
-    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)  # noqa: E741
@@ -87,8 +91,12 @@ def _split_kernel(
     for block in range(start, end, BLOCK):
         pos = block + n
         live = pos < end
-        k = tl.load(k_base + pos[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0)
+        block_id = tl.load(table + pos // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        k_at = k_base + block_id * stride_kb + offset * stride_kt
+        v_at = v_base + block_id * stride_vb + offset * stride_vt
+        k = tl.load(k_at[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(v_at[:, None] + d[None, :], mask=live[:, None], other=0.0)
         m, l, acc = attend_block(q, k, v, live[None, :], scale, m, l, acc)  # noqa: E741
 
     filled = l > 0
@@ -142,13 +150,15 @@ def decode_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slot_ids: Tensor,
+    tables: Tensor,
+    row_ids: Tensor,
     seq_lens: Tensor,
     waves: int = WAVES,
 ) -> Tensor:
-    """q [B, Hq, D] over k/v_cache[slot_ids[b], :seq_lens[b]] -> [B, Hq, D]."""
+    """q [B, Hq, D] over the first seq_lens[b] tokens of the blocks tables[row_ids[b]] of the
+    caches [blocks, block_size, Hkv, D] -> [B, Hq, D]."""
     rows, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     splits = num_splits(rows, kv_heads, q.device, waves)
     q = q.contiguous()
@@ -159,7 +169,8 @@ def decode_attention(
         q,
         k_cache,
         v_cache,
-        slot_ids,
+        tables,
+        row_ids,
         seq_lens,
         part,
         lse,
@@ -167,6 +178,7 @@ def decode_attention(
         splits,
         q.stride(0),
         q.stride(1),
+        tables.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -182,6 +194,7 @@ def decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK=BLOCK_N,
+        BLOCK_SIZE=block_size,
         num_warps=4,
         num_stages=2,
     )

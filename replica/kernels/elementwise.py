@@ -77,7 +77,6 @@ def _rope_store_kernel(
     num_tokens,
     eps,
     stride_cs,
-    stride_ct,
     stride_ch,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -121,7 +120,7 @@ def _rope_store_kernel(
         tl.store(dst, out1, mask=live)
         tl.store(dst + HALF, out2, mask=live)
         slot = tl.load(slot_ptr + tokens, mask=tokens < num_tokens, other=0).to(tl.int64)
-        cache = (slot[:, None] * stride_cs + pos * stride_ct + kv_head * stride_ch) + d[None, :]
+        cache = (slot[:, None] * stride_cs + kv_head * stride_ch) + d[None, :]
         tl.store(k_cache_ptr + cache, out1, mask=live)
         tl.store(k_cache_ptr + cache + HALF, out2, mask=live)
         v_src = src + NUM_KV_HEADS * dim  # this key head's value head
@@ -169,11 +168,12 @@ class TritonOps(TorchOps):
         q_norm: Tensor,
         k_norm: Tensor,
         positions: Tensor,
-        slot_ids: Tensor,
+        slots: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         tokens, d = qkv.shape[0], self.head_dim
+        k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # views: flat slots
         q = torch.empty(tokens, self.num_heads, d, dtype=qkv.dtype, device=qkv.device)
         k = torch.empty(tokens, self.num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
         # Decode steps: a program per token and head. Prefill: blocks of tokens, so that a
@@ -186,16 +186,15 @@ class TritonOps(TorchOps):
             k_norm,
             self.inv_freq,
             positions,
-            slot_ids,
+            slots,
             q,
             k,
-            k_cache,
-            v_cache,
+            k_flat,
+            v_flat,
             tokens,
             self.eps,
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
+            k_flat.stride(0),
+            k_flat.stride(1),
             NUM_HEADS=self.num_heads,
             NUM_KV_HEADS=self.num_kv_heads,
             HALF=d // 2,

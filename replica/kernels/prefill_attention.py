@@ -3,7 +3,8 @@
 Program (query block, row, head) walks the row's keys up to the block's diagonal with an online
 softmax, reading q/k/v straight from the packed [T, heads, head_dim] tensors: no padding, no
 repeated K/V heads, no layout copies. This is what flash-attn's varlen kernel does, for machines
-without flash-attn.
+without flash-attn. A row with context (a cached prefix, or its earlier chunks) reads every key
+through its block table instead, its queries sitting after the context.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.attention import PackedRows
+from replica.attention import CachedContext, PackedRows
 from replica.kernels.online_softmax import LOG2_E, attend_block
 
 BLOCK_M = 128
@@ -27,11 +28,16 @@ def _prefill_kernel(
     v_ptr,
     out_ptr,
     cu_ptr,
+    context_ptr,
+    table_ptr,
     scale,
     stride_qt,
     stride_qh,
+    stride_tr,
+    stride_kb,
     stride_kt,
     stride_kh,
+    stride_vb,
     stride_vt,
     stride_vh,
     stride_ot,
@@ -40,6 +46,8 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     block = tl.program_id(0)
     row = tl.program_id(1)
@@ -48,6 +56,9 @@ def _prefill_kernel(
     length = tl.load(cu_ptr + row + 1) - start
     if block * BLOCK_M >= length:
         return
+    context = 0
+    if PAGED:
+        context = tl.load(context_ptr + row)
     kv_head = head // GROUP
     m_offs = block * BLOCK_M + tl.arange(0, BLOCK_M)
     n_offs = tl.arange(0, BLOCK_N)
@@ -61,22 +72,25 @@ def _prefill_kernel(
     )
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
+    table = table_ptr + row * stride_tr
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    end = tl.minimum((block + 1) * BLOCK_M, length)
+    end = context + tl.minimum((block + 1) * BLOCK_M, length)
     for key_block in range(0, end, BLOCK_N):
-        cols = key_block + n_offs
-        live = cols < length
-        k_tokens = (start + cols).to(tl.int64)
-        k = tl.load(
-            k_base + k_tokens[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0
-        )
-        v = tl.load(
-            v_base + k_tokens[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0
-        )
-        visible = live[None, :] & (cols[None, :] <= m_offs[:, None])
+        cols = key_block + n_offs  # key positions in the row: its context, then this chunk
+        live = cols < context + length
+        if PAGED:  # every key from the cache, through the row's block table
+            block_id = tl.load(table + cols // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+            k_at = block_id * stride_kb + (cols % BLOCK_SIZE) * stride_kt
+            v_at = block_id * stride_vb + (cols % BLOCK_SIZE) * stride_vt
+        else:  # no context: the chunk's own packed keys
+            k_at = (start + cols).to(tl.int64) * stride_kt
+            v_at = (start + cols).to(tl.int64) * stride_vt
+        k = tl.load(k_base + k_at[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(v_base + v_at[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        visible = live[None, :] & (cols[None, :] <= context + m_offs[:, None])
         m, l, acc = attend_block(q, k, v, visible, scale, m, l, acc)  # noqa: E741
 
     out = acc / l[:, None]
@@ -87,31 +101,55 @@ def _prefill_kernel(
     )
 
 
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, rows: PackedRows) -> Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] (any token and head strides, last dim contiguous)
-    -> [T, Hq, D], causal within each row."""
+def prefill_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: PackedRows,
+    k_cache: Tensor | None = None,
+    v_cache: Tensor | None = None,
+    context: CachedContext | None = None,
+) -> Tensor:
+    """q [T, Hq, D] -> [T, Hq, D], causal within each row. Without `context`, keys are the
+    packed k/v [T, Hkv, D] (any token and head strides, last dim contiguous); with it, every
+    key comes from the paged caches [blocks, block_size, Hkv, D], row b's first
+    context.lengths[b] tokens before its chunk."""
     _, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     grid = (triton.cdiv(rows.max_len, BLOCK_M), rows.lengths.shape[0], q_heads)
+    if context is None:
+        keys, values = k[:, None], v[:, None]  # [T, 1, H, D]: one "block", strides line up
+        context_lens, tables, block_size = rows.lengths, rows.lengths[:, None], 1
+    else:
+        assert k_cache is not None and v_cache is not None
+        keys, values = k_cache, v_cache
+        context_lens, tables, block_size = context.lengths, context.tables, k_cache.shape[1]
     _prefill_kernel[grid](
         q,
-        k,
-        v,
+        keys,
+        values,
         out,
         rows.cu_seqlens,
+        context_lens,
+        tables,
         head_dim**-0.5 * LOG2_E,
         q.stride(0),
         q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        tables.stride(0),
+        keys.stride(0),
+        keys.stride(0) if context is None else keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(0) if context is None else values.stride(1),
+        values.stride(2),
         out.stride(0),
         out.stride(1),
-        GROUP=q_heads // k.shape[1],
+        GROUP=q_heads // keys.shape[2],
         HEAD_DIM=head_dim,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        PAGED=context is not None,
+        BLOCK_SIZE=block_size,
         num_warps=8,
         num_stages=2,
     )

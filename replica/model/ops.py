@@ -67,13 +67,13 @@ class TorchOps:
         q_norm: Tensor,
         k_norm: Tensor,
         positions: Tensor,
-        slot_ids: Tensor,
+        slots: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """q/k norms and RoPE on the fused projection [T, ...] of the tokens at `positions`
-        [T]; K and V go into the cache at (slot_ids[t], positions[t]). Returns q, k, v as
-        [T, heads, head_dim]."""
+        [T]; K and V go into the paged caches [blocks, block_size, ...] at flat slot slots[t]
+        (block * block_size + offset). Returns q, k, v as [T, heads, head_dim]."""
         d = self.head_dim
         q, k, v = qkv.split((self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d), -1)
         q = rms_norm(q.unflatten(-1, (self.num_heads, d)), q_norm, self.eps)
@@ -85,6 +85,6 @@ class TorchOps:
         sin = angles.sin().to(q.dtype)[:, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k_cache[slot_ids, positions] = k
-        v_cache[slot_ids, positions] = v
+        k_cache.flatten(0, 1)[slots] = k
+        v_cache.flatten(0, 1)[slots] = v
         return q, k, v

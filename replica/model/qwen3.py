@@ -8,7 +8,6 @@ tokens of a batch: no padding, so every matrix multiply does only live work.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from replica.attention import AttentionBackend, PackedRows
+from replica.attention import AttentionBackend, CachedContext, PackedRows
 from replica.engine.kv_cache import KVCache
 from replica.model.architecture import attention_shape, rope_theta
 from replica.model.ops import TorchOps
@@ -25,29 +24,39 @@ from replica.model.weights import ModelWeights
 
 @dataclass
 class Batch:
-    """One forward's tokens, packed: prefill takes whole prompts (`rows` says where each lies),
-    decode one token per row (`seq_lens` says how much of its slot each row attends over)."""
+    """One forward's tokens, packed. Prefill takes a chunk of each of its sequences (`rows` says
+    where each lies; `context` is what each row already holds in its blocks); decode takes one
+    token per row (row b attends over `seq_lens[b]` tokens of the blocks in `tables[row_ids[b]]`)."""
 
     input_ids: Tensor  # [T] int64
     positions: Tensor  # [T] int64
-    slot_ids: Tensor  # [T] int64: the KV-cache slot each token's K/V are written to
-    seq_lens: Tensor | None = None  # decode: [T] int32, live length including this token
+    slots: Tensor  # [T] int64: the flat KV slot (block * block_size + offset) each token writes
     rows: PackedRows | None = None  # prefill
+    context: CachedContext | None = None  # prefill: None when no row has tokens cached before
+    tables: Tensor | None = None  # decode: [table rows, blocks per sequence] int32
+    row_ids: Tensor | None = None  # decode: [T] int64
+    seq_lens: Tensor | None = None  # decode: [T] int32, live length including this token
 
     @classmethod
-    def prefill(cls, prompts: list[list[int]], slots: list[int], device: torch.device) -> Batch:
-        lengths = [len(p) for p in prompts]
-        chain = itertools.chain.from_iterable
-        host = torch.tensor(
-            [
-                list(chain(prompts)),
-                list(chain(range(n) for n in lengths)),
-                list(chain([slot] * n for slot, n in zip(slots, lengths, strict=True))),
-            ]
-        )
-        input_ids, positions, slot_ids = host.to(device).unbind(0)
-        rows = PackedRows.from_lengths(lengths, device)
-        return cls(input_ids, positions, slot_ids, rows=rows)
+    def prefill(
+        cls, chunks: list[tuple[list[int], int, int, list[int]]], block_size: int, device
+    ) -> Batch:
+        """`chunks`: (tokens, start, end, blocks) for each row: tokens start..end are computed,
+        0..start are already in `blocks`."""
+        host = []
+        for tokens, start, end, blocks in chunks:
+            positions = torch.arange(start, end)
+            table = torch.tensor(blocks, dtype=torch.int64)
+            slots = table[positions // block_size] * block_size + positions % block_size
+            host.append(torch.stack((torch.tensor(tokens[start:end]), positions, slots)))
+        input_ids, positions, slots = torch.cat(host, dim=1).to(device).unbind(0)
+        rows = PackedRows.from_lengths([end - start for _, start, end, _ in chunks], device)
+        context = None
+        if any(start for _, start, _, _ in chunks):
+            context = CachedContext.from_blocks(
+                [blocks for *_, blocks in chunks], [start for _, start, _, _ in chunks], device
+            )
+        return cls(input_ids, positions, slots, rows=rows, context=context)
 
 
 class Qwen3:
@@ -101,14 +110,16 @@ class Qwen3:
                 w.q_norm,
                 w.k_norm,
                 batch.positions,
-                batch.slot_ids,
+                batch.slots,
                 k_cache,
                 v_cache,
             )
             if batch.rows is None:
-                out = attention.decode(q, k_cache, v_cache, batch.slot_ids, batch.seq_lens)
+                out = attention.decode(
+                    q, k_cache, v_cache, batch.tables, batch.row_ids, batch.seq_lens
+                )
             else:
-                out = attention.prefill(q, k, v, batch.rows)
+                out = attention.prefill(q, k, v, k_cache, v_cache, batch.rows, batch.context)
             h, x = ops.add_rms_norm(h, F.linear(out.reshape(h.shape[0], -1), w.o_proj), w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
             h, x = ops.add_rms_norm(h, ops.mlp(x, w.mlp), next_norm)
