@@ -46,6 +46,7 @@ class EngineStats:
 
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    prefill_chunks: int = 0  # chunks that left the rest of a long prompt for later steps
     prefill_s: float = 0.0
     decode_steps: int = 0
     decode_rows: int = 0
@@ -297,6 +298,7 @@ class Engine:
                 results.append(result)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += sum(c.end - c.start for c in chunks)
+        self.stats.prefill_chunks += len(chunks) - len(done)
         self.stats.prefill_s += time.perf_counter() - start
         return results
 

@@ -1,0 +1,118 @@
+"""The paged KV cache: every paging case in one run, token for token against transformers
+(dense and MoE), and the block pool's bookkeeping under a random workload."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from replica.engine.blocks import BlockPool
+from replica.engine.engine import Engine
+from replica.engine.request import EngineRequest
+from replica.engine.scheduler import Scheduler
+from replica.engine.sequence import Sequence
+from replica.loading.reference import build_reference_model
+from replica.loading.source import resolve
+from tests.test_engine import run
+from tests.test_moe import checkpoint  # noqa: F401 (a fixture: the tiny MoE checkpoint)
+from tests.transformers_oracle import greedy_continuations
+
+PREFIX = 48  # three full blocks of 16
+
+
+def paging_workload(vocab: int) -> tuple[list[int], list[tuple[list[int], int]]]:
+    """A first prompt that fills the prefix cache, then the batch: a prompt sharing its three
+    full blocks, one long enough to prefill in chunks, and prompts on either side of a block
+    boundary, with caps that outgrow a small pool (so the newest are preempted)."""
+    gen = torch.Generator().manual_seed(11)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    prefix = tokens(PREFIX)
+    first = prefix + tokens(5)
+    batch = [(prefix + tokens(9), 12), (tokens(150), 20)]
+    batch += [(tokens(n), 80) for n in (15, 16, 17, 33)]
+    return first, batch
+
+
+def check_paging(source, reference) -> None:
+    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64)
+    first, batch = paging_workload(source.config.vocab_size)
+    [first_result] = run(engine, [EngineRequest(0, first, 10)]).values()
+    results = run(engine, [EngineRequest(i + 1, p, cap) for i, (p, cap) in enumerate(batch)])
+    prompts = [first] + [p for p, _ in batch]
+    caps = [10] + [cap for _, cap in batch]
+    expected = greedy_continuations(reference, prompts, max(caps))
+    assert first_result.output_ids == expected[0][:10]
+    for i, cap in enumerate(caps[1:], start=1):
+        assert results[i].output_ids == expected[i][:cap], i
+    assert engine.blocks.hit_tokens >= PREFIX  # the shared prefix was not computed again
+    assert engine.stats.prefill_chunks >= 2  # 150 tokens in chunks of at most 64
+    assert engine.scheduler.preemptions >= 1  # 16 blocks cannot hold every row's answer
+    assert not any(engine.blocks.refs) and engine.scheduler.rows.num_free == engine.max_rows
+
+
+def test_every_paging_case_equals_transformers_dense():
+    source = resolve("tiny-random")
+    check_paging(source, build_reference_model(source))
+
+
+def test_every_paging_case_equals_transformers_moe(checkpoint):  # noqa: F811
+    source = resolve(str(checkpoint))
+    check_paging(source, build_reference_model(source))
+
+
+def check_pool(scheduler: Scheduler, sequences: list[Sequence]) -> None:
+    """Every block is free, idle in the cache, or held, exactly once, and held as often as the
+    sequences that list it; the cache's two maps agree."""
+    pool = scheduler.blocks
+    holders = [0] * pool.num_blocks
+    for sequence in sequences:
+        for block in sequence.blocks:
+            holders[block] += 1
+    assert holders == pool.refs
+    free, idle = list(pool._free), list(pool._idle)
+    held = [b for b in range(pool.num_blocks) if pool.refs[b]]
+    assert sorted(free + idle + held) == list(range(pool.num_blocks))
+    assert all(pool.hash_of[b] is not None for b in idle)
+    assert all(pool.hash_of[b] is None for b in free)
+    assert {b: h for b, h in enumerate(pool.hash_of) if h is not None} == {
+        b: h for h, b in pool.by_hash.items()
+    }
+
+
+def test_the_block_pool_stays_consistent_under_a_random_workload():
+    rng = random.Random(3)
+    scheduler = Scheduler(
+        BlockPool(40, 4), max_rows=6, prefill_tokens=24, min_refill=1, refill=True
+    )
+    prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
+    sequences: list[Sequence] = []
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.25 and len(scheduler.waiting) < 8:
+            prompt = rng.choice(prefixes)[: rng.randrange(1, 13)] + [rng.randrange(50)]
+            scoring = rng.random() < 0.2
+            request = EngineRequest(step, prompt, 0 if scoring else 8, [1] if scoring else None)
+            sequence = Sequence(request, limit=rng.randrange(10, 40))
+            sequences.append(sequence)
+            scheduler.add(sequence)
+        elif action < 0.6:
+            chunks = scheduler.next_prefill()
+            scheduler.prefilled(chunks)
+            for chunk in chunks:
+                if chunk.completes and not chunk.sequence.is_scoring:
+                    chunk.sequence.output.append(rng.randrange(50))
+        elif action < 0.9:
+            for sequence in scheduler.decode_batch():
+                sequence.output.append(rng.randrange(50))
+                if len(sequence.output) >= sequence.limit:
+                    scheduler.finish(sequence)
+        elif sequences:
+            scheduler.cancel(rng.choice(sequences).id)
+        live = list(scheduler.running.values()) + list(scheduler.waiting)
+        live += [scheduler.partial] if scheduler.partial else []
+        check_pool(scheduler, [s for s in sequences if s in live or s.blocks])
+    assert scheduler.preemptions > 0 and scheduler.blocks.hit_tokens > 0
