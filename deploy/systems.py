@@ -20,7 +20,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENDORED_CONFIGS = PROJECT_ROOT / "vendor" / "configs"
 GiB = 1 << 30
-MiB = 1 << 20
+KiB = 1 << 10
 
 # Answer caps per profile: the most tokens a prompt may generate (shortcuts/profiles.py: the
 # open-answer cap, and for accuracy also the MCQ reasoning cap, which is smaller).
@@ -30,10 +30,6 @@ DEFAULT_MODELS = {
     "balanced": "Qwen/Qwen3-4B-Instruct-2507",
     "accuracy": "Qwen/Qwen3-30B-A3B-Instruct-2507",  # MoE, 61 GB: one whole copy per GPU
 }
-# Tokens a shaped prompt (system prompt and chat template included) may take in a KV slot. The
-# longest of the 600 dev prompts is 465 tokens (tests/test_deploy.py checks the 2x margin); a
-# longer prompt is still served, with less room to answer.
-PROMPT_LIMIT = 1536
 
 APP_NAME = "qwen3-completion-dev"  # `modal deploy deploy/modal_app.py` without deploy.sh
 ENDPOINT = "completion"  # the function name; Modal's default label is `<app>-<function>`
@@ -50,8 +46,10 @@ DEFAULT_MAX_CONTAINERS = 1  # the course's hardware is one 2 x A100-80GB box
 MIN_CONTAINERS = 0  # nothing billed while idle; deploy.sh wakes the container (docs/DEPLOY.md)
 SCALEDOWN_WINDOW_S = 3600  # Modal's longest: warm from deploy through grading's waits
 
-# Engine knobs the deploy passes explicitly, so that the slot plan below uses the same numbers.
+# Engine knobs the deploy passes explicitly, so that the block plan below uses the same numbers.
 MAX_BATCH = 256
+MAX_MODEL_LEN = 32768  # the server's default context cap (the model's own may be less)
+BLOCK_SIZE = 16  # tokens a KV block holds (replica/engine/kv_cache.py)
 KV_FRACTION = 0.9
 OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activations (not measured)
 
@@ -128,26 +126,23 @@ def vendored_shape(model: str) -> tuple[Shape, Path] | None:
     return Shape.from_config(json.loads(path.read_text())), path
 
 
-def slots_in(budget_bytes: int, slot_bytes: int) -> int:
-    """replica/engine/kv_cache.py's rule (slots_that_fit): whole slots in the budget, one kept as
-    scratch, capped; tests/test_structure.py holds the two together."""
-    return max(0, min(MAX_BATCH, budget_bytes // slot_bytes - 1))
+def blocks_in(budget_bytes: int, block_bytes: int) -> int:
+    """replica/engine/kv_cache.py's rule (blocks_that_fit): whole blocks in the budget, one kept
+    as scratch; tests/test_structure.py holds the two together."""
+    return max(0, budget_bytes // block_bytes - 1)
 
 
 @dataclass(frozen=True)
-class SlotPlan:
-    """The engine's KV sizing (replica/engine/kv_cache.py plan_slots) worked out for an A100-80GB.
-
-    An estimate: the free memory after loading is taken as the card less the weights less
-    OVERHEAD_ESTIMATE_BYTES; the measured figures go in docs/DEPLOY.md.
-    """
+class BlockPlan:
+    """The engine's KV sizing (replica/engine/kv_cache.py plan_blocks) worked out for an
+    A100-80GB. An estimate: the free memory after loading is taken as the card less the weights
+    less OVERHEAD_ESTIMATE_BYTES; the measured figures go in docs/DEPLOY.md."""
 
     shape: Shape
-    max_seq_len: int
 
     @property
-    def slot_bytes(self) -> int:
-        return self.max_seq_len * self.shape.kv_bytes_per_token
+    def block_bytes(self) -> int:
+        return BLOCK_SIZE * self.shape.kv_bytes_per_token
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -155,8 +150,16 @@ class SlotPlan:
         return max(0, int(free * KV_FRACTION))
 
     @property
-    def slots_per_gpu(self) -> int:
-        return slots_in(self.kv_budget_bytes, self.slot_bytes)
+    def blocks_per_gpu(self) -> int:
+        return blocks_in(self.kv_budget_bytes, self.block_bytes)
+
+    @property
+    def tokens_per_gpu(self) -> int:
+        return self.blocks_per_gpu * BLOCK_SIZE
+
+    def rows_at(self, tokens: int) -> int:
+        """Decode rows the pool holds when every row has `tokens` live tokens."""
+        return min(MAX_BATCH, self.tokens_per_gpu // tokens)
 
 
 @dataclass(frozen=True)
@@ -196,14 +199,9 @@ class Deployment:
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
         }
 
-    @property
-    def max_seq_len(self) -> int:
-        """A KV slot holds the longest expected prompt plus the profile's longest answer."""
-        return PROMPT_LIMIT + ANSWER_CAPS[self.profile]
-
-    def slot_plan(self) -> SlotPlan | None:
+    def block_plan(self) -> BlockPlan | None:
         found = vendored_shape(self.model)
-        return None if found is None else SlotPlan(found[0], self.max_seq_len)
+        return None if found is None else BlockPlan(found[0])
 
     def server_command(self, python: str) -> list[str]:
         """`server.py` on every GPU of the container: one replica per GPU."""
@@ -220,8 +218,8 @@ class Deployment:
             ",".join(str(i) for i in range(GPU_COUNT)),
             "--profile",
             self.profile,
-            "--max-seq-len",
-            str(self.max_seq_len),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
             "--max-batch",
             str(MAX_BATCH),
             "--kv-fraction",
@@ -252,27 +250,31 @@ class Deployment:
             "torch": f"{TORCH_VERSION}+{TORCH_CUDA} (extra index {TORCH_INDEX_URL}; "
             "its dependencies resolve from PyPI)",
             "server": " ".join(self.server_command("python")),
-            "max_seq_len": f"{self.max_seq_len} (prompt limit {PROMPT_LIMIT} + answer cap "
-            f"{ANSWER_CAPS[self.profile]})",
+            "max_model_len": f"{MAX_MODEL_LEN} (the context cap; the model's own may be less, "
+            f"and the profile caps each answer at {ANSWER_CAPS[self.profile]})",
         }
-        plan = self.slot_plan()
+        plan = self.block_plan()
         if plan is None:
-            settings["kv_slots_per_gpu"] = (
+            settings["kv_blocks_per_gpu"] = (
                 f"unknown (no vendored config for {self.model}; the engine sizes it at start-up)"
             )
             return settings
-        shape, slots = plan.shape, plan.slots_per_gpu
+        shape, blocks = plan.shape, plan.blocks_per_gpu
         settings.update(
             {
                 "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
                 f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
                 "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
                 "parameters in bf16, estimate from the vendored config)",
-                "kv_slots_per_gpu": f"{slots} (estimate: {KV_FRACTION:g} x ({GPU_MEMORY_BYTES // GiB}"
-                f" GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB assumed overhead) / "
-                f"{plan.slot_bytes // MiB} MiB a slot, less 1, at most {MAX_BATCH})",
-                "kv_tokens_per_gpu": f"{slots * self.max_seq_len} (estimate)",
-                "kv_slots_per_container": f"{slots * GPU_COUNT} (estimate, {GPU_COUNT} GPUs)",
+                "kv_blocks_per_gpu": f"{blocks} (estimate: {KV_FRACTION:g} x ("
+                f"{GPU_MEMORY_BYTES // GiB} GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB "
+                f"assumed overhead) / {plan.block_bytes // KiB} KiB a block of {BLOCK_SIZE} "
+                "tokens, less 1)",
+                "kv_tokens_per_gpu": f"{plan.tokens_per_gpu} (estimate)",
+                "kv_tokens_per_container": f"{plan.tokens_per_gpu * GPU_COUNT} (estimate, "
+                f"{GPU_COUNT} GPUs)",
+                "rows_at_1000_tokens_per_gpu": f"{plan.rows_at(1000)} (estimate, at most "
+                f"{MAX_BATCH})",
             }
         )
         return settings

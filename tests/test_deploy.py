@@ -233,14 +233,6 @@ def number(value: str) -> int:
     return int(value.split()[0])
 
 
-def slot_tokens(n: int) -> int:
-    """A KV slot holds the longest expected prompt plus the longest answer the profile asks for."""
-    import shortcuts
-
-    profile = shortcuts.PROFILES[PROFILES[n]]
-    return systems.PROMPT_LIMIT + max(profile.open_cap, profile.mcq_reasoning_cap or 0)
-
-
 def pins() -> dict[str, str]:
     """requirements.txt's `name==version` pins."""
     lines = (ROOT / "requirements.txt").read_text().splitlines()
@@ -331,16 +323,17 @@ def test_the_graders_dry_run_shows_the_sizing(grader: Grader, folder: str, n: in
     assert number(out["max_containers"]) == 1
     assert number(out["min_containers"]) == 0
     assert number(out["max_concurrent_inputs"]) >= COURSE_CONCURRENCY
-    max_seq_len = slot_tokens(n)
-    assert number(out["max_seq_len"]) == max_seq_len
-    assert f"--max-seq-len {max_seq_len} " in out["server"]
+    assert number(out["max_model_len"]) == 32768
+    assert "--max-model-len 32768 " in out["server"]
     assert f"--profile {PROFILES[n]} " in out["server"]
     assert number(out["kv_per_token"]) == KV_KIB[n]
-    slots = number(out["kv_slots_per_gpu"])
+    blocks = number(out["kv_blocks_per_gpu"])
+    assert blocks > 1000 and out["kv_blocks_per_gpu"].split()[1] == "(estimate:"
+    assert number(out["kv_tokens_per_gpu"]) == blocks * 16
+    assert number(out["kv_tokens_per_container"]) == 2 * blocks * 16
     max_batch = int(out["server"].split("--max-batch ")[1].split()[0])
-    assert 0 < slots <= max_batch and out["kv_slots_per_gpu"].split()[1] == "(estimate:"
-    assert number(out["kv_tokens_per_gpu"]) == slots * max_seq_len
-    assert number(out["kv_slots_per_container"]) == 2 * slots
+    rows = number(out["rows_at_1000_tokens_per_gpu"])
+    assert rows == min(max_batch, blocks * 16 // 1000)
 
 
 def test_the_accuracy_system_serves_the_moe(grader: Grader) -> None:
@@ -445,7 +438,7 @@ def test_model_and_max_containers_flags(grader: Grader) -> None:
     )
     assert dry["model"] == "Qwen/Qwen3-8B"
     assert number(dry["max_containers"]) == 3
-    assert dry["kv_slots_per_gpu"].startswith("unknown (no vendored config for Qwen/Qwen3-8B")
+    assert dry["kv_blocks_per_gpu"].startswith("unknown (no vendored config for Qwen/Qwen3-8B")
     assert dry["timeline"].startswith("not estimated (no vendored config for Qwen/Qwen3-8B")
 
     assert grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3").returncode == 0
@@ -708,7 +701,7 @@ def test_the_app_reserves_the_container_it_needs(
     assert m.completion.web_server[0] == (int(flag["--port"]),)
     gpus = int(options["gpu"].split(":")[1])
     assert sorted(map(int, flag["--gpus"].split(","))) == list(range(gpus))
-    assert flag["--max-seq-len"] == str(slot_tokens(n))
+    assert flag["--max-model-len"] == str(systems.MAX_MODEL_LEN)
 
 
 def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> None:
@@ -1032,7 +1025,7 @@ def test_deploy_sh_columns_keep_modals_url_line_whole() -> None:
     assert urls(script_setting("DEPLOY_COLUMNS")) == [url]
 
 
-# --- the slot plan -------------------------------------------------------------------------------
+# --- the block plan ------------------------------------------------------------------------------
 
 
 def test_answer_caps_match_the_profiles() -> None:
@@ -1051,31 +1044,15 @@ def test_model_shapes_from_the_vendored_configs() -> None:
     assert round(moe.params / 1e9, 1) == 30.5  # the model card's 30.5B
 
 
-def test_the_slot_arithmetic_reproduces_the_measured_slots() -> None:
-    """Issue 13, H200 with the KV limited to 62 GiB, 4B: 4,096-token slots gave 109 slots and
-    2,048-token slots 219; the plan's arithmetic on the same budget must give the same."""
-    dense, _ = systems.vendored_shape("Qwen/Qwen3-4B-Instruct-2507")
-    budget = 62 * systems.GiB
-    assert systems.slots_in(budget, 4096 * dense.kv_bytes_per_token) == 109
-    assert systems.slots_in(budget, 2048 * dense.kv_bytes_per_token) == 219
-    assert systems.slots_in(budget, 128 * dense.kv_bytes_per_token) == systems.MAX_BATCH
-
-
-def test_the_prompt_limit_covers_the_dev_prompts_twice() -> None:
-    """Every dev prompt, shaped as the server sends it to the model, fits in half the limit."""
-    import shortcuts
-    from replica.tokenization import PromptCodec
-    from shortcuts.data import dev_rows
-
-    codec = PromptCodec(ROOT / "vendor" / "qwen3-tokenizer")
-    longest = 0
-    for profile in shortcuts.PROFILES:
-        for row in dev_rows():  # the 300 dev items in both prompt formats
-            plan = shortcuts.plan(row["prompt"], profile)
-            if not isinstance(plan, shortcuts.Answer):
-                ids = codec.encode_chat(plan.messages, getattr(plan, "prefix", ""))
-                longest = max(longest, len(ids))
-    assert 0 < 2 * longest <= systems.PROMPT_LIMIT
+def test_the_block_arithmetic_on_an_80_gb_card() -> None:
+    """The MoE's 61 GB leave 80 - 57 - 2 GiB; at 90%, 96 KiB a token, that is about 206k tokens:
+    the rows of 1,000 tokens an 80 GB card holds."""
+    moe, _ = systems.vendored_shape("Qwen/Qwen3-30B-A3B-Instruct-2507")
+    plan = systems.BlockPlan(moe)
+    budget = int((80 * systems.GiB - moe.weight_bytes - 2 * systems.GiB) * 0.9)
+    assert plan.blocks_per_gpu == budget // (16 * 96 * 1024) - 1
+    assert plan.rows_at(1000) == plan.tokens_per_gpu // 1000 > 3 * 58  # issue 22's bar
+    assert systems.blocks_in(16 * 96 * 1024, 16 * 96 * 1024) == 0  # the scratch block
 
 
 # --- the script itself ---------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
     for step in range(3000):
         action = rng.random()
         if action < 0.25 and len(scheduler.waiting) < 8:
-            prompt = rng.choice(prefixes)[: rng.randrange(1, 13)] + [rng.randrange(50)]
+            prompt = [*rng.choice(prefixes)[: rng.randrange(1, 13)], rng.randrange(50)]
             scoring = rng.random() < 0.2
             request = EngineRequest(step, prompt, 0 if scoring else 8, [1] if scoring else None)
             sequence = Sequence(request, limit=rng.randrange(10, 40))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from replica.engine.kv_cache import bytes_per_token, slots_that_fit
+from replica.engine.kv_cache import BLOCK_SIZE, blocks_that_fit, bytes_per_token
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.loading.weights import NameBuilder, build
 from replica.model.qwen3 import Qwen3
@@ -135,18 +135,18 @@ VENDORED = sorted(path.name for path in VENDORED_CONFIGS.iterdir())
 @pytest.mark.parametrize("name", VENDORED)
 def test_the_deploy_plan_sizes_kv_as_the_engine_does(name):
     """deploy/systems.py works without torch, so it re-derives the engine's sizing: the bytes a
-    token's K/V take, the weights' bytes, and the slots a budget holds must be the engine's."""
+    token's K/V take, the weights' bytes, the block size, and the blocks a budget holds must be
+    the engine's."""
     systems = importlib.import_module("deploy.systems")  # a namespace package: no torch there
     config = resolve(str(VENDORED_CONFIGS / name), random_weights=True).config
-    shape = systems.Shape.from_config(
-        json.loads((VENDORED_CONFIGS / name / "config.json").read_text())
-    )
+    raw = json.loads((VENDORED_CONFIGS / name / "config.json").read_text())
+    shape = systems.Shape.from_config(raw)
     assert shape.kv_bytes_per_token == bytes_per_token(config, torch.bfloat16)
     weights = Qwen3(config, build(config, NameBuilder()))  # meta tensors: fp32 sizes
     assert shape.weight_bytes == weights.weight_bytes() // 2
-    for seq_len in (1536, 2048, 3584, 32768):
-        slot_bytes = seq_len * shape.kv_bytes_per_token
-        for budget_gib in (0.1, 12, 19.3, 60):
-            budget = int(budget_gib * 2**30)
-            engine = slots_that_fit(budget, slot_bytes, systems.MAX_BATCH)
-            assert systems.slots_in(budget, slot_bytes) == max(0, engine), (seq_len, budget_gib)
+    assert systems.BLOCK_SIZE == BLOCK_SIZE
+    block_bytes = BLOCK_SIZE * shape.kv_bytes_per_token
+    for budget_gib in (0.001, 12, 19.3, 60):
+        budget = int(budget_gib * 2**30)
+        engine = blocks_that_fit(budget, block_bytes)
+        assert systems.blocks_in(budget, block_bytes) == max(0, engine), budget_gib
