@@ -31,6 +31,7 @@ import torch
 
 from replica.engine.engine import Engine, EngineStats
 from replica.engine.kv_cache import bytes_per_token
+from replica.engine.model_runner import DecodeRows
 from replica.engine.request import EngineRequest
 from replica.kernels.decode_attention import WAVES, decode_attention
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -157,19 +158,41 @@ def _time_ms(fn, repeats: int = 10) -> float:
     return begin.elapsed_time(end) / repeats
 
 
+def synthetic_rows(engine: Engine, rows: int, live: int) -> tuple[DecodeRows, list[int]]:
+    """`rows` decode rows of `live` tokens each, in blocks taken from the engine's pool (the
+    caller gives them back), as a decode step reads them."""
+    size = engine.blocks.block_size
+    per_row = -(-live // size)
+    held = engine.blocks.take(rows * per_row)
+    decode = DecodeRows()
+    for row in range(rows):
+        blocks = held[row * per_row : (row + 1) * per_row]
+        decode.tokens.append(1)
+        decode.positions.append(live - 1)
+        decode.row_ids.append(row)
+        decode.slots.append(blocks[(live - 1) // size] * size + (live - 1) % size)
+        decode.table_entries += [(row, j, block) for j, block in enumerate(blocks)]
+    return decode, held
+
+
 def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
     """The decode attention of every layer, captured as one CUDA graph (no launch gaps)."""
-    model, cache = engine.model, engine.cache
-    slots = torch.arange(rows, device="cuda")
+    model, cache, inputs = engine.model, engine.cache, engine.runner.inputs
+    decode, held = synthetic_rows(engine, rows, live)
+    inputs.set(decode, rows)
+    row_ids = torch.arange(rows, device="cuda")
     lens = torch.full((rows,), live, dtype=torch.int32, device="cuda")
     q = torch.randn(rows, model.num_heads, model.head_dim, device="cuda").to(model.dtype)
+    args = (inputs.tables, row_ids, lens, waves)
     for layer in range(len(model.layers)):  # warm-up: compiles for this split count
-        decode_attention(q, *cache.layer(layer), slots, lens, waves)
+        decode_attention(q, *cache.layer(layer), *args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for layer in range(len(model.layers)):
-            decode_attention(q, *cache.layer(layer), slots, lens, waves)
-    return _time_ms(graph.replay)
+            decode_attention(q, *cache.layer(layer), *args)
+    ms = _time_ms(graph.replay)
+    engine.blocks.release(held)
+    return ms
 
 
 def attention_sweep(engine: Engine, bandwidth: float) -> list[dict]:
@@ -188,8 +211,10 @@ def decode_profile(engine: Engine, rows: int, live: int, bandwidth: float) -> di
     """Where one decode step's time goes: the whole step's graph against its attention alone,
     at `rows` rows of `live` tokens each, each part against its byte floor."""
     runner = engine.runner
-    runner.decode([1] * rows, [live - 1] * rows, list(range(rows)))
+    decode, held = synthetic_rows(engine, rows, live)
+    runner.decode(decode)
     step_ms = _time_ms(lambda: runner.step(rows))
+    engine.blocks.release(held)
     attention_ms = _attention_ms(engine, rows, live, WAVES)
     kv_ms = 1e3 * rows * live * bytes_per_token(engine.model.config, engine.model.dtype) / bandwidth
     weights_ms = 1e3 * engine.model.weight_bytes() / bandwidth
@@ -218,15 +243,16 @@ def sampling_cost(engine: Engine, live: int = 500, rounds: int = 3) -> list[dict
     graph replays of the same inputs, the variants alternating over `rounds`, median of each."""
     runner, results = engine.runner, []
     for rows in sorted({min(64, engine.max_rows), min(256, engine.max_rows)}):
-        args = ([1] * rows, [live - 1] * rows, list(range(rows)))
+        decode, held = synthetic_rows(engine, rows, live)
         times: dict[str, list[float]] = {"greedy": []}
         for _ in range(rounds):
-            runner.decode(*args)
+            runner.decode(decode)
             times["greedy"].append(_time_ms(partial(runner.step, rows), repeats=50))
             for name, params in SAMPLING_SETTINGS.items():
-                runner.decode(*args, [replace(params, seed=i) for i in range(rows)])
+                runner.decode(decode, [replace(params, seed=i) for i in range(rows)])
                 sampled_ms = _time_ms(partial(runner.step, rows, True), repeats=50)
                 times.setdefault(name, []).append(sampled_ms)
+        engine.blocks.release(held)
         median = {name: sorted(ms)[len(ms) // 2] for name, ms in times.items()}
         greedy_ms = median.pop("greedy")
         for name, sampled_ms in median.items():
@@ -257,7 +283,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/perf/engine.json"))
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=32768)
     parser.add_argument("--kv-fraction", type=float, default=0.9)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
@@ -293,7 +319,7 @@ def main() -> None:
         eos_ids=(),  # forced lengths: every request runs to its cap
         kv_fraction=args.kv_fraction,
         max_batch=args.max_batch,
-        max_model_len=args.max_seq_len,
+        max_model_len=args.max_model_len,
     )
     report["engine"] = engine.info
     report["startup_s"] = engine.info["startup_s"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
+from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring, synthetic_rows
 from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -30,11 +30,16 @@ LIVE = 500
 
 
 def step_ms(engine: Engine, rows: int, seed: int) -> float:
-    """One replay of the decode graph at `rows` rows, each at position LIVE - 1 of its slot."""
-    runner, gen = engine.runner, torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, engine.model.config.vocab_size, (rows,), generator=gen).tolist()
-    runner.decode(tokens, [LIVE - 1] * rows, list(range(rows)))
-    return _time_ms(lambda: runner.step(rows), repeats=20)
+    """One replay of the decode graph at `rows` rows, each at position LIVE - 1 of its blocks."""
+    decode, held = synthetic_rows(engine, rows, LIVE)
+    gen = torch.Generator().manual_seed(seed)
+    decode.tokens = torch.randint(
+        0, engine.model.config.vocab_size, (rows,), generator=gen
+    ).tolist()
+    engine.runner.decode(decode)
+    ms = _time_ms(lambda: engine.runner.step(rows), repeats=20)
+    engine.blocks.release(held)
+    return ms
 
 
 def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
@@ -58,7 +63,14 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
 
 def measure(config: str, bandwidth: float, flops: float, args: argparse.Namespace) -> dict:
     source = resolve(config, random_weights=True)
-    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_model_len=args.max_seq_len)
+    engine = Engine(
+        source,
+        "cuda",
+        eos_ids=(),
+        max_batch=256,
+        max_model_len=args.max_model_len,
+        gpu_memory_gb=args.gpu_memory_gb,
+    )
     result: dict = {"engine": engine.info, "startup_s": engine.info["startup_s"]}
     result["decode_step_ms"], result["bytes_floor_fraction"], result["experts_touched"] = {}, {}, {}
     for rows in ROWS:
@@ -80,7 +92,8 @@ def main() -> None:
     parser.add_argument("--dense", default=str(VENDORED_CONFIGS / "qwen3-4b-instruct-2507"))
     parser.add_argument("--out", type=Path, default=Path("docs/perf/moe.json"))
     parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--max-seq-len", type=int, default=640)
+    parser.add_argument("--max-model-len", type=int, default=32768)
+    parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     args = parser.parse_args()
     random.seed(0)
     bandwidth, flops = copy_bandwidth(torch.device("cuda")), matmul_flops(torch.device("cuda"))

@@ -15,6 +15,7 @@ import random
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.bench import synthetic_rows
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -63,9 +64,9 @@ def main() -> None:
 
     top_kernels(prefill, f"prefill of {args.tokens} tokens in {len(requests)} prompts")
     rows = args.rows
-    tokens, positions, slots = [1] * rows, [427] * rows, list(range(rows))
+    decode, _ = synthetic_rows(engine, rows, 428)
     engine.runner.graphs.clear()  # eager: the profiler sees each kernel
-    top_kernels(lambda: engine.runner.decode(tokens, positions, slots), f"decode step, {rows} rows")
+    top_kernels(lambda: engine.runner.decode(decode), f"decode step, {rows} rows")
 
 
 if __name__ == "__main__":
