@@ -150,7 +150,7 @@ GPU_BACKENDS = ["triton", *(["flash"] if flash_attn_available() else [])]
 def test_gpu_decode_matches_reference(name: str):
     gen = torch.Generator(device="cuda").manual_seed(2)
     dev, dt = "cuda", torch.bfloat16
-    rows, capacity, blocks = 24, 4096, 24 * 256 + 8
+    rows, capacity, blocks = 24, 4096, 32 * 256 + 8
     k_cache = torch.randn(blocks, 16, 8, 128, device=dev, dtype=dt, generator=gen)
     v_cache = torch.randn(blocks, 16, 8, 128, device=dev, dtype=dt, generator=gen)
     tables = torch.randperm(blocks, device=dev, generator=gen)[: 32 * 256].view(32, 256)
