@@ -14,7 +14,11 @@ from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Sequence
 from replica.loading.reference import build_reference_model
 from replica.loading.source import resolve
+from replica.wire.messages import GenerateJob
+from replica.wire.spec import ReplicaSpec
+from replica.worker import Replica
 from tests.test_engine import run
+from tests.test_mixed_batch import run_together
 from tests.test_moe import checkpoint  # noqa: F401 (a fixture: the tiny MoE checkpoint)
 from tests.transformers_oracle import greedy_continuations
 
@@ -116,3 +120,22 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
         live += [scheduler.partial] if scheduler.partial else []
         check_pool(scheduler, [s for s in sequences if s in live or s.blocks])
     assert scheduler.preemptions > 0 and scheduler.blocks.hit_tokens > 0
+
+
+def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():
+    """Through the worker: a 3,000-token prompt (the old slots held 2,048 tokens, prompt and
+    answer) arrives with short ones; it is prefilled in chunks between their decode steps, and
+    every request is answered."""
+    replica = Replica(ReplicaSpec("tiny-random", options={"max_batch": 8, "prefill_tokens": 512}))
+    long_chat = [{"role": "user", "content": "word " * 2990}]
+    jobs = [GenerateJob(long_chat, 6)] + [
+        GenerateJob([{"role": "user", "content": f"Say {i}."}], 24) for i in range(4)
+    ]
+    results = run_together(replica, jobs)
+    assert results[0].usage.prompt_tokens > 2048 + 900
+    assert results[0].usage.completion_tokens == 6
+    assert all(results[i].usage.completion_tokens == 24 for i in range(1, 5))
+    assert replica.engine.stats.prefill_chunks >= 5  # 3,000 tokens in chunks of 512
+    stats = replica.engine.stats
+    assert stats.prefill_calls == stats.prefill_chunks + 1  # the shorts first, then the chunks
+    assert stats.decode_steps >= stats.prefill_chunks  # a decode step after every chunk

@@ -83,35 +83,44 @@ class Scheduler:
 
     def next_prefill(self) -> list[Chunk]:
         """What to prefill in this step, each sequence holding the blocks its chunk writes
-        (none: decode instead)."""
-        if self.partial is not None:
-            if self.running and self._chunked_last:
-                self._chunked_last = False  # the other rows decode once between two chunks
-                return []
-            self._chunked_last = True
-            return [self._chunk(self.partial, self.prefill_tokens)]
-        self._update_filling()
+        (none: decode instead). The budget goes to the prompt between two chunks first, then to
+        waiting prompts, shortest first (they start decoding soonest); the last one taken may
+        stop at the budget and go on in later steps."""
+        if self.partial is not None and self.running and self._chunked_last:
+            self._chunked_last = False  # the other rows decode once between two chunks
+            return []
         chunks: list[Chunk] = []
         budget = self.prefill_tokens
-        for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens), reverse=True):
-            need = len(sequence.tokens) - self._admissible_cached(sequence)
-            if need > budget and chunks:
+        if self.partial is not None:
+            chunks.append(self._chunk(self.partial, budget))
+            budget -= chunks[0].end - chunks[0].start
+        if not chunks or chunks[0].completes:
+            chunks += self._admissions(budget)
+        self._chunked_last = bool(chunks) and not chunks[-1].completes
+        return chunks
+
+    def _admissions(self, budget: int) -> list[Chunk]:
+        self._update_filling()
+        chunks: list[Chunk] = []
+        for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens)):
+            if budget <= 0 or not self._admit(sequence):
                 break
-            if not self._admit(sequence):
-                break
-            chunk = self._chunk(sequence, budget)
-            chunks.append(chunk)
-            budget -= chunk.end - chunk.start
-            if budget <= 0:
+            chunks.append(self._chunk(sequence, budget))
+            budget -= chunks[-1].end - chunks[-1].start
+            if not chunks[-1].completes:
                 break
         taken = {id(chunk.sequence) for chunk in chunks}
         if taken:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
-        self._chunked_last = bool(chunks) and not chunks[0].completes
         return chunks
 
+    def _free_rows(self) -> int:
+        """Decode rows free for new prompts: the prompt between chunks has one coming."""
+        promised = self.partial is not None and not self.partial.is_scoring
+        return self.rows.num_free - promised
+
     def _update_filling(self) -> None:
-        room = self.rows.num_free
+        room = self._free_rows()
         if not self.waiting or room == 0:
             self._filling = False
         elif not self._filling:
@@ -121,7 +130,7 @@ class Scheduler:
     def _candidates(self) -> list[Sequence]:
         """Waiting sequences this prefill may take, in arrival order: scoring ones whenever
         (they need no decode row), generating ones while a fill is on, one per free row."""
-        room = self.rows.num_free if self._filling else 0
+        room = self._free_rows() if self._filling else 0
         picked = []
         for sequence in itertools.islice(self.waiting, 4 * self.max_rows):
             if sequence.is_scoring:
@@ -130,9 +139,6 @@ class Scheduler:
                 picked.append(sequence)
                 room -= 1
         return picked
-
-    def _admissible_cached(self, sequence: Sequence) -> int:
-        return len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
 
     def _admit(self, sequence: Sequence) -> bool:
         """Give a waiting sequence its cached prefix and fresh blocks for the rest of its tokens,
