@@ -324,3 +324,25 @@ class Dispatcher:
             restarts.add_metric([str(link.index)], link.restarts)
         yield up
         yield restarts
+        yield from _kv_gauges(self.links)
+
+
+def _kv_gauges(links: list[ReplicaLink]) -> Iterator[GaugeMetricFamily]:
+    """Each replica's KV pool, as its latest result reported it."""
+    families = {
+        "kv_blocks_free": "KV blocks a new prompt may take (free, or cached and idle).",
+        "kv_blocks_cached": "KV blocks the prefix cache keeps.",
+        "prefix_cache_hit_rate": "Of the prompt tokens admitted, the share found in the cache.",
+    }
+    gauges = {
+        name: GaugeMetricFamily(name, text, labels=["replica"]) for name, text in families.items()
+    }
+    for link in links:
+        kv, label = link.kv, [str(link.index)]
+        if kv is None:
+            continue
+        gauges["kv_blocks_free"].add_metric(label, kv.blocks_free)
+        gauges["kv_blocks_cached"].add_metric(label, kv.blocks_cached)
+        rate = kv.prompt_tokens_cached / kv.prompt_tokens if kv.prompt_tokens else 0.0
+        gauges["prefix_cache_hit_rate"].add_metric(label, rate)
+    yield from gauges.values()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from queueing.orphans import die_with_parent, ignore_stop_signals
 from replica.wire.framing import FrameDecoder, encode_frame
-from replica.wire.messages import Cancel, FromReplica, Ready, Request, Shutdown
+from replica.wire.messages import Cancel, FromReplica, KVUsage, Ready, Request, Result, Shutdown
 from replica.wire.spec import ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class ReplicaLink:
         self._on_death = on_death
         self._state = ReplicaState.DEAD  # until started
         self._info: dict[str, Any] = {}
+        self._kv: KVUsage | None = None  # its KV pool, as its latest result reported it
         self._in_flight: dict[int, int] = {}  # request id -> its work estimate
         self._outstanding = 0  # their sum: what dispatch balances
         self._restarts = 0
@@ -136,6 +137,10 @@ class ReplicaLink:
     def info(self) -> dict[str, Any]:
         """What the replica reported when ready (model, pid, KV slots…); empty until then."""
         return dict(self._info)
+
+    @property
+    def kv(self) -> KVUsage | None:
+        return self._kv
 
     @property
     def restarts(self) -> int:
@@ -262,6 +267,8 @@ class ReplicaLink:
             self._info = dict(message.info)
             self._failed_starts = 0
             log.info("replica %d ready: %s", self.index, self._info)
+        elif isinstance(message, Result) and message.kv is not None:
+            self._kv = message.kv
         self._on_message(self, message)
 
     def _closed(self) -> None:

@@ -146,13 +146,15 @@ class Replica:
         request's text is its watch's, which a stop string in its last tokens still cuts."""
         scored = result.choice_index is not None
         usage = Usage(result.prompt_tokens, 1 if scored else len(result.output_ids))
+        kv = self.engine.kv_usage()
         watched = self.watches.pop(result.id, None)
         if watched is None:
             text = self.codec.decode(result.output_ids)
-            return Result(result.id, text, result.finish_reason, usage, result.choice_index)
+            return Result(result.id, text, result.finish_reason, usage, result.choice_index, kv)
         watch = watched[0]
         watch.add(result.output_ids[len(watch.ids) :])
         text = watch.finish()
         if watch.stopped:
-            return Result(result.id, text, "stop", Usage(result.prompt_tokens, len(watch.ids)))
-        return Result(result.id, text, result.finish_reason, usage)
+            usage = Usage(result.prompt_tokens, len(watch.ids))
+            return Result(result.id, text, "stop", usage, kv=kv)
+        return Result(result.id, text, result.finish_reason, usage, kv=kv)

@@ -21,6 +21,7 @@ from replica.wire.messages import (
     Cancelled,
     Failed,
     GenerateJob,
+    KVUsage,
     Ready,
     Request,
     Result,
@@ -161,6 +162,27 @@ def test_a_result_resolves_its_request_and_a_refusal_raises(replicas):
             await refused
         assert (refusal.value.status, refusal.value.param) == (400, "prompt")
         assert not d.pending and d.links[0].outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_kv_pool_each_result_reports_is_a_gauge_per_replica(replicas):
+    async def scenario() -> None:
+        metrics = Metrics()
+        d = await ready_dispatcher(replicas, 2, metrics=metrics)
+        assert "kv_blocks_free{" not in metrics.render()  # nothing reported yet
+        task = asyncio.create_task(d.submit(JOB))
+        await asyncio.sleep(0)
+        index = d.link_of(next(iter(d.pending))).index
+        [request] = replicas[index].sent
+        kv = KVUsage(100, 60, 25, 400, 100)
+        replicas[index].says(Result(request.id, "ok", "stop", Usage(1, 1), kv=kv))
+        await task
+        text = metrics.render()
+        assert sample(text, "kv_blocks_free", replica=str(index)) == 60
+        assert sample(text, "kv_blocks_cached", replica=str(index)) == 25
+        assert sample(text, "prefix_cache_hit_rate", replica=str(index)) == 0.25
+        assert f'kv_blocks_free{{replica="{1 - index}"}}' not in text
 
     asyncio.run(scenario())
 

@@ -78,6 +78,21 @@ def test_a_generate_comes_back_as_text_with_its_usage(front):
     assert result.finish_reason == "length" and result.usage.completion_tokens == 3
 
 
+def test_results_report_the_kv_pool_and_a_repeated_prompt_hits_the_prefix_cache(front):
+    front.send(Request(20, GenerateJob(CHAT, 2)))
+    first = front.recv()
+    front.send(Request(21, GenerateJob(CHAT, 2)))
+    second = front.recv()
+    assert isinstance(first, Result) and isinstance(second, Result)
+    assert first.kv is not None and second.kv is not None
+    assert second.kv.blocks_free == second.kv.blocks_total  # nothing held once it is done
+    assert second.kv.blocks_cached > 0
+    admitted = second.kv.prompt_tokens - first.kv.prompt_tokens
+    hits = second.kv.prompt_tokens_cached - first.kv.prompt_tokens_cached
+    assert admitted == second.usage.prompt_tokens
+    assert hits == (admitted - 1) // 16 * 16  # every full block but the one with the last token
+
+
 def test_a_prompt_over_the_context_is_refused_with_openai_fields(front):
     front.send(Request(3, GenerateJob([{"role": "user", "content": "hello " * 5000}], 3)))
     refusal = front.recv()

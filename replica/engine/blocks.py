@@ -111,6 +111,3 @@ class BlockPool:
             if self.hash_of[block] is None and value not in self.by_hash:
                 self.hash_of[block] = value
                 self.by_hash[value] = block
-
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0

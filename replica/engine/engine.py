@@ -33,7 +33,7 @@ from replica.loading.model import load_model
 from replica.loading.source import ModelSource
 from replica.model.sampling import Sampler
 from replica.tokenization import PromptCodec
-from replica.wire.messages import FinishReason, SamplingParams
+from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 
 log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
@@ -259,6 +259,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def kv_usage(self) -> KVUsage:
+        pool = self.blocks
+        return KVUsage(
+            pool.num_blocks, pool.num_free, pool.num_cached, pool.lookup_tokens, pool.hit_tokens
+        )
 
     def step(self) -> list[EngineResult]:
         chunks = self.scheduler.next_prefill()

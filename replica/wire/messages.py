@@ -107,6 +107,19 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class KVUsage:
+    """The replica's KV pool when it sent a result: blocks free (never used, or cached and held
+    by none), blocks whose contents the prefix cache keeps, and the prompt tokens admitted so far
+    and how many of them the cache already held."""
+
+    blocks_total: int
+    blocks_free: int
+    blocks_cached: int
+    prompt_tokens: int
+    prompt_tokens_cached: int
+
+
+@dataclass(frozen=True)
 class Result:
     """A request's answer: the generated text, or for a ScoreJob the chosen option's index."""
 
@@ -115,6 +128,7 @@ class Result:
     finish_reason: FinishReason
     usage: Usage
     choice: int | None = None
+    kv: KVUsage | None = None  # the replica's pool as this result left it
 
 
 @dataclass(frozen=True)
