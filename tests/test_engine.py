@@ -69,14 +69,12 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
 
 
 def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, expected):
-    """All eight prompts (177 tokens) in prefills of at most 64 tokens each, shortest first,
-    the last prompt of a step chunked at the budget; the packed prompts still continue exactly
-    as transformers does."""
+    """All eight prompts (177 tokens) in prefills of at most 64 tokens each, longest first; the
+    packed prompts still continue exactly as transformers does."""
     engine = Engine(source, "cpu", max_batch=8, max_model_len=256, prefill_tokens=64)
     results = run(engine, [EngineRequest(i, p, 8) for i, p in enumerate(prompts)])
     assert [results[i].output_ids for i in range(len(prompts))] == [e[:8] for e in expected]
-    # Shortest first under a 64-token budget: [1, 3, 5, 9, 17, 28, 1 of 40], [39 of 40, 25 of
-    # 64], [39 of 64].
+    # Longest first under a 64-token budget: [64], [40], [28, 17, 9, 5, 3, 1].
     assert engine.stats.prefill_calls == 3
     assert engine.stats.prefill_tokens == sum(PROMPT_LENGTHS)
 

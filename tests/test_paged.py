@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -124,8 +125,7 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
 
 def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():
     """Through the worker: a 3,000-token prompt (the old slots held 2,048 tokens, prompt and
-    answer) arrives with short ones; it is prefilled in chunks between their decode steps, and
-    every request is answered."""
+    answer) arrives with short ones and is prefilled in chunks; every request is answered."""
     replica = Replica(ReplicaSpec("tiny-random", options={"max_batch": 8, "prefill_tokens": 512}))
     long_chat = [{"role": "user", "content": "word " * 2990}]
     jobs = [GenerateJob(long_chat, 6)] + [
@@ -136,6 +136,22 @@ def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():
     assert results[0].usage.completion_tokens == 6
     assert all(results[i].usage.completion_tokens == 24 for i in range(1, 5))
     assert replica.engine.stats.prefill_chunks >= 5  # 3,000 tokens in chunks of 512
-    stats = replica.engine.stats
-    assert stats.prefill_calls == stats.prefill_chunks + 1  # the shorts first, then the chunks
-    assert stats.decode_steps >= stats.prefill_chunks  # a decode step after every chunk
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt():
+    engine = Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=8, prefill_tokens=512)
+    gen = torch.Generator().manual_seed(4)
+    for i in range(4):
+        engine.add(EngineRequest(i, torch.randint(0, 1000, (9,), generator=gen).tolist(), 40))
+    engine.step()  # the short prompts prefill together and start decoding
+    engine.add(EngineRequest(9, torch.randint(0, 1000, (3000,), generator=gen).tolist(), 6))
+    kinds, results = [], {}
+    while engine.has_work():
+        prefills = engine.stats.prefill_calls
+        results.update({r.id: r for r in engine.step()})
+        kinds.append("prefill" if engine.stats.prefill_calls > prefills else "decode")
+    chunked = [i for i, kind in enumerate(kinds) if kind == "prefill"]
+    assert len(chunked) == 6  # ceil(3,000 / 512)
+    assert all(b - a == 2 for a, b in itertools.pairwise(chunked))  # one decode step between
+    assert len(results[9].output_ids) == 6
+    assert all(len(results[i].output_ids) == 40 for i in range(4))

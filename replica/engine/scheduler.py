@@ -83,35 +83,31 @@ class Scheduler:
 
     def next_prefill(self) -> list[Chunk]:
         """What to prefill in this step, each sequence holding the blocks its chunk writes
-        (none: decode instead). The budget goes to the prompt between two chunks first, then to
-        waiting prompts, shortest first (they start decoding soonest); the last one taken may
-        stop at the budget and go on in later steps."""
-        if self.partial is not None and self.running and self._chunked_last:
-            self._chunked_last = False  # the other rows decode once between two chunks
-            return []
-        chunks: list[Chunk] = []
-        budget = self.prefill_tokens
+        (none: decode instead)."""
         if self.partial is not None:
-            chunks.append(self._chunk(self.partial, budget))
-            budget -= chunks[0].end - chunks[0].start
-        if not chunks or chunks[0].completes:
-            chunks += self._admissions(budget)
-        self._chunked_last = bool(chunks) and not chunks[-1].completes
-        return chunks
-
-    def _admissions(self, budget: int) -> list[Chunk]:
+            if self.running and self._chunked_last:
+                self._chunked_last = False  # the other rows decode once between two chunks
+                return []
+            self._chunked_last = True
+            return [self._chunk(self.partial, self.prefill_tokens)]
         self._update_filling()
         chunks: list[Chunk] = []
-        for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens)):
-            if budget <= 0 or not self._admit(sequence):
+        budget = self.prefill_tokens
+        for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens), reverse=True):
+            cached = len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
+            if len(sequence.tokens) - cached > budget and chunks:
                 break
-            chunks.append(self._chunk(sequence, budget))
-            budget -= chunks[-1].end - chunks[-1].start
-            if not chunks[-1].completes:
+            if not self._admit(sequence):
+                break
+            chunk = self._chunk(sequence, budget)
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+            if budget <= 0:
                 break
         taken = {id(chunk.sequence) for chunk in chunks}
         if taken:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        self._chunked_last = bool(chunks) and not chunks[0].completes
         return chunks
 
     def _free_rows(self) -> int:
