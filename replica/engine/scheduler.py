@@ -110,13 +110,8 @@ class Scheduler:
         self._chunked_last = bool(chunks) and not chunks[0].completes
         return chunks
 
-    def _free_rows(self) -> int:
-        """Decode rows free for new prompts: the prompt between chunks has one coming."""
-        promised = self.partial is not None and not self.partial.is_scoring
-        return self.rows.num_free - promised
-
     def _update_filling(self) -> None:
-        room = self._free_rows()
+        room = self.rows.num_free
         if not self.waiting or room == 0:
             self._filling = False
         elif not self._filling:
@@ -126,7 +121,7 @@ class Scheduler:
     def _candidates(self) -> list[Sequence]:
         """Waiting sequences this prefill may take, in arrival order: scoring ones whenever
         (they need no decode row), generating ones while a fill is on, one per free row."""
-        room = self._free_rows() if self._filling else 0
+        room = self.rows.num_free if self._filling else 0
         picked = []
         for sequence in itertools.islice(self.waiting, 4 * self.max_rows):
             if sequence.is_scoring:
