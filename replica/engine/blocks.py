@@ -33,10 +33,16 @@ class BlockPool:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.refs = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
+        self.refs: list[int] = []
+        self.forget()
+
+    def forget(self) -> None:
+        """Every block free, nothing cached, counts at zero (after the start-up warm-up)."""
+        assert not any(self.refs), "blocks are still held"
+        self.refs = [0] * self.num_blocks
+        self.hash_of: list[int | None] = [None] * self.num_blocks
         self.by_hash: dict[int, int] = {}  # hash -> the block holding those tokens' K/V
-        self._free: deque[int] = deque(range(num_blocks))  # no contents worth keeping
+        self._free: deque[int] = deque(range(self.num_blocks))  # no contents worth keeping
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached, held by none; oldest first
         self.hit_tokens = 0  # prompt tokens found in the cache, over all lookups
         self.lookup_tokens = 0  # prompt tokens looked up

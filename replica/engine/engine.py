@@ -209,8 +209,7 @@ class Engine:
             while self.has_work():
                 self.step()
         self.stats = EngineStats()
-        self.blocks = BlockPool(self.blocks.num_blocks, self.blocks.block_size)
-        self.scheduler.blocks = self.blocks
+        self.blocks.forget()
 
     @property
     def refill(self) -> bool:

@@ -110,12 +110,3 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.data[index, 0], self.data[index, 1]
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy each (source, destination) block, every layer, K and V (a forked sequence's
-        partial last block, before it writes there)."""
-        if pairs:
-            source, destination = (
-                torch.tensor(p, device=self.data.device) for p in zip(*pairs, strict=True)
-            )
-            self.data[:, :, destination] = self.data[:, :, source]

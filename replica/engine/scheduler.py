@@ -94,10 +94,10 @@ class Scheduler:
         chunks: list[Chunk] = []
         budget = self.prefill_tokens
         for sequence in sorted(self._candidates(), key=lambda s: len(s.tokens), reverse=True):
-            cached = len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
-            if len(sequence.tokens) - cached > budget and chunks:
+            cached = self.blocks.cached_prefix(sequence.tokens)
+            if len(sequence.tokens) - len(cached) * self.blocks.block_size > budget and chunks:
                 break
-            if not self._admit(sequence):
+            if not self._admit(sequence, cached):
                 break
             chunk = self._chunk(sequence, budget)
             chunks.append(chunk)
@@ -131,10 +131,9 @@ class Scheduler:
                 room -= 1
         return picked
 
-    def _admit(self, sequence: Sequence) -> bool:
+    def _admit(self, sequence: Sequence, cached: list[int]) -> bool:
         """Give a waiting sequence its cached prefix and fresh blocks for the rest of its tokens,
         if the pool can spare them and still leave a block for each running row."""
-        cached = self.blocks.cached_prefix(sequence.tokens)
         idle = sum(self.blocks.refs[block] == 0 for block in cached)
         fresh = self.blocks_for(len(sequence.tokens)) - len(cached)
         if fresh + idle > self.blocks.num_free - len(self.running):

@@ -1,10 +1,11 @@
-"""Which KV-cache slot each running sequence holds: the scheduler's allocator."""
+"""Which decode row each running sequence holds (its row of the decode graphs' block table):
+the scheduler's allocator."""
 
 from __future__ import annotations
 
 
 class SlotPool:
-    """The free slots of a cache of `slots` slots; the lowest-numbered is handed out first."""
+    """The free ones of `slots` numbered rows; the lowest-numbered is handed out first."""
 
     def __init__(self, slots: int) -> None:
         self._free = list(range(slots - 1, -1, -1))
