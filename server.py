@@ -87,15 +87,15 @@ class Frontend:
         """One completions request answered: a `text_completion` body or stream, or an
         ApiError."""
         parsed = parse_completion_request(raw)
-        bound = self.service.max_prompts
-        if len(parsed.prompts) > bound:  # could never be admitted: retrying would not help
+        options = parsed.options
+        bound, asked = self.service.max_prompts, len(parsed.prompts) * options.n
+        if asked > bound:  # could never be admitted: retrying would not help
             raise ApiError(
                 400,
-                f"A request may carry at most {bound} prompts (--max-in-flight); "
-                f"this one has {len(parsed.prompts)}.",
+                f"A request may carry at most {bound} prompts times 'n' (--max-in-flight); "
+                f"this one has {len(parsed.prompts)} x {options.n}.",
                 "prompt",
             )
-        options = parsed.options
         if options.stream:
             pieces = self.service.stream(parsed.prompts, options)
             return await self._stream(request, pieces, options, chat=False)
@@ -109,8 +109,8 @@ class Frontend:
         if options.stream:
             pieces = self.service.stream_chat(parsed.messages, options)
             return await self._stream(request, pieces, options, chat=True)
-        reply = await self.service.chat(parsed.messages, options)
-        return json_response(chat_body(self.model_name, reply))
+        replies = await self.service.chat(parsed.messages, options)
+        return json_response(chat_body(self.model_name, replies))
 
     async def _stream(
         self, request: web.Request, pieces: AsyncIterator[Piece], options: Options, chat: bool

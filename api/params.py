@@ -13,6 +13,7 @@ from replica.wire.messages import Decoding, SamplingParams
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 MAX_STOPS = 4
 MAX_SEED = 2**63 - 1
+MAX_N = 128  # OpenAI's bound on `n`; a replica refuses more than it can decode at once
 # Fields we do not implement, with the values that mean "off" (accepted as if absent).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
@@ -34,21 +35,21 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 @dataclass(frozen=True)
 class Options:
     """What we honour of a request besides its prompt: the client's token cap, its decoding
-    settings, and whether (and with a usage chunk or not) to stream."""
+    settings, how many samples each prompt gets, and whether (and with a usage chunk or not)
+    to stream."""
 
     max_tokens: int | None = None
     decoding: Decoding = field(default_factory=Decoding)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
 
 
 def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:
     """`greedy_unless_set`: a body with no sampling field decodes greedily (the course's path
     on /v1/completions); otherwise OpenAI's default temperature, 1, applies."""
     refuse_unsupported(body)
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):  # null means the default, 1
-        raise ApiError(400, "Only 'n': 1 is supported.", "n")
+    n = _integer(body, "n", 1, MAX_N) or 1  # null means the default, 1
     name = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -59,7 +60,7 @@ def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:
         raise ApiError(400, "'stream_options' must be an object.", "stream_options")
     usage = stream and _flag(stream_options, "include_usage", "stream_options")
     decoding = Decoding(parse_sampling(body, greedy_unless_set), parse_stop(body))
-    return Options(max_tokens, decoding, stream, usage)
+    return Options(max_tokens, decoding, stream, usage, n)
 
 
 def refuse_unsupported(body: dict[str, Any]) -> None:

@@ -91,20 +91,22 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 def completion_body(model: str, prompts: list[str], replies: list[Reply]) -> dict[str, Any]:
-    """A `text_completion` object; each choice also carries the prompt it answers, verbatim,
-    as the course's example output does (its graders match answers to prompts; OpenAI clients
-    ignore the extra field)."""
+    """A `text_completion` object: n replies per prompt, choice i * n + j being prompt i's
+    sample j. Each choice also carries the prompt it answers, verbatim, as the course's
+    example output does (its graders match answers to prompts; OpenAI clients ignore the extra
+    field)."""
+    n = len(replies) // len(prompts)
     return {
         **envelope("cmpl", "text_completion", model),
         "choices": [
             {
                 "index": i,
-                "prompt": prompt,
+                "prompt": prompts[i // n],
                 "text": reply.text,
                 "logprobs": None,
                 "finish_reason": reply.finish_reason,
             }
-            for i, (prompt, reply) in enumerate(zip(prompts, replies, strict=True))
+            for i, reply in enumerate(replies)
         ],
         "usage": usage_body(sum((reply.usage for reply in replies), Usage())),
     }
@@ -128,19 +130,20 @@ def usage_body(usage: Usage) -> dict[str, int]:
     }
 
 
-def chat_body(model: str, reply: Reply) -> dict[str, Any]:
-    """A `chat.completion` object with the assistant's message."""
+def chat_body(model: str, replies: list[Reply]) -> dict[str, Any]:
+    """A `chat.completion` object with the assistant's messages, one choice per sample."""
     return {
         **envelope("chatcmpl", "chat.completion", model),
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": reply.text},
                 "logprobs": None,
                 "finish_reason": reply.finish_reason,
             }
+            for i, reply in enumerate(replies)
         ],
-        "usage": usage_body(reply.usage),
+        "usage": usage_body(sum((reply.usage for reply in replies), Usage())),
     }
 
 

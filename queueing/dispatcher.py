@@ -59,9 +59,9 @@ class ReplicaError(Exception):
 
 def estimated_work(job: Job) -> int:
     """Tokens a job will cost, roughly, for load balancing (no tokenizer in the front end):
-    its prompt at 4 characters a token, plus what it may generate."""
+    its prompt at 4 characters a token, plus what its samples may generate."""
     prompt = sum(len(message["content"]) for message in job.messages) // 4
-    return prompt + (job.max_tokens if isinstance(job, GenerateJob) else 0)
+    return prompt + (job.max_tokens * job.n if isinstance(job, GenerateJob) else 0)
 
 
 @dataclass

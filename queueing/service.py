@@ -70,41 +70,48 @@ class CompletionService:
         await self.dispatcher.stop(seconds)
 
     async def complete(self, prompts: list[str], options: Options) -> list[shortcuts.Reply]:
-        """Replies in prompt order. Planning takes a bounded share of the loop; the prompts are
-        then answered concurrently, and one failure cancels the rest."""
+        """Replies in prompt order, `options.n` per prompt (choice i * n + j is prompt i's
+        sample j, as OpenAI orders them). Planning takes a bounded share of the loop; the
+        prompts are then answered concurrently, and one failure cancels the rest."""
         started = time.monotonic()
-        with self.dispatcher.admission(len(prompts)):
+        with self.dispatcher.admission(len(prompts) * options.n):
             plans = await self._plans(prompts, options)
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(self._reply(plan, started)) for plan in plans]
+                    tasks = [
+                        group.create_task(self._replies(plan, options.n, started)) for plan in plans
+                    ]
             except ExceptionGroup as failures:
                 raise failures.exceptions[0] from None
-        return [task.result() for task in tasks]
+        return [reply for task in tasks for reply in task.result()]
 
     async def stream(self, prompts: list[str], options: Options) -> AsyncIterator[Piece]:
-        """The replies' text as it is generated, pieces of all prompts interleaved. A plan
-        that decodes one turn streams it; the others (a solved graph, a scored MCQ, a
+        """The replies' text as it is generated, pieces of all prompts and samples interleaved.
+        A plan that decodes one turn streams it; the others (a solved graph, a scored MCQ, a
         reasoning MCQ) arrive whole."""
         started = time.monotonic()
-        with self.dispatcher.admission(len(prompts)):
+        n = options.n
+        with self.dispatcher.admission(len(prompts) * n):
             plans = await self._plans(prompts, options)
-            streams = [self._stream_plan(i, plan, started) for i, plan in enumerate(plans)]
+            streams = [self._stream_plan(i * n, plan, n, started) for i, plan in enumerate(plans)]
             async for piece in merged(streams):
                 yield piece
 
-    async def chat(self, messages: Chat, options: Options) -> shortcuts.Reply:
-        """One assistant turn for the messages as given: no shaping, nothing added."""
+    async def chat(self, messages: Chat, options: Options) -> list[shortcuts.Reply]:
+        """`options.n` assistant turns for the messages as given: no shaping, nothing added."""
         started = time.monotonic()
-        with self.dispatcher.admission(1):
+        with self.dispatcher.admission(options.n):
             result = await self.dispatcher.submit(_chat_job(messages, options))
-        reply = shortcuts.Reply("chat", result.text, result.finish_reason, result.usage)
-        self._answered(reply, started)
-        return reply
+        replies = shortcuts.carrying(
+            [shortcuts.Reply("chat", s.text, s.finish_reason) for s in result.samples],
+            result.usage,
+        )
+        self._answered(replies, started)
+        return replies
 
     async def stream_chat(self, messages: Chat, options: Options) -> AsyncIterator[Piece]:
         started = time.monotonic()
-        with self.dispatcher.admission(1):
+        with self.dispatcher.admission(options.n):
             async for piece in self._stream_job(0, _chat_job(messages, options), "chat", started):
                 yield piece
 
@@ -113,50 +120,63 @@ class CompletionService:
         return [shortcuts.with_decoding(plan, options.decoding) for plan in plans]
 
     async def _stream_plan(
-        self, index: int, plan: shortcuts.Plan, started: float
+        self, first: int, plan: shortcuts.Plan, n: int, started: float
     ) -> AsyncIterator[Piece]:
+        """The plan's n choices, numbered from `first`."""
         if isinstance(plan, shortcuts.Generate) and plan.fallback is None:
-            async for piece in self._stream_job(index, plan.job, plan.task, started):
+            async for piece in self._stream_job(first, plan.job(n), plan.task, started):
                 yield piece
         else:
-            reply = await self._reply(plan, started)
-            yield Piece(index, reply.text, reply)
+            for j, reply in enumerate(await self._replies(plan, n, started)):
+                yield Piece(first + j, reply.text, reply)
 
     async def _stream_job(
-        self, index: int, job: GenerateJob, task: shortcuts.Task, started: float
+        self, first: int, job: GenerateJob, task: shortcuts.Task, started: float
     ) -> AsyncIterator[Piece]:
-        """A shaped turn's text is stripped as `plan.reply` strips it (leading and trailing
-        whitespace held back), so the pieces add up to the unstreamed text."""
+        """Each sample's text, as choice `first` + its index. A shaped turn's text is stripped
+        as `plan.replies` strips it (leading and trailing whitespace held back), so the pieces
+        add up to the unstreamed text."""
         shaped = task != "chat"
-        raw = sent = ""
+        raw, sent = [""] * job.n, [""] * job.n
         async for message in self.dispatcher.stream(replace(job, stream=True)):
             if isinstance(message, Delta):
-                raw += message.text
-                shown = raw.strip() if shaped else raw
-                if len(shown) > len(sent):
-                    yield Piece(index, shown[len(sent) :])
-                    sent = shown
+                j = message.sample
+                raw[j] += message.text
+                shown = raw[j].strip() if shaped else raw[j]
+                if len(shown) > len(sent[j]):
+                    yield Piece(first + j, shown[len(sent[j]) :])
+                    sent[j] = shown
                 continue
-            text = strip_think(message.text) if shaped else message.text
-            reply = shortcuts.Reply(task, text, message.finish_reason, message.usage)
-            self._answered(reply, started)
-            yield Piece(index, text.removeprefix(sent) if text.startswith(sent) else "", reply)
+            texts = [strip_think(s.text) if shaped else s.text for s in message.samples]
+            reasons = [s.finish_reason for s in message.samples]
+            replies = shortcuts.carrying(
+                [shortcuts.Reply(task, *reply) for reply in zip(texts, reasons, strict=True)],
+                message.usage,
+            )
+            self._answered(replies, started)
+            for j, reply in enumerate(replies):
+                rest = reply.text.removeprefix(sent[j]) if reply.text.startswith(sent[j]) else ""
+                yield Piece(first + j, rest, reply)
 
-    async def _reply(self, plan: shortcuts.Plan, started: float) -> shortcuts.Reply:
+    async def _replies(self, plan: shortcuts.Plan, n: int, started: float) -> list[shortcuts.Reply]:
         try:
-            reply = await plan.reply(self.dispatcher.submit)
+            replies = await plan.replies(self.dispatcher.submit, n)
         except Exception:
             self._prompts.labels(task=plan.task, status="error").inc()
             raise
-        self._answered(reply, started)
-        return reply
+        self._answered(replies, started)
+        return replies
 
-    def _answered(self, reply: shortcuts.Reply, started: float) -> None:
-        self._prompts.labels(task=reply.task, status="ok").inc()
-        self._latency.labels(task=reply.task).observe(time.monotonic() - started)
-        self._tokens_in.inc(reply.usage.prompt_tokens)
-        self._tokens_out.inc(reply.usage.completion_tokens)
+    def _answered(self, replies: list[shortcuts.Reply], started: float) -> None:
+        """One prompt answered (its n replies)."""
+        task = replies[0].task
+        self._prompts.labels(task=task, status="ok").inc()
+        self._latency.labels(task=task).observe(time.monotonic() - started)
+        for reply in replies:
+            self._tokens_in.inc(reply.usage.prompt_tokens)
+            self._tokens_out.inc(reply.usage.completion_tokens)
 
 
 def _chat_job(messages: Chat, options: Options) -> GenerateJob:
-    return GenerateJob(messages, options.max_tokens or CHAT_MAX_TOKENS, options.decoding)
+    max_tokens = options.max_tokens or CHAT_MAX_TOKENS
+    return GenerateJob(messages, max_tokens, options.decoding, n=options.n)

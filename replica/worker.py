@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest, EngineResult
+from replica.engine.sequence import SampleKey
 from replica.loading.source import resolve
 from replica.text_watch import TextWatch
 from replica.tokenization import PromptCodec
@@ -24,10 +26,13 @@ from replica.wire.messages import (
     Cancelled,
     Delta,
     Failed,
+    FinishReason,
     GenerateJob,
+    KVUsage,
     Ready,
     Request,
     Result,
+    Sample,
     ScoreJob,
     Shutdown,
     Usage,
@@ -50,6 +55,28 @@ class ContextOverflow(ValueError):
     param, code = "prompt", "context_length_exceeded"
 
 
+@dataclass
+class Samples:
+    """A generating request's samples as they finish; its Result goes out once all n are in."""
+
+    n: int
+    prompt_tokens: int
+    done: dict[int, tuple[Sample, int]] = field(default_factory=dict)  # sample: it, its tokens
+
+    def add(self, sample: int, text: str, finish_reason: FinishReason, tokens: int) -> None:
+        self.done[sample] = (Sample(text, finish_reason), tokens)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.n
+
+    def result(self, request_id: int, kv: KVUsage) -> Result:
+        ordered = [self.done[i] for i in range(self.n)]
+        first, *more = [sample for sample, _ in ordered]
+        usage = Usage(self.prompt_tokens, sum(tokens for _, tokens in ordered))
+        return Result(request_id, first.text, first.finish_reason, usage, kv=kv, more=tuple(more))
+
+
 class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         torch.set_num_threads(spec.cpu_threads)
@@ -59,7 +86,8 @@ class Replica:
         self.codec = PromptCodec(self.source.tokenizer_dir)
         self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
         self.max_context = self.engine.max_context
-        self.watches: dict[int, tuple[TextWatch, bool]] = {}  # id -> its text, streamed or not
+        self.samples: dict[int, Samples] = {}  # generating requests, by id
+        self.watches: dict[SampleKey, tuple[TextWatch, bool]] = {}  # its text, streamed or not
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
@@ -84,40 +112,47 @@ class Replica:
                     return
                 self._handle(conn, message)
             for result in self.engine.step():
-                conn.send(self._result(result))
+                self._finished(conn, result)
             self._follow(conn)
 
     def _follow(self, conn: BlockingChannel) -> None:
-        """Watched requests' new text: streamed out as Deltas, and a stop string ends its
-        request at once (cancelled in the engine, so its slot frees now)."""
-        for request_id, ids in self.engine.new_tokens():
-            watch, streamed = self.watches[request_id]
+        """Watched samples' new text: streamed out as Deltas, and a stop string ends its
+        sample at once (cancelled in the engine, so its KV frees now)."""
+        for key, ids in self.engine.new_tokens():
+            watch, streamed = self.watches[key]
             watch.add(ids)
             if watch.stopped:
-                self.engine.cancel(request_id)
-                del self.watches[request_id]
-                usage = Usage(watch.prompt_tokens, len(watch.ids))
-                conn.send(Result(request_id, watch.text, "stop", usage))
+                self.engine.cancel(*key)
+                del self.watches[key]
+                self._sample_done(conn, key, watch.text, "stop", len(watch.ids))
             elif streamed and (piece := watch.unsent()):
-                conn.send(Delta(request_id, piece))
+                conn.send(Delta(key[0], piece, key[1]))
 
     def _handle(self, conn: BlockingChannel, message: Request | Cancel) -> None:
         if isinstance(message, Cancel):
-            self.watches.pop(message.id, None)
+            self._forget(message.id)
             if self.engine.cancel(message.id):
                 conn.send(Cancelled(message.id))
             return
         try:
             request = self._to_engine_request(message)
+            self.engine.add(request)
         except ValueError as error:  # the request's fault (too long, an odd option): a 400
             param, code = getattr(error, "param", None), getattr(error, "code", None)
             conn.send(Failed(message.id, 400, str(error), param, code))
             return
-        self.engine.add(request)
         job = message.job
+        if isinstance(job, GenerateJob):
+            self.samples[message.id] = Samples(job.n, len(request.prompt_ids))
         if request.watch and isinstance(job, GenerateJob):
-            watch = TextWatch(self.codec.decode, len(request.prompt_ids), job.decoding.stop)
-            self.watches[message.id] = (watch, job.stream)
+            for sample in range(job.n):
+                watch = TextWatch(self.codec.decode, len(request.prompt_ids), job.decoding.stop)
+                self.watches[message.id, sample] = (watch, job.stream)
+
+    def _forget(self, request_id: int) -> None:
+        gathering = self.samples.pop(request_id, None)
+        for sample in range(gathering.n if gathering else 0):
+            self.watches.pop((request_id, sample), None)
 
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
@@ -139,22 +174,36 @@ class Replica:
             min(job.max_tokens, room),
             sampling=job.decoding.sampling,
             watch=job.stream or bool(job.decoding.stop),
+            n=job.n,
         )
 
-    def _result(self, result: EngineResult) -> Result:
+    def _finished(self, conn: BlockingChannel, result: EngineResult) -> None:
         """A Score's answer is its option index and counts one completion token; a watched
-        request's text is its watch's, which a stop string in its last tokens still cuts."""
-        scored = result.choice_index is not None
-        usage = Usage(result.prompt_tokens, 1 if scored else len(result.output_ids))
-        kv = self.engine.kv_usage()
-        watched = self.watches.pop(result.id, None)
+        sample's text is its watch's, which a stop string in its last tokens still cuts."""
+        if result.choice_index is not None:
+            usage = Usage(result.prompt_tokens, 1)
+            kv = self.engine.kv_usage()
+            conn.send(Result(result.id, "", "stop", usage, result.choice_index, kv))
+            return
+        key = result.id, result.sample
+        watched = self.watches.pop(key, None)
         if watched is None:
             text = self.codec.decode(result.output_ids)
-            return Result(result.id, text, result.finish_reason, usage, result.choice_index, kv)
+            tokens = len(result.output_ids)
+            self._sample_done(conn, key, text, result.finish_reason, tokens)
+            return
         watch = watched[0]
         watch.add(result.output_ids[len(watch.ids) :])
         text = watch.finish()
-        if watch.stopped:
-            usage = Usage(result.prompt_tokens, len(watch.ids))
-            return Result(result.id, text, "stop", usage, kv=kv)
-        return Result(result.id, text, result.finish_reason, usage, kv=kv)
+        reason = "stop" if watch.stopped else result.finish_reason
+        self._sample_done(conn, key, text, reason, len(watch.ids))
+
+    def _sample_done(
+        self, conn: BlockingChannel, key: SampleKey, text: str, reason: FinishReason, tokens: int
+    ) -> None:
+        request_id, sample = key
+        gathering = self.samples[request_id]
+        gathering.add(sample, text, reason, tokens)
+        if gathering.complete:
+            del self.samples[request_id]
+            conn.send(gathering.result(request_id, self.engine.kv_usage()))

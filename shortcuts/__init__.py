@@ -9,6 +9,7 @@ from shortcuts.plans import (
     Score,
     Task,
     UnsolvedGraph,
+    carrying,
     with_decoding,
 )
 from shortcuts.profiles import PROFILES, Profile, get_profile
@@ -27,6 +28,7 @@ __all__ = [
     "Score",
     "Task",
     "UnsolvedGraph",
+    "carrying",
     "get_profile",
     "plan",
     "plan_unshaped",

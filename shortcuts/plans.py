@@ -3,7 +3,8 @@
 A plan asks the model (a `Model`: the dispatcher, in the server) zero, one or two times and
 returns a Reply: the final text plus the tokens spent. Every decision about the model's output
 (stripping reasoning, reading the chosen letter, falling back to scoring) is made here, so the
-HTTP layer only awaits `plan.reply(model)` and renders what comes back.
+HTTP layer only awaits `plan.replies(model, n)` and renders what comes back: n replies, one per
+sample the client asked for (an answer found without sampling is the same in each).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class Answer:
     task: Route
     text: str
 
-    async def reply(self, model: Model) -> Reply:
-        return Reply(self.task, self.text)
+    async def replies(self, model: Model, n: int = 1) -> list[Reply]:
+        return [Reply(self.task, self.text)] * n
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,11 @@ class Score:
     prefix: str
     choices: list[str]
 
-    async def reply(self, model: Model) -> Reply:
+    async def replies(self, model: Model, n: int = 1) -> list[Reply]:
+        """One scoring prefill; its argmax is every sample's answer."""
         result = await model(wire.ScoreJob(self.messages, self.prefix, tuple(self.choices)))
-        return Reply(self.task, mcq.answer_line(self.letter(result)), "stop", result.usage)
+        reply = Reply(self.task, mcq.answer_line(self.letter(result)), "stop")
+        return carrying([reply] * n, result.usage)
 
     def letter(self, result: wire.Result) -> str:
         """The letter of the option the replica chose."""
@@ -76,20 +79,29 @@ class Generate:
     fallback: Score | None = None
     decoding: wire.Decoding = field(default_factory=wire.Decoding)  # the default: greedy
 
-    @property
-    def job(self) -> wire.GenerateJob:
-        return wire.GenerateJob(self.messages, self.max_tokens, self.decoding)
+    def job(self, n: int = 1) -> wire.GenerateJob:
+        return wire.GenerateJob(self.messages, self.max_tokens, self.decoding, n=n)
 
-    async def reply(self, model: Model) -> Reply:
-        result = await model(self.job)
-        text = strip_think(result.text)
+    async def replies(self, model: Model, n: int = 1) -> list[Reply]:
+        result = await model(self.job(n))
+        samples = [(strip_think(s.text), s.finish_reason) for s in result.samples]
         if self.fallback is None:
-            return Reply(self.task, text, result.finish_reason, result.usage)
-        letter = mcq.chosen_letter(text, self.fallback.choices)
-        if letter is not None:
-            return Reply(self.task, mcq.answer_line(letter), result.finish_reason, result.usage)
-        scored = await self.fallback.reply(model)
-        return replace(scored, usage=result.usage + scored.usage)
+            return carrying([Reply(self.task, *sample) for sample in samples], result.usage)
+        letters = [mcq.chosen_letter(text, self.fallback.choices) for text, _ in samples]
+        # One scoring prefill answers every sample that named no letter.
+        scored = await self.fallback.replies(model) if None in letters else []
+        replies = [
+            scored[0] if letter is None else Reply(self.task, mcq.answer_line(letter), reason)
+            for letter, (_, reason) in zip(letters, samples, strict=True)
+        ]
+        return carrying(replies, sum((r.usage for r in scored), result.usage))
+
+
+def carrying(replies: list[Reply], usage: wire.Usage) -> list[Reply]:
+    """The replies of one prompt with its usage on the first: summed over a response's
+    choices, the prompt counts once and every sample's tokens count."""
+    empty = wire.Usage()
+    return [replace(reply, usage=usage if i == 0 else empty) for i, reply in enumerate(replies)]
 
 
 class UnsolvedGraph(Generate):

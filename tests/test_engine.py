@@ -39,13 +39,24 @@ def expected(reference, prompts) -> list[list[int]]:
 
 
 def run(engine: Engine, requests: list[EngineRequest]) -> dict[int, EngineResult]:
+    """Each request's result, by id (every request of one sample)."""
+    results = run_samples(engine, requests)
+    assert all(sample == 0 for _, sample in results)
+    return {request_id: result for (request_id, _), result in results.items()}
+
+
+def run_samples(
+    engine: Engine, requests: list[EngineRequest]
+) -> dict[tuple[int, int], EngineResult]:
+    """Every sample's result, by (id, sample), once the engine has nothing left to do."""
     for request in requests:
         engine.add(request)
-    results: dict[int, EngineResult] = {}
+    results: dict[tuple[int, int], EngineResult] = {}
     while engine.has_work():
         for result in engine.step():
-            assert result.id not in results
-            results[result.id] = result
+            key = result.id, result.sample
+            assert key not in results
+            results[key] = result
     return results
 
 

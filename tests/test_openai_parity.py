@@ -1,7 +1,7 @@
 """OpenAI parity end to end, with the real `openai` client against server subprocesses on
 checkpoints saved by transformers: chat equals transformers' greedy generate, streams add up
-to the unstreamed text, seeds, stops, /v1/models, refused fields, and a client that leaves
-mid-stream frees its slot."""
+to the unstreamed text, seeds, `n`, stops, /v1/models, refused fields, and a client that
+leaves mid-stream frees its slot."""
 
 from __future__ import annotations
 
@@ -116,6 +116,43 @@ def test_seed_makes_sampling_reproducible(client):
     assert completion.choices[0].text != greedy.choices[0].text
 
 
+def test_n_samples_are_seed_plus_index_and_stream_alike(client):
+    """n samples of one prompt: sample j is what n = 1 gives with seed + j; usage counts the
+    prompt once; streamed choices add up to the unstreamed ones."""
+    settings = {"model": "tiny", "temperature": 1.0, "max_tokens": NEW_TOKENS}
+    alone = [
+        client.chat.completions.create(messages=CHATS[1], seed=7 + j, **settings) for j in range(3)
+    ]
+    together = client.chat.completions.create(messages=CHATS[1], seed=7, n=3, **settings)
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    texts = [answer.choices[0].message.content for answer in alone]
+    assert len(set(texts)) == 3
+    assert [choice.message.content for choice in together.choices] == texts
+    assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    pieces = ["", "", ""]
+    for chunk in client.chat.completions.create(
+        messages=CHATS[1], seed=7, n=3, stream=True, **settings
+    ):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.delta.content or ""
+    assert pieces == texts
+
+    prompts = ["Tell me a story.", "Hi"]
+    whole = client.completions.create(prompt=prompts, seed=3, n=2, **settings)
+    assert [(c.index, c.model_extra["prompt"]) for c in whole.choices] == [
+        (0, prompts[0]),
+        (1, prompts[0]),
+        (2, prompts[1]),
+        (3, prompts[1]),
+    ]
+    for i, choice in enumerate(whole.choices):
+        [single] = client.completions.create(
+            prompt=prompts[i // 2], seed=3 + i % 2, **settings
+        ).choices
+        assert choice.text == single.text, i
+
+
 def test_stop_strings_end_the_text(client):
     settings = {"model": "tiny", "messages": CHATS[0], "temperature": 0, "max_tokens": 200}
     full = client.chat.completions.create(**settings).choices[0].message.content
@@ -126,6 +163,8 @@ def test_stop_strings_end_the_text(client):
     assert answer.choices[0].finish_reason == "stop"
     streamed = client.chat.completions.create(stop=stop, stream=True, **settings)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
+    both = client.chat.completions.create(stop=stop, n=2, **settings)  # each sample watched
+    assert [(c.message.content, c.finish_reason) for c in both.choices] == [(cut, "stop")] * 2
 
 
 def test_models_and_refused_fields(server, client):

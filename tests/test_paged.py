@@ -1,11 +1,14 @@
 """The paged KV cache: every paging case in one run, token for token against transformers
-(dense and MoE), and the block pool's bookkeeping under a random workload."""
+(dense and MoE), forked samples (n > 1), and the block pool's bookkeeping under a random
+workload."""
 
 from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
+import pytest
 import torch
 
 from replica.engine.blocks import BlockPool
@@ -15,21 +18,26 @@ from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Sequence
 from replica.loading.reference import build_reference_model
 from replica.loading.source import resolve
-from replica.wire.messages import GenerateJob
+from replica.wire.messages import GenerateJob, SamplingParams
 from replica.wire.spec import ReplicaSpec
 from replica.worker import Replica
-from tests.test_engine import run
+from tests.test_engine import run, run_samples
 from tests.test_mixed_batch import run_together
 from tests.test_moe import checkpoint  # noqa: F401 (a fixture: the tiny MoE checkpoint)
-from tests.transformers_oracle import greedy_continuations
+from tests.transformers_oracle import greedy_continuations, sampled_continuation
 
 PREFIX = 48  # three full blocks of 16
 
 
-def paging_workload(vocab: int) -> tuple[list[int], list[tuple[list[int], int]]]:
+FORK_SEED = 21
+
+
+def paging_workload(vocab: int) -> tuple[list[int], list[EngineRequest]]:
     """A first prompt that fills the prefix cache, then the batch: a prompt sharing its three
-    full blocks, one long enough to prefill in chunks, and prompts on either side of a block
-    boundary, with caps that outgrow a small pool (so the newest are preempted)."""
+    full blocks, one long enough to prefill in chunks, prompts on either side of a block
+    boundary, with caps that outgrow a small pool (so the newest are preempted), and two
+    requests for n = 3: sampled from a partly filled last block (each fork copies it), and
+    greedy from a block-aligned prompt."""
     gen = torch.Generator().manual_seed(11)
 
     def tokens(n: int) -> list[int]:
@@ -39,20 +47,37 @@ def paging_workload(vocab: int) -> tuple[list[int], list[tuple[list[int], int]]]
     first = prefix + tokens(5)
     batch = [(prefix + tokens(9), 12), (tokens(150), 20)]
     batch += [(tokens(n), 80) for n in (15, 16, 17, 33)]
-    return first, batch
+    requests = [EngineRequest(i + 1, p, cap) for i, (p, cap) in enumerate(batch)]
+    sampled = SamplingParams(temperature=1.0, seed=FORK_SEED)
+    requests.append(EngineRequest(20, tokens(21), 15, sampling=sampled, n=3))
+    requests.append(EngineRequest(21, tokens(32), 10, n=3))
+    return first, requests
+
+
+def expected_samples(reference, request: EngineRequest) -> list[list[int]]:
+    """Sample j of a request is drawn from seed + j, as if it ran alone."""
+    params = request.sampling
+    return [
+        sampled_continuation(
+            reference,
+            request.prompt_ids,
+            params and replace(params, seed=(params.seed or 0) + j),
+            request.max_new_tokens,
+        )
+        for j in range(request.n)
+    ]
 
 
 def check_paging(source, reference) -> None:
     engine = Engine(source, "cpu", max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64)
     first, batch = paging_workload(source.config.vocab_size)
     [first_result] = run(engine, [EngineRequest(0, first, 10)]).values()
-    results = run(engine, [EngineRequest(i + 1, p, cap) for i, (p, cap) in enumerate(batch)])
-    prompts = [first] + [p for p, _ in batch]
-    caps = [10] + [cap for _, cap in batch]
-    expected = greedy_continuations(reference, prompts, max(caps))
-    assert first_result.output_ids == expected[0][:10]
-    for i, cap in enumerate(caps[1:], start=1):
-        assert results[i].output_ids == expected[i][:cap], i
+    assert first_result.output_ids == greedy_continuations(reference, [first], 10)[0]
+    results = run_samples(engine, batch)
+    for request in batch:
+        for j, expected in enumerate(expected_samples(reference, request)):
+            assert results[request.id, j].output_ids == expected, (request.id, j)
+    assert len({tuple(results[20, j].output_ids) for j in range(3)}) == 3  # three streams
     assert engine.blocks.hit_tokens >= PREFIX  # the shared prefix was not computed again
     assert engine.stats.prefill_chunks >= 2  # 150 tokens in chunks of at most 64
     assert engine.scheduler.preemptions >= 1  # 16 blocks cannot hold every row's answer
@@ -75,7 +100,7 @@ def check_pool(scheduler: Scheduler, sequences: list[Sequence]) -> None:
     pool = scheduler.blocks
     holders = [0] * pool.num_blocks
     for sequence in sequences:
-        for block in sequence.blocks:
+        for block in sequence.blocks + sequence.fork_blocks:
             holders[block] += 1
     assert holders == pool.refs
     free, idle = list(pool._free), list(pool._idle)
@@ -95,32 +120,73 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
     )
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     sequences: list[Sequence] = []
+    forks = chunked_forks = cut_forks = 0
+    live: list[Sequence] = []
     for step in range(3000):
         action = rng.random()
         if action < 0.25 and len(scheduler.waiting) < 8:
-            prompt = [*rng.choice(prefixes)[: rng.randrange(1, 13)], rng.randrange(50)]
+            tail = [rng.randrange(50) for _ in range(rng.choice((1, 1, 1, 30)))]
+            prompt = [*rng.choice(prefixes)[: rng.randrange(1, 13)], *tail]  # some in chunks
             scoring = rng.random() < 0.2
-            request = EngineRequest(step, prompt, 0 if scoring else 8, [1] if scoring else None)
-            sequence = Sequence(request, limit=rng.randrange(10, 40))
+            n = 1 if scoring else rng.choice((1, 1, 2, 3))
+            request = EngineRequest(
+                step, prompt, 0 if scoring else 8, [1] if scoring else None, n=n
+            )
+            sequence = Sequence(request, limit=rng.randrange(10, 40), forks=n - 1)
             sequences.append(sequence)
             scheduler.add(sequence)
         elif action < 0.6:
             chunks = scheduler.next_prefill()
-            scheduler.prefilled(chunks)
+            chunked_forks += any(not c.completes and c.sequence.forks for c in chunks)
+            copies = scheduler.prefilled(chunks)
+            assert len({destination for _, destination in copies}) == len(copies)
             for chunk in chunks:
                 if chunk.completes and not chunk.sequence.is_scoring:
-                    chunk.sequence.output.append(rng.randrange(50))
+                    forks += len(chunk.sequence.forked)
+                    sequences += chunk.sequence.forked
+                    for started in (chunk.sequence, *chunk.sequence.forked):
+                        started.output.append(rng.randrange(50))
         elif action < 0.9:
             for sequence in scheduler.decode_batch():
                 sequence.output.append(rng.randrange(50))
                 if len(sequence.output) >= sequence.limit:
                     scheduler.finish(sequence)
-        elif sequences:
-            scheduler.cancel(rng.choice(sequences).id)
+        elif live:  # half the time, a prompt between its chunks (with its forks' blocks)
+            partial = scheduler.partial
+            dropped = partial if partial and rng.random() < 0.5 else rng.choice(live)
+            cut_forks += bool(dropped.fork_blocks)
+            scheduler.cancel(dropped.id, rng.choice((None, dropped.sample)))
         live = list(scheduler.running.values()) + list(scheduler.waiting)
         live += [scheduler.partial] if scheduler.partial else []
         check_pool(scheduler, [s for s in sequences if s in live or s.blocks])
-    assert scheduler.preemptions > 0 and scheduler.blocks.hit_tokens > 0
+    assert scheduler.preemptions > 0 and scheduler.blocks.hit_tokens > 0 and forks > 0
+    assert chunked_forks > 0 and cut_forks > 0
+
+
+def test_forked_samples_share_one_prefill_and_its_full_blocks():
+    engine = Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=8)
+    prompt = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    sampling = SamplingParams(temperature=1.0, seed=3)
+    engine.add(EngineRequest(1, prompt, 6, sampling=sampling, n=4))
+    engine.step()  # the one prefill
+    assert engine.stats.prefill_calls == 1 and engine.stats.prefill_tokens == 40
+    samples = sorted(engine.scheduler.running.values(), key=lambda s: s.sample)
+    assert [s.sample for s in samples] == [0, 1, 2, 3]
+    full = samples[0].blocks[:2]  # 40 tokens: two full blocks, then a partly filled one
+    assert all(s.blocks[:2] == full for s in samples)
+    assert [engine.blocks.refs[b] for b in full] == [4, 4]
+    assert len({s.blocks[2] for s in samples}) == 4  # each writes its own last block
+    results = run_samples(engine, [])
+    assert sorted(results) == [(1, j) for j in range(4)]
+    assert all(len(r.output_ids) == 6 for r in results.values())
+    assert not any(engine.blocks.refs)
+
+
+def test_more_samples_than_decode_rows_is_refused():
+    engine = Engine(resolve("tiny-random"), "cpu", max_batch=4)
+    with pytest.raises(ValueError, match="n = 5") as refused:
+        engine.add(EngineRequest(1, [1, 2, 3], 4, n=5))
+    assert getattr(refused.value, "param", None) == "n"
 
 
 def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():

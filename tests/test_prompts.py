@@ -45,7 +45,7 @@ class FakeModel:
 
 def reply(shaped: Plan, text: str = "", choice: int | None = None) -> tuple[Reply, FakeModel]:
     model = FakeModel(text, choice)
-    return asyncio.run(shaped.reply(model)), model
+    return asyncio.run(shaped.replies(model))[0], model
 
 
 @cache

@@ -54,7 +54,7 @@ BAD_BODIES = {
     "stream not a flag": (b'{"prompt": "a", "stream": "yes"}', 400),
     "temperature out of range": (b'{"prompt": "a", "temperature": 9}', 400),
     "echo (not implemented)": (b'{"prompt": "a", "echo": true}', 400),
-    "n > 1": (b'{"prompt": "a", "n": 2}', 400),
+    "n = 0": (b'{"prompt": "a", "n": 0}', 400),
 }
 
 

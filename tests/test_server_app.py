@@ -250,6 +250,9 @@ def test_more_prompts_than_could_ever_be_admitted_is_a_400():
         assert body["error"]["param"] == "prompt" and "at most 2" in body["error"]["message"]
         assert body["error"]["type"] == "invalid_request_error"
         assert not dispatcher.sent
+        async with client.post(ROUTE, json={"prompt": ["a", "b"], "n": 2}) as response:
+            assert response.status == 400  # n samples of each prompt count against the bound
+        assert not dispatcher.sent
         async with client.post(ROUTE, json={"prompt": ["a", "b"]}) as response:
             assert response.status == 200
 
@@ -257,9 +260,10 @@ def test_more_prompts_than_could_ever_be_admitted_is_a_400():
 
 
 def test_n_null_means_the_default():
-    assert parse_completion_request(b'{"prompt": "a", "n": null}').prompts == ["a"]
-    assert parse_completion_request(b'{"prompt": "a", "n": 1}').prompts == ["a"]
-    for bad in (b"2", b"0", b"true", b'"1"'):
+    assert parse_completion_request(b'{"prompt": "a", "n": null}').options.n == 1
+    assert parse_completion_request(b'{"prompt": "a", "n": 1}').options.n == 1
+    assert parse_completion_request(b'{"prompt": "a", "n": 3}').options.n == 3
+    for bad in (b"129", b"0", b"true", b'"1"'):
         with pytest.raises(ApiError):
             parse_completion_request(b'{"prompt": "a", "n": ' + bad + b"}")
 

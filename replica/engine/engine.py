@@ -28,7 +28,7 @@ from replica.engine.kv_cache import BLOCK_SIZE, KVCache, plan_blocks
 from replica.engine.model_runner import DecodeRows, ModelRunner, batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
-from replica.engine.sequence import Sequence
+from replica.engine.sequence import SampleKey, Sequence
 from replica.loading.model import load_model
 from replica.loading.source import ModelSource
 from replica.model.sampling import Sampler
@@ -52,6 +52,12 @@ class EngineStats:
     decode_rows: int = 0
     decode_kv_tokens: int = 0  # live K/V tokens read, summed over rows and steps
     decode_s: float = 0.0
+
+
+class SampleCountError(ValueError):
+    """More samples than the engine can run at once: the request's `n` is at fault."""
+
+    param = "n"
 
 
 class StartupClock:
@@ -153,7 +159,7 @@ class Engine:
             eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
         self.eos_ids = frozenset(eos_ids)
         self.stats = EngineStats()
-        self._watched: dict[int, Sequence] = {}  # id -> sequence, for requests with `watch`
+        self._watched: dict[SampleKey, Sequence] = {}  # the samples of requests with `watch`
         self._seeds = random.Random(os.urandom(16))  # for sampled requests that bring none
         with clock.phase("warmup"):
             if on_cuda if warm_up is None else warm_up:
@@ -228,10 +234,25 @@ class Engine:
             raise ValueError(f"prompt of {n} tokens; this engine takes 1..{self.max_context - 1}")
         if request.choice_ids is not None and not request.choice_ids:
             raise ValueError("a scoring request needs at least one choice id")
-        sequence = Sequence(request, self._sampling(request.sampling))
+        self._check_samples(request)
+        sequence = Sequence(request, self._sampling(request.sampling), forks=request.n - 1)
         if request.watch:
-            self._watched[request.id] = sequence
+            self._watched[sequence.key] = sequence
         self.scheduler.add(sequence)
+
+    def _check_samples(self, request: EngineRequest) -> None:
+        """n samples need n decode rows at once, and their prefill plus each fork's copy of
+        its last block must fit the pool."""
+        if not 1 <= request.n <= self.max_rows:
+            raise SampleCountError(f"n = {request.n}; this engine runs 1..{self.max_rows} at once")
+        scheduler = self.scheduler
+        prompt = len(request.prompt_ids)
+        needed = scheduler.blocks_for(prompt) + scheduler.fork_copies(prompt, request.n - 1)
+        if needed > self.blocks.num_blocks:
+            raise SampleCountError(
+                f"n = {request.n} samples of a {prompt}-token prompt need {needed} KV blocks; "
+                f"this engine has {self.blocks.num_blocks}"
+            )
 
     def _sampling(self, params: SamplingParams | None) -> SamplingParams | None:
         """None for greedy; a sampled request without a seed gets one of its own."""
@@ -241,20 +262,23 @@ class Engine:
             return replace(params, seed=self._seeds.getrandbits(63))
         return params
 
-    def new_tokens(self) -> list[tuple[int, list[int]]]:
-        """(id, tokens) for each running watched request that generated tokens since the last
-        call: host ints the step already had, so no device sync. A finished request's last
-        tokens come in its result instead."""
+    def new_tokens(self) -> list[tuple[SampleKey, list[int]]]:
+        """((id, sample), tokens) for each running watched sample that generated tokens since
+        the last call: host ints the step already had, so no device sync. A finished sample's
+        last tokens come in its result instead."""
         fresh = []
         for sequence in self._watched.values():
             if len(sequence.output) > sequence.reported:
-                fresh.append((sequence.id, sequence.output[sequence.reported :]))
+                fresh.append((sequence.key, sequence.output[sequence.reported :]))
                 sequence.reported = len(sequence.output)
         return fresh
 
-    def cancel(self, request_id: int) -> bool:
-        self._watched.pop(request_id, None)
-        return self.scheduler.cancel(request_id) is not None
+    def cancel(self, request_id: int, sample: int | None = None) -> bool:
+        """Drop a request (or one of its samples); False if nothing of it was here."""
+        dropped = self.scheduler.cancel(request_id, sample)
+        for sequence in dropped:
+            self._watched.pop(sequence.key, None)
+        return bool(dropped)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -279,10 +303,11 @@ class Engine:
         logits = self.runner.prefill(
             [(c.sequence.tokens, c.start, c.end, c.sequence.blocks) for c in chunks]
         )
-        self.scheduler.prefilled(chunks)
-        done = [i for i, chunk in enumerate(chunks) if chunk.completes]
-        group = [chunks[i].sequence for i in done]
-        logits = logits[done]
+        copies = self.scheduler.prefilled(chunks)
+        if copies:
+            self.cache.copy_blocks(copies)
+        group, rows = self._prefilled_samples(chunks)
+        logits = logits[rows]
         first_tokens = _first_tokens(group, logits, self.runner.sampler)
         choices = _best_choices(group, logits)
         results = []
@@ -303,9 +328,23 @@ class Engine:
                 results.append(result)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += sum(c.end - c.start for c in chunks)
-        self.stats.prefill_chunks += len(chunks) - len(done)
+        self.stats.prefill_chunks += sum(not chunk.completes for chunk in chunks)
         self.stats.prefill_s += time.perf_counter() - start
         return results
+
+    def _prefilled_samples(self, chunks: list[Chunk]) -> tuple[list[Sequence], list[int]]:
+        """The sequences whose prefill ended, each followed by the samples it forked, and the
+        logits row (the chunk) each one's first token comes from."""
+        group, rows = [], []
+        for i, chunk in enumerate(chunks):
+            if not chunk.completes:
+                continue
+            for sequence in (chunk.sequence, *chunk.sequence.forked):
+                group.append(sequence)
+                rows.append(i)
+                if sequence.request.watch:
+                    self._watched[sequence.key] = sequence
+        return group, rows
 
     def _decode(self, running: list[Sequence]) -> list[EngineResult]:
         start = time.perf_counter()
@@ -347,7 +386,7 @@ class Engine:
         return None
 
     def _finish(self, sequence: Sequence, reason: FinishReason) -> EngineResult:
-        self._watched.pop(sequence.id, None)
+        self._watched.pop(sequence.key, None)
         self.scheduler.finish(sequence)
         return sequence.result(reason)
 

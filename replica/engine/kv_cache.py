@@ -108,5 +108,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block `source` to block `destination` in every layer, for each pair (a forked
+        sample's own copy of a partly filled block)."""
+        source, destination = torch.tensor(pairs, device=self.data.device).unbind(1)
+        self.data[:, :, destination] = self.data[:, :, source]
+
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.data[index, 0], self.data[index, 1]

@@ -21,6 +21,7 @@ class EngineRequest:
     choice_ids: list[int] | None = None
     sampling: SamplingParams | None = None  # None: greedy
     watch: bool = False  # report its new tokens each step (Engine.new_tokens)
+    n: int = 1  # samples, forked from one prefill (OpenAI's `n`)
 
 
 @dataclass
@@ -30,3 +31,4 @@ class EngineResult:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
     choice_index: int | None = None
+    sample: int = 0  # which of the request's n samples this is

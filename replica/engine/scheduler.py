@@ -11,6 +11,10 @@ one chunk a step, alternating with decode steps while other rows run. A prompt's
 blocks that are already cached are shared, not computed. When a decode step needs a block and
 none is free, the newest sequence gives its blocks back and waits again at the head of the
 queue; it is computed anew (prompt and output so far) when it is readmitted.
+
+A request for n samples is admitted once, with rows for all n and a block for each fork's copy
+of its last, partly filled block; when its prefill ends, the n - 1 forks share its full blocks
+(by reference count), take their copies, and decode on their own from then on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from replica.engine.blocks import BlockPool
-from replica.engine.sequence import Sequence
+from replica.engine.sequence import SampleKey, Sequence
 from replica.engine.slots import SlotPool
 
 
@@ -49,7 +53,7 @@ class Scheduler:
         self.refill = refill  # False is the static-batching ablation
         self.rows = SlotPool(max_rows)
         self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}  # in admission order
+        self.running: dict[SampleKey, Sequence] = {}  # in admission order
         self.partial: Sequence | None = None  # a prompt between two of its chunks
         self.preemptions = 0
         self._arrivals = itertools.count()
@@ -59,25 +63,32 @@ class Scheduler:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.blocks.block_size)
 
+    def fork_copies(self, tokens: int, forks: int) -> int:
+        """Blocks `forks` forks of a `tokens`-token prefill copy: its last block, if partly
+        filled (each sample writes its own next token there)."""
+        return forks if tokens % self.blocks.block_size else 0
+
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.partial)
 
-    def cancel(self, request_id: int) -> Sequence | None:
-        """Drop a request and free what it holds; the sequence it was, if it was here."""
-        sequence = self.running.get(request_id)
-        if sequence is None and self.partial is not None and self.partial.id == request_id:
-            sequence, self.partial = self.partial, None
-        if sequence is not None:
+    def cancel(self, request_id: int, sample: int | None = None) -> list[Sequence]:
+        """Drop a request's sequences (or one sample's) and free what they hold; those dropped."""
+
+        def matches(sequence: Sequence) -> bool:
+            return sequence.id == request_id and sample in (None, sequence.sample)
+
+        dropped = [s for s in self.running.values() if matches(s)]
+        if self.partial is not None and matches(self.partial):
+            dropped.append(self.partial)
+        for sequence in dropped:
             self.finish(sequence)
-            return sequence
-        for waiting in self.waiting:
-            if waiting.id == request_id:
-                self.waiting.remove(waiting)
-                return waiting
-        return None
+        waiting = [s for s in self.waiting if matches(s)]
+        for sequence in waiting:
+            self.waiting.remove(sequence)
+        return dropped + waiting
 
     # Prefill.
 
@@ -120,27 +131,33 @@ class Scheduler:
 
     def _candidates(self) -> list[Sequence]:
         """Waiting sequences this prefill may take, in arrival order: scoring ones whenever
-        (they need no decode row), generating ones while a fill is on, one per free row."""
+        (they need no decode row), generating ones while a fill is on and their rows are free
+        (the first that does not fit ends them: no overtaking)."""
         room = self.rows.num_free if self._filling else 0
         picked = []
         for sequence in itertools.islice(self.waiting, 4 * self.max_rows):
             if sequence.is_scoring:
                 picked.append(sequence)
-            elif room > 0:
+            elif room >= sequence.rows_needed:
                 picked.append(sequence)
-                room -= 1
+                room -= sequence.rows_needed
+            else:
+                room = 0
         return picked
 
     def _admit(self, sequence: Sequence, cached: list[int]) -> bool:
-        """Give a waiting sequence its cached prefix and fresh blocks for the rest of its tokens,
-        if the pool can spare them and still leave a block for each running row."""
+        """Give a waiting sequence its cached prefix, fresh blocks for the rest of its tokens and
+        for its forks' copies, if the pool can spare them and still leave a block for each
+        running row."""
         idle = sum(self.blocks.refs[block] == 0 for block in cached)
         fresh = self.blocks_for(len(sequence.tokens)) - len(cached)
-        if fresh + idle > self.blocks.num_free - len(self.running):
+        copies = self.fork_copies(len(sequence.tokens), sequence.forks)
+        if fresh + copies + idle > self.blocks.num_free - len(self.running):
             return False
         self.blocks.hold(cached)
         self.blocks.note_lookup(len(sequence.tokens), len(cached))
         sequence.blocks = cached + self.blocks.take(fresh)
+        sequence.fork_blocks = self.blocks.take(copies)
         sequence.computed = len(cached) * self.blocks.block_size
         sequence.arrival = next(self._arrivals)
         return True
@@ -149,9 +166,12 @@ class Scheduler:
         end = min(len(sequence.tokens), sequence.computed + budget)
         return Chunk(sequence, sequence.computed, end)
 
-    def prefilled(self, chunks: list[Chunk]) -> None:
+    def prefilled(self, chunks: list[Chunk]) -> list[tuple[int, int]]:
         """The chunks' K/V are in the cache: their full blocks join the prefix cache; a sequence
-        whose tokens are all in starts decoding (a scoring one is done: its blocks go back)."""
+        whose tokens are all in starts decoding, with the samples it forks (a scoring one is
+        done: its blocks go back). Returns the (source, destination) blocks the forks' K/V must
+        be copied to before the next forward."""
+        copies: list[tuple[int, int]] = []
         for chunk in chunks:
             sequence = chunk.sequence
             sequence.computed = chunk.end
@@ -164,10 +184,31 @@ class Scheduler:
             if sequence.is_scoring:
                 self.blocks.release(sequence.blocks)
                 sequence.blocks = []
-            else:
-                sequence.row = self.rows.allocate()
-                sequence.table_written = 0
-                self.running[sequence.id] = sequence
+                continue
+            sequence.forked = self._fork(sequence, copies)
+            for started in (sequence, *sequence.forked):
+                started.row = self.rows.allocate()
+                started.table_written = 0
+                self.running[started.key] = started
+        return copies
+
+    def _fork(self, parent: Sequence, copies: list[tuple[int, int]]) -> list[Sequence]:
+        """The parent's forks: each holds its full blocks and its own copy of the last one when
+        that is partly filled (appended to `copies`)."""
+        full = parent.computed // self.blocks.block_size
+        shared, partial = parent.blocks[:full], parent.blocks[full:]
+        forks = []
+        for sample in range(1, parent.forks + 1):
+            own = []
+            if partial:
+                own = [parent.fork_blocks.pop()]
+                copies.append((partial[0], own[0]))
+            self.blocks.hold(shared)
+            fork = parent.fork(sample, shared + own)
+            fork.arrival = next(self._arrivals)
+            forks.append(fork)
+        parent.forks = 0
+        return forks
 
     # Decode.
 
@@ -175,7 +216,7 @@ class Scheduler:
         """The running sequences, each holding a block for the token it is fed next; the newest
         are preempted while the pool has too few blocks for the rest."""
         for sequence in list(self.running.values()):
-            while sequence.id in self.running and self._needs_block(sequence):
+            while sequence.key in self.running and self._needs_block(sequence):
                 if self.blocks.num_free == 0:
                     self._preempt(self._newest())
                 else:
@@ -195,18 +236,21 @@ class Scheduler:
         if sequence is self.partial:
             self.partial = None
         else:
-            del self.running[sequence.id]
+            del self.running[sequence.key]
             self.rows.release(sequence.row)
             sequence.row = -1
-        self.blocks.release(sequence.blocks)
-        sequence.blocks, sequence.computed = [], 0
+        self._release_blocks(sequence)
+        sequence.computed = 0
         self.waiting.appendleft(sequence)
         self.preemptions += 1
 
     def finish(self, sequence: Sequence) -> None:
         """A running (or partly prefilled) sequence is done: its row and blocks go back."""
-        if self.running.pop(sequence.id, None) is not None:
+        if self.running.pop(sequence.key, None) is not None:
             self.rows.release(sequence.row)
             sequence.row = -1
-        self.blocks.release(sequence.blocks)
-        sequence.blocks = []
+        self._release_blocks(sequence)
+
+    def _release_blocks(self, sequence: Sequence) -> None:
+        self.blocks.release(sequence.blocks + sequence.fork_blocks)
+        sequence.blocks, sequence.fork_blocks = [], []

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from replica.engine.request import EngineRequest, EngineResult
 from replica.wire.messages import FinishReason, SamplingParams
 
+SEED_RANGE = 2**63  # seeds are int64 on the device
+SampleKey = tuple[int, int]  # (request id, sample index): one sequence
+
 
 @dataclass
 class Sequence:
+    """One sample of a request. A request with n > 1 is admitted as its sample 0, which holds
+    `forks` = n - 1 more decode rows' worth of promise; its prefill forks the others, which share
+    its full blocks and start from its logits."""
+
     request: EngineRequest
     # How it draws its tokens: the request's settings with a seed (the engine draws one for a
     # sampled request that brings none); None for greedy, which takes the greedy decode graphs.
@@ -22,10 +29,23 @@ class Sequence:
     limit: int = 0  # most tokens it may generate: its cap, bounded by the context
     output: list[int] = field(default_factory=list)
     reported: int = 0  # output tokens Engine.new_tokens has handed out (watched requests)
+    sample: int = 0
+    forks: int = 0  # samples still to fork from this one's prefill
+    fork_blocks: list[int] = field(default_factory=list)  # reserved for the forks' copies
+    forked: list[Sequence] = field(default_factory=list)  # the samples its last prefill forked
 
     @property
     def id(self) -> int:
         return self.request.id
+
+    @property
+    def key(self) -> SampleKey:
+        return self.id, self.sample
+
+    @property
+    def rows_needed(self) -> int:
+        """Decode rows it takes once prefilled: its own and its forks'."""
+        return 1 + self.forks
 
     @property
     def prompt_len(self) -> int:
@@ -46,10 +66,21 @@ class Sequence:
         """Where its newest token sits: the next decode step feeds that token at that position."""
         return self.prompt_len + len(self.output) - 1
 
+    def fork(self, sample: int, blocks: list[int]) -> Sequence:
+        """Sample `sample` of the same request, prefilled as this one is (its K/V in `blocks`):
+        drawn from seed + sample, so each sample has its own stream and a given seed repeats."""
+        sampling = self.sampling
+        if sampling is not None:
+            sampling = replace(sampling, seed=((sampling.seed or 0) + sample) % SEED_RANGE)
+        return Sequence(
+            self.request, sampling, blocks=blocks, computed=self.computed, sample=sample
+        )
+
     def result(self, finish_reason: FinishReason) -> EngineResult:
         return EngineResult(
             id=self.id,
             prompt_tokens=self.prompt_len,
             output_ids=self.output,
             finish_reason=finish_reason,
+            sample=self.sample,
         )

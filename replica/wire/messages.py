@@ -43,13 +43,14 @@ class Decoding:
 @dataclass(frozen=True)
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
-    lower of the profile's cap and the client's); `stream` sends the text in Deltas as it
-    grows."""
+    lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
+    the text in Deltas as it grows."""
 
     messages: Chat
     max_tokens: int
     decoding: Decoding = Decoding()
     stream: bool = False
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,18 @@ class KVUsage:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One of the n generated texts of a GenerateJob."""
+
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
 class Result:
-    """A request's answer: the generated text, or for a ScoreJob the chosen option's index."""
+    """A request's answer: the generated text (its first sample; `more` holds the others when
+    n > 1), or for a ScoreJob the chosen option's index. `usage` counts the prompt once and
+    every sample's tokens."""
 
     id: int
     text: str
@@ -129,14 +140,20 @@ class Result:
     usage: Usage
     choice: int | None = None
     kv: KVUsage | None = None  # the replica's pool as this result left it
+    more: tuple[Sample, ...] = ()
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        return (Sample(self.text, self.finish_reason), *self.more)
 
 
 @dataclass(frozen=True)
 class Delta:
-    """More text of a streamed request, as it is generated (never half a character)."""
+    """More text of a streamed request's sample, as it is generated (never half a character)."""
 
     id: int
     text: str
+    sample: int = 0
 
 
 @dataclass(frozen=True)
