@@ -127,6 +127,7 @@ def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
         "kv_fraction": args.kv_fraction,
         "gpu_memory_gb": args.gpu_memory_gb,
         "refill": args.refill,
+        "prefix_caching": args.prefix_caching,
         "attention": args.attention,
     }
     common = {
@@ -289,6 +290,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-refill", dest="refill", action="store_false", help="static batching (ablation)"
+    )
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt whole, sharing no cached prefix (ablation)",
     )
     parser.add_argument("--random-weights", action="store_true", help="config only, random weights")
     parser.add_argument("--max-in-flight", type=int, default=4096, help="admission bound (prompts)")

@@ -182,6 +182,19 @@ def test_forked_samples_share_one_prefill_and_its_full_blocks():
     assert not any(engine.blocks.refs)
 
 
+def test_without_prefix_caching_a_repeated_prompt_is_computed_whole():
+    prompt = list(range(100, 150))
+    outputs = {}
+    for caching in (True, False):
+        engine = Engine(resolve("tiny-random"), "cpu", prefix_caching=caching)
+        first = run(engine, [EngineRequest(1, prompt, 5)])[1].output_ids
+        again = run(engine, [EngineRequest(2, prompt, 5)])[2].output_ids
+        assert first == again
+        outputs[caching] = first, engine.blocks.hit_tokens, engine.stats.prefill_tokens
+    assert outputs[True][1:] == (48, 50 + 2) and outputs[False][1:] == (0, 100)
+    assert outputs[True][0] == outputs[False][0]
+
+
 def test_more_samples_than_decode_rows_is_refused():
     engine = Engine(resolve("tiny-random"), "cpu", max_batch=4)
     with pytest.raises(ValueError, match="n = 5") as refused:
@@ -221,3 +234,15 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt():
     assert all(b - a == 2 for a, b in itertools.pairwise(chunked))  # one decode step between
     assert len(results[9].output_ids) == 6
     assert all(len(results[i].output_ids) == 40 for i in range(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_forks_on_cuda_decode_alike():
+    """Three greedy samples of a 21-token prompt are three identical rows of each decode graph
+    replay; a fork whose copy of the partly filled block were wrong would drift apart."""
+    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=8, max_model_len=256)
+    forked = run_samples(engine, [EngineRequest(1, list(range(100, 121)), 24, n=3)])
+    outputs = [forked[1, j].output_ids for j in range(3)]
+    assert len(outputs[0]) == 24 and outputs == [outputs[0]] * 3
+    assert not any(engine.blocks.refs)

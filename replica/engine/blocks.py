@@ -28,11 +28,13 @@ def block_hashes(tokens: list[int], block_size: int, full_blocks: int) -> list[i
 
 
 class BlockPool:
-    """`num_blocks` blocks of `block_size` tokens: reference counts, free list, prefix cache."""
+    """`num_blocks` blocks of `block_size` tokens: reference counts, free list, prefix cache.
+    `caching` False shares no prefix (the ablation; settable between runs, after `forget`)."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.caching = caching
         self.refs: list[int] = []
         self.forget()
 
@@ -59,7 +61,7 @@ class BlockPool:
     def cached_prefix(self, tokens: list[int]) -> list[int]:
         """The cached blocks that hold the longest full-block prefix of `tokens`, leaving at
         least the last token to compute (its logits are what a prefill is for)."""
-        full = (len(tokens) - 1) // self.block_size
+        full = (len(tokens) - 1) // self.block_size if self.caching else 0
         found = []
         for value in block_hashes(tokens, self.block_size, full):
             block = self.by_hash.get(value)
@@ -112,7 +114,7 @@ class BlockPool:
     def register(self, blocks: list[int], tokens: list[int], computed: int) -> None:
         """Record the full blocks among the first `computed` tokens of `tokens` (now in the
         cache) under their hashes, so later prompts can share them."""
-        full = computed // self.block_size
+        full = computed // self.block_size if self.caching else 0
         for block, value in zip(blocks, block_hashes(tokens, self.block_size, full), strict=False):
             if self.hash_of[block] is None and value not in self.by_hash:
                 self.hash_of[block] = value

@@ -106,10 +106,12 @@ class Engine:
         cuda_graphs: bool | None = None,
         warm_up: bool | None = None,
         prefill_tokens: int = 16384,
+        prefix_caching: bool = True,
         seed: int = 0,
     ) -> None:
         """`max_model_len` caps the context (the model's own is the most); `kv_blocks` fixes
-        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS)."""
+        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS);
+        `prefix_caching` False computes every prompt whole (the ablation)."""
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
@@ -147,7 +149,7 @@ class Engine:
                 -(-self.max_context // block_size),
                 enforce_eager,
             )
-        self.blocks = BlockPool(shape.blocks, block_size)
+        self.blocks = BlockPool(shape.blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
             self.max_rows,
@@ -194,6 +196,7 @@ class Engine:
             "kv_tokens": shape.tokens,
             "max_context": self.max_context,
             "max_rows": self.max_rows,
+            "prefix_caching": self.blocks.caching,
             "model_type": source.config.model_type,
             "weights_gib": round(self.model.weight_bytes() / 2**30, 2),
             "kv_gib": round(self.cache.nbytes / 2**30, 2),
