@@ -101,15 +101,18 @@ class Engine:
         warm_up: bool | None = None,
         prefill_tokens: int = 16384,
         seed: int = 0,
+        quantize: str | None = None,
     ) -> None:
         """`max_model_len` caps the context (the model's own is the most); `kv_blocks` fixes
-        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS)."""
+        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS);
+        `quantize="int4"` makes a 16-bit model's projections 4-bit as they load."""
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
         clock = StartupClock(self.device)
         with clock.phase("weights"):
-            self.model = load_model(source, str(self.device), dtype, seed, select_ops(self.device))
+            ops = select_ops(self.device)
+            self.model = load_model(source, str(self.device), dtype, seed, ops, quantize)
         attention_backend = select_attention(self.device, attention)
         block_size = attention_backend.block_size or BLOCK_SIZE
         with clock.phase("kv"):
