@@ -132,7 +132,7 @@ def int4_linear() -> None:
     from replica.kernels.int4_linear import split_k, w4a16_linear
     from replica.model.quantized import dequantize, linear, quantize
 
-    assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 32 programs wanted
+    assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
     for depth, group in ((256, 128), (96, 32), (512, 64)):
         weight = quantize(torch.randn(72, depth), group_size=group)
         for tokens in (1, 5, 40, 130):

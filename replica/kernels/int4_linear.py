@@ -1,7 +1,7 @@
 """w4a16 matrix multiply on CUDA: bf16 activations times packed 4-bit weights
 (replica.model.quantized's layout), dequantized in registers, accumulated in fp32.
 
-`int4_tile` dequantizes one [BLOCK_K, BLOCK_N] tile of weights exactly as the PyTorch oracle
+`int4_tile` dequantizes one [BLOCK_N, BLOCK_K] tile of weights exactly as the PyTorch oracle
 does ((q - zero) * scale in fp32, rounded once), so the weights a dot product sees are the
 oracle's bit for bit; the fused-expert kernels (replica.kernels.moe) read their packed experts
 through it too. A tile never straddles a quantization group, so it needs one scale and one zero
@@ -42,19 +42,25 @@ def int4_tile(
     BLOCK_N: tl.constexpr,
     dtype: tl.constexpr,
 ):
-    """Weights [BLOCK_K, BLOCK_N] (input column, output row) in `dtype`."""
+    """Weights [BLOCK_N, BLOCK_K] (output row, input column) in `dtype`, read row-major so that
+    neighbouring threads read neighbouring words.
+
+    Arithmetic per weight, cheap on purpose (a decode step must dequantize as fast as it reads):
+    the nibble or'ed into the mantissa of 2^23 is 2^23 + q as a float (no int-to-float
+    conversion), minus 2^23 is q exactly, and one fma q * scale - zero * scale gives (q - zero) *
+    scale exactly in fp32 (every product has at most 15 significant bits), rounded once."""
     words = tl.load(
-        qweight_ptr + rows[None, :] * (depth // 8) + (k // 8 + tl.arange(0, BLOCK_K // 8))[:, None],
-        mask=row_live[None, :],
+        qweight_ptr + rows[:, None] * (depth // 8) + (k // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+        mask=row_live[:, None],
         other=0,
     )
     shifts = tl.arange(0, 8) * 4
-    q = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [K / 8, 8, N]: column 8i + j
-    q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    nibbles = ((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
+    q = tl.reshape(nibbles.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K)) - 8388608.0
     group = rows * (depth // GROUP) + k // GROUP
     scale = tl.load(scales_ptr + group, mask=row_live, other=0.0).to(tl.float32)
     zero = tl.load(zeros_ptr + group, mask=row_live, other=0.0).to(tl.float32)
-    return ((q.to(tl.float32) - zero[None, :]) * scale[None, :]).to(dtype)
+    return (q * scale[:, None] - (zero * scale)[:, None]).to(dtype)
 
 
 @triton.jit
@@ -91,7 +97,7 @@ def _w4a16_kernel(
             qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth,
             GROUP, BLOCK_K, BLOCK_N, dtype,
         )  # fmt: skip
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, tl.trans(w))
     dst = out_ptr + (split * m + tokens[:, None]) * n + rows[None, :]
     live = token_live[:, None] & row_live[None, :]
     if SPLIT_K == 1:
@@ -110,7 +116,7 @@ class Int4Tile:
 
 
 DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
-DECODE_TILE = Int4Tile(16, 64, 128, 4, 4)
+DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
 PREFILL_TILE = Int4Tile(128, 128, 64, 8, 3)
 MAX_SPLIT_K = 16
@@ -138,10 +144,10 @@ def block_depth(preferred: int, depth: int, group: int) -> int:
 
 
 def split_k(programs: int, steps: int, device: torch.device) -> int:
-    """Slices of K so that about four programs per SM read weights (a decode step's output
+    """Slices of K so that about two programs per SM read weights (a decode step's output
     alone may have only a few dozen column blocks); a power of two dividing the K steps."""
     split = 1
-    target = 4 * _multiprocessors(device)
+    target = 2 * _multiprocessors(device)
     while programs * split < target and steps % (2 * split) == 0 and split < MAX_SPLIT_K:
         split *= 2
     return split

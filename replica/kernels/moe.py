@@ -105,11 +105,18 @@ def _weight_tile(
     """[BLOCK_K, BLOCK_N] of the stacked experts' weight rows `rows` (int64, expert offset
     included), input columns k.. : 16-bit as stored, or 4-bit dequantized."""
     if PACKED:
-        return int4_tile(
-            w_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth, GROUP, BLOCK_K, BLOCK_N, dtype
+        tile = tl.trans(
+            int4_tile(
+                w_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth,
+                GROUP, BLOCK_K, BLOCK_N, dtype,
+            )
+        )  # fmt: skip
+    else:  # both branches in the source are compiled only when taken (a constexpr test)
+        ks = k + tl.arange(0, BLOCK_K)
+        tile = tl.load(
+            w_ptr + rows[None, :] * depth + ks[:, None], mask=row_live[None, :], other=0.0
         )
-    ks = k + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + rows[None, :] * depth + ks[:, None], mask=row_live[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
