@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import copy_bandwidth, matmul_flops, scoring
+from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
 from benchmarks.bench_moe import step_floor_bytes, step_ms
 from replica.engine.engine import Engine
+from replica.kernels.int4_linear import Int4Tile, w4a16_linear
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.model.quantized import quantize
 
 ROWS = (1, 8, 64)
 ROW_TOKENS = 1000
@@ -71,6 +73,35 @@ def measure(
     return result
 
 
+SWEEP_SHAPES = {"4b gate_up": (19456, 2560), "4b down": (2560, 9728)}  # (N, K)
+SWEEP_TILES = [
+    Int4Tile(16, cols, depth, warps, 4)
+    for cols in (32, 64, 128)
+    for depth in (64, 128)
+    for warps in (2, 4)
+]
+
+
+def decode_tile_sweep(bandwidth: float) -> list[dict]:
+    """One 4B projection at 1 and 16 rows under each decode tile, against bf16 `F.linear`
+    and the packed bytes over the copy bandwidth: where the decode kernel's time goes."""
+    results = []
+    for shape, (n, k) in SWEEP_SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        packed = quantize(w)
+        floor_ms = 1e3 * sum(t.numel() * t.element_size() for t in packed.tensors()) / bandwidth
+        for rows in (1, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": shape, "rows": rows, "floor_ms": round(floor_ms, 4)}
+            row["bf16_ms"] = round(_time_ms(lambda: x @ w.t(), repeats=50), 4)
+            for tile in SWEEP_TILES:
+                name = f"n{tile.cols}_k{tile.depth}_w{tile.warps}"
+                ms = _time_ms(lambda t=tile: w4a16_linear(x, packed, t), repeats=50)
+                row[name] = round(ms, 4)
+            results.append(row)
+    return results
+
+
 def ratios(bf16: dict, int4: dict, prefix: str) -> dict:
     """The issue's keys: int4 / bf16 step times, both floors, the scoring ratio."""
     return {
@@ -93,7 +124,9 @@ def ratios(bf16: dict, int4: dict, prefix: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/perf/int4.json"))
-    parser.add_argument("--models", default="dense,moe,235b", help="comma-separated subset")
+    parser.add_argument(
+        "--models", default="dense,moe,235b", help="comma-separated subset, and `sweep`"
+    )
     parser.add_argument("--requests", type=int, default=256, help="scoring prompts per engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
@@ -108,6 +141,8 @@ def main() -> None:
         "gpu_memory_gb": args.gpu_memory_gb,
     }
     models = args.models.split(",")
+    if "sweep" in models:
+        report["decode_tile_sweep"] = decode_tile_sweep(bandwidth)
 
     def save() -> None:  # after each model, so a run cut short keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +167,7 @@ def main() -> None:
         report["235b"] = big
         save()
     for key, value in report.items():
-        if key not in ("dense", "moe", "235b"):
+        if key not in ("dense", "moe", "235b", "decode_tile_sweep"):
             print(f"{key:34} {value}")
 
 
