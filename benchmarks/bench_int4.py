@@ -93,10 +93,10 @@ def decode_tile_sweep(bandwidth: float) -> list[dict]:
         for rows in (1, 16):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             row = {"shape": shape, "rows": rows, "floor_ms": round(floor_ms, 4)}
-            row["bf16_ms"] = round(_time_ms(lambda: x @ w.t(), repeats=50), 4)
+            row["bf16_ms"] = round(_time_ms(lambda x=x, w=w: x @ w.t(), repeats=50), 4)
             for tile in SWEEP_TILES:
                 name = f"n{tile.cols}_k{tile.depth}_w{tile.warps}"
-                ms = _time_ms(lambda t=tile: w4a16_linear(x, packed, t), repeats=50)
+                ms = _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), repeats=50)
                 row[name] = round(ms, 4)
             results.append(row)
     return results
