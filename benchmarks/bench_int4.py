@@ -44,6 +44,8 @@ def measure(
     """One engine's decode steps, their floor fractions, scoring, weights and KV rows."""
     source = resolve(str(VENDORED_CONFIGS / CONFIGS[name]), random_weights=True)
     memory = None if name == "235b" else args.gpu_memory_gb
+    # The 235B fills the card: leave its 16k-token prefill room beside the KV pool.
+    kv_fraction = args.kv_fraction_235b if name == "235b" else 0.9
     engine = Engine(
         source,
         "cuda",
@@ -51,6 +53,7 @@ def measure(
         max_batch=max(ROWS),
         max_model_len=args.max_model_len,
         gpu_memory_gb=memory,
+        kv_fraction=kv_fraction,
         quantize=quantize,
     )
     result: dict = {
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256, help="scoring prompts per engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
+    parser.add_argument("--kv-fraction-235b", type=float, default=0.75)
     args = parser.parse_args()
     random.seed(0)
     device = torch.device("cuda")
@@ -141,12 +145,14 @@ def main() -> None:
         "gpu_memory_gb": args.gpu_memory_gb,
     }
     models = args.models.split(",")
-    if "sweep" in models:
-        report["decode_tile_sweep"] = decode_tile_sweep(bandwidth)
 
     def save() -> None:  # after each model, so a run cut short keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    if "sweep" in models:
+        report["decode_tile_sweep"] = decode_tile_sweep(bandwidth)
+        save()
 
     for name in ("dense", "moe"):
         if name in models:
