@@ -212,7 +212,7 @@ class Deployment:
             "DEPLOY_PROFILE": self.profile,
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
-            "DEPLOY_QUANTIZE": self.quantize,
+            **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
         }
 
     def block_plan(self) -> BlockPlan | None:

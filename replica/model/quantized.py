@@ -138,7 +138,8 @@ def random_packed(
     qweight = torch.randint(
         -(2**31), 2**31 - 1, (*lead, n, k // NIBBLES), generator=generator, device=device
     ).to(torch.int32)
-    groups = (*lead, n, k // GROUP_SIZE)
+    group_size = min(GROUP_SIZE, k)
+    groups = (*lead, n, k // group_size)
     scales = torch.full(groups, std / 4.6, dtype=dtype, device=device)
     zeros = torch.full(groups, 8.0, dtype=dtype, device=device)
-    return PackedInt4(qweight, scales, zeros, GROUP_SIZE)
+    return PackedInt4(qweight, scales, zeros, group_size)
