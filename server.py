@@ -129,6 +129,7 @@ def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
         "refill": args.refill,
         "prefix_caching": args.prefix_caching,
         "attention": args.attention,
+        "quantize": args.quantize,
     }
     common = {
         "model": args.model,
@@ -298,6 +299,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compute every prompt whole, sharing no cached prefix (ablation)",
     )
     parser.add_argument("--random-weights", action="store_true", help="config only, random weights")
+    parser.add_argument(
+        "--quantize",
+        choices=["int4"],
+        help="make a 16-bit model's projections 4-bit at load (round-to-nearest, group 128)",
+    )
     parser.add_argument("--max-in-flight", type=int, default=4096, help="admission bound (prompts)")
     parser.add_argument(
         "--plan-timeout", type=float, default=5.0, help="seconds; then the prompt goes to the model"
@@ -329,6 +335,7 @@ def refuse_unservable(args: argparse.Namespace) -> None:
         return
     command = [sys.executable, "-m", "replica.loading.servable", args.model]
     command += ["--random-weights"] if args.random_weights else []
+    command += ["--quantize", args.quantize] if args.quantize else []
     check = subprocess.run(command, capture_output=True, text=True, check=False)
     if check.returncode != 0:
         lines = check.stderr.strip().splitlines() or [f"model check exited {check.returncode}"]

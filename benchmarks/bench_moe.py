@@ -54,7 +54,7 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
         moe = layer.mlp
         if isinstance(moe, SparseMoE):
             used = int((moe.expert_tokens > 0).sum())
-            per_expert = sum(t.numel() * t.element_size() for t in (moe.gate_up, moe.down))
+            per_expert = sum(t.numel() * t.element_size() for t in moe.tensors()[1:])
             total -= (moe.num_experts - used) * per_expert // moe.num_experts
             touched.append(used)
     total += rows * LIVE * bytes_per_token(model.config, model.dtype)

@@ -51,6 +51,10 @@ MAX_BATCH = 256
 MAX_MODEL_LEN = 32768  # the server's default context cap (the model's own may be less)
 BLOCK_SIZE = 16  # tokens a KV block holds (replica/engine/kv_cache.py)
 KV_FRACTION = 0.9
+# A 4-bit projection weight (`--quantize int4` or a 4-bit checkpoint): half a byte, plus a bf16
+# scale and a bf16 zero point per group of 128 (replica/model/quantized.py).
+INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
+QUANTIZE_MODES = ("int4",)  # replica/loading/model.py
 OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activations (not measured)
 
 # Weights live in a Modal Volume, filled by deploy/weights.py beside the image build.
@@ -87,10 +91,12 @@ class Shape:
     kv_heads: int
     head_dim: int
     params: int
+    int4_params: int = 0  # of `params`, the projections stored 4-bit
 
     @classmethod
-    def from_config(cls, config: Mapping) -> Shape:
-        """Count the parameters of a Qwen3 dense or MoE config (bf16 weights are 2 bytes each)."""
+    def from_config(cls, config: Mapping, int4: bool = False) -> Shape:
+        """Count the parameters of a Qwen3 dense or MoE config (bf16 weights are 2 bytes each);
+        `int4` (or a 4-bit checkpoint's quantization_config): the layers' projections 4-bit."""
         hidden, layers = config["hidden_size"], config["num_hidden_layers"]
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         head_dim = config.get("head_dim") or hidden // heads
@@ -98,16 +104,20 @@ class Shape:
         experts = config.get("num_experts") or config.get("num_local_experts") or 0
         dense_layers = set(config.get("mlp_only_layers") or [])
         step = config.get("decoder_sparse_step") or 1
-        total = 0
+        total = projections = 0
         for layer in range(layers):
             if experts and layer not in dense_layers and (layer + 1) % step == 0:
-                mlp = experts * 3 * hidden * config["moe_intermediate_size"] + hidden * experts
+                mlp = experts * 3 * hidden * config["moe_intermediate_size"]
+                total += hidden * experts  # the router stays 16-bit
             else:
                 mlp = 3 * hidden * config["intermediate_size"]
             total += attention + mlp + 2 * hidden
+            projections += attention - 2 * head_dim + mlp
         embeddings = config["vocab_size"] * hidden
         total += embeddings * (1 if config.get("tie_word_embeddings") else 2) + hidden
-        return cls(layers, kv_heads, head_dim, total)
+        quantization = config.get("quantization_config") or {}
+        int4 = int4 or (bool(quantization) and quantization.get("bits", 4) == 4)
+        return cls(layers, kv_heads, head_dim, total, projections if int4 else 0)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -115,15 +125,16 @@ class Shape:
 
     @property
     def weight_bytes(self) -> int:
-        return self.params * 2
+        sixteen_bit = self.params - self.int4_params
+        return sixteen_bit * 2 + int(self.int4_params * INT4_BYTES_PER_WEIGHT)
 
 
-def vendored_shape(model: str) -> tuple[Shape, Path] | None:
+def vendored_shape(model: str, int4: bool = False) -> tuple[Shape, Path] | None:
     """The model's vendored config (vendor/configs/<repo name, lower case>), if there is one."""
     path = VENDORED_CONFIGS / model.rsplit("/", 1)[-1].lower() / "config.json"
     if not path.is_file():
         return None
-    return Shape.from_config(json.loads(path.read_text())), path
+    return Shape.from_config(json.loads(path.read_text()), int4), path
 
 
 def blocks_in(budget_bytes: int, block_bytes: int) -> int:
@@ -170,6 +181,7 @@ class Deployment:
     profile: str
     model: str
     max_containers: int
+    quantize: str = ""  # DEPLOY_QUANTIZE: "" (the checkpoint's own weights) or "int4"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Deployment:
@@ -188,7 +200,10 @@ class Deployment:
         raw = env.get("DEPLOY_MAX_CONTAINERS") or str(DEFAULT_MAX_CONTAINERS)
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(f"DEPLOY_MAX_CONTAINERS={raw!r}: expected a whole number >= 1")
-        return cls(env.get("DEPLOY_APP_NAME") or APP_NAME, profile, model, int(raw))
+        quantize = env.get("DEPLOY_QUANTIZE") or ""
+        if quantize and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"DEPLOY_QUANTIZE={quantize!r}: expected one of {QUANTIZE_MODES}")
+        return cls(env.get("DEPLOY_APP_NAME") or APP_NAME, profile, model, int(raw), quantize)
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
@@ -197,10 +212,11 @@ class Deployment:
             "DEPLOY_PROFILE": self.profile,
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
+            **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
         }
 
     def block_plan(self) -> BlockPlan | None:
-        found = vendored_shape(self.model)
+        found = vendored_shape(self.model, bool(self.quantize))
         return None if found is None else BlockPlan(found[0])
 
     def server_command(self, python: str) -> list[str]:
@@ -224,6 +240,7 @@ class Deployment:
             str(MAX_BATCH),
             "--kv-fraction",
             str(KV_FRACTION),
+            *(["--quantize", self.quantize] if self.quantize else []),
         ]
 
     def url(self, workspace: str = "<workspace>") -> str:
@@ -265,7 +282,13 @@ class Deployment:
                 "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
                 f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
                 "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
-                "parameters in bf16, estimate from the vendored config)",
+                + (
+                    f"parameters, {shape.int4_params / 1e9:.2f}B of them 4-bit at "
+                    f"{INT4_BYTES_PER_WEIGHT:g} bytes, the rest bf16"
+                    if shape.int4_params
+                    else "parameters in bf16"
+                )
+                + ", estimate from the vendored config)",
                 "kv_blocks_per_gpu": f"{blocks} (estimate: {KV_FRACTION:g} x ("
                 f"{GPU_MEMORY_BYTES // GiB} GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB "
                 f"assumed overhead) / {plan.block_bytes // KiB} KiB a block of {BLOCK_SIZE} "

@@ -90,9 +90,14 @@ def elementwise() -> None:
             close(b, a)
 
 
-def moe() -> None:
+def moe(packed: bool = False) -> None:
+    """The fused experts against the expert loop; `packed`: 4-bit experts (w4a16)."""
     from replica.kernels.elementwise import TritonOps
     from replica.model.mlp import SparseMoE
+    from replica.model.quantized import quantize
+
+    def stacked(weights: torch.Tensor):
+        return quantize(weights, group_size=16) if packed else weights
 
     experts, hidden, inter = 8, 32, 16
     ops = [
@@ -102,8 +107,8 @@ def moe() -> None:
     for top_k, normalize in ((2, True), (3, False)):  # top_k 3: a padded top-k block
         layer = SparseMoE(
             router=torch.randn(experts, hidden),
-            gate_up=torch.randn(experts, 2 * inter, hidden) / hidden**0.5,
-            down=torch.randn(experts, hidden, inter) / inter**0.5,
+            gate_up=stacked(torch.randn(experts, 2 * inter, hidden) / hidden**0.5),
+            down=stacked(torch.randn(experts, hidden, inter) / inter**0.5),
             top_k=top_k,
             norm_topk_prob=normalize,
         )
@@ -119,6 +124,27 @@ def moe() -> None:
             for a, b in zip(expected, ops[1].add_rms_norm(h, fused, weight), strict=True):
                 close(b, a)
             assert layer.expert_tokens.sum().item() == tokens * top_k
+
+
+def int4_linear() -> None:
+    """w4a16 against dequantize-then-matmul: the decode tile with and without split-K, the
+    middle and prefill tiles; output widths that end mid-block; groups of 32 to 128."""
+    from replica.kernels.int4_linear import split_k, w4a16_linear
+    from replica.model.quantized import dequantize, linear, quantize
+
+    assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
+    for depth, group in ((256, 128), (96, 32), (512, 64)):
+        weight = quantize(torch.randn(72, depth), group_size=group)
+        for tokens in (1, 5, 40, 130):
+            x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
+            close(w4a16_linear(x, weight), linear(x, weight))
+    strided = torch.randn(4, 2 * 256)[:, :256]  # rows of stride 512, as attention's output
+    close(w4a16_linear(strided, weight := quantize(torch.randn(40, 256))), strided @ dequantize(
+        weight, torch.float32).t())  # fmt: skip
+
+
+def moe_int4() -> None:
+    moe(packed=True)
 
 
 def sampling() -> None:
@@ -156,6 +182,8 @@ CHECKS = {
     "decode": decode,
     "elementwise": elementwise,
     "moe": moe,
+    "moe_int4": moe_int4,
+    "int4_linear": int4_linear,
     "sampling": sampling,
 }
 

@@ -15,7 +15,18 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("check", ["prefill", "decode", "elementwise", "moe", "sampling"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        "prefill",
+        "decode",
+        "elementwise",
+        "moe",
+        "moe_int4",
+        "int4_linear",
+        "sampling",
+    ],
+)
 def test_kernel_matches_its_reference_in_the_interpreter(check: str):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     script = ROOT / "tests" / "interpreted_kernels.py"

@@ -108,16 +108,19 @@ class Engine:
         prefill_tokens: int = 16384,
         prefix_caching: bool = True,
         seed: int = 0,
+        quantize: str | None = None,
     ) -> None:
         """`max_model_len` caps the context (the model's own is the most); `kv_blocks` fixes
         the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS);
-        `prefix_caching` False computes every prompt whole (the ablation)."""
+        `prefix_caching` False computes every prompt whole (the ablation); `quantize="int4"`
+        makes a 16-bit model's projections 4-bit as they load."""
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
         clock = StartupClock(self.device)
         with clock.phase("weights"):
-            self.model = load_model(source, str(self.device), dtype, seed, select_ops(self.device))
+            ops = select_ops(self.device)
+            self.model = load_model(source, str(self.device), dtype, seed, ops, quantize)
         attention_backend = select_attention(self.device, attention)
         block_size = attention_backend.block_size or BLOCK_SIZE
         with clock.phase("kv"):

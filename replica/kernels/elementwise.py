@@ -1,5 +1,5 @@
 """`TorchOps`' work in three fused Triton kernels (CUDA): add + RMSNorm, SiLU * up, and q/k
-norms + RoPE + the K/V cache write. Rounding to the activation dtype happens where transformers
+norms + RoPE + the K/V cache write; 4-bit projections through replica.kernels.int4_linear. Rounding to the activation dtype happens where transformers
 rounds, so results stay within bf16 noise of `TorchOps`."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.int4_linear import w4a16_linear
 from replica.kernels.moe import fused_moe
 from replica.model.mlp import SparseMoE
 from replica.model.ops import TorchOps
+from replica.model.quantized import PackedInt4
 
 
 @triton.jit
@@ -154,6 +156,11 @@ class TritonOps(TorchOps):
 
     def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
         return fused_moe(x, moe)
+
+    def linear(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
+        if isinstance(weight, PackedInt4):
+            return w4a16_linear(x, weight)
+        return torch.nn.functional.linear(x, weight)
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2

@@ -16,6 +16,11 @@ program that reads one counter, so a decode step reads only the experts it route
 shape is fixed by the token count, so a decode step stays one CUDA-graph replay. A pair's output
 does not depend on where the atomics filed it, so results are deterministic; the k outputs of a
 token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the residual add.
+
+Packed 4-bit experts (w4a16) run through the same two GEMM kernels: with PACKED set, each weight
+tile is dequantized in registers by `replica.kernels.int4_linear.int4_tile` (its reduction steps
+kept inside one quantization group), so routing, buckets and shapes are the 16-bit path's and a
+decode step is still one CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.int4_linear import int4_tile
 from replica.model.mlp import SparseMoE
+from replica.model.quantized import PackedInt4
 
 
 @triton.jit
@@ -81,9 +88,43 @@ def _program_tile(counts_ptr, width, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _weight_tile(
+    w_ptr,
+    scales_ptr,
+    zeros_ptr,
+    rows,
+    row_live,
+    k,
+    depth,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    """[BLOCK_K, BLOCK_N] of the stacked experts' weight rows `rows` (int64, expert offset
+    included), input columns k.. : 16-bit as stored, or 4-bit dequantized."""
+    if PACKED:
+        tile = tl.trans(
+            int4_tile(
+                w_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth,
+                GROUP, BLOCK_K, BLOCK_N, dtype,
+            )
+        )  # fmt: skip
+    else:  # both branches in the source are compiled only when taken (a constexpr test)
+        ks = k + tl.arange(0, BLOCK_K)
+        tile = tl.load(
+            w_ptr + rows[None, :] * depth + ks[:, None], mask=row_live[None, :], other=0.0
+        )
+    return tile
+
+
+@triton.jit
 def _expert_up_kernel(
     x_ptr,
-    w_ptr,  # [experts, 2 * inter, hidden]
+    w_ptr,  # [experts, 2 * inter, hidden], or its packed words
+    scales_ptr,  # packed experts' scales and zeros (PACKED); else unused
+    zeros_ptr,
     counts_ptr,
     bucket_ptr,
     out_ptr,  # [pairs, inter]
@@ -91,14 +132,16 @@ def _expert_up_kernel(
     inter,
     bucket_stride,
     TOP_K: tl.constexpr,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     expert, count, cols, col_live, ks = _program_tile(counts_ptr, inter, BLOCK_N, BLOCK_K)
-    # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, read transposed.
-    gate_rows = w_ptr + expert * 2 * inter * hidden + cols[None, :] * hidden + ks[:, None]
-    up_rows = gate_rows + inter * hidden
+    gate_rows = expert * 2 * inter + cols.to(tl.int64)  # [BLOCK_K, BLOCK_N] tiles, transposed
+    up_rows = gate_rows + inter
+    dtype = x_ptr.dtype.element_ty
     for start in range(0, count, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_live = rows < count
@@ -108,9 +151,14 @@ def _expert_up_kernel(
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, hidden, BLOCK_K):
             x = tl.load(x_rows + k, mask=row_live[:, None], other=0.0)
-            gate += tl.dot(x, tl.load(gate_rows + k, mask=col_live[None, :], other=0.0))
-            up += tl.dot(x, tl.load(up_rows + k, mask=col_live[None, :], other=0.0))
-        dtype = x_ptr.dtype.element_ty
+            gate += tl.dot(x, _weight_tile(
+                w_ptr, scales_ptr, zeros_ptr, gate_rows, col_live, k, hidden,
+                PACKED, GROUP, BLOCK_K, BLOCK_N, dtype,
+            ))  # fmt: skip
+            up += tl.dot(x, _weight_tile(
+                w_ptr, scales_ptr, zeros_ptr, up_rows, col_live, k, hidden,
+                PACKED, GROUP, BLOCK_K, BLOCK_N, dtype,
+            ))  # fmt: skip
         g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
         silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
         product = (silu * up.to(dtype).to(tl.float32)).to(dtype)
@@ -121,7 +169,9 @@ def _expert_up_kernel(
 @triton.jit
 def _expert_down_kernel(
     act_ptr,  # [pairs, inter]
-    w_ptr,  # [experts, hidden, inter]
+    w_ptr,  # [experts, hidden, inter], or its packed words
+    scales_ptr,
+    zeros_ptr,
     weights_ptr,  # [pairs] fp32 routing weights
     counts_ptr,
     bucket_ptr,
@@ -129,12 +179,15 @@ def _expert_down_kernel(
     hidden,
     inter,
     bucket_stride,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     expert, count, cols, col_live, ks = _program_tile(counts_ptr, hidden, BLOCK_N, BLOCK_K)
-    w_rows = w_ptr + expert * hidden * inter + cols[None, :] * inter + ks[:, None]
+    w_rows = expert * hidden + cols.to(tl.int64)
+    dtype = act_ptr.dtype.element_ty
     for start in range(0, count, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_live = rows < count
@@ -144,8 +197,10 @@ def _expert_down_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, inter, BLOCK_K):
             a = tl.load(act_rows + k, mask=row_live[:, None], other=0.0)
-            acc += tl.dot(a, tl.load(w_rows + k, mask=col_live[None, :], other=0.0))
-        dtype = act_ptr.dtype.element_ty
+            acc += tl.dot(a, _weight_tile(
+                w_ptr, scales_ptr, zeros_ptr, w_rows, col_live, k, inter,
+                PACKED, GROUP, BLOCK_K, BLOCK_N, dtype,
+            ))  # fmt: skip
         scale = tl.load(weights_ptr + pairs, mask=row_live, other=0.0)
         y = (acc.to(dtype).to(tl.float32) * scale[:, None]).to(dtype)
         dst = out_ptr + pairs[:, None] * hidden + cols[None, :]
@@ -177,12 +232,20 @@ def tiles_for(tokens_per_expert: float) -> tuple[Tile, Tile]:
     return Tile(128, 128, 64, 8, 3), Tile(256, 128, 64, 8, 3)
 
 
-def _block_k(dim: int) -> int:
-    """The widest reduction block (at most 128) that divides `dim`: no masks on the K loop."""
-    block = math.gcd(dim, 128)
+def _block_k(dim: int, weight: Tensor | PackedInt4) -> int:
+    """The widest reduction block (at most 128) that divides `dim` (no masks on the K loop)
+    and, for packed experts, their group (one scale per row and step)."""
+    block = math.gcd(dim, 128, weight.group_size if isinstance(weight, PackedInt4) else 128)
     if block < 16:
         raise ValueError(f"expert dimension {dim} is not a multiple of 16")
     return block
+
+
+def _weight_args(weight: Tensor | PackedInt4) -> tuple[tuple[Tensor, Tensor, Tensor], dict]:
+    """The kernels' (weight, scales, zeros) pointers and PACKED / GROUP constants."""
+    if isinstance(weight, PackedInt4):
+        return tuple(weight.tensors()), {"PACKED": True, "GROUP": weight.group_size}
+    return (weight, weight, weight), {"PACKED": False, "GROUP": 1}
 
 
 def router_logits(x: Tensor, router: Tensor) -> Tensor:
@@ -221,9 +284,10 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
     )
     up, down = tiles or tiles_for(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    up_weights, up_constants = _weight_args(moe.gate_up)
     _expert_up_kernel[(triton.cdiv(inter, up.cols), experts)](
         x,
-        moe.gate_up,
+        *up_weights,
         counts,
         bucket,
         act,
@@ -231,16 +295,18 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
         inter,
         tokens,
         TOP_K=top_k,
+        **up_constants,
         BLOCK_M=up.rows,
         BLOCK_N=up.cols,
-        BLOCK_K=min(up.depth, _block_k(hidden)),
+        BLOCK_K=min(up.depth, _block_k(hidden, moe.gate_up)),
         num_warps=up.warps,
         num_stages=up.stages,
     )
     out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
+    down_weights, down_constants = _weight_args(moe.down)
     _expert_down_kernel[(triton.cdiv(hidden, down.cols), experts)](
         act,
-        moe.down,
+        *down_weights,
         weights,
         counts,
         bucket,
@@ -248,9 +314,10 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
         hidden,
         inter,
         tokens,
+        **down_constants,
         BLOCK_M=down.rows,
         BLOCK_N=down.cols,
-        BLOCK_K=min(down.depth, _block_k(inter)),
+        BLOCK_K=min(down.depth, _block_k(inter, moe.down)),
         num_warps=down.warps,
         num_stages=down.stages,
     )

@@ -13,6 +13,8 @@ import argparse
 import sys
 
 from replica.loading.config import UnsupportedModel
+from replica.loading.model import QUANTIZE_MODES, check_quantize
+from replica.loading.quantization import int4_checkpoint
 from replica.loading.reader import CheckpointReader
 from replica.loading.source import ModelSource, resolve
 from replica.loading.weights import expected_tensor_names, redundant_tensor_names
@@ -41,26 +43,30 @@ def check_tensors(present: set[str], expected: set[str], redundant: set[str]) ->
             raise UnsupportedModel(f"checkpoint tensors {what}: {', '.join(names[:3])}{more}")
 
 
-def check_servable(source: ModelSource) -> None:
+def check_servable(source: ModelSource, quantize: str | None = None) -> None:
     """Everything above for a resolved model: its config was checked when it was read; this
-    renders its chat template and, for a real checkpoint, matches its tensor names."""
+    checks its quantization (a 4-bit format we serve, or `--quantize` on a 16-bit one), renders
+    its chat template and, for a real checkpoint, matches its tensor names."""
+    checkpoint = int4_checkpoint(source.config)
+    check_quantize(source, quantize)
     codec = PromptCodec(source.tokenizer_dir)
     check_chat_template(codec.render([{"role": "user", "content": "Hello"}]))
     if source.weights_dir is not None:
         present = CheckpointReader.from_dir(source.weights_dir).names
-        expected = expected_tensor_names(source.config)
+        expected = expected_tensor_names(source.config, checkpoint, present)
         check_tensors(present, expected, redundant_tensor_names(source.config, present))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m replica.loading.servable MODEL [--random-weights]`: exit 0 if we can serve it, else
+    """`python -m replica.loading.servable MODEL [--random-weights] [--quantize int4]`: exit 0 if we can serve it, else
     print one line saying why and exit 2. The server runs it before starting any replica."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES)
     args = parser.parse_args(argv)
     try:
-        check_servable(resolve(args.model, args.random_weights))
+        check_servable(resolve(args.model, args.random_weights), args.quantize)
     except (UnsupportedModel, OSError, ValueError) as error:
         print(f"cannot serve {args.model}: {error}".splitlines()[0], file=sys.stderr)
         return 2

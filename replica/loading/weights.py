@@ -5,25 +5,38 @@ Hugging Face names it is made of. The checkpoint builder allocates the fused ten
 and copies each source tensor straight into its rows, so peak device memory is the final weights
 (no unfused copies, no second pass), and the host holds one source tensor at a time. The random
 builder fills the same shapes on the device; the name builder lists what a checkpoint must hold.
+
+Projections (QKV, o_proj, the MLP's and the experts') are asked for as `linear`: a builder may
+return them packed 4-bit (a 4-bit checkpoint's tensors, or `--quantize int4`: round-to-nearest on
+the device as each fused tensor is made, so the 16-bit copy of only one tensor exists at a time).
+Embeddings, norms, router gates and the LM head stay 16-bit. A model is built layer by layer
+from names alone, so a range of layers could be built by itself (docs/DESIGN.md: pipeline stages).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
+from replica.loading.config import UnsupportedModel
+from replica.loading.quantization import Int4Checkpoint
 from replica.loading.reader import CheckpointReader
 from replica.model.architecture import attention_shape
 from replica.model.mlp import DenseMLP, SparseMoE
+from replica.model.quantized import PackedInt4, quantize, random_packed
 from replica.model.weights import LayerWeights, ModelWeights
 
 
 class Builder(Protocol):
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
         """The named tensors stacked along dim 0 (in order), viewed as `shape`."""
+
+    def linear(self, names: list[str], shape: tuple[int, ...]) -> Tensor | PackedInt4:
+        """A projection's weight: `matrix`, or the same rows packed 4-bit."""
 
     def norm(self, name: str, size: int) -> Tensor: ...
 
@@ -38,13 +51,13 @@ def build(config: PretrainedConfig, builder: Builder) -> ModelWeights:
         layers.append(
             LayerWeights(
                 input_norm=builder.norm(p + "input_layernorm.weight", hidden),
-                qkv=builder.matrix(
+                qkv=builder.linear(
                     [f"{attn}{n}_proj.weight" for n in "qkv"],
                     ((q_heads + 2 * kv_heads) * head_dim, hidden),
                 ),
                 q_norm=builder.norm(attn + "q_norm.weight", head_dim),
                 k_norm=builder.norm(attn + "k_norm.weight", head_dim),
-                o_proj=builder.matrix([attn + "o_proj.weight"], (hidden, q_heads * head_dim)),
+                o_proj=builder.linear([attn + "o_proj.weight"], (hidden, q_heads * head_dim)),
                 post_norm=builder.norm(p + "post_attention_layernorm.weight", hidden),
                 mlp=_mlp(config, builder, p + "mlp."),
             )
@@ -62,31 +75,83 @@ def _mlp(config: PretrainedConfig, builder: Builder, p: str) -> DenseMLP | Spars
         inter = config.intermediate_size
         gate_up = [p + "gate_proj.weight", p + "up_proj.weight"]
         return DenseMLP(
-            gate_up=builder.matrix(gate_up, (2 * inter, hidden)),
-            down=builder.matrix([p + "down_proj.weight"], (hidden, inter)),
+            gate_up=builder.linear(gate_up, (2 * inter, hidden)),
+            down=builder.linear([p + "down_proj.weight"], (hidden, inter)),
         )
     experts, inter = config.num_experts, config.moe_intermediate_size
     expert = [f"{p}experts.{e}." for e in range(experts)]
     return SparseMoE(
         router=builder.matrix([p + "gate.weight"], (experts, hidden)),
-        gate_up=builder.matrix(
+        gate_up=builder.linear(
             [e + n for e in expert for n in ("gate_proj.weight", "up_proj.weight")],
             (experts, 2 * inter, hidden),
         ),
-        down=builder.matrix([e + "down_proj.weight" for e in expert], (experts, hidden, inter)),
+        down=builder.linear([e + "down_proj.weight" for e in expert], (experts, hidden, inter)),
         top_k=config.num_experts_per_tok,
         norm_topk_prob=config.norm_topk_prob,
     )
 
 
-class CheckpointBuilder:
-    """Copies checkpoint tensors into preallocated fused tensors on the device."""
+def _modules(names: list[str]) -> list[str]:
+    return [name.removesuffix(".weight") for name in names]
 
-    def __init__(self, reader: CheckpointReader, device: str, dtype: torch.dtype) -> None:
+
+def _packed_modules(
+    checkpoint: Int4Checkpoint | None, names: list[str], present: set[str]
+) -> list[str]:
+    """The modules behind `names` if the checkpoint holds them 4-bit, else [] (16-bit).
+    One fused tensor is all 4-bit or all 16-bit."""
+    if checkpoint is None:
+        return []
+    modules = _modules(names)
+    packed = [set(checkpoint.names(m)) <= present for m in modules]
+    if any(packed) and not all(packed):
+        raise UnsupportedModel(f"{modules[0]} and the projections fused with it mix 4 and 16 bits")
+    return modules if all(packed) else []
+
+
+class CheckpointBuilder:
+    """Copies checkpoint tensors into preallocated fused tensors on the device; a 4-bit
+    checkpoint's projections are unpacked into our layout there, and `quantize` makes the
+    16-bit ones 4-bit as they are built."""
+
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        device: str,
+        dtype: torch.dtype,
+        checkpoint: Int4Checkpoint | None = None,
+        quantize: bool = False,
+    ) -> None:
         self.reader, self.device, self.dtype = reader, device, dtype
+        self.checkpoint, self.quantize = checkpoint, quantize
 
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
         return self._stack(names, shape)
+
+    def linear(self, names: list[str], shape: tuple[int, ...]) -> Tensor | PackedInt4:
+        modules = _packed_modules(self.checkpoint, names, self.reader.names)
+        if modules:
+            return self._unpack(modules, shape)
+        weight = self.matrix(names, shape)
+        return quantize(weight) if self.quantize else weight
+
+    def _unpack(self, modules: list[str], shape: tuple[int, ...]) -> PackedInt4:
+        """Each module's 4-bit tensors in our layout, stacked along N, viewed as `shape`."""
+        parts = [self.checkpoint.read(self.reader.take, m, self.device) for m in modules]
+        stacked = [
+            torch.cat(tensors) for tensors in zip(*(p.tensors() for p in parts), strict=True)
+        ]
+        qweight, scales, zeros = stacked
+        rows = shape[:-1]
+        if qweight.shape != (math.prod(rows), shape[-1] // 8):
+            raise ValueError(f"{modules[0]}...: 4-bit shape {tuple(qweight.shape)} for {shape}")
+        return PackedInt4(
+            qweight.view(*rows, -1),
+            scales.view(*rows, -1),
+            zeros.view(*rows, -1),
+            parts[0].group_size,
+        )
 
     def norm(self, name: str, size: int) -> Tensor:
         return self._stack([name], (size,))
@@ -110,8 +175,15 @@ class CheckpointBuilder:
 class RandomBuilder:
     """Seeded random weights made directly on the device: seconds even for 30B."""
 
-    def __init__(self, config: PretrainedConfig, device: str, dtype: torch.dtype, seed: int):
-        self.device, self.dtype = device, dtype
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        device: str,
+        dtype: torch.dtype,
+        seed: int,
+        quantize: bool = False,
+    ):
+        self.device, self.dtype, self.quantize = device, dtype, quantize
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.std = getattr(config, "initializer_range", 0.02)
 
@@ -119,26 +191,45 @@ class RandomBuilder:
         out = torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
         return out.mul_(self.std)
 
+    def linear(self, names: list[str], shape: tuple[int, ...]) -> Tensor | PackedInt4:
+        """Packed directly when quantizing: a 235B model never exists in 16 bits."""
+        if self.quantize:
+            return random_packed(shape, self.std, self.dtype, self.gen)
+        return self.matrix(names, shape)
+
     def norm(self, name: str, size: int) -> Tensor:
         return torch.ones(size, device=self.device, dtype=self.dtype)
 
 
 class NameBuilder:
-    """Records the names a checkpoint must hold; its tensors live on the meta device."""
+    """Records the names a checkpoint must hold; its tensors live on the meta device. A
+    4-bit checkpoint's projections are expected in its format where `present` has them."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: Int4Checkpoint | None = None, present: set[str] = frozenset()):
         self.names: set[str] = set()
+        self.checkpoint, self.present = checkpoint, present
 
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
         self.names.update(names)
+        return torch.empty(shape, device="meta")
+
+    def linear(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
+        modules = _packed_modules(self.checkpoint, names, self.present)
+        if not modules:
+            return self.matrix(names, shape)
+        self.names.update(name for m in modules for name in self.checkpoint.names(m))
         return torch.empty(shape, device="meta")
 
     def norm(self, name: str, size: int) -> Tensor:
         return self.matrix([name], (size,))
 
 
-def expected_tensor_names(config: PretrainedConfig) -> set[str]:
-    builder = NameBuilder()
+def expected_tensor_names(
+    config: PretrainedConfig,
+    checkpoint: Int4Checkpoint | None = None,
+    present: set[str] = frozenset(),
+) -> set[str]:
+    builder = NameBuilder(checkpoint, present)
     build(config, builder)
     return builder.names
 
@@ -153,10 +244,15 @@ def redundant_tensor_names(config: PretrainedConfig, present: set[str]) -> set[s
 
 
 def load_checkpoint(
-    reader: CheckpointReader, config: PretrainedConfig, device: str, dtype: torch.dtype
+    reader: CheckpointReader,
+    config: PretrainedConfig,
+    device: str,
+    dtype: torch.dtype,
+    checkpoint: Int4Checkpoint | None = None,
+    quantize: bool = False,
 ) -> ModelWeights:
     """Every tensor of `reader` into the model, layer by layer; refuses unused tensors."""
-    weights = build(config, CheckpointBuilder(reader, device, dtype))
+    weights = build(config, CheckpointBuilder(reader, device, dtype, checkpoint, quantize))
     unused = reader.untaken() - redundant_tensor_names(config, reader.names)
     if unused:
         raise ValueError(f"checkpoint tensors unused: {', '.join(sorted(unused)[:3])}")

@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from replica.model.quantized import PackedInt4, linear, stored
+
 
 @dataclass
 class DenseMLP:
-    gate_up: Tensor  # [2 * intermediate, hidden]
-    down: Tensor  # [hidden, intermediate]
+    gate_up: Tensor | PackedInt4  # [2 * intermediate, hidden]
+    down: Tensor | PackedInt4  # [hidden, intermediate]
 
     def tensors(self) -> list[Tensor]:
-        return [self.gate_up, self.down]
+        return stored(self.gate_up) + stored(self.down)
 
     def active_params(self) -> int:
         return self.gate_up.numel() + self.down.numel()
@@ -33,8 +35,8 @@ class SparseMoE:
     """Router and experts of one layer. Experts are stacked so one kernel reaches them all."""
 
     router: Tensor  # [experts, hidden]; its logits are computed in fp32 (`route`)
-    gate_up: Tensor  # [experts, 2 * moe_intermediate, hidden]: gate rows, then up rows
-    down: Tensor  # [experts, hidden, moe_intermediate]
+    gate_up: Tensor | PackedInt4  # [experts, 2 * moe_intermediate, hidden]: gate, then up rows
+    down: Tensor | PackedInt4  # [experts, hidden, moe_intermediate]
     top_k: int
     norm_topk_prob: bool
     # Tokens each expert took in the last fused call. Allocated with the layer so a CUDA graph
@@ -51,7 +53,7 @@ class SparseMoE:
         return self.gate_up.shape[0]
 
     def tensors(self) -> list[Tensor]:
-        return [self.router, self.gate_up, self.down]
+        return [self.router, *stored(self.gate_up), *stored(self.down)]
 
     def active_params(self) -> int:
         """Weights one token multiplies: the router and `top_k` experts."""
@@ -77,7 +79,7 @@ def moe_reference(x: Tensor, moe: SparseMoE) -> Tensor:
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
         token, slot = torch.where(ids == expert)
-        gate, up = F.linear(x[token], moe.gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, moe.down[expert]) * weights[token, slot, None]
+        gate, up = linear(x[token], moe.gate_up[expert]).chunk(2, dim=-1)
+        y = linear(F.silu(gate) * up, moe.down[expert]) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out

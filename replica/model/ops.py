@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from replica.model.mlp import DenseMLP, SparseMoE, moe_reference
+from replica.model.quantized import PackedInt4, linear
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -48,11 +49,15 @@ class TorchOps:
             h = h + delta
         return h, rms_norm(h, weight, self.eps)
 
+    def linear(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
+        """x @ weight.T: every projection of a layer goes through here, 16-bit or 4-bit."""
+        return linear(x, weight)
+
     def mlp(self, x: Tensor, mlp: DenseMLP | SparseMoE) -> Tensor:
         """The layer's feed-forward half (see replica.model.mlp for what it returns)."""
         if isinstance(mlp, SparseMoE):
             return self.moe(x, mlp)
-        return F.linear(self.silu_mul(F.linear(x, mlp.gate_up)), mlp.down)
+        return self.linear(self.silu_mul(self.linear(x, mlp.gate_up)), mlp.down)
 
     def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
         return moe_reference(x, moe)

@@ -106,7 +106,7 @@ class Qwen3:
         for index, w in enumerate(layers):
             k_cache, v_cache = cache.layer(index)
             q, k, v = ops.rope_store(
-                F.linear(x, w.qkv),
+                ops.linear(x, w.qkv),
                 w.q_norm,
                 w.k_norm,
                 batch.positions,
@@ -120,7 +120,8 @@ class Qwen3:
                 )
             else:
                 out = attention.prefill(q, k, v, k_cache, v_cache, batch.rows, batch.context)
-            h, x = ops.add_rms_norm(h, F.linear(out.reshape(h.shape[0], -1), w.o_proj), w.post_norm)
+            attended = ops.linear(out.reshape(h.shape[0], -1), w.o_proj)
+            h, x = ops.add_rms_norm(h, attended, w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
             h, x = ops.add_rms_norm(h, ops.mlp(x, w.mlp), next_norm)
         return x

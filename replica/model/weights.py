@@ -10,28 +10,30 @@ from dataclasses import dataclass, fields
 from torch import Tensor
 
 from replica.model.mlp import DenseMLP, SparseMoE
+from replica.model.quantized import PackedInt4, stored
 
 
 @dataclass
 class LayerWeights:
     input_norm: Tensor
-    qkv: Tensor  # [(q_heads + 2 * kv_heads) * head_dim, hidden]
+    qkv: Tensor | PackedInt4  # [(q_heads + 2 * kv_heads) * head_dim, hidden]
     q_norm: Tensor
     k_norm: Tensor
-    o_proj: Tensor
+    o_proj: Tensor | PackedInt4
     post_norm: Tensor
     mlp: DenseMLP | SparseMoE
 
-    def attention_tensors(self) -> list[Tensor]:
+    def attention_weights(self) -> list[Tensor | PackedInt4]:
         """Everything but the MLP: norms, projections, q/k norms."""
         return [getattr(self, f.name) for f in fields(self) if f.name != "mlp"]
 
     def tensors(self) -> list[Tensor]:
-        return self.attention_tensors() + self.mlp.tensors()
+        """The tensors holding the layer's bytes (a packed weight's words, scales and zeros)."""
+        return [t for w in self.attention_weights() for t in stored(w)] + self.mlp.tensors()
 
     def active_params(self) -> int:
         """Weights one token multiplies (an MoE layer: its router and top-k experts)."""
-        return sum(t.numel() for t in self.attention_tensors()) + self.mlp.active_params()
+        return sum(w.numel() for w in self.attention_weights()) + self.mlp.active_params()
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""4-bit weights (w4a16) against bf16, side by side in one GPU run, random weights of the real
+shapes.
+
+    python -m benchmarks.bench_int4 --out $OUT/int4-h200.json [--skip-235b]
+
+For Qwen3-4B and Qwen3-30B-A3B, bf16 then `--quantize int4`: the graph-replayed decode step at
+1, 8 and 64 rows of 500 live tokens, its bytes floor (the bytes the step must read, packed words,
+scales and zeros included, over a copy bandwidth measured in this run; bench_moe's count of the
+experts the step touched), and MCQ scoring prompts/s. Then Qwen3-235B-A22B in int4 alone (its
+bf16 weights do not fit one card): its weights, the same steps and scoring, and how many
+1,000-token rows the KV pool of the rest of the card holds. `--gpu-memory-gb 79` plans KV as an
+80 GB card would (the 30B's KV rows are where memory decides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
+from benchmarks.bench_moe import step_floor_bytes, step_ms
+from replica.engine.engine import Engine
+from replica.kernels.int4_linear import Int4Tile, w4a16_linear
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.model.quantized import quantize
+
+ROWS = (1, 8, 64)
+ROW_TOKENS = 1000
+CONFIGS = {
+    "dense": "qwen3-4b-instruct-2507",
+    "moe": "qwen3-30b-a3b-instruct-2507",
+    "235b": "qwen3-235b-a22b-instruct-2507",
+}
+
+
+def measure(
+    name: str, quantize: str | None, bandwidth: float, flops: float, args: argparse.Namespace
+) -> dict:
+    """One engine's decode steps, their floor fractions, scoring, weights and KV rows."""
+    source = resolve(str(VENDORED_CONFIGS / CONFIGS[name]), random_weights=True)
+    memory = None if name == "235b" else args.gpu_memory_gb
+    # The 235B fills the card: leave its 16k-token prefill room beside the KV pool.
+    kv_fraction = args.kv_fraction_235b if name == "235b" else 0.9
+    engine = Engine(
+        source,
+        "cuda",
+        eos_ids=(),
+        max_batch=max(ROWS),
+        max_model_len=args.max_model_len,
+        gpu_memory_gb=memory,
+        kv_fraction=kv_fraction,
+        quantize=quantize,
+    )
+    result: dict = {
+        "weights_gib": round(engine.model.weight_bytes() / 2**30, 2),
+        "startup_s": engine.info["startup_s"],
+        "kv_tokens": engine.info["kv_tokens"],
+        "rows_of_1000_tokens": engine.info["kv_tokens"] // ROW_TOKENS,
+        "step_ms": {},
+        "floor_fraction": {},
+    }
+    for rows in ROWS:
+        ms = step_ms(engine, rows, seed=rows)
+        floor_bytes, _ = step_floor_bytes(engine, rows)
+        result["step_ms"][str(rows)] = round(ms, 3)
+        result["floor_fraction"][str(rows)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
+    result["scoring"] = scoring(engine, args.requests, source.config.vocab_size, flops)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+SWEEP_SHAPES = {"4b gate_up": (19456, 2560), "4b down": (2560, 9728)}  # (N, K)
+SWEEP_TILES = [
+    Int4Tile(16, cols, depth, warps, 4)
+    for cols in (32, 64, 128)
+    for depth in (64, 128)
+    for warps in (2, 4)
+]
+
+
+def decode_tile_sweep(bandwidth: float) -> list[dict]:
+    """One 4B projection at 1 and 16 rows under each decode tile, against bf16 `F.linear`
+    and the packed bytes over the copy bandwidth: where the decode kernel's time goes."""
+    results = []
+    for shape, (n, k) in SWEEP_SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        packed = quantize(w)
+        floor_ms = 1e3 * sum(t.numel() * t.element_size() for t in packed.tensors()) / bandwidth
+        for rows in (1, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": shape, "rows": rows, "floor_ms": round(floor_ms, 4)}
+            row["bf16_ms"] = round(_time_ms(lambda x=x, w=w: x @ w.t(), repeats=50), 4)
+            for tile in SWEEP_TILES:
+                name = f"n{tile.cols}_k{tile.depth}_w{tile.warps}"
+                ms = _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), repeats=50)
+                row[name] = round(ms, 4)
+            results.append(row)
+    return results
+
+
+def ratios(bf16: dict, int4: dict, prefix: str) -> dict:
+    """The issue's keys: int4 / bf16 step times, both floors, the scoring ratio."""
+    return {
+        f"{prefix}_step_ratio": {
+            rows: round(int4["step_ms"][rows] / bf16["step_ms"][rows], 3)
+            for rows in bf16["step_ms"]
+        },
+        f"{prefix}_floor_fraction_bf16": bf16["floor_fraction"],
+        f"{prefix}_floor_fraction_int4": int4["floor_fraction"],
+        f"{prefix}_scoring_ratio": round(
+            int4["scoring"]["prompts_per_s"] / bf16["scoring"]["prompts_per_s"], 3
+        ),
+        f"{prefix}_rows_of_1000_tokens": {
+            "bf16": bf16["rows_of_1000_tokens"],
+            "int4": int4["rows_of_1000_tokens"],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/perf/int4.json"))
+    parser.add_argument(
+        "--models", default="dense,moe,235b", help="comma-separated subset, and `sweep`"
+    )
+    parser.add_argument("--requests", type=int, default=256, help="scoring prompts per engine")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
+    parser.add_argument("--kv-fraction-235b", type=float, default=0.75)
+    args = parser.parse_args()
+    random.seed(0)
+    device = torch.device("cuda")
+    bandwidth, flops = copy_bandwidth(device), matmul_flops(device)
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "matmul_tflops": round(flops / 1e12, 1),
+        "gpu_memory_gb": args.gpu_memory_gb,
+    }
+    models = args.models.split(",")
+
+    def save() -> None:  # after each model, so a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    if "sweep" in models:
+        report["decode_tile_sweep"] = decode_tile_sweep(bandwidth)
+        save()
+
+    for name in ("dense", "moe"):
+        if name in models:
+            bf16 = measure(name, None, bandwidth, flops, args)
+            int4 = measure(name, "int4", bandwidth, flops, args)
+            report.update(ratios(bf16, int4, name))
+            report[name] = {"bf16": bf16, "int4": int4}
+            save()
+    if "235b" in models:
+        big = measure("235b", "int4", bandwidth, flops, args)
+        report.update(
+            weights_gib_235b=big["weights_gib"],
+            step_ms_235b=big["step_ms"],
+            floor_fraction_235b=big["floor_fraction"],
+            scoring_prompts_per_s_235b=big["scoring"]["prompts_per_s"],
+            rows_of_1000_tokens_235b=big["rows_of_1000_tokens"],
+        )
+        report["235b"] = big
+        save()
+    for key, value in report.items():
+        if key not in ("dense", "moe", "235b", "decode_tile_sweep"):
+            print(f"{key:34} {value}")
+
+
+if __name__ == "__main__":
+    main()

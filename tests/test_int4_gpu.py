@@ -1,0 +1,62 @@
+"""The w4a16 kernels on CUDA against the dequantized reference at the real models' shapes, for
+token counts from 1 to 16,384 (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica.kernels.int4_linear import w4a16_linear
+from replica.kernels.moe import fused_moe
+from replica.model.mlp import SparseMoE, moe_reference
+from replica.model.quantized import dequantize, quantize
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOKENS = (1, 3, 16, 17, 64, 65, 1000, 16384)
+SHAPES = {  # (N, K) of each projection
+    "4b qkv": (6144, 2560),
+    "4b o_proj": (2560, 4096),
+    "4b gate_up": (19456, 2560),
+    "4b down": (2560, 9728),
+    "235b qkv": (9216, 4096),
+    "235b o_proj": (4096, 8192),
+}
+
+
+def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_w4a16_linear_matches_dequantized_matmul(shape: str):
+    n, k = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = quantize(torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16))
+    dense = dequantize(weight, torch.bfloat16)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+        assert rel_error(w4a16_linear(x, weight), x @ dense.t()) < 1e-2, tokens
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("experts", "hidden", "inter", "top_k"), [(128, 2048, 768, 8)])
+def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_k):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    moe = SparseMoE(
+        router=randn(experts, hidden),
+        gate_up=quantize(randn(experts, 2 * inter, hidden) / hidden**0.5),
+        down=quantize(randn(experts, hidden, inter) / inter**0.5),
+        top_k=top_k,
+        norm_topk_prob=True,
+    )
+    for tokens in (1, 8, 64, 2048):
+        x = randn(tokens, hidden)
+        fused = fused_moe(x, moe).unflatten(0, (tokens, top_k)).float().sum(1)
+        assert rel_error(fused, moe_reference(x, moe)) < 2e-2, tokens
