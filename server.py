@@ -128,6 +128,7 @@ def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
         "gpu_memory_gb": args.gpu_memory_gb,
         "refill": args.refill,
         "prefix_caching": args.prefix_caching,
+        "prefill_tokens": args.prefill_tokens,
         "attention": args.attention,
         "quantize": args.quantize,
     }
@@ -259,6 +260,14 @@ def build_app(args: argparse.Namespace) -> web.Application:
     return app
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: sizes and counts of at least 1, refused in one line otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -278,11 +287,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-model-len",
-        type=int,
+        type=positive_int,
         default=32768,
         help="longest context (prompt and answer); the model's own is the most",
     )
-    parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch")
+    parser.add_argument("--max-batch", type=positive_int, default=256, help="largest decode batch")
+    parser.add_argument(
+        "--prefill-tokens",
+        type=positive_int,
+        default=16384,
+        help="tokens a prefill step computes; a longer prompt goes in chunks of this size "
+        "(smaller: shorter decode pauses beside a long prompt, docs/PERF.md)",
+    )
     parser.add_argument("--kv-fraction", type=float, default=0.9, help="of free GPU memory")
     parser.add_argument(
         "--gpu-memory-gb",
@@ -304,7 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["int4"],
         help="make a 16-bit model's projections 4-bit at load (round-to-nearest, group 128)",
     )
-    parser.add_argument("--max-in-flight", type=int, default=4096, help="admission bound (prompts)")
+    parser.add_argument(
+        "--max-in-flight", type=positive_int, default=4096, help="admission bound (prompts)"
+    )
     parser.add_argument(
         "--plan-timeout", type=float, default=5.0, help="seconds; then the prompt goes to the model"
     )

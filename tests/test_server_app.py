@@ -296,3 +296,11 @@ def test_requests_still_running_when_the_drain_ends_get_a_503():
         assert 'requests_total{status="503"} 1' in await metrics_text(client)
 
     serve(scenario, "--shutdown-timeout", "0.6")
+
+
+@pytest.mark.parametrize("flag", ["--prefill-tokens", "--max-batch", "--max-model-len"])
+def test_sizes_below_one_are_refused_at_start_up(flag, capsys):
+    assert parse_args(flag, "64").__dict__[flag[2:].replace("-", "_")] == 64
+    with pytest.raises(SystemExit):
+        parse_args(flag, "0")
+    assert "must be at least 1" in capsys.readouterr().err
