@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from replica.attention import BlockTables
 from replica.engine.engine import Engine, EngineStats
 from replica.engine.kv_cache import bytes_per_token
 from replica.engine.model_runner import DecodeRows
@@ -183,13 +184,13 @@ def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
     row_ids = torch.arange(rows, device="cuda")
     lens = torch.full((rows,), live, dtype=torch.int32, device="cuda")
     q = torch.randn(rows, model.num_heads, model.head_dim, device="cuda").to(model.dtype)
-    args = (inputs.tables, row_ids, lens, waves)
+    paged = BlockTables(inputs.tables, row_ids, lens)
     for layer in range(len(model.layers)):  # warm-up: compiles for this split count
-        decode_attention(q, *cache.layer(layer), *args)
+        decode_attention(q, cache.layer(layer), paged, waves)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for layer in range(len(model.layers)):
-            decode_attention(q, *cache.layer(layer), *args)
+            decode_attention(q, cache.layer(layer), paged, waves)
     ms = _time_ms(graph.replay)
     engine.blocks.release(held)
     return ms

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from replica.attention import PackedRows
+from replica.attention import BlockTables, LayerCache, PackedRows
 from replica.attention.reference import ReferenceAttention
 from replica.model.ops import TorchOps
 
@@ -34,15 +34,15 @@ def prefill() -> None:
     k = torch.randn(tokens, KV_HEADS, HEAD_DIM)
     v = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM)[:, HEADS:]  # strided, as in the engine
     cache = torch.zeros(1, 16, KV_HEADS, HEAD_DIM)
-    reference = ReferenceAttention().prefill(q, k, v, cache, cache, rows, None)
+    reference = ReferenceAttention().prefill(q, k, v, LayerCache(cache, cache), rows)
     close(prefill_attention(q, k, v, rows), reference)
     context, lengths = [5, 0, 150], [130, 1, 20]  # chunks after a cached context
     q, k, v, _, _, k_cache, v_cache, cached = with_context(
         context, lengths, (HEADS, KV_HEADS), HEAD_DIM, "cpu", torch.float32
     )
-    rows = PackedRows.from_lengths(lengths, torch.device("cpu"))
-    reference = ReferenceAttention().prefill(q, k, v, k_cache, v_cache, rows, cached)
-    close(prefill_attention(q, k, v, rows, k_cache, v_cache, cached), reference)
+    rows = PackedRows.from_lengths(lengths, torch.device("cpu"), cached)
+    kv = LayerCache(k_cache, v_cache)
+    close(prefill_attention(q, k, v, rows, kv), ReferenceAttention().prefill(q, k, v, kv, rows))
 
 
 def decode() -> None:
@@ -57,10 +57,10 @@ def decode() -> None:
     q = torch.randn(4, HEADS, HEAD_DIM)
     row_ids = torch.tensor([0, 1, 2, 3])
     lengths = torch.tensor([300, 1, 65, 128], dtype=torch.int32)
-    reference = ReferenceAttention().decode(q, k_cache, v_cache, tables, row_ids, lengths)
+    kv, paged = LayerCache(k_cache, v_cache), BlockTables(tables, row_ids, lengths)
+    reference = ReferenceAttention().decode(q, kv, paged)
     for waves in (1, 4):  # one split per row, then several
-        args = (q, k_cache, v_cache, tables, row_ids, lengths, waves)
-        close(decode_attention(*args), reference)
+        close(decode_attention(q, kv, paged, waves), reference)
 
 
 def elementwise() -> None:

@@ -4,11 +4,18 @@ the reference (relative error < 1e-2 over random lengths 1..4096, 32 query / 8 K
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
-from replica.attention import CachedContext, PackedRows, flash_attn_available
+from replica.attention import (
+    BlockTables,
+    CachedContext,
+    LayerCache,
+    PackedRows,
+    flash_attn_available,
+)
 from replica.attention.reference import ReferenceAttention
 from replica.backends import select_attention
 
@@ -99,7 +106,7 @@ def test_reference_prefill_matches_naive_loop():
     q = torch.randn(20, 4, 16)
     k, v = torch.randn(2, 20, 2, 16)
     cache = torch.zeros(1, 16, 2, 16)
-    out = ReferenceAttention().prefill(q, k, v, cache, cache, rows, None)
+    out = ReferenceAttention().prefill(q, k, v, LayerCache(cache, cache), rows)
     for span in spans:
         expected = naive_attention(q[span], k[span], v[span])
         torch.testing.assert_close(out[span].double(), expected, rtol=1e-5, atol=1e-5)
@@ -112,7 +119,9 @@ def test_reference_prefill_over_a_cached_context_matches_naive_loop():
         context, lengths, (4, 2), 16, "cpu", torch.float32
     )
     rows, spans = packed_rows(lengths)
-    out = ReferenceAttention().prefill(q, k, v, k_cache, v_cache, rows, cached)
+    out = ReferenceAttention().prefill(
+        q, k, v, LayerCache(k_cache, v_cache), replace(rows, context=cached)
+    )
     for b, span in enumerate(spans):
         expected = naive_attention(q[span], full_k[b], full_v[b])
         torch.testing.assert_close(out[span].double(), expected, rtol=1e-5, atol=1e-5)
@@ -126,7 +135,9 @@ def test_reference_decode_reads_each_rows_blocks_up_to_its_length():
     v_cache, _ = paged_cache(values, 12, 8, gen.manual_seed(5))
     q = torch.randn(3, 4, 16, generator=gen)
     row_ids, lengths = torch.tensor([3, 1, 0]), torch.tensor([33, 1, 20])
-    out = ReferenceAttention().decode(q, k_cache, v_cache, tables, row_ids, lengths)
+    out = ReferenceAttention().decode(
+        q, LayerCache(k_cache, v_cache), BlockTables(tables, row_ids, lengths)
+    )
     for b in range(3):
         r, n = row_ids[b], lengths[b]
         expected = naive_attention(q[b : b + 1], keys[r][:n], values[r][:n])[0]
@@ -135,6 +146,10 @@ def test_reference_decode_reads_each_rows_blocks_up_to_its_length():
 
 def test_cpu_selects_reference():
     assert select_attention(torch.device("cpu")).name == "reference"
+
+
+def float_(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -161,9 +176,10 @@ def test_gpu_decode_matches_reference(name: str):
     lengths[:3] = torch.tensor([1, capacity, 65])
     lengths = lengths.to(torch.int32)
     for size in (1, 2, 8, rows):  # every split count the engine uses at these sizes
-        args = (tables, row_ids[:size], lengths[:size])
-        out = select_attention(torch.device(dev), name).decode(q[:size], k_cache, v_cache, *args)
-        ref = ReferenceAttention().decode(q[:size].float(), k_cache.float(), v_cache.float(), *args)
+        paged = BlockTables(tables, row_ids[:size], lengths[:size])
+        kv = LayerCache(k_cache, v_cache)
+        out = select_attention(torch.device(dev), name).decode(q[:size], kv, paged)
+        ref = ReferenceAttention().decode(q[:size].float(), LayerCache(*map(float_, kv)), paged)
         assert torch.isfinite(out).all()
         errors = [rel_error(out[b], ref[b]) for b in range(size)]
         assert max(errors) < 1e-2, (size, errors)
@@ -180,8 +196,9 @@ def test_gpu_prefill_matches_reference(name: str):
     q = torch.randn(tokens, 32, 128, device=dev, dtype=dt, generator=gen)
     k, v = torch.randn(2, tokens, 8, 128, device=dev, dtype=dt, generator=gen)
     cache = torch.zeros(1, 16, 8, 128, device=dev, dtype=dt)
-    out = select_attention(torch.device(dev), name).prefill(q, k, v, cache, cache, rows, None)
-    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), cache, cache, rows, None)
+    kv = LayerCache(cache, cache)
+    out = select_attention(torch.device(dev), name).prefill(q, k, v, kv, rows)
+    ref = ReferenceAttention().prefill(q.float(), k.float(), v.float(), kv, rows)
     assert torch.isfinite(out).all()
     for span in spans:
         assert rel_error(out[span], ref[span]) < 1e-2
@@ -196,11 +213,11 @@ def test_gpu_prefill_over_a_cached_context_matches_reference(name: str):
         context, lengths, (32, 8), 128, "cuda", torch.bfloat16
     )
     rows, spans = packed_rows(lengths, "cuda")
-    out = select_attention(torch.device("cuda"), name).prefill(
-        q, k, v, k_cache, v_cache, rows, cached
-    )
+    rows = replace(rows, context=cached)
+    kv = LayerCache(k_cache, v_cache)
+    out = select_attention(torch.device("cuda"), name).prefill(q, k, v, kv, rows)
     ref = ReferenceAttention().prefill(
-        q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), rows, cached
+        q.float(), k.float(), v.float(), LayerCache(*map(float_, kv)), rows
     )
     assert torch.isfinite(out).all()
     for span in spans:

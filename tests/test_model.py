@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from replica.attention import BlockTables
 from replica.backends import select_attention, select_ops
 from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache
 from replica.loading.model import model_from_reader, random_model
@@ -35,7 +36,7 @@ def prefill_then_decode(
     chunks = [(prompt, 0, first, blocks), ([7] * 3, 0, 3, [61])]
     prefill = [model.logits(model.forward(Batch.prefill(chunks, size, dev), cache, attention))]
     rest = Batch.prefill([(prompt, first, split, blocks)], size, dev)
-    assert rest.context is not None
+    assert rest.rows is not None and rest.rows.context is not None
     prefill.append(model.logits(model.forward(rest, cache, attention)))
     tables = torch.tensor([blocks], dtype=torch.int32, device=dev)
     decoded = []
@@ -44,9 +45,11 @@ def prefill_then_decode(
             input_ids=torch.tensor([prompt[pos]], device=dev),
             positions=torch.tensor([pos], device=dev),
             slots=torch.tensor([blocks[pos // size] * size + pos % size], device=dev),
-            tables=tables,
-            row_ids=torch.tensor([0], device=dev),
-            seq_lens=torch.tensor([pos + 1], dtype=torch.int32, device=dev),
+            paged=BlockTables(
+                tables,
+                torch.tensor([0], device=dev),
+                torch.tensor([pos + 1], dtype=torch.int32, device=dev),
+            ),
         )
         decoded.append(model.logits(model.forward(step, cache, attention)[0]))
     return torch.cat([prefill[0][:first], prefill[1]]), torch.stack(decoded)

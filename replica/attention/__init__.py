@@ -10,29 +10,69 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+class LayerCache(NamedTuple):
+    """One layer's K and V blocks, [blocks, block_size, Hkv, D] each."""
+
+    k: Tensor
+    v: Tensor
+
+
+@dataclass(frozen=True)
+class BlockTables:
+    """Where each decode row reads: row b attends over the first seq_lens[b] tokens of the
+    blocks tables[row_ids[b]]."""
+
+    tables: Tensor  # [table rows, blocks per sequence] int32
+    row_ids: Tensor  # [B] int64
+    seq_lens: Tensor  # [B] int32
+
+
+@dataclass(frozen=True)
+class CachedContext:
+    """What each prefill row already holds in the cache before this chunk: row b's first
+    `lengths[b]` tokens, in blocks `tables[b]` (a cached prefix, or its earlier chunks)."""
+
+    tables: Tensor  # [B, blocks] int32 (zero past a row's own blocks)
+    lengths: Tensor  # [B] int32
+    max_len: int
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: list[list[int]], lengths: list[int], device: torch.device
+    ) -> CachedContext:
+        width = max(len(b) for b in blocks)
+        tables = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
+        host = torch.tensor(lengths, dtype=torch.int32)
+        return cls(tables.to(device), host.to(device), max(lengths))
+
+
 @dataclass(frozen=True)
 class PackedRows:
-    """Where each prompt lies in a packed [T, ...] tensor: row b is tokens
-    cu_seqlens[b] .. cu_seqlens[b + 1]. `pad`/`unpad` convert to and from the right-padded
-    [B, max_len, ...] layout that backends without a varlen kernel need."""
+    """Where each prompt's new tokens lie in a packed [T, ...] tensor: row b is tokens
+    cu_seqlens[b] .. cu_seqlens[b + 1], after what `context` says it already holds in the
+    cache (None: nothing). `pad`/`unpad` convert to and from the right-padded [B, max_len, ...]
+    layout that backends without a varlen kernel need."""
 
     lengths: Tensor  # [B] int32
     cu_seqlens: Tensor  # [B + 1] int32
     max_len: int
     tokens: int
+    context: CachedContext | None = None
 
     @classmethod
-    def from_lengths(cls, lengths: list[int], device: torch.device) -> PackedRows:
+    def from_lengths(
+        cls, lengths: list[int], device: torch.device, context: CachedContext | None = None
+    ) -> PackedRows:
         host = torch.tensor(lengths, dtype=torch.int32)
         starts = F.pad(host.cumsum(0, dtype=torch.int32), (1, 0))
-        return cls(host.to(device), starts.to(device), max(lengths), sum(lengths))
+        return cls(host.to(device), starts.to(device), max(lengths), sum(lengths), context)
 
     @cached_property
     def padded_index(self) -> Tensor:
@@ -61,25 +101,6 @@ class PackedRows:
         return x.flatten(0, 1).index_select(0, self.padded_index)
 
 
-@dataclass(frozen=True)
-class CachedContext:
-    """What each prefill row already holds in the cache before this chunk: row b's first
-    `lengths[b]` tokens, in blocks `tables[b]` (a cached prefix, or its earlier chunks)."""
-
-    tables: Tensor  # [B, blocks] int32 (zero past a row's own blocks)
-    lengths: Tensor  # [B] int32
-    max_len: int
-
-    @classmethod
-    def from_blocks(
-        cls, blocks: list[list[int]], lengths: list[int], device: torch.device
-    ) -> CachedContext:
-        width = max(len(b) for b in blocks)
-        tables = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
-        host = torch.tensor(lengths, dtype=torch.int32)
-        return cls(tables.to(device), host.to(device), max(lengths))
-
-
 class AttentionBackend(Protocol):
     """Caches are [blocks, block_size, Hkv, D]: token t of a sequence is at offset
     t % block_size of its block t // block_size."""
@@ -87,30 +108,12 @@ class AttentionBackend(Protocol):
     name: str
     block_size: int | None  # the block size its kernels need (None: any)
 
-    def prefill(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        rows: PackedRows,
-        context: CachedContext | None,
-    ) -> Tensor:
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
         """Causal attention of each row's new tokens over its context and themselves:
-        q [T, Hq, D], k/v [T, Hkv, D] (also already in the cache) -> [T, Hq, D]."""
+        q [T, Hq, D], k/v [T, Hkv, D] (also already in `kv`) -> [T, Hq, D]."""
 
-    def decode(
-        self,
-        q: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        tables: Tensor,
-        row_ids: Tensor,
-        seq_lens: Tensor,
-    ) -> Tensor:
-        """One query per row: q [B, Hq, D] -> [B, Hq, D]. Row b reads the first seq_lens[b]
-        tokens of the blocks tables[row_ids[b]]."""
+    def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
+        """One query per row: q [B, Hq, D] -> [B, Hq, D]."""
 
 
 def flash_attn_available() -> bool:

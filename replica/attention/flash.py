@@ -11,32 +11,23 @@ import torch.nn.functional as F
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from torch import Tensor
 
-from replica.attention import CachedContext, PackedRows
+from replica.attention import BlockTables, LayerCache, PackedRows
 
 
 class FlashAttention:
     name = "flash"
     block_size = 256
 
-    def prefill(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        rows: PackedRows,
-        context: CachedContext | None,
-    ) -> Tensor:
-        cu, width = rows.cu_seqlens, rows.max_len
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
+        cu, width, context = rows.cu_seqlens, rows.max_len, rows.context
         if context is None:
             return flash_attn_varlen_func(q, k, v, cu, cu, width, width, causal=True)
         key_lens = context.lengths + rows.lengths
         cu_keys = F.pad(key_lens.cumsum(0, dtype=torch.int32), (1, 0))
         return flash_attn_varlen_func(
             q,
-            k_cache,
-            v_cache,
+            kv.k,
+            kv.v,
             cu,
             cu_keys,
             width,
@@ -45,21 +36,13 @@ class FlashAttention:
             block_table=context.tables,
         )
 
-    def decode(
-        self,
-        q: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        tables: Tensor,
-        row_ids: Tensor,
-        seq_lens: Tensor,
-    ) -> Tensor:
+    def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
         out = flash_attn_with_kvcache(
             q[:, None],
-            k_cache,
-            v_cache,
-            cache_seqlens=seq_lens,
-            block_table=tables[row_ids],
+            kv.k,
+            kv.v,
+            cache_seqlens=paged.seq_lens,
+            block_table=paged.tables[paged.row_ids],
             causal=True,
         )
         return out[:, 0]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from replica.attention import CachedContext, PackedRows
+from replica.attention import BlockTables, LayerCache, PackedRows
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -27,39 +27,24 @@ class ReferenceAttention:
     name = "reference"
     block_size = None  # any
 
-    def prefill(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        rows: PackedRows,
-        context: CachedContext | None,
-    ) -> Tensor:
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
         pos = torch.arange(rows.max_len, device=q.device)
         live = pos[None, :, None] < rows.lengths[:, None, None]
+        context = rows.context
         if context is None:
             causal = pos[None, :, None] >= pos[None, None, :]
             return rows.unpad(_sdpa(rows.pad(q), rows.pad(k), rows.pad(v), causal & live))
-        keys, values = _gather(k_cache, context.tables), _gather(v_cache, context.tables)
+        keys, values = _gather(kv.k, context.tables), _gather(kv.v, context.tables)
         key_pos = torch.arange(keys.shape[1], device=q.device)
         query_pos = context.lengths[:, None, None] + pos[None, :, None]
         visible = (key_pos[None, None, :] <= query_pos) & live
         return rows.unpad(_sdpa(rows.pad(q), keys, values, visible))
 
-    def decode(
-        self,
-        q: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        tables: Tensor,
-        row_ids: Tensor,
-        seq_lens: Tensor,
-    ) -> Tensor:
-        k, v = _gather(k_cache, tables[row_ids]), _gather(v_cache, tables[row_ids])
+    def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
+        tables = paged.tables[paged.row_ids]
+        k, v = _gather(kv.k, tables), _gather(kv.v, tables)
         pos = torch.arange(k.shape[1], device=q.device)
-        live = pos[None, None, :] < seq_lens[:, None, None]
+        live = pos[None, None, :] < paged.seq_lens[:, None, None]
         return _sdpa(q[:, None], k, v, live)[:, 0]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from replica.attention import CachedContext, PackedRows
+from replica.attention import BlockTables, LayerCache, PackedRows
 from replica.kernels.decode_attention import decode_attention
 from replica.kernels.prefill_attention import prefill_attention
 
@@ -16,25 +16,8 @@ class TritonAttention:
     name = "triton"
     block_size = None  # any
 
-    def prefill(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        rows: PackedRows,
-        context: CachedContext | None,
-    ) -> Tensor:
-        return prefill_attention(q, k, v, rows, k_cache, v_cache, context)
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
+        return prefill_attention(q, k, v, rows, kv)
 
-    def decode(
-        self,
-        q: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        tables: Tensor,
-        row_ids: Tensor,
-        seq_lens: Tensor,
-    ) -> Tensor:
-        return decode_attention(q, k_cache, v_cache, tables, row_ids, seq_lens)
+    def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
+        return decode_attention(q, kv, paged)

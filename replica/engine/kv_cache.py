@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 from transformers import PretrainedConfig
 
+from replica.attention import LayerCache
 from replica.model.architecture import attention_shape
 
 log = logging.getLogger(__name__)
@@ -114,5 +114,5 @@ class KVCache:
         source, destination = torch.tensor(pairs, device=self.data.device).unbind(1)
         self.data[:, :, destination] = self.data[:, :, source]
 
-    def layer(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.data[index, 0], self.data[index, 1]
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self.data[index, 0], self.data[index, 1])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from replica.attention import AttentionBackend
+from replica.attention import AttentionBackend, BlockTables
 from replica.engine.kv_cache import KVCache
 from replica.model.qwen3 import Batch, Qwen3
 from replica.model.sampling import Sampler
@@ -93,9 +93,9 @@ class DecodeInputs:
             self.tokens[:size],
             self.positions[:size],
             self.slots[:size],
-            tables=self.tables,
-            row_ids=self.row_ids[:size],
-            seq_lens=self.seq_lens[:size].to(torch.int32),
+            paged=BlockTables(
+                self.tables, self.row_ids[:size], self.seq_lens[:size].to(torch.int32)
+            ),
         )
 
 

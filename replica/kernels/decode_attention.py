@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.attention import BlockTables, LayerCache
 from replica.kernels.online_softmax import LOG2_E, attend_block
 
 BLOCK_N = 64
@@ -146,17 +147,11 @@ def num_splits(rows: int, kv_heads: int, device: torch.device, waves: int) -> in
     return max(1, min(MAX_SPLITS, triton.cdiv(waves * sms, rows * kv_heads)))
 
 
-def decode_attention(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    tables: Tensor,
-    row_ids: Tensor,
-    seq_lens: Tensor,
-    waves: int = WAVES,
-) -> Tensor:
+def decode_attention(q: Tensor, kv: LayerCache, paged: BlockTables, waves: int = WAVES) -> Tensor:
     """q [B, Hq, D] over the first seq_lens[b] tokens of the blocks tables[row_ids[b]] of the
     caches [blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+    k_cache, v_cache = kv
+    tables = paged.tables
     rows, q_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
@@ -170,8 +165,8 @@ def decode_attention(
         k_cache,
         v_cache,
         tables,
-        row_ids,
-        seq_lens,
+        paged.row_ids,
+        paged.seq_lens,
         part,
         lse,
         head_dim**-0.5 * LOG2_E,

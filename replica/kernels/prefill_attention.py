@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.attention import CachedContext, PackedRows
+from replica.attention import LayerCache, PackedRows
 from replica.kernels.online_softmax import LOG2_E, attend_block
 
 BLOCK_M = 128
@@ -102,28 +102,23 @@ def _prefill_kernel(
 
 
 def prefill_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    rows: PackedRows,
-    k_cache: Tensor | None = None,
-    v_cache: Tensor | None = None,
-    context: CachedContext | None = None,
+    q: Tensor, k: Tensor, v: Tensor, rows: PackedRows, kv: LayerCache | None = None
 ) -> Tensor:
-    """q [T, Hq, D] -> [T, Hq, D], causal within each row. Without `context`, keys are the
-    packed k/v [T, Hkv, D] (any token and head strides, last dim contiguous); with it, every
-    key comes from the paged caches [blocks, block_size, Hkv, D], row b's first
+    """q [T, Hq, D] -> [T, Hq, D], causal within each row. Without `rows.context`, keys are
+    the packed k/v [T, Hkv, D] (any token and head strides, last dim contiguous); with it,
+    every key comes from the paged caches `kv` [blocks, block_size, Hkv, D], row b's first
     context.lengths[b] tokens before its chunk."""
     _, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     grid = (triton.cdiv(rows.max_len, BLOCK_M), rows.lengths.shape[0], q_heads)
+    context = rows.context
     if context is None:
         keys, values = k[:, None], v[:, None]  # [T, 1, H, D]: one "block", strides line up
         context_lens, tables, block_size = rows.lengths, rows.lengths[:, None], 1
     else:
-        assert k_cache is not None and v_cache is not None
-        keys, values = k_cache, v_cache
-        context_lens, tables, block_size = context.lengths, context.tables, k_cache.shape[1]
+        assert kv is not None, "a row with context reads its keys from the cache"
+        keys, values = kv
+        context_lens, tables, block_size = context.lengths, context.tables, keys.shape[1]
     _prefill_kernel[grid](
         q,
         keys,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from replica.attention import AttentionBackend, CachedContext, PackedRows
+from replica.attention import AttentionBackend, BlockTables, CachedContext, PackedRows
 from replica.engine.kv_cache import KVCache
 from replica.model.architecture import attention_shape, rope_theta
 from replica.model.ops import TorchOps
@@ -25,17 +25,14 @@ from replica.model.weights import ModelWeights
 @dataclass
 class Batch:
     """One forward's tokens, packed. Prefill takes a chunk of each of its sequences (`rows` says
-    where each lies; `context` is what each row already holds in its blocks); decode takes one
-    token per row (row b attends over `seq_lens[b]` tokens of the blocks in `tables[row_ids[b]]`)."""
+    where each lies, and what each already holds in its blocks); decode takes one token per row
+    (`paged` says which blocks each row reads, and how many of their tokens, this one included)."""
 
     input_ids: Tensor  # [T] int64
     positions: Tensor  # [T] int64
     slots: Tensor  # [T] int64: the flat KV slot (block * block_size + offset) each token writes
     rows: PackedRows | None = None  # prefill
-    context: CachedContext | None = None  # prefill: None when no row has tokens cached before
-    tables: Tensor | None = None  # decode: [table rows, blocks per sequence] int32
-    row_ids: Tensor | None = None  # decode: [T] int64
-    seq_lens: Tensor | None = None  # decode: [T] int32, live length including this token
+    paged: BlockTables | None = None  # decode
 
     @classmethod
     def prefill(
@@ -50,13 +47,15 @@ class Batch:
             slots = table[positions // block_size] * block_size + positions % block_size
             host.append(torch.stack((torch.tensor(tokens[start:end]), positions, slots)))
         input_ids, positions, slots = torch.cat(host, dim=1).to(device).unbind(0)
-        rows = PackedRows.from_lengths([end - start for _, start, end, _ in chunks], device)
-        context = None
+        context = None  # when no row has tokens cached before
         if any(start for _, start, _, _ in chunks):
             context = CachedContext.from_blocks(
                 [blocks for *_, blocks in chunks], [start for _, start, _, _ in chunks], device
             )
-        return cls(input_ids, positions, slots, rows=rows, context=context)
+        lengths = [end - start for _, start, end, _ in chunks]
+        return cls(
+            input_ids, positions, slots, rows=PackedRows.from_lengths(lengths, device, context)
+        )
 
 
 class Qwen3:
@@ -104,22 +103,15 @@ class Qwen3:
             F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
         )
         for index, w in enumerate(layers):
-            k_cache, v_cache = cache.layer(index)
+            kv = cache.layer(index)
             q, k, v = ops.rope_store(
-                ops.linear(x, w.qkv),
-                w.q_norm,
-                w.k_norm,
-                batch.positions,
-                batch.slots,
-                k_cache,
-                v_cache,
+                ops.linear(x, w.qkv), w.q_norm, w.k_norm, batch.positions, batch.slots, *kv
             )
-            if batch.rows is None:
-                out = attention.decode(
-                    q, k_cache, v_cache, batch.tables, batch.row_ids, batch.seq_lens
-                )
+            if batch.paged is not None:
+                out = attention.decode(q, kv, batch.paged)
             else:
-                out = attention.prefill(q, k, v, k_cache, v_cache, batch.rows, batch.context)
+                assert batch.rows is not None
+                out = attention.prefill(q, k, v, kv, batch.rows)
             attended = ops.linear(out.reshape(h.shape[0], -1), w.o_proj)
             h, x = ops.add_rms_norm(h, attended, w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
