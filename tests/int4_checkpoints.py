@@ -1,8 +1,9 @@
 """Tiny 4-bit checkpoints in each served format, packed as each format's documentation lays out.
 
-The formats' own libraries do not run here (AutoAWQ and GPTQModel need CUDA builds; the
-compressed_tensors package is not a dependency), so this module packs the tensors itself, with
-its own bit loops rather than replica.model.quantized's, from integer levels it chooses. Each
+AutoAWQ and GPTQModel need CUDA builds, so this module packs the tensors itself, with its own
+bit loops rather than replica.model.quantized's, from integer levels it chooses; for
+compressed-tensors, whose library runs on the CPU (a test dependency only: the server reads its
+config without it), `compress_with_library` also has the library write the checkpoint. Each
 checkpoint comes with its dequantized twin: the same names in fp32, (q - zero) * scale, which
 transformers loads as a plain checkpoint (the oracle for greedy tokens).
 """
@@ -160,3 +161,52 @@ def write_int4(
         )
         paths.append(directory)
     return paths[0], paths[1]
+
+
+def compress_with_library(source: Path, out: Path, symmetric: bool) -> tuple[Path, Path]:
+    """(4-bit checkpoint, its dequantized fp32 twin), both made by the compressed_tensors
+    library: it attaches the W4A16 group-32 scheme to every Linear but the head, takes this
+    module's scales and zero points (the library alone computes none: llm-compressor's observers
+    do), then quantizes, packs and writes the checkpoint and its config itself. The twin holds
+    the library's own fake-quantized weights."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from transformers import AutoModelForCausalLM
+
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=32
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    twin = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    apply_quantization_config(
+        model,
+        QuantizationConfig(
+            config_groups={"group_0": scheme}, ignore=["lm_head"], format="pack-quantized"
+        ),
+    )
+    twin_modules = dict(twin.named_modules())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not hasattr(module, "weight_scale"):
+                continue
+            lv = levels(module.weight, 32, symmetric, module.weight_scale.dtype)
+            module.weight_scale.copy_(lv.scale)
+            if not symmetric:  # the library's zero points are signed: ours less 8
+                module.weight_zero_point.copy_(lv.zero - 8)
+            twin_modules[name].weight.copy_(
+                fake_quantize(module.weight, module.weight_scale, module.weight_zero_point, args)
+            )
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    packed, dequantized = out / "compressed-tensors-library", out / "library-deq"
+    model.save_pretrained(packed)
+    compressor.update_config(str(packed))
+    twin.save_pretrained(dequantized)
+    return packed, dequantized

@@ -31,7 +31,7 @@ from replica.model.quantized import (
     quantize,
     unpack_nibbles,
 )
-from tests.int4_checkpoints import write_int4
+from tests.int4_checkpoints import compress_with_library, write_int4
 from tests.server_process import ServerProcess, request
 from tests.test_engine import prefill_logits
 from tests.test_moe import save_tiny_moe
@@ -144,6 +144,23 @@ def test_checkpoint_greedy_tokens_equal_transformers_on_its_dequantized_twin(
     reference = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     twin_q = reference.model.layers[1].self_attn.q_proj.weight
     torch.testing.assert_close(dequantize(layer.qkv, torch.float32)[:64], twin_q, rtol=0, atol=0)
+    assert _greedy(engine) == greedy_continuations(reference, PROMPTS, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_checkpoint_the_compressed_tensors_library_wrote_serves_as_transformers_does(
+    sixteen_bit, tmp_path, symmetric
+):
+    """The format's own library packs and configures it (dense only: it quantizes Linear
+    modules, and transformers keeps Qwen3-MoE's experts as fused parameters)."""
+    packed, twin = compress_with_library(sixteen_bit["dense"], tmp_path, symmetric)
+    source = resolve(str(packed))
+    check_servable(source)
+    fmt = int4_checkpoint(source.config)
+    assert (fmt.method, fmt.group_size, fmt.symmetric) == ("compressed-tensors", 32, symmetric)
+    engine = Engine(source, "cpu", max_batch=4, max_model_len=256)
+    assert isinstance(engine.model.layers[0].qkv, PackedInt4)
+    reference = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     assert _greedy(engine) == greedy_continuations(reference, PROMPTS, NEW_TOKENS)
 
 
