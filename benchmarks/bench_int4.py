@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,9 +26,18 @@ import torch
 from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
 from benchmarks.bench_moe import step_floor_bytes, step_ms
 from replica.engine.engine import Engine
-from replica.kernels.int4_linear import Int4Tile, w4a16_linear
+from replica.kernels.int4_linear import (
+    DECODE_TILE,
+    GemvTile,
+    dequantized,
+    tile_for,
+    w4a16_gemv,
+    w4a16_linear,
+)
+from replica.kernels.moe import fused_moe, tiles_for
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.model.quantized import quantize
+from replica.model.mlp import SparseMoE
+from replica.model.quantized import quantize, random_packed
 
 ROWS = (1, 8, 64)
 ROW_TOKENS = 1000
@@ -76,33 +86,101 @@ def measure(
     return result
 
 
-SWEEP_SHAPES = {"4b gate_up": (19456, 2560), "4b down": (2560, 9728)}  # (N, K)
-SWEEP_TILES = [
-    Int4Tile(16, cols, depth, warps, 4)
-    for cols in (32, 64, 128)
-    for depth in (64, 128)
-    for warps in (2, 4)
-]
+SWEEP_SHAPES = {  # (N, K) of the 4B's projections; gate_up runs gated (SiLU * up fused)
+    "qkv": (6144, 2560),
+    "o": (2560, 4096),
+    "gate_up": (19456, 2560),
+    "down": (2560, 9728),
+}
+SWEEP_GEMV = [GemvTile(cols, warps, 3) for cols in (4, 8, 16, 32) for warps in (1, 2, 4)]
+SWEEP_MOE = {"30b": (128, 2048, 768, 8), "235b": (128, 4096, 1536, 8)}  # experts, hidden, inter, k
 
 
-def decode_tile_sweep(bandwidth: float) -> list[dict]:
-    """One 4B projection at 1 and 16 rows under each decode tile, against bf16 `F.linear`
-    and the packed bytes over the copy bandwidth: where the decode kernel's time goes."""
-    results = []
+def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds a call inside a CUDA graph of `calls` calls: what a decode step pays,
+    without the launch overhead eager timing adds."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return 1e3 * _time_ms(graph.replay, repeats=replays) / calls
+
+
+def _packed_bytes(packed) -> int:
+    return sum(t.numel() * t.element_size() for t in packed.tensors())
+
+
+def kernel_sweep(bandwidth: float) -> dict:
+    """Each 4B projection in CUDA graphs: bf16 against the GEMV's tiles at 1-8 tokens and the
+    16-row tile kernel, then the prefill paths (the tile kernel against the dequantized copy and
+    the 16-bit GEMM); the fused experts of the 30B and the 235B by token count, GEMV against
+    tiles. Microseconds a call, floors = packed bytes over the copy bandwidth."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    decode, prefill = [], []
     for shape, (n, k) in SWEEP_SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        packed = quantize(w)
-        floor_ms = 1e3 * sum(t.numel() * t.element_size() for t in packed.tensors()) / bandwidth
-        for rows in (1, 16):
-            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            row = {"shape": shape, "rows": rows, "floor_ms": round(floor_ms, 4)}
-            row["bf16_ms"] = round(_time_ms(lambda x=x, w=w: x @ w.t(), repeats=50), 4)
-            for tile in SWEEP_TILES:
-                name = f"n{tile.cols}_k{tile.depth}_w{tile.warps}"
-                ms = _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), repeats=50)
-                row[name] = round(ms, 4)
-            results.append(row)
-    return results
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5
+        packed, gated = quantize(w), shape == "gate_up"
+        floor = round(1e6 * _packed_bytes(packed) / bandwidth, 2)
+        for tokens in (1, 2, 4, 8):
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            row = {"shape": shape, "tokens": tokens, "floor_us": floor}
+            row["bf16"] = round(graph_us(lambda x=x, w=w: x @ w.t()), 2)
+            row["tile16"] = round(
+                graph_us(lambda x=x, p=packed: w4a16_linear(x, p, DECODE_TILE)), 2
+            )
+            for t in SWEEP_GEMV:
+                name = f"n{t.cols}w{t.warps}"
+                row[name] = round(graph_us(partial(w4a16_gemv, x, packed, gated=gated, tile=t)), 2)
+            decode.append(row)
+            print(row, flush=True)
+        for tokens in (64, 128, 256, 512, 1024, 4096, 16384):
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            row = {"shape": shape, "tokens": tokens}
+            row["bf16"] = round(1e3 * _time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
+            tile = tile_for(tokens)
+            row["tile"] = round(
+                1e3 * _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), 20), 1
+            )
+            row["dequantized"] = round(1e3 * _time_ms(
+                lambda x=x, p=packed: x @ dequantized(p, torch.bfloat16).t(), 20), 1)  # fmt: skip
+            prefill.append(row)
+            print(row, flush=True)
+        del w, packed
+    return {"decode_us": decode, "prefill_us": prefill, "moe_us": _moe_sweep(gen, bandwidth)}
+
+
+def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
+    rows = []
+    for model, (experts, hidden, inter, top_k) in SWEEP_MOE.items():
+
+        def randn(*shape):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        moe = SparseMoE(
+            router=randn(experts, hidden),
+            gate_up=random_packed((experts, 2 * inter, hidden), 0.02, torch.bfloat16, gen),
+            down=random_packed((experts, hidden, inter), 0.02, torch.bfloat16, gen),
+            top_k=top_k,
+            norm_topk_prob=True,
+        )
+        for tokens in (1, 4, 8, 16, 32, 64):
+            x = randn(tokens, hidden)
+            row = {"model": model, "tokens": tokens, "pairs": tokens * top_k}
+            tiles = tiles_for(tokens * top_k / experts)
+            row["default"] = round(graph_us(partial(fused_moe, x, moe)), 1)
+            row["tiles"] = round(graph_us(partial(fused_moe, x, moe, tiles)), 1)
+            touched = int((moe.expert_tokens > 0).sum())
+            row["floor_us"] = round(
+                1e6 * touched * _packed_bytes(moe.down) / experts * 3 / bandwidth, 1
+            )
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 def ratios(bf16: dict, int4: dict, prefix: str) -> dict:
@@ -151,7 +229,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     if "sweep" in models:
-        report["decode_tile_sweep"] = decode_tile_sweep(bandwidth)
+        report["kernel_sweep"] = kernel_sweep(bandwidth)
         save()
 
     for name in ("dense", "moe"):
@@ -173,7 +251,7 @@ def main() -> None:
         report["235b"] = big
         save()
     for key, value in report.items():
-        if key not in ("dense", "moe", "235b", "decode_tile_sweep"):
+        if key not in ("dense", "moe", "235b", "kernel_sweep"):
             print(f"{key:34} {value}")
 
 

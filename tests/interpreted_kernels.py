@@ -112,7 +112,9 @@ def moe(packed: bool = False) -> None:
             top_k=top_k,
             norm_topk_prob=normalize,
         )
-        for tokens in (1, 5, 60, 300):  # 60 and 300: experts take several blocks of rows
+        # 1 and 4: a pair an expert or fewer, the GEMV (when packed); 60 and 300: experts take
+        # several blocks of rows
+        for tokens in (1, 4, 60, 300):
             x, h, weight = (
                 torch.randn(tokens, hidden),
                 torch.randn(tokens, hidden),
@@ -127,17 +129,23 @@ def moe(packed: bool = False) -> None:
 
 
 def int4_linear() -> None:
-    """w4a16 against dequantize-then-matmul: the decode tile with and without split-K, the
-    middle and prefill tiles; output widths that end mid-block; groups of 32 to 128."""
-    from replica.kernels.int4_linear import split_k, w4a16_linear
+    """w4a16 against dequantize-then-matmul: the GEMV for 1 to 8 tokens (split K, gated), the
+    decode tile with and without split-K, the middle and prefill tiles, the dequantizing copy;
+    output widths that end mid-block; groups of 32 to 128."""
+    from replica.kernels.int4_linear import dequantized, split_k, w4a16_gemv, w4a16_linear
     from replica.model.quantized import dequantize, linear, quantize
 
     assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
     for depth, group in ((256, 128), (96, 32), (512, 64)):
         weight = quantize(torch.randn(72, depth), group_size=group)
-        for tokens in (1, 5, 40, 130):
+        close(dequantized(weight, torch.float32), dequantize(weight, torch.float32))
+        for tokens in (1, 3, 8, 40, 130):
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
             close(w4a16_linear(x, weight), linear(x, weight))
+            gate, up = linear(x, weight).chunk(2, dim=-1)
+            if tokens <= 8:
+                gated = w4a16_gemv(x, weight, gated=True)
+                close(gated, torch.nn.functional.silu(gate) * up)
     strided = torch.randn(4, 2 * 256)[:, :256]  # rows of stride 512, as attention's output
     close(w4a16_linear(strided, weight := quantize(torch.randn(40, 256))), strided @ dequantize(
         weight, torch.float32).t())  # fmt: skip

@@ -27,8 +27,10 @@ from replica.model.quantized import (
     PackedInt4,
     dequantize,
     linear,
+    pack,
     pack_nibbles,
     quantize,
+    unpack,
     unpack_nibbles,
 )
 from tests.int4_checkpoints import compress_with_library, write_int4
@@ -50,11 +52,21 @@ FORMATS = [  # (format, symmetric, a linear kept in 16 bits)
 
 def test_nibbles_round_trip_in_column_order():
     q = torch.randint(0, 16, (3, 5, 64))
-    words = pack_nibbles(q)
+    words = pack_nibbles(q)  # the checkpoint formats' sequential order
     assert words.shape == (3, 5, 8) and words.dtype == torch.int32
     assert torch.equal(unpack_nibbles(words), q)
     assert (words[0, 0, 0] & 0xF).item() == q[0, 0, 0].item()  # column 0 in the low bits
     assert ((words[0, 0, 0] >> 28) & 0xF).item() == q[0, 0, 7].item()
+
+
+def test_our_layout_interleaves_each_group():
+    q = torch.randint(0, 16, (3, 5, 64))
+    words = pack(q, group_size=32)  # 4 words a group: nibble j of word w is column 4j + w
+    assert words.shape == (3, 5, 8) and torch.equal(unpack(words, 32), q)
+    for w, j in ((0, 0), (1, 0), (3, 2), (2, 7)):
+        for group in (0, 1):
+            nibble = (words[1, 2, 4 * group + w] >> (4 * j)) & 0xF
+            assert nibble.item() == q[1, 2, 32 * group + 4 * j + w].item()
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -68,7 +80,7 @@ def test_round_to_nearest_lands_within_half_a_step(symmetric):
     if symmetric:
         assert (packed.zeros == 8).all()
     else:  # every group spans the 16 levels
-        q = unpack_nibbles(packed.qweight).unflatten(-1, (2, 128))
+        q = unpack(packed.qweight, 128).unflatten(-1, (2, 128))
         assert (q.amin(-1) == 0).all() and (q.amax(-1) == 15).all()
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.kernels.int4_linear import w4a16_linear
+from replica.kernels.int4_linear import dequantized, w4a16_gemv, w4a16_linear
 from replica.kernels.moe import fused_moe
 from replica.model.mlp import SparseMoE, moe_reference
 from replica.model.quantized import dequantize, quantize
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-TOKENS = (1, 3, 16, 17, 64, 65, 1000, 16384)
+TOKENS = (1, 3, 8, 9, 16, 17, 64, 65, 256, 1000, 16384)
 SHAPES = {  # (N, K) of each projection
     "4b qkv": (6144, 2560),
     "4b o_proj": (2560, 4096),
@@ -38,6 +38,20 @@ def test_w4a16_linear_matches_dequantized_matmul(shape: str):
     for tokens in TOKENS:
         x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=torch.bfloat16)
         assert rel_error(w4a16_linear(x, weight), x @ dense.t()) < 1e-2, tokens
+    assert torch.equal(dequantized(weight, torch.bfloat16), dense)  # bf16 scales: exact
+
+
+@gpu
+@pytest.mark.gpu
+def test_gated_gemv_fuses_silu_times_up():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    weight = quantize(torch.randn(19456, 2560, device="cuda", generator=gen, dtype=torch.bfloat16))
+    dense = dequantize(weight, torch.bfloat16)
+    for tokens in (1, 2, 5, 8):
+        x = torch.randn(tokens, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
+        gate, up = (x @ dense.t()).chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        assert rel_error(w4a16_gemv(x, weight, gated=True), expected) < 1e-2, tokens
 
 
 @gpu
@@ -56,7 +70,7 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
         top_k=top_k,
         norm_topk_prob=True,
     )
-    for tokens in (1, 8, 64, 2048):
+    for tokens in (1, 8, 16, 17, 64, 2048):  # 16 tokens: the GEMV, 17: the tiles
         x = randn(tokens, hidden)
         fused = fused_moe(x, moe).unflatten(0, (tokens, top_k)).float().sum(1)
         assert rel_error(fused, moe_reference(x, moe)) < 2e-2, tokens

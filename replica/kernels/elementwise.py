@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.kernels.int4_linear import w4a16_linear
+from replica.kernels.int4_linear import gemv_serves, w4a16_gemv, w4a16_linear
 from replica.kernels.moe import fused_moe
-from replica.model.mlp import SparseMoE
+from replica.model.mlp import DenseMLP, SparseMoE
 from replica.model.ops import TorchOps
 from replica.model.quantized import PackedInt4
 
@@ -153,6 +153,12 @@ class TritonOps(TorchOps):
             num_warps=8,
         )
         return h_out, x_out
+
+    def mlp(self, x: Tensor, mlp: DenseMLP | SparseMoE) -> Tensor:
+        """A packed dense MLP at a few tokens: SiLU(gate) * up fused into the gate-up GEMV."""
+        if isinstance(mlp, DenseMLP) and gemv_serves(x.shape[0], mlp.gate_up):
+            return self.linear(w4a16_gemv(x, mlp.gate_up, gated=True), mlp.down)
+        return super().mlp(x, mlp)
 
     def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
         return fused_moe(x, moe)

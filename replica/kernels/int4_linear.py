@@ -8,15 +8,15 @@ through it too. A tile never straddles a quantization group, so it needs one sca
 per output row.
 
 `w4a16_linear` picks a kernel by the token count:
-- one token (a batch-1 decode step): `_w4a16_gemv_kernel`, no matrix units. Each program
-  reads a block of weight rows one group at a time and takes the group's dot products on the
-  4-bit values themselves, q . x, scaling once per group: sum((q - z) s x) = s (q . x - z sum(x)).
-  So a weight costs a shift, a mask, a float trick and one fma, nothing else: the step is bound
-  by the 4-bit bytes, not by dequantizing or by the layout shuffles a matrix-unit tile needs;
-- up to 64 rows: the tile kernel with thin column blocks (16 rows of the matrix unit's tile); both decode kernels split K when the
-  output has too few blocks to keep every SM reading (each program reduces a slice of K, and the
-  fp32 partial sums are added in a fixed order: deterministic);
-- prefill: wide 128 x 128 tiles, compute-bound like a 16-bit GEMM.
+- up to 8 tokens (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units. Each
+  program reads a block of weight rows, several groups per loop step (bytes in flight hide the
+  memory latency), and takes each group's dot products on the 4-bit values themselves, scaling
+  once per group: sum((q - z) s x) = s (q . x - z sum(x)). The interleaved layout makes a word's
+  8 activations contiguous. It fuses SiLU(gate) * up and the MoE routing weight when asked;
+- up to `DEQUANTIZE_FROM` tokens: the tile kernel, split over K when the output has too few
+  blocks to keep every SM reading (fp32 partial sums added in a fixed order: deterministic);
+- beyond: dequantize the weight to 16 bits once and run the 16-bit GEMM, which is compute-bound
+  and faster at these sizes than any tile of ours measured (PERF.md, issue 24's third pass).
 """
 
 from __future__ import annotations
@@ -47,20 +47,26 @@ def int4_tile(
     BLOCK_N: tl.constexpr,
     dtype: tl.constexpr,
 ):
-    """Weights [BLOCK_N, BLOCK_K] (output row, input column) in `dtype`, read row-major so that
-    neighbouring threads read neighbouring words.
+    """Weights [BLOCK_N, BLOCK_K] (output row, input column) in `dtype`. The tile's columns are
+    nibbles first..first + BLOCK_K / W - 1 of its group's W words (our interleaved layout: nibble
+    j of word w is the group's column jW + w), so every row reads the group's W words, and the
+    nibbles [rows, j, w] are already the tile's columns in order.
 
     Arithmetic per weight, cheap on purpose (a decode step must dequantize as fast as it reads):
     the nibble or'ed into the mantissa of 2^23 is 2^23 + q as a float (no int-to-float
     conversion), minus 2^23 is q exactly, and one fma q * scale - zero * scale gives (q - zero) *
     scale exactly in fp32 (every product has at most 15 significant bits), rounded once."""
+    words_per_group: tl.constexpr = GROUP // 8
+    nibbles_taken: tl.constexpr = BLOCK_K // words_per_group
     words = tl.load(
-        qweight_ptr + rows[:, None] * (depth // 8) + (k // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+        qweight_ptr
+        + rows[:, None] * (depth // 8)
+        + (k // GROUP * words_per_group + tl.arange(0, words_per_group))[None, :],
         mask=row_live[:, None],
         other=0,
     )
-    shifts = tl.arange(0, 8) * 4
-    nibbles = ((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
+    shifts = (k % GROUP // words_per_group + tl.arange(0, nibbles_taken)) * 4
+    nibbles = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000
     q = tl.reshape(nibbles.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K)) - 8388608.0
     group = rows * (depth // GROUP) + k // GROUP
     scale = tl.load(scales_ptr + group, mask=row_live, other=0.0).to(tl.float32)
@@ -112,51 +118,137 @@ def _w4a16_kernel(
 
 
 @triton.jit
+def _nibble(words, J: tl.constexpr):
+    """Nibble J of each word as fp32, exactly, in three operations: left where it is (bits
+    P..P+3), or'ed into the mantissa of 2^(23 - P), it is the float 2^(23 - P) + q, and one
+    subtraction leaves q. Nibbles 5-7 would reach the exponent, so they are read from the word
+    shifted right by 12 (one shift, which the compiler shares between the three)."""
+    P: tl.constexpr = 4 * J - 12 * (J // 5)
+    bits = (words >> (12 * (J // 5))) & (0xF << P)
+    return (bits | ((150 - P) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - P))
+
+
+@triton.jit
+def _group_dot(w_rows, row_live, x_cols, token_live, scale, zero, GROUP: tl.constexpr):
+    """One quantization group of BLOCK_N weight rows (`w_rows` points at each row's words of the
+    group) against the tokens (`x_cols` at each token's first column of the group), per word:
+    s (q . x - z sum(x)) over the word's 8 columns, [TOKENS, BLOCK_N, words]; the caller sums.
+    Nibble j of the W words holds columns jW .. jW + W - 1: one contiguous load of x each."""
+    words_per_group: tl.constexpr = GROUP // 8
+    word = tl.arange(0, words_per_group)
+    words = tl.load(w_rows[:, None] + word[None, :], mask=row_live[:, None], other=0)
+    cols = x_cols[:, None] + word[None, :]
+    x = tl.load(cols, mask=token_live[:, None], other=0.0).to(tl.float32)
+    dots = x[:, None, :] * _nibble(words, 0)[None, :, :]
+    x_sum = x
+    for j in tl.static_range(1, 8):
+        x = tl.load(cols + j * words_per_group, mask=token_live[:, None], other=0.0)
+        x = x.to(tl.float32)
+        dots += x[:, None, :] * _nibble(words, j)[None, :, :]
+        x_sum += x
+    return scale[None, :, None] * dots - (scale * zero)[None, :, None] * x_sum[:, None, :]
+
+
+@triton.jit
+def _gemv_rows(
+    qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, x_rows, token_live, depth, g_lo, g_hi,
+    GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """[TOKENS, BLOCK_N] fp32: weight rows `rows` (int64, experts' offsets included) times the
+    tokens over groups g_lo..g_hi - 1, UNROLL groups a step (their loads issued together: a
+    decode step's GEMV is bound by the bytes each thread has in flight), scaled once per group
+    and word."""
+    groups = depth // GROUP
+    w_rows = qweight_ptr + rows * (depth // 8)
+    acc = tl.zeros([TOKENS, BLOCK_N, GROUP // 8], dtype=tl.float32)
+    for step in range(g_lo, g_hi, UNROLL):
+        for u in tl.static_range(UNROLL):
+            g = step + u
+            scale = tl.load(scales_ptr + rows * groups + g, mask=row_live, other=0.0)
+            zero = tl.load(zeros_ptr + rows * groups + g, mask=row_live, other=0.0)
+            acc += _group_dot(
+                w_rows + g * (GROUP // 8), row_live, x_rows + g * GROUP, token_live,
+                scale.to(tl.float32), zero.to(tl.float32), GROUP,
+            )  # fmt: skip
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,
     qweight_ptr,
     scales_ptr,
     zeros_ptr,
-    out_ptr,  # [SPLIT_K, 1, N] fp32 partial sums, or [1, N] in x's dtype when SPLIT_K is 1
-    n,
+    experts_ptr,  # [out rows] int32: each output row's expert (EXPERTS); else unused
+    route_ptr,  # [out rows] fp32 routing weights (ROUTED); else unused
+    out_ptr,  # [SPLIT_K, out rows, N] fp32 partial sums, or [out rows, N] in x's dtype
+    out_rows,
+    n,  # output width (GATED: the gate's, half the weight's rows)
     depth,
+    stride_x,
+    X_ROW_OF: tl.constexpr,  # output row r reads x row r // X_ROW_OF (an expert pair's token)
     GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,  # groups a loop step; divides the groups of a split
+    EXPERTS: tl.constexpr,
+    GATED: tl.constexpr,
+    ROUTED: tl.constexpr,
 ):
-    """One token: out[r] = sum over words w of s[r, g] * (q[r, w] . x[w] - z[r, g] * sum(x[w]))
-    where word w holds columns 8 w .. 8 w + 7 (nibble j is column 8 w + j), all in group g."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[r, c] = x[r // X_ROW_OF] . w[c] for a few tokens, without matrix units: each weight is
+    dequantized once for all TOKENS rows of the program, at three operations plus one fma a
+    token (`_group_dot`). EXPERTS: each output row takes its own expert's matrix (one row a
+    program). GATED: the weight is [gate; up] and the output SiLU(gate) * up, rounded where
+    transformers' linear rounds. ROUTED: the output row scaled by its routing weight."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row_live = rows < n
-    words_per_step: tl.constexpr = BLOCK_K // 8
-    word = tl.arange(0, words_per_step)
-    span = depth // SPLIT_K
-    acc = tl.zeros([BLOCK_N, words_per_step], dtype=tl.float32)
-    for k in range(split * span, (split + 1) * span, BLOCK_K):
-        words = tl.load(
-            qweight_ptr + rows[:, None] * (depth // 8) + (k // 8 + word)[None, :],
-            mask=row_live[:, None],
-            other=0,
-        )
-        dots = tl.zeros([BLOCK_N, words_per_step], dtype=tl.float32)
-        x_sum = tl.zeros([words_per_step], dtype=tl.float32)
-        for j in tl.static_range(8):
-            nibble = ((words >> (4 * j)) & 0xF) | 0x4B000000  # 2^23 + q as a float's bits
-            q = nibble.to(tl.float32, bitcast=True) - 8388608.0
-            x = tl.load(x_ptr + k + j + 8 * word).to(tl.float32)
-            dots += q * x[None, :]
-            x_sum += x
-        group = rows[:, None] * (depth // GROUP) + ((k + 8 * word) // GROUP)[None, :]
-        scale = tl.load(scales_ptr + group, mask=row_live[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group, mask=row_live[:, None], other=0.0).to(tl.float32)
-        acc += scale * (dots - zero * x_sum[None, :])
-    total = tl.sum(acc, axis=1)
+    tokens = tl.program_id(2).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    col_live, token_live = cols < n, tokens < out_rows
+    dtype = x_ptr.dtype.element_ty
+    width = 2 * n if GATED else n  # rows of one matrix
+    rows = cols
+    if EXPERTS:
+        rows += tl.load(experts_ptr + tl.program_id(2)).to(tl.int64) * width
+    x_rows = x_ptr + (tokens // X_ROW_OF) * stride_x
+    span = depth // GROUP // SPLIT_K
+    g_lo = split * span
+    total = _gemv_rows(
+        qweight_ptr, scales_ptr, zeros_ptr, rows, col_live, x_rows, token_live, depth,
+        g_lo, g_lo + span, GROUP, TOKENS, BLOCK_N, UNROLL,
+    )  # fmt: skip
+    if GATED:
+        up = _gemv_rows(
+            qweight_ptr, scales_ptr, zeros_ptr, rows + n, col_live, x_rows, token_live, depth,
+            g_lo, g_lo + span, GROUP, TOKENS, BLOCK_N, UNROLL,
+        )  # fmt: skip
+        gate = total.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        total = silu * up.to(dtype).to(tl.float32)
+    if ROUTED:
+        route = tl.load(route_ptr + tokens, mask=token_live, other=0.0)
+        total = total.to(dtype).to(tl.float32) * route[:, None]
+    dst = out_ptr + (split * out_rows + tokens[:, None]) * n + cols[None, :]
+    live = token_live[:, None] & col_live[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptr + rows, total.to(x_ptr.dtype.element_ty), mask=row_live)
+        tl.store(dst, total.to(dtype), mask=live)
     else:
-        tl.store(out_ptr + split * n + rows, total, mask=row_live)
+        tl.store(dst, total, mask=live)
+
+
+@triton.jit
+def _dequantize_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, out_ptr, n, depth,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K
+    live = rows < n
+    w = int4_tile(
+        qweight_ptr, scales_ptr, zeros_ptr, rows, live, k, depth,
+        GROUP, BLOCK_K, BLOCK_N, out_ptr.dtype.element_ty,
+    )  # fmt: skip
+    tl.store(out_ptr + rows[:, None] * depth + k + tl.arange(0, BLOCK_K)[None, :], w, live[:, None])
 
 
 @dataclass(frozen=True)
@@ -168,14 +260,26 @@ class Int4Tile:
     stages: int
 
 
+@dataclass(frozen=True)
+class GemvTile:
+    cols: int  # output features a program
+    warps: int
+    stages: int
+    unroll: int = 4  # groups a loop step, at most (the largest power of two dividing the groups)
+
+
+GEMV_TOKENS = 8  # up to here the GEMV: each weight dequantized once for all the tokens
+GEMV_TILES = {
+    1: GemvTile(8, 2, 3),
+    2: GemvTile(8, 2, 3),
+    4: GemvTile(8, 4, 3),
+    8: GemvTile(8, 4, 3),
+}
 DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
-# One token: 8 weight rows a program, K in blocks of up to 1,024 (spanning groups), 2 warps. The
-# fastest of 18 tiles over the 4B's four projections in CUDA graphs on an H200: 60.7 us for the
-# four against bf16's 61.4 (docs/perf/int4-h200/gemv-tiles-in-graph.json).
-GEMV_TILE = Int4Tile(1, 8, 1024, 2, 3)
 DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
 PREFILL_TILE = Int4Tile(128, 128, 64, 8, 3)
+DEQUANTIZE_FROM = 256  # from here: dequantize to 16 bits, then the 16-bit GEMM (compute-bound)
 MAX_SPLIT_K = 16
 
 
@@ -187,11 +291,18 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def tile_for(tokens: int) -> Int4Tile:
-    if tokens == 1:
-        return GEMV_TILE
     if tokens <= 16:
         return DECODE_TILE
     return MIDDLE_TILE if tokens <= DECODE_ROWS else PREFILL_TILE
+
+
+def gemv_serves(tokens: int, weight: Tensor | PackedInt4) -> bool:
+    """Whether `w4a16_gemv` takes this many tokens of this weight: packed, with groups of a
+    power of two (a group's words are one `tl.arange`), 16 or more."""
+    if not isinstance(weight, PackedInt4) or tokens > GEMV_TOKENS:
+        return False
+    group = weight.group_size
+    return group >= 16 and group & (group - 1) == 0
 
 
 def block_depth(preferred: int, depth: int, group: int) -> int:
@@ -212,16 +323,38 @@ def split_k(programs: int, steps: int, device: torch.device) -> int:
     return split
 
 
-def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | None = None) -> Tensor:
-    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype. `tile` overrides `tile_for`
-    (a tile of one row runs the GEMV kernel)."""
+def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | GemvTile | None = None) -> Tensor:
+    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype: the GEMV for a few tokens, the
+    tile kernel up to DEQUANTIZE_FROM, then a dequantized copy and the 16-bit GEMM. `tile`
+    forces a kernel (the benchmark's sweeps)."""
+    m = x.shape[0]
+    if isinstance(tile, GemvTile) or (tile is None and gemv_serves(m, weight)):
+        return w4a16_gemv(x, weight, tile=tile)
+    if tile is None and m >= DEQUANTIZE_FROM and x.is_cuda:
+        return torch.nn.functional.linear(x, dequantized(weight, x.dtype))
+    return _tiled(x, weight, tile or tile_for(m))
+
+
+def dequantized(weight: PackedInt4, dtype: torch.dtype) -> Tensor:
+    """[..., N, K] in `dtype`, bit for bit `replica.model.quantized.dequantize`, in one kernel:
+    a prefill's 16-bit copy of a weight (reading 0.5 bytes and writing 2 a weight costs a few
+    percent of a GEMM of a few thousand tokens)."""
+    depth = weight.shape[-1]
+    rows = weight.qweight.numel() // (depth // 8)
+    out = torch.empty(*weight.shape, dtype=dtype, device=weight.device)
+    block_k = block_depth(128, depth, weight.group_size)
+    _dequantize_kernel[(triton.cdiv(rows, 32), depth // block_k)](
+        *weight.tensors(), out, rows, depth,
+        GROUP=weight.group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _tiled(x: Tensor, weight: PackedInt4, tile: Int4Tile) -> Tensor:
     m, depth = x.shape
     n = weight.shape[-2]
-    tile = tile or tile_for(m)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if tile.rows == 1 and m == 1:
-        return _gemv(x, weight, tile)
     block_k = block_depth(tile.depth, depth, weight.group_size)
     grid_n, grid_m = triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows)
     split = 1 if m > DECODE_ROWS else split_k(grid_n * grid_m, depth // block_k, x.device)
@@ -248,24 +381,54 @@ def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | None = None) ->
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
 
-def _gemv(x: Tensor, weight: PackedInt4, tile: Int4Tile) -> Tensor:
-    depth, n = x.shape[1], weight.shape[-2]
-    block_k = math.gcd(tile.depth, depth)  # may span groups: each word lies in one
-    grid_n = triton.cdiv(n, tile.cols)
-    split = split_k(grid_n, depth // block_k, x.device)
-    out = torch.empty(split, 1, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    _w4a16_gemv_kernel[(grid_n, split)](
+def w4a16_gemv(
+    x: Tensor,
+    weight: PackedInt4,
+    *,
+    experts: Tensor | None = None,
+    x_row_of: int = 1,
+    gated: bool = False,
+    route: Tensor | None = None,
+    tile: GemvTile | None = None,
+) -> Tensor:
+    """A few tokens through a packed weight (`gemv_serves`), [rows, N] in x's dtype.
+
+    - `experts` [pairs] int32: stacked experts; output row r is x row r // `x_row_of` through
+      expert experts[r] (the MoE's pairs, a program each);
+    - `gated`: the weight is [gate; up] and the output SiLU(gate) * up, N half its rows;
+    - `route` [rows] fp32: each output row scaled by it (the MoE's down projection)."""
+    depth = x.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0] if experts is None else experts.numel()
+    n = weight.shape[-2] // (2 if gated else 1)
+    tokens = 1 if experts is not None else triton.next_power_of_2(rows)
+    tile = tile or GEMV_TILES[tokens]
+    grid = (triton.cdiv(n, tile.cols), 1, triton.cdiv(rows, tokens))
+    fused = gated or route is not None  # their epilogue needs the whole sum
+    split = 1 if fused else split_k(grid[0] * grid[2], depth // weight.group_size, x.device)
+    out = torch.empty(
+        split, rows, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device
+    )
+    _w4a16_gemv_kernel[(grid[0], split, grid[2])](
         x,
-        weight.qweight,
-        weight.scales,
-        weight.zeros,
+        *weight.tensors(),
+        x if experts is None else experts,
+        x if route is None else route,
         out,
+        rows,
         n,
         depth,
+        x.stride(0),
+        X_ROW_OF=x_row_of,
         GROUP=weight.group_size,
         SPLIT_K=split,
+        TOKENS=tokens,
         BLOCK_N=tile.cols,
-        BLOCK_K=block_k,
+        UNROLL=math.gcd(tile.unroll, depth // weight.group_size // split),
+        EXPERTS=experts is not None,
+        GATED=gated,
+        ROUTED=route is not None,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.kernels.int4_linear import int4_tile
+from replica.kernels.int4_linear import gemv_serves, int4_tile, w4a16_gemv
 from replica.model.mlp import SparseMoE
 from replica.model.quantized import PackedInt4
 
@@ -42,6 +42,7 @@ from replica.model.quantized import PackedInt4
 def _route_kernel(
     logits_ptr,
     weights_ptr,
+    experts_ptr,
     counts_ptr,
     bucket_ptr,
     num_experts,
@@ -74,6 +75,7 @@ def _route_kernel(
     live = slots < TOP_K
     pairs = token * TOP_K + slots
     tl.store(weights_ptr + pairs, top_probs, mask=live)
+    tl.store(experts_ptr + pairs, top_ids, mask=live)
     place = tl.atomic_add(counts_ptr + top_ids, 1, mask=live)
     tl.store(bucket_ptr + top_ids.to(tl.int64) * bucket_stride + place, pairs, mask=live)
 
@@ -207,6 +209,9 @@ def _expert_down_kernel(
         tl.store(dst, y, mask=row_live[:, None] & col_live[None, :])
 
 
+PAIRS_PER_EXPERT_GEMV = 1.0
+
+
 @dataclass(frozen=True)
 class Tile:
     """Block sizes of one expert GEMM: rows (tokens), output columns (gate and up each, for the
@@ -248,6 +253,17 @@ def _weight_args(weight: Tensor | PackedInt4) -> tuple[tuple[Tensor, Tensor, Ten
     return (weight, weight, weight), {"PACKED": False, "GROUP": 1}
 
 
+def _pairs_take_the_gemv(pairs: int, moe: SparseMoE) -> bool:
+    """Packed experts with at most PAIRS_PER_EXPERT_GEMV pairs an expert on average: a program
+    per pair and column block, each pair's expert read by the GEMV (pairs sharing an expert
+    re-read its rows, mostly from L2), rather than tiles of 16 rows mostly padding."""
+    return (
+        gemv_serves(1, moe.gate_up)
+        and gemv_serves(1, moe.down)
+        and pairs <= PAIRS_PER_EXPERT_GEMV * moe.num_experts
+    )
+
+
 def router_logits(x: Tensor, router: Tensor) -> Tensor:
     """[T, experts] in fp32. bf16 inputs widen to fp32 exactly, so one GEMM that accumulates
     and writes fp32 gives fp32 logits without casting x (on a 16k-token prefill the cast and an
@@ -268,10 +284,12 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
     counts.zero_()
     bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
     weights = torch.empty(pairs, dtype=torch.float32, device=x.device)
+    pair_experts = torch.empty(pairs, dtype=torch.int32, device=x.device)
     logits = router_logits(x, moe.router)
     _route_kernel[(tokens,)](
         logits,
         weights,
+        pair_experts,
         counts,
         bucket,
         experts,
@@ -282,6 +300,9 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=4,
     )
+    if tiles is None and _pairs_take_the_gemv(pairs, moe):
+        act = w4a16_gemv(x, moe.gate_up, experts=pair_experts, x_row_of=top_k, gated=True)
+        return w4a16_gemv(act, moe.down, experts=pair_experts, route=weights)
     up, down = tiles or tiles_for(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     up_weights, up_constants = _weight_args(moe.gate_up)

@@ -31,7 +31,7 @@ from transformers import PretrainedConfig
 from transformers.utils.quantization_config import AwqConfig, GPTQConfig
 
 from replica.loading.config import UnsupportedModel
-from replica.model.quantized import PackedInt4, pack_nibbles, unpack_nibbles
+from replica.model.quantized import PackedInt4, pack, servable_group, unpack_nibbles
 
 SERVED = "compressed-tensors pack-quantized W4A16, AWQ (GEMM), GPTQ 4-bit"
 AWQ_COLUMN_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits in nibble [j]
@@ -85,8 +85,10 @@ def int4_checkpoint(config: PretrainedConfig) -> Int4Checkpoint | None:
 
 
 def _group(method: str, group_size: int | None) -> int:
-    if not group_size or group_size <= 0 or group_size % 8:
-        raise UnsupportedModel(f"{method} group size {group_size} is not served (use 32-128)")
+    if not group_size or not servable_group(group_size):
+        raise UnsupportedModel(
+            f"{method} group size {group_size} is not served (a power of two, 16 to 256)"
+        )
     return group_size
 
 
@@ -147,7 +149,7 @@ def _compressed(t: dict[str, Tensor], fmt: Int4Checkpoint) -> tuple[Tensor, Tens
     n, k = t["weight_shape"].tolist()
     if tuple(t["weight_packed"].shape) != (n, k // 8):
         raise UnsupportedModel(f"compressed-tensors weight of shape {n}x{k} not packed by 8")
-    return t["weight_packed"], scales, zeros
+    return pack(unpack_nibbles(t["weight_packed"]), fmt.group_size), scales, zeros
 
 
 def _awq(t: dict[str, Tensor], fmt: Int4Checkpoint) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,7 +160,7 @@ def _awq(t: dict[str, Tensor], fmt: Int4Checkpoint) -> tuple[Tensor, Tensor, Ten
 
     scales = t["scales"].t()
     zeros = columns(t["qzeros"]).t().to(scales.dtype)
-    return pack_nibbles(columns(t["qweight"]).t()), scales, zeros
+    return pack(columns(t["qweight"]).t(), fmt.group_size), scales, zeros
 
 
 def _gptq(t: dict[str, Tensor], fmt: Int4Checkpoint) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,4 +171,4 @@ def _gptq(t: dict[str, Tensor], fmt: Int4Checkpoint) -> tuple[Tensor, Tensor, Te
     scales = t["scales"].t()
     # a stored zero - 1 of -1 wrapped to 15: modulo 16 undoes both
     zeros = ((unpack_nibbles(t["qzeros"]) + fmt.zero_offset) & 0xF).t().to(scales.dtype)
-    return t["qweight"].t(), scales, zeros
+    return pack(unpack_nibbles(t["qweight"].t()), fmt.group_size), scales, zeros

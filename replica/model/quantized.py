@@ -3,7 +3,11 @@
 Every checkpoint format and `--quantize int4` is converted at load into this one layout, so the
 kernels know a single one. A linear's weight [N, K] (output, input; experts stacked in front):
 
-- `qweight` int32 [..., N, K // 8]: bits 4j..4j+3 of word i hold column 8i + j, unsigned 0..15;
+- `qweight` int32 [..., N, K // 8], unsigned 0..15 in each nibble, interleaved within each
+  group of G columns (W = G / 8 words): bits 4j..4j+3 of the group's word w hold its column
+  jW + w. So a kernel reading a group's W words takes nibble j of each against W neighbouring
+  activations, one vector load (`pack`; the checkpoint formats' sequential order, column 8i + j
+  in word i, is `pack_nibbles`, converted at load);
 - `scales` and `zeros` [..., N, K // group], floats: w = (q - zero) * scale, in fp32, then rounded
   once to the activation dtype. Zero points are small integers, exact in any float dtype; a
   symmetric format has zero 8 everywhere. Scales keep the checkpoint's dtype (fp16 scales in bf16
@@ -62,8 +66,14 @@ def stored(weight: Tensor | PackedInt4) -> list[Tensor]:
     return weight.tensors() if isinstance(weight, PackedInt4) else [weight]
 
 
+def servable_group(group_size: int) -> bool:
+    """A group the kernels take: a power of two (its words are one `tl.arange`), 16 to 256."""
+    return 16 <= group_size <= 256 and group_size & (group_size - 1) == 0
+
+
 def pack_nibbles(q: Tensor) -> Tensor:
-    """int32 [..., K // 8] from values 0..15 [..., K]: column 8i + j in bits 4j of word i."""
+    """int32 [..., K // 8] from values 0..15 [..., K] in sequential order, the checkpoint
+    formats': column 8i + j in bits 4j of word i."""
     words = q.to(torch.int32).unflatten(-1, (-1, NIBBLES)) << _SHIFTS.to(q.device)
     return words.sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the bitwise or
 
@@ -73,9 +83,24 @@ def unpack_nibbles(words: Tensor) -> Tensor:
     return ((words[..., None] >> _SHIFTS.to(words.device)) & 0xF).flatten(-2)
 
 
+def pack(q: Tensor, group_size: int) -> Tensor:
+    """Our words [..., K // 8] of values 0..15 [..., K]: nibble j of a group's word w is the
+    group's column jW + w."""
+    words = group_size // NIBBLES
+    grouped = q.unflatten(-1, (-1, NIBBLES, words)).transpose(-1, -2)  # [..., groups, w, j]
+    return pack_nibbles(grouped.flatten(-3))
+
+
+def unpack(words: Tensor, group_size: int) -> Tensor:
+    """Values 0..15 [..., K] of our words: `pack` undone."""
+    per_group = group_size // NIBBLES
+    values = unpack_nibbles(words).unflatten(-1, (-1, per_group, NIBBLES))  # [..., groups, w, j]
+    return values.transpose(-1, -2).flatten(-3)
+
+
 def dequantize(weight: PackedInt4, dtype: torch.dtype) -> Tensor:
     """[..., N, K] in `dtype`: (q - zero) * scale in fp32, rounded once."""
-    q = unpack_nibbles(weight.qweight).float().unflatten(-1, (-1, weight.group_size))
+    q = unpack(weight.qweight, weight.group_size).float().unflatten(-1, (-1, weight.group_size))
     w = (q - weight.zeros.float()[..., None]) * weight.scales.float()[..., None]
     return w.flatten(-2).to(dtype)
 
@@ -99,10 +124,11 @@ def quantize(
     grid point of what is stored. `--quantize int4` uses the asymmetric form."""
     *lead, n, k = weight.shape
     group_size = min(group_size, k)  # a linear narrower than a group is one group
-    if k % group_size or group_size % NIBBLES:
-        raise ValueError(f"input width {k} is not a multiple of the group size {group_size}")
+    if k % group_size or not servable_group(group_size):
+        raise ValueError(f"input width {k}: no group of 16 to 256, a power of two, divides it")
     flat = weight.reshape(-1, k // group_size, group_size)
     parts = [_quantize_rows(chunk, symmetric, weight.dtype) for chunk in flat.split(rows)]
+    parts = [(pack(q.flatten(-2), group_size), s, z) for q, s, z in parts]
     qweight, scales, zeros = (torch.cat(p).reshape(*lead, n, -1) for p in zip(*parts, strict=True))
     return PackedInt4(qweight, scales, zeros, group_size)
 
@@ -110,7 +136,7 @@ def quantize(
 def _quantize_rows(
     groups: Tensor, symmetric: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(qweight, scales, zeros) of [rows, groups, group_size] weights."""
+    """(levels, scales, zeros) of [rows, groups, group_size] weights."""
     w = groups.float()
     if symmetric:
         scale = w.abs().amax(-1) / 7
@@ -123,8 +149,7 @@ def _quantize_rows(
     if not symmetric:
         zero = (-low / step).round().clamp(0, 15)
     q = (w / step[..., None]).round() + zero[..., None]
-    qweight = pack_nibbles(q.clamp(0, 15).flatten(-2))
-    return qweight, scale, zero.to(dtype)
+    return q.clamp(0, 15).to(torch.int32), scale, zero.to(dtype)
 
 
 def random_packed(
