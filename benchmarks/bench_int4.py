@@ -92,7 +92,12 @@ SWEEP_SHAPES = {  # (N, K) of the 4B's projections; gate_up runs gated (SiLU * u
     "gate_up": (19456, 2560),
     "down": (2560, 9728),
 }
-SWEEP_GEMV = [GemvTile(cols, warps, 3) for cols in (4, 8, 16, 32) for warps in (1, 2, 4)]
+SWEEP_GEMV = [
+    GemvTile(cols, warps, 3, unroll)
+    for cols in (8, 16, 32)
+    for warps in (2, 4)
+    for unroll in (1, 2, 4)
+]
 SWEEP_MOE = {"30b": (128, 2048, 768, 8), "235b": (128, 4096, 1536, 8)}  # experts, hidden, inter, k
 
 
@@ -134,11 +139,11 @@ def kernel_sweep(bandwidth: float) -> dict:
                 graph_us(lambda x=x, p=packed: w4a16_linear(x, p, DECODE_TILE)), 2
             )
             for t in SWEEP_GEMV:
-                name = f"n{t.cols}w{t.warps}"
+                name = f"n{t.cols}w{t.warps}u{t.unroll}"
                 row[name] = round(graph_us(partial(w4a16_gemv, x, packed, gated=gated, tile=t)), 2)
             decode.append(row)
             print(row, flush=True)
-        for tokens in (64, 128, 256, 512, 1024, 4096, 16384):
+        for tokens in (16, 32, 64, 128, 256, 1024, 4096, 16384):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"shape": shape, "tokens": tokens}
             row["bf16"] = round(1e3 * _time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
