@@ -93,10 +93,11 @@ SWEEP_SHAPES = {  # (N, K) of the 4B's projections; gate_up runs gated (SiLU * u
     "down": (2560, 9728),
 }
 SWEEP_GEMV = [
-    GemvTile(cols, warps, 3, unroll)
+    GemvTile(cols, groups, warps)
     for cols in (8, 16, 32)
-    for warps in (2, 4)
-    for unroll in (1, 2, 4)
+    for groups in (2, 4, 8)
+    for warps in (2, 4, 8)
+    if cols * groups <= 128
 ]
 SWEEP_MOE = {"30b": (128, 2048, 768, 8), "235b": (128, 4096, 1536, 8)}  # experts, hidden, inter, k
 
@@ -139,7 +140,7 @@ def kernel_sweep(bandwidth: float) -> dict:
                 graph_us(lambda x=x, p=packed: w4a16_linear(x, p, DECODE_TILE)), 2
             )
             for t in SWEEP_GEMV:
-                name = f"n{t.cols}w{t.warps}u{t.unroll}"
+                name = f"n{t.cols}g{t.groups}w{t.warps}"
                 row[name] = round(graph_us(partial(w4a16_gemv, x, packed, gated=gated, tile=t)), 2)
             decode.append(row)
             print(row, flush=True)
@@ -179,6 +180,10 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
             tiles = tiles_for(tokens * top_k / experts)
             row["default"] = round(graph_us(partial(fused_moe, x, moe)), 1)
             row["tiles"] = round(graph_us(partial(fused_moe, x, moe, tiles)), 1)
+            if tokens in (1, 8):
+                for t in SWEEP_GEMV:
+                    name = f"n{t.cols}g{t.groups}w{t.warps}"
+                    row[name] = round(graph_us(partial(fused_moe, x, moe, t)), 1)
             touched = int((moe.expert_tokens > 0).sum())
             row["floor_us"] = round(
                 1e6 * touched * _packed_bytes(moe.down) / experts * 3 / bandwidth, 1

@@ -23,6 +23,13 @@ def close(ours: torch.Tensor, reference: torch.Tensor) -> None:
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
+def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Errors small against the output's scale: the GEMV's 128 + q trick sums terms about 16x
+    the result's before they cancel, so its fp32 error is about 16x a plain dot product's."""
+    error = (ours - reference).abs().max().item()
+    assert error <= 2e-5 * reference.abs().max().item(), (error, reference.abs().max().item())
+
+
 def prefill() -> None:
     from replica.kernels.prefill_attention import prefill_attention
     from tests.test_attention import with_context
@@ -141,11 +148,11 @@ def int4_linear() -> None:
         close(dequantized(weight, torch.float32), dequantize(weight, torch.float32))
         for tokens in (1, 3, 8, 40, 130):
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
-            close(w4a16_linear(x, weight), linear(x, weight))
+            close_in_scale(w4a16_linear(x, weight), linear(x, weight))
             gate, up = linear(x, weight).chunk(2, dim=-1)
             if tokens <= 8:
                 gated = w4a16_gemv(x, weight, gated=True)
-                close(gated, torch.nn.functional.silu(gate) * up)
+                close_in_scale(gated, torch.nn.functional.silu(gate) * up)
     strided = torch.randn(4, 2 * 256)[:, :256]  # rows of stride 512, as attention's output
     close(w4a16_linear(strided, weight := quantize(torch.randn(40, 256))), strided @ dequantize(
         weight, torch.float32).t())  # fmt: skip

@@ -118,59 +118,49 @@ def _w4a16_kernel(
 
 
 @triton.jit
-def _nibble(words, J: tl.constexpr):
-    """Nibble J of each word as fp32, exactly, in three operations: left where it is (bits
-    P..P+3), or'ed into the mantissa of 2^(23 - P), it is the float 2^(23 - P) + q, and one
-    subtraction leaves q. Nibbles 5-7 would reach the exponent, so they are read from the word
-    shifted right by 12 (one shift, which the compiler shares between the three)."""
-    P: tl.constexpr = 4 * J - 12 * (J // 5)
-    bits = (words >> (12 * (J // 5))) & (0xF << P)
-    return (bits | ((150 - P) << 23)).to(tl.float32, bitcast=True) - (1 << (23 - P))
-
-
-@triton.jit
-def _group_dot(w_rows, row_live, x_cols, token_live, scale, zero, GROUP: tl.constexpr):
-    """One quantization group of BLOCK_N weight rows (`w_rows` points at each row's words of the
-    group) against the tokens (`x_cols` at each token's first column of the group), per word:
-    s (q . x - z sum(x)) over the word's 8 columns, [TOKENS, BLOCK_N, words]; the caller sums.
-    Nibble j of the W words holds columns jW .. jW + W - 1: one contiguous load of x each."""
-    words_per_group: tl.constexpr = GROUP // 8
-    word = tl.arange(0, words_per_group)
-    words = tl.load(w_rows[:, None] + word[None, :], mask=row_live[:, None], other=0)
-    cols = x_cols[:, None] + word[None, :]
-    x = tl.load(cols, mask=token_live[:, None], other=0.0).to(tl.float32)
-    dots = x[:, None, :] * _nibble(words, 0)[None, :, :]
-    x_sum = x
-    for j in tl.static_range(1, 8):
-        x = tl.load(cols + j * words_per_group, mask=token_live[:, None], other=0.0)
-        x = x.to(tl.float32)
-        dots += x[:, None, :] * _nibble(words, j)[None, :, :]
-        x_sum += x
-    return scale[None, :, None] * dots - (scale * zero)[None, :, None] * x_sum[:, None, :]
-
-
-@triton.jit
 def _gemv_rows(
-    qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, x_rows, token_live, depth, g_lo, g_hi,
-    GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, x_row, depth, g_lo, g_hi,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):  # fmt: skip
-    """[TOKENS, BLOCK_N] fp32: weight rows `rows` (int64, experts' offsets included) times the
-    tokens over groups g_lo..g_hi - 1, UNROLL groups a step (their loads issued together: a
-    decode step's GEMV is bound by the bytes each thread has in flight), scaled once per group
-    and word."""
+    """[BLOCK_N] fp32: weight rows `rows` (int64, experts' offsets included) times one token's
+    x over groups g_lo..g_hi - 1, GROUPS groups a step ([rows, groups, words] loaded at once:
+    the bytes in flight hide the memory's latency).
+
+    Two nibbles a word at a time: (word >> 4p) & 0x000F000F | 0x43004300 is two bf16 values
+    128 + q (nibbles p and p + 4, q in the mantissa); each half is a float by a shift or a mask.
+    The 128s fold into the zero: sum((q - z) s x) = s (sum((128 + q) x) - (z + 128) sum(x)),
+    one fma a weight, scaled once a word. Nibble j of a group's word w is column jW + w (our
+    layout), so the 8 activations a word needs are 8 loads shared by every row a thread holds."""
+    words_per_group: tl.constexpr = GROUP // 8
     groups = depth // GROUP
-    w_rows = qweight_ptr + rows * (depth // 8)
-    acc = tl.zeros([TOKENS, BLOCK_N, GROUP // 8], dtype=tl.float32)
-    for step in range(g_lo, g_hi, UNROLL):
-        for u in tl.static_range(UNROLL):
-            g = step + u
-            scale = tl.load(scales_ptr + rows * groups + g, mask=row_live, other=0.0)
-            zero = tl.load(zeros_ptr + rows * groups + g, mask=row_live, other=0.0)
-            acc += _group_dot(
-                w_rows + g * (GROUP // 8), row_live, x_rows + g * GROUP, token_live,
-                scale.to(tl.float32), zero.to(tl.float32), GROUP,
-            )  # fmt: skip
-    return tl.sum(acc, axis=2)
+    group = tl.arange(0, GROUPS)[None, :, None]
+    word = tl.arange(0, words_per_group)[None, None, :]
+    rows3 = rows[:, None, None]
+    acc = tl.zeros([BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, GROUPS):
+        g = g0 + group
+        live = g < g_hi
+        words = tl.load(
+            qweight_ptr + rows3 * (depth // 8) + g * words_per_group + word,
+            mask=live & row_live[:, None, None],
+            other=0,
+        )
+        live &= row_live[:, None, None]
+        scale = tl.load(scales_ptr + rows3 * groups + g, mask=live, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + rows3 * groups + g, mask=live, other=0.0).to(tl.float32)
+        columns = x_row + g * GROUP + word
+        dots = tl.zeros([BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
+        x_sum = tl.zeros([1, GROUPS, words_per_group], dtype=tl.float32)
+        for p in tl.static_range(4):
+            pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+            x_lo = tl.load(columns + p * words_per_group, mask=live, other=0.0).to(tl.float32)
+            x_hi = tl.load(columns + (p + 4) * words_per_group, mask=live, other=0.0)
+            x_hi = x_hi.to(tl.float32)
+            dots += (pair << 16).to(tl.float32, bitcast=True) * x_lo
+            dots += (pair & -65536).to(tl.float32, bitcast=True) * x_hi
+            x_sum += x_lo + x_hi
+        acc += scale * dots - (scale * (zero + 128.0)) * x_sum
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
@@ -189,51 +179,49 @@ def _w4a16_gemv_kernel(
     X_ROW_OF: tl.constexpr,  # output row r reads x row r // X_ROW_OF (an expert pair's token)
     GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    UNROLL: tl.constexpr,  # groups a loop step; divides the groups of a split
+    GROUPS: tl.constexpr,
     EXPERTS: tl.constexpr,
     GATED: tl.constexpr,
     ROUTED: tl.constexpr,
 ):
-    """out[r, c] = x[r // X_ROW_OF] . w[c] for a few tokens, without matrix units: each weight is
-    dequantized once for all TOKENS rows of the program, at three operations plus one fma a
-    token (`_group_dot`). EXPERTS: each output row takes its own expert's matrix (one row a
-    program). GATED: the weight is [gate; up] and the output SiLU(gate) * up, rounded where
-    transformers' linear rounds. ROUTED: the output row scaled by its routing weight."""
+    """out[r, c] = x[r // X_ROW_OF] . w[c], a program per output row and column block, without
+    matrix units (`_gemv_rows`); the programs of one column block read the same weights, which
+    the L2 serves after the first. EXPERTS: each output row takes its own expert's matrix.
+    GATED: the weight is [gate; up] and the output SiLU(gate) * up, rounded where transformers'
+    linear rounds. ROUTED: the output row scaled by its routing weight."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    tokens = tl.program_id(2).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
-    col_live, token_live = cols < n, tokens < out_rows
+    row = tl.program_id(2)
+    col_live = cols < n
     dtype = x_ptr.dtype.element_ty
     width = 2 * n if GATED else n  # rows of one matrix
     rows = cols
     if EXPERTS:
-        rows += tl.load(experts_ptr + tl.program_id(2)).to(tl.int64) * width
-    x_rows = x_ptr + (tokens // X_ROW_OF) * stride_x
-    span = depth // GROUP // SPLIT_K
+        rows += tl.load(experts_ptr + row).to(tl.int64) * width
+    x_row = x_ptr + (row // X_ROW_OF).to(tl.int64) * stride_x
+    span = tl.cdiv(depth // GROUP, SPLIT_K)
     g_lo = split * span
+    g_hi = tl.minimum(g_lo + span, depth // GROUP)
     total = _gemv_rows(
-        qweight_ptr, scales_ptr, zeros_ptr, rows, col_live, x_rows, token_live, depth,
-        g_lo, g_lo + span, GROUP, TOKENS, BLOCK_N, UNROLL,
+        qweight_ptr, scales_ptr, zeros_ptr, rows, col_live, x_row, depth, g_lo, g_hi,
+        GROUP, BLOCK_N, GROUPS,
     )  # fmt: skip
     if GATED:
         up = _gemv_rows(
-            qweight_ptr, scales_ptr, zeros_ptr, rows + n, col_live, x_rows, token_live, depth,
-            g_lo, g_lo + span, GROUP, TOKENS, BLOCK_N, UNROLL,
+            qweight_ptr, scales_ptr, zeros_ptr, rows + n, col_live, x_row, depth, g_lo, g_hi,
+            GROUP, BLOCK_N, GROUPS,
         )  # fmt: skip
         gate = total.to(dtype).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         total = silu * up.to(dtype).to(tl.float32)
     if ROUTED:
-        route = tl.load(route_ptr + tokens, mask=token_live, other=0.0)
-        total = total.to(dtype).to(tl.float32) * route[:, None]
-    dst = out_ptr + (split * out_rows + tokens[:, None]) * n + cols[None, :]
-    live = token_live[:, None] & col_live[None, :]
+        total = total.to(dtype).to(tl.float32) * tl.load(route_ptr + row)
+    dst = out_ptr + (split * out_rows + row) * n + cols
     if SPLIT_K == 1:
-        tl.store(dst, total.to(dtype), mask=live)
+        tl.store(dst, total.to(dtype), mask=col_live)
     else:
-        tl.store(dst, total, mask=live)
+        tl.store(dst, total, mask=col_live)
 
 
 @triton.jit
@@ -263,23 +251,18 @@ class Int4Tile:
 @dataclass(frozen=True)
 class GemvTile:
     cols: int  # output features a program
+    groups: int  # quantization groups a loop step
     warps: int
-    stages: int
-    unroll: int = 4  # groups a loop step, at most (the largest power of two dividing the groups)
+    stages: int = 3
 
 
-GEMV_TOKENS = 8  # up to here the GEMV: each weight dequantized once for all the tokens
-GEMV_TILES = {
-    1: GemvTile(8, 2, 3),
-    2: GemvTile(8, 2, 3),
-    4: GemvTile(8, 4, 3),
-    8: GemvTile(8, 4, 3),
-}
+GEMV_TOKENS = 8  # up to here the GEMV: a program per token, the weights read once (the L2)
+GEMV_TILE = GemvTile(16, 4, 4)
 DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
 DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
 PREFILL_TILE = Int4Tile(128, 128, 64, 8, 3)
-DEQUANTIZE_FROM = 256  # from here: dequantize to 16 bits, then the 16-bit GEMM (compute-bound)
+DEQUANTIZE_FROM = 16  # from here: dequantize to 16 bits, then the 16-bit GEMM (PERF.md: faster)
 MAX_SPLIT_K = 16
 
 
@@ -402,15 +385,15 @@ def w4a16_gemv(
         x = x.contiguous()
     rows = x.shape[0] if experts is None else experts.numel()
     n = weight.shape[-2] // (2 if gated else 1)
-    tokens = 1 if experts is not None else triton.next_power_of_2(rows)
-    tile = tile or GEMV_TILES[tokens]
-    grid = (triton.cdiv(n, tile.cols), 1, triton.cdiv(rows, tokens))
+    tile = tile or GEMV_TILE
+    blocks = triton.cdiv(n, tile.cols)
     fused = gated or route is not None  # their epilogue needs the whole sum
-    split = 1 if fused else split_k(grid[0] * grid[2], depth // weight.group_size, x.device)
+    groups = depth // weight.group_size
+    split = 1 if fused else split_k(blocks * rows, groups // tile.groups, x.device)
     out = torch.empty(
         split, rows, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device
     )
-    _w4a16_gemv_kernel[(grid[0], split, grid[2])](
+    _w4a16_gemv_kernel[(blocks, split, rows)](
         x,
         *weight.tensors(),
         x if experts is None else experts,
@@ -423,9 +406,8 @@ def w4a16_gemv(
         X_ROW_OF=x_row_of,
         GROUP=weight.group_size,
         SPLIT_K=split,
-        TOKENS=tokens,
         BLOCK_N=tile.cols,
-        UNROLL=math.gcd(tile.unroll, depth // weight.group_size // split),
+        GROUPS=tile.groups,
         EXPERTS=experts is not None,
         GATED=gated,
         ROUTED=route is not None,

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.kernels.int4_linear import gemv_serves, int4_tile, w4a16_gemv
+from replica.kernels.int4_linear import GemvTile, gemv_serves, int4_tile, w4a16_gemv
 from replica.model.mlp import SparseMoE
 from replica.model.quantized import PackedInt4
 
@@ -273,9 +274,11 @@ def router_logits(x: Tensor, router: Tensor) -> Tensor:
     return torch.nn.functional.linear(x.float(), router.float())
 
 
-def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None) -> Tensor:
+def fused_moe(
+    x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | GemvTile | None = None
+) -> Tensor:
     """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
-    `tiles` (up, down) overrides `tiles_for` (the tuning sweep)."""
+    `tiles` (up, down) overrides `tiles_for`, or a GemvTile forces the GEMV (the sweeps)."""
     tokens, hidden = x.shape
     experts, inter = moe.num_experts, moe.down.shape[2]
     top_k = moe.top_k
@@ -300,9 +303,10 @@ def fused_moe(x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | None = None)
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=4,
     )
-    if tiles is None and _pairs_take_the_gemv(pairs, moe):
-        act = w4a16_gemv(x, moe.gate_up, experts=pair_experts, x_row_of=top_k, gated=True)
-        return w4a16_gemv(act, moe.down, experts=pair_experts, route=weights)
+    if isinstance(tiles, GemvTile) or (tiles is None and _pairs_take_the_gemv(pairs, moe)):
+        gemv = partial(w4a16_gemv, experts=pair_experts, tile=tiles)
+        act = gemv(x, moe.gate_up, x_row_of=top_k, gated=True)
+        return gemv(act, moe.down, route=weights)
     up, down = tiles or tiles_for(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     up_weights, up_constants = _weight_args(moe.gate_up)
