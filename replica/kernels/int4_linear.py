@@ -8,7 +8,7 @@ through it too. A tile never straddles a quantization group, so it needs one sca
 per output row.
 
 `w4a16_linear` picks a kernel by the token count:
-- up to 8 tokens (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units. Each
+- up to 4 tokens (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units. Each
   program reads a block of weight rows, several groups per loop step (bytes in flight hide the
   memory latency), and takes each group's dot products on the 4-bit values themselves, scaling
   once per group: sum((q - z) s x) = s (q . x - z sum(x)). The interleaved layout makes a word's
@@ -256,8 +256,11 @@ class GemvTile:
     stages: int = 3
 
 
-GEMV_TOKENS = 8  # up to here the GEMV: a program per token, the weights read once (the L2)
-GEMV_TILE = GemvTile(16, 4, 4)
+# Up to here the GEMV, a program per token (the weights come from the L2 after the first); its
+# time grows with the tokens, and from 5 the 16-row tile kernel is faster (PERF.md, third pass).
+GEMV_TOKENS = 4
+GEMV_TILE = GemvTile(8, 8, 4)  # the best of the sweep on the 4B's qkv, o, down at 1 token
+GATED_GEMV_TILE = GemvTile(16, 4, 4)  # the best on its gate_up (SiLU * up)
 DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
 DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
@@ -385,7 +388,7 @@ def w4a16_gemv(
         x = x.contiguous()
     rows = x.shape[0] if experts is None else experts.numel()
     n = weight.shape[-2] // (2 if gated else 1)
-    tile = tile or GEMV_TILE
+    tile = tile or (GATED_GEMV_TILE if gated else GEMV_TILE)
     blocks = triton.cdiv(n, tile.cols)
     fused = gated or route is not None  # their epilogue needs the whole sum
     groups = depth // weight.group_size
