@@ -20,7 +20,9 @@ token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the re
 Packed 4-bit experts (w4a16) run through the same two GEMM kernels: with PACKED set, each weight
 tile is dequantized in registers by `replica.kernels.int4_linear.int4_tile` (its reduction steps
 kept inside one quantization group), so routing, buckets and shapes are the 16-bit path's and a
-decode step is still one CUDA-graph replay.
+decode step is still one CUDA-graph replay. With a few pairs an expert (decode) the packed experts
+take `w4a16_gemv` instead, a program per pair and column block (`_pairs_take_the_gemv`): a tile of
+16 rows would be mostly padding.
 """
 
 from __future__ import annotations
