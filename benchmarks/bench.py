@@ -124,18 +124,19 @@ def matmul_flops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (_time_ms(lambda: a @ b, repeats=20) / 1e3)
 
 
-def scoring(engine: Engine, count: int, vocab: int, flops: float) -> dict:
+def scoring(engine: Engine, count: int, vocab: int, flops: float, seed: int = 3) -> dict:
     """MCQ-like load: scoring requests only (prefill, no decode step), prompts of 100 to 600
     tokens. Compute floor: 2 FLOPs per weight a token multiplies in the layers (an MoE's routed
     experts only) per prompt token, plus the LM head once per prompt, at the measured matmul
-    rate."""
-    rng = random.Random(3)
+    rate. Another `seed` draws other prompts (a warm-up that leaves nothing in the prefix cache)."""
+    rng = random.Random(seed)
     requests = [
         EngineRequest(i, [rng.randrange(vocab) for _ in range(rng.randint(100, 600))], 1, [32, 33])
         for i in range(count)
     ]
+    tokens_before, calls_before = engine.stats.prefill_tokens, engine.stats.prefill_calls
     wall, _ = run_requests(engine, requests)
-    model, tokens = engine.model, engine.stats.prefill_tokens
+    model, tokens = engine.model, engine.stats.prefill_tokens - tokens_before
     floor_s = 2 * (model.active_params() * tokens + model.lm_head.numel() * count) / flops
     return {
         "requests": count,
@@ -143,7 +144,7 @@ def scoring(engine: Engine, count: int, vocab: int, flops: float) -> dict:
         "wall_s": round(wall, 2),
         "prompts_per_s": round(count / wall, 1),
         "prefill_tok_s": round(tokens / wall),
-        "prefill_calls": engine.stats.prefill_calls,
+        "prefill_calls": engine.stats.prefill_calls - calls_before,
         "compute_floor_fraction": round(floor_s / wall, 3),
     }
 
