@@ -10,9 +10,9 @@ per output row.
 `w4a16_linear` picks a kernel by the token count:
 - up to 4 tokens (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units. Each
   program reads a block of weight rows, several groups per loop step (bytes in flight hide the
-  memory latency), and takes each group's dot products on the 4-bit values themselves, scaling
-  once per group: sum((q - z) s x) = s (q . x - z sum(x)). The interleaved layout makes a word's
-  8 activations contiguous. It fuses SiLU(gate) * up and the MoE routing weight when asked;
+  memory latency), and takes the dot products on the 4-bit values themselves, two a word at a
+  time as bf16 128 + q, scaling once a word: sum((q - z) s x) = s (sum((128 + q) x) - (z + 128)
+  sum(x)). It fuses SiLU(gate) * up and the MoE routing weight when asked;
 - up to `DEQUANTIZE_FROM` tokens: the tile kernel, split over K when the output has too few
   blocks to keep every SM reading (fp32 partial sums added in a fixed order: deterministic);
 - beyond: dequantize the weight to 16 bits once and run the 16-bit GEMM, which is compute-bound
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.model.quantized import PackedInt4
+from replica.model.quantized import PackedInt4, servable_group
 
 
 @triton.jit
@@ -283,12 +283,12 @@ def tile_for(tokens: int) -> Int4Tile:
 
 
 def gemv_serves(tokens: int, weight: Tensor | PackedInt4) -> bool:
-    """Whether `w4a16_gemv` takes this many tokens of this weight: packed, with groups of a
-    power of two (a group's words are one `tl.arange`), 16 or more."""
-    if not isinstance(weight, PackedInt4) or tokens > GEMV_TOKENS:
-        return False
-    group = weight.group_size
-    return group >= 16 and group & (group - 1) == 0
+    """Whether `w4a16_gemv` takes this many tokens of this weight: packed, in groups it serves."""
+    return (
+        isinstance(weight, PackedInt4)
+        and tokens <= GEMV_TOKENS
+        and servable_group(weight.group_size)
+    )
 
 
 def block_depth(preferred: int, depth: int, group: int) -> int:

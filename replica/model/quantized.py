@@ -128,7 +128,6 @@ def quantize(
         raise ValueError(f"input width {k}: no group of 16 to 256, a power of two, divides it")
     flat = weight.reshape(-1, k // group_size, group_size)
     parts = [_quantize_rows(chunk, symmetric, weight.dtype) for chunk in flat.split(rows)]
-    parts = [(pack(q.flatten(-2), group_size), s, z) for q, s, z in parts]
     qweight, scales, zeros = (torch.cat(p).reshape(*lead, n, -1) for p in zip(*parts, strict=True))
     return PackedInt4(qweight, scales, zeros, group_size)
 
@@ -136,7 +135,7 @@ def quantize(
 def _quantize_rows(
     groups: Tensor, symmetric: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(levels, scales, zeros) of [rows, groups, group_size] weights."""
+    """(qweight, scales, zeros) of [rows, groups, group_size] weights."""
     w = groups.float()
     if symmetric:
         scale = w.abs().amax(-1) / 7
@@ -149,7 +148,7 @@ def _quantize_rows(
     if not symmetric:
         zero = (-low / step).round().clamp(0, 15)
     q = (w / step[..., None]).round() + zero[..., None]
-    return q.clamp(0, 15).to(torch.int32), scale, zero.to(dtype)
+    return pack(q.clamp(0, 15).flatten(-2), groups.shape[-1]), scale, zero.to(dtype)
 
 
 def random_packed(
