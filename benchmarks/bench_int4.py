@@ -34,7 +34,7 @@ from replica.kernels.int4_linear import (
     w4a16_gemv,
     w4a16_linear,
 )
-from replica.kernels.moe import fused_moe, tiles_for
+from replica.kernels.moe import fused_moe
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.model.mlp import SparseMoE
 from replica.model.quantized import quantize, random_packed
@@ -94,13 +94,21 @@ SWEEP_SHAPES = {  # (N, K) of the 4B's projections; gate_up runs gated (SiLU * u
     "gate_up": (19456, 2560),
     "down": (2560, 9728),
 }
-SWEEP_GEMV = [
-    GemvTile(cols, groups, warps)
-    for cols in (8, 16, 32)
-    for groups in (2, 4, 8)
-    for warps in (2, 4, 8)
-    if cols * groups <= 128
-]
+SWEEP_TOKENS = (1, 2, 4, 8, 16)
+
+
+def sweep_gemv(tokens: int) -> list[GemvTile]:
+    """GEMV tiles for this many tokens whose accumulators take 8 to 32 registers a thread
+    (fewer leave too few loads in flight, more spill)."""
+    return [
+        GemvTile(cols, groups, warps, tokens)
+        for cols in (8, 16, 32)
+        for groups in (1, 2, 4, 8)
+        for warps in (4, 8)
+        if 8 <= tokens * cols * groups * 16 // (32 * warps) <= 32
+    ]
+
+
 SWEEP_MOE = {"30b": (128, 2048, 768, 8), "235b": (128, 4096, 1536, 8)}  # experts, hidden, inter, k
 
 
@@ -134,14 +142,14 @@ def kernel_sweep(bandwidth: float) -> dict:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5
         packed, gated = quantize(w), shape == "gate_up"
         floor = round(1e6 * _packed_bytes(packed) / bandwidth, 2)
-        for tokens in (1, 2, 4, 8):
+        for tokens in SWEEP_TOKENS:
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"shape": shape, "tokens": tokens, "floor_us": floor}
             row["bf16"] = round(graph_us(lambda x=x, w=w: x @ w.t()), 2)
             row["tile16"] = round(
                 graph_us(lambda x=x, p=packed: w4a16_linear(x, p, DECODE_TILE)), 2
             )
-            for t in SWEEP_GEMV:
+            for t in sweep_gemv(tokens):
                 name = f"n{t.cols}g{t.groups}w{t.warps}"
                 row[name] = round(graph_us(partial(w4a16_gemv, x, packed, gated=gated, tile=t)), 2)
             decode.append(row)
@@ -176,22 +184,33 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
             top_k=top_k,
             norm_topk_prob=True,
         )
-        for tokens in (1, 4, 8, 16, 32, 64):
+        for tokens in (1, 8, 16, 32, 64, 128):  # decode: in graphs
             x = randn(tokens, hidden)
-            row = {"model": model, "tokens": tokens, "pairs": tokens * top_k}
-            tiles = tiles_for(tokens * top_k / experts)
+            pairs = tokens * top_k
+            row = {"model": model, "tokens": tokens, "pairs": pairs}
             row["default"] = round(graph_us(partial(fused_moe, x, moe)), 1)
-            row["tiles"] = round(graph_us(partial(fused_moe, x, moe, tiles)), 1)
-            if tokens in (1, 8):
-                for t in SWEEP_GEMV:
-                    name = f"n{t.cols}g{t.groups}w{t.warps}"
-                    row[name] = round(graph_us(partial(fused_moe, x, moe, t)), 1)
+            row["tiles"] = round(graph_us(partial(fused_moe, x, moe, "tiles")), 1)
+            if pairs <= experts:
+                row["pairs"] = round(graph_us(partial(fused_moe, x, moe, "pairs")), 1)
+            bucket_tiles = sweep_gemv(pairs // experts) if pairs > experts else []
+            for t in bucket_tiles:
+                name = f"buckets_n{t.cols}g{t.groups}w{t.warps}t{t.tokens}"
+                row[name] = round(graph_us(partial(fused_moe, x, moe, "buckets", t)), 1)
             touched = int((moe.expert_tokens > 0).sum())
             row["floor_us"] = round(
                 1e6 * touched * _packed_bytes(moe.down) / experts * 3 / bandwidth, 1
             )
             rows.append(row)
             print(row, flush=True)
+        for tokens in (128, 512, 2048, 8192):  # prefill: eager
+            x = randn(tokens, hidden)
+            row = {"model": model, "tokens": tokens, "pairs": tokens * top_k}
+            for path in ("tiles", "dequantized"):
+                call = partial(fused_moe, x, moe, path)
+                row[path] = round(1e3 * _time_ms(call, 10), 1)
+            rows.append(row)
+            print(row, flush=True)
+        del moe
     return rows
 
 

@@ -36,7 +36,7 @@ CANDIDATES = [
 
 
 def layer_ms(x: torch.Tensor, moe, tiles: tuple[Tile, Tile] | None) -> float:
-    return _time_ms(lambda: fused_moe(x, moe, tiles))
+    return _time_ms(lambda: fused_moe(x, moe, tiles=tiles))
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             for tile in CANDIDATES:
                 tiles = (tile, down) if kernel == "up" else (up, tile)
                 try:
-                    ours = fused_moe(x, moe, tiles).float()
+                    ours = fused_moe(x, moe, tiles=tiles).float()
                     ms = layer_ms(x, moe, tiles)
                 except Exception as failure:  # a tile too big for shared memory
                     print(f"  {kernel} {tile}: {type(failure).__name__}")

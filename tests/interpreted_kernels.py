@@ -24,8 +24,9 @@ def close(ours: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    """Errors small against the output's scale: the GEMV's 128 + q trick sums terms about 16x
-    the result's before they cancel, so its fp32 error is about 16x a plain dot product's."""
+    """Errors small against the output's scale: the GEMV dequantizes by one fma,
+    (128 + q) s - (128 + z) s, exact for 16-bit scales, but these fp32 scales round (128 + q) s,
+    a term about 16x the weight, so its fp32 error is about 16x a plain dot product's."""
     error = (ours - reference).abs().max().item()
     assert error <= 2e-5 * reference.abs().max().item(), (error, reference.abs().max().item())
 
@@ -99,7 +100,9 @@ def elementwise() -> None:
 
 def moe(packed: bool = False) -> None:
     """The fused experts against the expert loop; `packed`: 4-bit experts (w4a16)."""
+    from replica.kernels import moe as moe_kernels
     from replica.kernels.elementwise import TritonOps
+    from replica.kernels.moe import fused_moe
     from replica.model.mlp import SparseMoE
     from replica.model.quantized import quantize
 
@@ -119,8 +122,9 @@ def moe(packed: bool = False) -> None:
             top_k=top_k,
             norm_topk_prob=normalize,
         )
-        # 1 and 4: a pair an expert or fewer, the GEMV (when packed); 60 and 300: experts take
-        # several blocks of rows
+        # packed, top-2 (top-3): 1 and 4 tokens a pair an expert or fewer (4: 1.5, the GEMV's
+        # buckets); 60 the buckets, several chunks an expert (tiles); 300 the tiles (16-bit
+        # kernels take several blocks of rows)
         for tokens in (1, 4, 60, 300):
             x, h, weight = (
                 torch.randn(tokens, hidden),
@@ -133,24 +137,39 @@ def moe(packed: bool = False) -> None:
             for a, b in zip(expected, ops[1].add_rms_norm(h, fused, weight), strict=True):
                 close(b, a)
             assert layer.expert_tokens.sum().item() == tokens * top_k
+        if packed:  # every path at one size, the dequantized one in chunks of 3 experts
+            x, h = torch.randn(60, hidden), torch.randn(60, hidden)
+            expected = ops[0].add_rms_norm(h, ops[0].mlp(x, layer), weight)
+            moe_kernels.DEQUANTIZED_BYTES = 3 * 3 * inter * hidden * 4
+            assert len(moe_kernels._expert_chunks(layer, torch.float32)) == 3
+            for path in ("pairs", "buckets", "tiles", "dequantized"):
+                ours = ops[1].add_rms_norm(h, fused_moe(x, layer, path), weight)
+                for a, b in zip(expected, ours, strict=True):
+                    close(b, a)
 
 
 def int4_linear() -> None:
-    """w4a16 against dequantize-then-matmul: the GEMV for 1 to 8 tokens (split K, gated), the
+    """w4a16 against dequantize-then-matmul: the GEMV for 1 to 4 tokens (split K, gated), the
     decode tile with and without split-K, the middle and prefill tiles, the dequantizing copy;
     output widths that end mid-block; groups of 32 to 128."""
-    from replica.kernels.int4_linear import dequantized, split_k, w4a16_gemv, w4a16_linear
+    from replica.kernels.int4_linear import (
+        GEMV_TOKENS,
+        dequantized,
+        split_k,
+        w4a16_gemv,
+        w4a16_linear,
+    )
     from replica.model.quantized import dequantize, linear, quantize
 
     assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
     for depth, group in ((256, 128), (96, 32), (512, 64)):
         weight = quantize(torch.randn(72, depth), group_size=group)
         close(dequantized(weight, torch.float32), dequantize(weight, torch.float32))
-        for tokens in (1, 3, 8, 40, 130):
+        for tokens in (1, 3, 4, 8, 40, 130):
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
             close_in_scale(w4a16_linear(x, weight), linear(x, weight))
             gate, up = linear(x, weight).chunk(2, dim=-1)
-            if tokens <= 8:
+            if tokens <= GEMV_TOKENS:
                 gated = w4a16_gemv(x, weight, gated=True)
                 close_in_scale(gated, torch.nn.functional.silu(gate) * up)
     strided = torch.randn(4, 2 * 256)[:, :256]  # rows of stride 512, as attention's output

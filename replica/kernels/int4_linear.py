@@ -8,11 +8,11 @@ through it too. A tile never straddles a quantization group, so it needs one sca
 per output row.
 
 `w4a16_linear` picks a kernel by the token count:
-- up to 4 tokens (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units. Each
-  program reads a block of weight rows, several groups per loop step (bytes in flight hide the
-  memory latency), and takes the dot products on the 4-bit values themselves, two a word at a
-  time as bf16 128 + q, scaling once a word: sum((q - z) s x) = s (sum((128 + q) x) - (z + 128)
-  sum(x)). It fuses SiLU(gate) * up and the MoE routing weight when asked;
+- up to `GEMV_TOKENS` (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units.
+  Each program reads a block of weight rows, several groups per loop step (bytes in flight hide
+  the memory latency), dequantizes each weight once, two a word at a time as bf16 128 + q, and
+  multiplies it into every token it holds. It fuses SiLU(gate) * up and the MoE routing weight
+  when asked, and takes an expert's bucketed pairs together;
 - up to `DEQUANTIZE_FROM` tokens: the tile kernel, split over K when the output has too few
   blocks to keep every SM reading (fp32 partial sums added in a fixed order: deterministic);
 - beyond: dequantize the weight to 16 bits once and run the 16-bit GEMM, which is compute-bound
@@ -22,7 +22,7 @@ per output row.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -119,48 +119,61 @@ def _w4a16_kernel(
 
 @triton.jit
 def _gemv_rows(
-    qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, x_row, depth, g_lo, g_hi,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, x_rows, x_live, depth, g_lo, g_hi,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, TOKENS: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_N] fp32: weight rows `rows` (int64, experts' offsets included) times one token's
-    x over groups g_lo..g_hi - 1, GROUPS groups a step ([rows, groups, words] loaded at once:
-    the bytes in flight hide the memory's latency).
+    """[TOKENS, BLOCK_N] fp32: TOKENS activation rows (pointers `x_rows`) times weight rows
+    `rows` (int64, experts' offsets included) over groups g_lo..g_hi - 1, GROUPS groups a step
+    ([rows, groups, words] loaded at once: the bytes in flight hide the memory's latency).
 
-    Two nibbles a word at a time: (word >> 4p) & 0x000F000F | 0x43004300 is two bf16 values
-    128 + q (nibbles p and p + 4, q in the mantissa); each half is a float by a shift or a mask.
-    The 128s fold into the zero: sum((q - z) s x) = s (sum((128 + q) x) - (z + 128) sum(x)),
-    one fma a weight, scaled once a word. Nibble j of a group's word w is column jW + w (our
-    layout), so the 8 activations a word needs are 8 loads shared by every row a thread holds."""
+    (word >> 4p) & 0x000F000F | 0x43004300 is two bf16 values 128 + q (nibbles p and p + 4, q
+    in the mantissa), each half a float by a shift or a mask. One token sums (128 + q) x and
+    scales once a word (the 128s folded into the zero: an fma a weight, 16% faster than
+    dequantizing, PERF.md fourth pass); several dequantize each weight once, by one fma
+    (128 + q) s - (128 + z) s, exactly (q - z) s in fp32 for 16-bit scales, then take an fma a
+    token. Nibble j of a group's word w is column jW + w (our layout), so the 8 activations a
+    word needs are 8 loads of [tokens, groups, words], shared by every row a thread holds."""
     words_per_group: tl.constexpr = GROUP // 8
     groups = depth // GROUP
-    group = tl.arange(0, GROUPS)[None, :, None]
-    word = tl.arange(0, words_per_group)[None, None, :]
-    rows3 = rows[:, None, None]
-    acc = tl.zeros([BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
+    group = tl.arange(0, GROUPS)[None, None, :, None]
+    word = tl.arange(0, words_per_group)[None, None, None, :]
+    rows4 = rows[None, :, None, None]
+    rows_live = row_live[None, :, None, None]
+    columns = x_rows[:, None, None, None] + word
+    tokens_live = x_live[:, None, None, None]
+    acc = tl.zeros([TOKENS, BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
     for g0 in range(g_lo, g_hi, GROUPS):
         g = g0 + group
-        live = g < g_hi
+        groups_live = g < g_hi
+        live = groups_live & rows_live
         words = tl.load(
-            qweight_ptr + rows3 * (depth // 8) + g * words_per_group + word,
-            mask=live & row_live[:, None, None],
-            other=0,
+            qweight_ptr + rows4 * (depth // 8) + g * words_per_group + word, mask=live, other=0
         )
-        live &= row_live[:, None, None]
-        scale = tl.load(scales_ptr + rows3 * groups + g, mask=live, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + rows3 * groups + g, mask=live, other=0.0).to(tl.float32)
-        columns = x_row + g * GROUP + word
-        dots = tl.zeros([BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
-        x_sum = tl.zeros([1, GROUPS, words_per_group], dtype=tl.float32)
+        scale = tl.load(scales_ptr + rows4 * groups + g, mask=live, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + rows4 * groups + g, mask=live, other=0.0).to(tl.float32)
+        offset = scale * (zero + 128.0)
+        x_group = columns + g * GROUP
+        # One token: x loaded in the words' shape (one load a row, from L1) multiplies without
+        # a layout conversion, 47.9 against 59.1 us for the 4B's four projections; several:
+        # loaded once for all rows, 70.7 against 107.3 at 2 tokens (PERF.md, fourth pass)
+        x_mask = (live if TOKENS == 1 else groups_live) & tokens_live
+        codes = tl.zeros([TOKENS, BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
+        x_sum = tl.zeros([TOKENS, 1, GROUPS, words_per_group], dtype=tl.float32)
         for p in tl.static_range(4):
             pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-            x_lo = tl.load(columns + p * words_per_group, mask=live, other=0.0).to(tl.float32)
-            x_hi = tl.load(columns + (p + 4) * words_per_group, mask=live, other=0.0)
-            x_hi = x_hi.to(tl.float32)
-            dots += (pair << 16).to(tl.float32, bitcast=True) * x_lo
-            dots += (pair & -65536).to(tl.float32, bitcast=True) * x_hi
-            x_sum += x_lo + x_hi
-        acc += scale * dots - (scale * (zero + 128.0)) * x_sum
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+            low = (pair << 16).to(tl.float32, bitcast=True)
+            high = (pair & -65536).to(tl.float32, bitcast=True)
+            x_low = tl.load(x_group + p * words_per_group, mask=x_mask, other=0.0)
+            x_high = tl.load(x_group + (p + 4) * words_per_group, mask=x_mask, other=0.0)
+            x_low, x_high = x_low.to(tl.float32), x_high.to(tl.float32)
+            if TOKENS == 1:  # sum (128 + q) x, scaled below: one fma a weight
+                codes += low * x_low + high * x_high
+                x_sum += x_low + x_high
+            else:  # each weight dequantized once for all tokens, then one fma a token
+                acc += (low * scale - offset) * x_low + (high * scale - offset) * x_high
+        if TOKENS == 1:  # sum (q - z) s x = s sum((128 + q) x) - (128 + z) s sum(x)
+            acc += scale * codes - offset * x_sum
+    return tl.sum(tl.sum(acc, axis=3), axis=2)
 
 
 @triton.jit
@@ -169,59 +182,95 @@ def _w4a16_gemv_kernel(
     qweight_ptr,
     scales_ptr,
     zeros_ptr,
-    experts_ptr,  # [out rows] int32: each output row's expert (EXPERTS); else unused
+    experts_ptr,  # [out rows] int32: each output row's expert (PER_ROW_EXPERT); else unused
+    counts_ptr,  # [experts] int32 pairs an expert (BUCKETED); else unused
+    bucket_ptr,  # [experts, bucket_stride] int32: each expert's pairs (BUCKETED); else unused
     route_ptr,  # [out rows] fp32 routing weights (ROUTED); else unused
     out_ptr,  # [SPLIT_K, out rows, N] fp32 partial sums, or [out rows, N] in x's dtype
     out_rows,
     n,  # output width (GATED: the gate's, half the weight's rows)
     depth,
     stride_x,
+    bucket_stride,
     X_ROW_OF: tl.constexpr,  # output row r reads x row r // X_ROW_OF (an expert pair's token)
     GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUPS: tl.constexpr,
-    EXPERTS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    PER_ROW_EXPERT: tl.constexpr,
+    BUCKETED: tl.constexpr,
     GATED: tl.constexpr,
     ROUTED: tl.constexpr,
 ):
-    """out[r, c] = x[r // X_ROW_OF] . w[c], a program per output row and column block, without
-    matrix units (`_gemv_rows`); the programs of one column block read the same weights, which
-    the L2 serves after the first. EXPERTS: each output row takes its own expert's matrix.
-    GATED: the weight is [gate; up] and the output SiLU(gate) * up, rounded where transformers'
-    linear rounds. ROUTED: the output row scaled by its routing weight."""
+    """out[r, c] = x[r // X_ROW_OF] . w[c] without matrix units (`_gemv_rows`), a program per
+    column block and TOKENS output rows: consecutive rows through one matrix; PER_ROW_EXPERT
+    (TOKENS 1): each row through its own expert's matrix; BUCKETED: a program per expert, its
+    bucketed pairs TOKENS at a time."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row = tl.program_id(2)
-    col_live = cols < n
-    dtype = x_ptr.dtype.element_ty
+    block = tl.program_id(2)
     width = 2 * n if GATED else n  # rows of one matrix
-    rows = cols
-    if EXPERTS:
-        rows += tl.load(experts_ptr + row).to(tl.int64) * width
-    x_row = x_ptr + (row // X_ROW_OF).to(tl.int64) * stride_x
     span = tl.cdiv(depth // GROUP, SPLIT_K)
     g_lo = split * span
     g_hi = tl.minimum(g_lo + span, depth // GROUP)
+    slots = tl.arange(0, TOKENS)
+    if BUCKETED:
+        count = tl.load(counts_ptr + block)
+        for start in range(0, count, TOKENS):
+            live = start + slots < count
+            out_row = tl.load(bucket_ptr + block * bucket_stride + start + slots, live, other=0)
+            _gemv_out_rows(
+                x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
+                block.to(tl.int64) * width + cols, cols, out_row.to(tl.int64), live, split,
+                out_rows, n, depth, stride_x, g_lo, g_hi,
+                X_ROW_OF, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
+            )  # fmt: skip
+    else:
+        expert = tl.load(experts_ptr + block).to(tl.int64) if PER_ROW_EXPERT else 0
+        out_row = block.to(tl.int64) * TOKENS + slots
+        _gemv_out_rows(
+            x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
+            expert * width + cols, cols, out_row, out_row < out_rows, split,
+            out_rows, n, depth, stride_x, g_lo, g_hi,
+            X_ROW_OF, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
+        )  # fmt: skip
+
+
+@triton.jit
+def _gemv_out_rows(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
+    rows, cols, out_row, live, split, out_rows, n, depth, stride_x, g_lo, g_hi,
+    X_ROW_OF: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr, TOKENS: tl.constexpr, GATED: tl.constexpr, ROUTED: tl.constexpr,
+):  # fmt: skip
+    """Output rows `out_row` (those `live`), columns `cols` of weight rows `rows`. GATED: the
+    weight is [gate; up] and the output SiLU(gate) * up, rounded where transformers' linear
+    rounds. ROUTED: each output row scaled by its routing weight."""
+    col_live = cols < n
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + (out_row // X_ROW_OF) * stride_x
     total = _gemv_rows(
-        qweight_ptr, scales_ptr, zeros_ptr, rows, col_live, x_row, depth, g_lo, g_hi,
-        GROUP, BLOCK_N, GROUPS,
+        qweight_ptr, scales_ptr, zeros_ptr, rows, col_live, x_rows, live, depth, g_lo, g_hi,
+        GROUP, BLOCK_N, GROUPS, TOKENS,
     )  # fmt: skip
     if GATED:
         up = _gemv_rows(
-            qweight_ptr, scales_ptr, zeros_ptr, rows + n, col_live, x_row, depth, g_lo, g_hi,
-            GROUP, BLOCK_N, GROUPS,
+            qweight_ptr, scales_ptr, zeros_ptr, rows + n, col_live, x_rows, live, depth,
+            g_lo, g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
         )  # fmt: skip
         gate = total.to(dtype).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         total = silu * up.to(dtype).to(tl.float32)
     if ROUTED:
-        total = total.to(dtype).to(tl.float32) * tl.load(route_ptr + row)
-    dst = out_ptr + (split * out_rows + row) * n + cols
+        route = tl.load(route_ptr + out_row, mask=live, other=0.0)
+        total = total.to(dtype).to(tl.float32) * route[:, None]
+    dst = out_ptr + (split * out_rows + out_row[:, None]) * n + cols[None, :]
+    mask = live[:, None] & col_live[None, :]
     if SPLIT_K == 1:
-        tl.store(dst, total.to(dtype), mask=col_live)
+        tl.store(dst, total.to(dtype), mask=mask)
     else:
-        tl.store(dst, total, mask=col_live)
+        tl.store(dst, total, mask=mask)
 
 
 @triton.jit
@@ -253,14 +302,17 @@ class GemvTile:
     cols: int  # output features a program
     groups: int  # quantization groups a loop step
     warps: int
+    tokens: int = 1  # rows of x a program (a power of two)
     stages: int = 3
 
 
-# Up to here the GEMV, a program per token (the weights come from the L2 after the first); its
-# time grows with the tokens, and from 5 the 16-row tile kernel is faster (PERF.md, third pass).
-GEMV_TOKENS = 4
-GEMV_TILE = GemvTile(8, 8, 4)  # the best of the sweep on the 4B's qkv, o, down at 1 token
-GATED_GEMV_TILE = GemvTile(16, 4, 4)  # the best on its gate_up (SiLU * up)
+GEMV_TOKENS = 4  # up to here the GEMV; at 8 the 16-row tile kernel is faster (PERF.md)
+GEMV_TILES = {  # by tokens (the next power of two): the best for the 4B's qkv + o + down, and
+    # for its gated gate_up, in the sweeps of PERF.md's third (1 token) and fourth passes
+    1: (GemvTile(8, 8, 4), GemvTile(16, 4, 4)),
+    2: (GemvTile(32, 1, 4, 2), GemvTile(32, 2, 4, 2)),
+    4: (GemvTile(32, 1, 4, 4), GemvTile(32, 1, 4, 4)),
+}
 DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
 DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
@@ -280,6 +332,11 @@ def tile_for(tokens: int) -> Int4Tile:
     if tokens <= 16:
         return DECODE_TILE
     return MIDDLE_TILE if tokens <= DECODE_ROWS else PREFILL_TILE
+
+
+def gemv_tile(tokens: int, gated: bool) -> GemvTile:
+    """The GEMV's tile for this many tokens (`GEMV_TILES`)."""
+    return GEMV_TILES[triton.next_power_of_2(tokens)][gated]
 
 
 def gemv_serves(tokens: int, weight: Tensor | PackedInt4) -> bool:
@@ -372,46 +429,69 @@ def w4a16_gemv(
     weight: PackedInt4,
     *,
     experts: Tensor | None = None,
+    buckets: tuple[Tensor, Tensor] | None = None,
     x_row_of: int = 1,
     gated: bool = False,
     route: Tensor | None = None,
     tile: GemvTile | None = None,
 ) -> Tensor:
-    """A few tokens through a packed weight (`gemv_serves`), [rows, N] in x's dtype.
+    """A few tokens through a packed weight (`gemv_serves`), [rows * x_row_of, N] in x's dtype:
+    output row r is x row r // `x_row_of` through
 
-    - `experts` [pairs] int32: stacked experts; output row r is x row r // `x_row_of` through
-      expert experts[r] (the MoE's pairs, a program each);
-    - `gated`: the weight is [gate; up] and the output SiLU(gate) * up, N half its rows;
-    - `route` [rows] fp32: each output row scaled by it (the MoE's down projection)."""
+    - one matrix, TOKENS rows a program (`gemv_tile`);
+    - `experts` [pairs] int32: stacked experts, expert experts[r] (the MoE's pairs, a program
+      each);
+    - `buckets` (counts [experts], bucket [experts, stride]) int32: the expert whose bucket
+      holds r (several pairs an expert, a program an expert reads its matrix once for them);
+
+    `gated`: the weight is [gate; up] and the output SiLU(gate) * up, N half its rows; `route`
+    [rows] fp32: each output row scaled by it (the MoE's down projection)."""
     depth = x.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    rows = x.shape[0] if experts is None else experts.numel()
+    rows = x.shape[0] * x_row_of
     n = weight.shape[-2] // (2 if gated else 1)
-    tile = tile or (GATED_GEMV_TILE if gated else GEMV_TILE)
+    if experts is not None:
+        programs, tokens = rows, 1
+    elif buckets is not None:  # a program an expert, its mean pairs at a time
+        programs = buckets[0].numel()
+        tokens = min(triton.cdiv(rows, programs), GEMV_TOKENS)
+    else:
+        tokens = rows
+    tile = tile or gemv_tile(tokens, gated)
+    if experts is not None:
+        tile = replace(tile, tokens=1)
+    elif buckets is None:
+        programs = triton.cdiv(rows, tile.tokens)
     blocks = triton.cdiv(n, tile.cols)
     fused = gated or route is not None  # their epilogue needs the whole sum
     groups = depth // weight.group_size
-    split = 1 if fused else split_k(blocks * rows, groups // tile.groups, x.device)
+    split = 1 if fused else split_k(blocks * programs, groups // tile.groups, x.device)
     out = torch.empty(
         split, rows, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device
     )
-    _w4a16_gemv_kernel[(blocks, split, rows)](
+    counts, bucket = buckets if buckets is not None else (x, x)
+    _w4a16_gemv_kernel[(blocks, split, programs)](
         x,
         *weight.tensors(),
         x if experts is None else experts,
+        counts,
+        bucket,
         x if route is None else route,
         out,
         rows,
         n,
         depth,
         x.stride(0),
+        bucket.stride(0),
         X_ROW_OF=x_row_of,
         GROUP=weight.group_size,
         SPLIT_K=split,
         BLOCK_N=tile.cols,
         GROUPS=tile.groups,
-        EXPERTS=experts is not None,
+        TOKENS=tile.tokens,
+        PER_ROW_EXPERT=experts is not None,
+        BUCKETED=buckets is not None,
         GATED=gated,
         ROUTED=route is not None,
         num_warps=tile.warps,

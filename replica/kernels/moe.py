@@ -17,12 +17,17 @@ shape is fixed by the token count, so a decode step stays one CUDA-graph replay.
 does not depend on where the atomics filed it, so results are deterministic; the k outputs of a
 token are summed in a fixed order by `TritonOps.add_rms_norm`, fused with the residual add.
 
-Packed 4-bit experts (w4a16) run through the same two GEMM kernels: with PACKED set, each weight
-tile is dequantized in registers by `replica.kernels.int4_linear.int4_tile` (its reduction steps
-kept inside one quantization group), so routing, buckets and shapes are the 16-bit path's and a
-decode step is still one CUDA-graph replay. With a few pairs an expert (decode) the packed experts
-take `w4a16_gemv` instead, a program per pair and column block (`_pairs_take_the_gemv`): a tile of
-16 rows would be mostly padding.
+Packed 4-bit experts (w4a16) take one of four paths by the mean pairs an expert
+(`_expert_path`), all after the same routing and with shapes fixed by the token count, so a
+decode step is still one CUDA-graph replay:
+- "pairs" (at most one an expert): `w4a16_gemv`, a program per pair and column block;
+- "buckets" (up to PAIRS_PER_EXPERT_GEMV): `w4a16_gemv` over the buckets, a program per expert
+  and column block that reads the expert's matrix once for all its pairs;
+- "tiles": the two GEMM kernels above with PACKED set, each weight tile dequantized in registers
+  by `replica.kernels.int4_linear.int4_tile` (reduction steps kept inside one group);
+- "dequantized" (prefill, from DEQUANTIZE_FROM_PAIRS, never in a graph): the experts
+  dequantized to 16 bits, at most DEQUANTIZED_BYTES of them at a time, then the 16-bit kernels,
+  compute-bound.
 """
 
 from __future__ import annotations
@@ -36,7 +41,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.kernels.int4_linear import GemvTile, gemv_serves, int4_tile, w4a16_gemv
+from replica.kernels.int4_linear import (
+    GemvTile,
+    dequantized,
+    gemv_serves,
+    int4_tile,
+    w4a16_gemv,
+)
 from replica.model.mlp import SparseMoE
 from replica.model.quantized import PackedInt4
 
@@ -84,12 +95,15 @@ def _route_kernel(
 
 
 @triton.jit
-def _program_tile(counts_ptr, width, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """An expert GEMM program's expert, that expert's token count, its output columns (and
-    which of them exist) and the reduction offsets."""
-    expert = tl.program_id(1).to(tl.int64)
+def _program_tile(counts_ptr, first_expert, width, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An expert GEMM program's expert, its index in the weights given (which start at expert
+    `first_expert`), that expert's token count, its output columns (and which of them exist)
+    and the reduction offsets."""
+    index = tl.program_id(1).to(tl.int64)
+    expert = index + first_expert
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return expert, tl.load(counts_ptr + expert), cols, cols < width, tl.arange(0, BLOCK_K)
+    count = tl.load(counts_ptr + expert)
+    return expert, index, count, cols, cols < width, tl.arange(0, BLOCK_K)
 
 
 @triton.jit
@@ -136,6 +150,7 @@ def _expert_up_kernel(
     hidden,
     inter,
     bucket_stride,
+    first_expert,
     TOP_K: tl.constexpr,
     PACKED: tl.constexpr,
     GROUP: tl.constexpr,
@@ -143,8 +158,10 @@ def _expert_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert, count, cols, col_live, ks = _program_tile(counts_ptr, inter, BLOCK_N, BLOCK_K)
-    gate_rows = expert * 2 * inter + cols.to(tl.int64)  # [BLOCK_K, BLOCK_N] tiles, transposed
+    expert, index, count, cols, col_live, ks = _program_tile(
+        counts_ptr, first_expert, inter, BLOCK_N, BLOCK_K
+    )
+    gate_rows = index * 2 * inter + cols.to(tl.int64)  # [BLOCK_K, BLOCK_N] tiles, transposed
     up_rows = gate_rows + inter
     dtype = x_ptr.dtype.element_ty
     for start in range(0, count, BLOCK_M):
@@ -184,14 +201,17 @@ def _expert_down_kernel(
     hidden,
     inter,
     bucket_stride,
+    first_expert,
     PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    expert, count, cols, col_live, ks = _program_tile(counts_ptr, hidden, BLOCK_N, BLOCK_K)
-    w_rows = expert * hidden + cols.to(tl.int64)
+    expert, index, count, cols, col_live, ks = _program_tile(
+        counts_ptr, first_expert, hidden, BLOCK_N, BLOCK_K
+    )
+    w_rows = index * hidden + cols.to(tl.int64)
     dtype = act_ptr.dtype.element_ty
     for start in range(0, count, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -212,7 +232,10 @@ def _expert_down_kernel(
         tl.store(dst, y, mask=row_live[:, None] & col_live[None, :])
 
 
-PAIRS_PER_EXPERT_GEMV = 1.0  # at 4 the 64-row step was 1.3x the tiles' (PERF.md, third pass)
+# Packed experts by mean pairs an expert (PERF.md, fourth pass: the 30B's and 235B's layers)
+PAIRS_PER_EXPERT_GEMV = 4  # up to here the GEMV's buckets (at 8 no faster than the tiles)
+DEQUANTIZE_FROM_PAIRS = 8  # from here, outside graph capture, a 16-bit copy (1.5x the tiles)
+DEQUANTIZED_BYTES = 1 << 30  # the most 16-bit expert weights dequantized at once
 
 
 @dataclass(frozen=True)
@@ -256,15 +279,22 @@ def _weight_args(weight: Tensor | PackedInt4) -> tuple[tuple[Tensor, Tensor, Ten
     return (weight, weight, weight), {"PACKED": False, "GROUP": 1}
 
 
-def _pairs_take_the_gemv(pairs: int, moe: SparseMoE) -> bool:
-    """Packed experts with at most PAIRS_PER_EXPERT_GEMV pairs an expert on average: a program
-    per pair and column block, each pair's expert read by the GEMV (pairs sharing an expert
-    re-read its rows, mostly from L2), rather than tiles of 16 rows mostly padding."""
-    return (
-        gemv_serves(1, moe.gate_up)
-        and gemv_serves(1, moe.down)
-        and pairs <= PAIRS_PER_EXPERT_GEMV * moe.num_experts
-    )
+def _expert_path(pairs: int, moe: SparseMoE, device: torch.device) -> str:
+    """How packed experts run at this many pairs: "pairs", the GEMV a program a pair (at most
+    one an expert: a bucket would mostly be one pair); "buckets", the GEMV a program an expert,
+    reading its matrix once for all its pairs; "tiles" (the 4-bit expert kernels), or
+    "dequantized": prefill, where the 16-bit kernels on a dequantized copy are compute-bound
+    (never in a graph: its scratch would stay in the graph's pool)."""
+    per_expert = pairs / moe.num_experts
+    if not isinstance(moe.gate_up, PackedInt4):
+        return "tiles"  # 16-bit experts
+    gemv = gemv_serves(1, moe.gate_up) and gemv_serves(1, moe.down)
+    if gemv and per_expert <= 1:
+        return "pairs"
+    if gemv and per_expert <= PAIRS_PER_EXPERT_GEMV:
+        return "buckets"
+    prefill = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    return "dequantized" if per_expert >= DEQUANTIZE_FROM_PAIRS and prefill else "tiles"
 
 
 def router_logits(x: Tensor, router: Tensor) -> Tensor:
@@ -277,10 +307,14 @@ def router_logits(x: Tensor, router: Tensor) -> Tensor:
 
 
 def fused_moe(
-    x: Tensor, moe: SparseMoE, tiles: tuple[Tile, Tile] | GemvTile | None = None
+    x: Tensor,
+    moe: SparseMoE,
+    path: str | None = None,
+    tiles: tuple[Tile, Tile] | GemvTile | None = None,
 ) -> Tensor:
     """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
-    `tiles` (up, down) overrides `tiles_for`, or a GemvTile forces the GEMV (the sweeps)."""
+    `path` overrides `_expert_path`, `tiles` the kernels' (up, down) `tiles_for` or the GEMV's
+    tile (the sweeps)."""
     tokens, hidden = x.shape
     experts, inter = moe.num_experts, moe.down.shape[2]
     top_k = moe.top_k
@@ -305,47 +339,89 @@ def fused_moe(
         BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=4,
     )
-    if isinstance(tiles, GemvTile) or (tiles is None and _pairs_take_the_gemv(pairs, moe)):
-        gemv = partial(w4a16_gemv, experts=pair_experts, tile=tiles)
-        act = gemv(x, moe.gate_up, x_row_of=top_k, gated=True)
-        return gemv(act, moe.down, route=weights)
+    path = path or _expert_path(pairs, moe, x.device)
+    if path in ("pairs", "buckets"):
+        rows = {"experts": pair_experts} if path == "pairs" else {"buckets": (counts, bucket)}
+        gemv = partial(w4a16_gemv, tile=tiles, **rows)
+        return gemv(gemv(x, moe.gate_up, x_row_of=top_k, gated=True), moe.down, route=weights)
     up, down = tiles or tiles_for(pairs / experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    up_weights, up_constants = _weight_args(moe.gate_up)
-    _expert_up_kernel[(triton.cdiv(inter, up.cols), experts)](
-        x,
-        *up_weights,
-        counts,
-        bucket,
-        act,
-        hidden,
-        inter,
-        tokens,
-        TOP_K=top_k,
-        **up_constants,
-        BLOCK_M=up.rows,
-        BLOCK_N=up.cols,
-        BLOCK_K=min(up.depth, _block_k(hidden, moe.gate_up)),
-        num_warps=up.warps,
-        num_stages=up.stages,
-    )
     out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
-    down_weights, down_constants = _weight_args(moe.down)
-    _expert_down_kernel[(triton.cdiv(hidden, down.cols), experts)](
-        act,
-        *down_weights,
-        weights,
-        counts,
-        bucket,
-        out,
-        hidden,
-        inter,
-        tokens,
-        **down_constants,
-        BLOCK_M=down.rows,
-        BLOCK_N=down.cols,
-        BLOCK_K=min(down.depth, _block_k(inter, moe.down)),
-        num_warps=down.warps,
-        num_stages=down.stages,
-    )
+    launch = _ExpertGemms(x, act, out, weights, counts, bucket, top_k, up, down)
+    if path == "dequantized":
+        for first, last in _expert_chunks(moe, x.dtype):
+            launch.up(dequantized(moe.gate_up[first:last], x.dtype), first)
+            launch.down(dequantized(moe.down[first:last], x.dtype), first)
+    else:
+        launch.up(moe.gate_up, 0)
+        launch.down(moe.down, 0)
     return out
+
+
+def _expert_chunks(moe: SparseMoE, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Expert ranges [first, last) whose 16-bit weights fit DEQUANTIZED_BYTES, near equal."""
+    experts = moe.num_experts
+    expert_bytes = (moe.gate_up.numel() + moe.down.numel()) // experts * dtype.itemsize
+    per_chunk = triton.cdiv(experts, triton.cdiv(experts * expert_bytes, DEQUANTIZED_BYTES))
+    return [(first, min(first + per_chunk, experts)) for first in range(0, experts, per_chunk)]
+
+
+@dataclass(frozen=True)
+class _ExpertGemms:
+    """The two expert GEMM launches of one MoE call, for all experts or a range of them."""
+
+    x: Tensor
+    act: Tensor  # [pairs, inter], SiLU(gate) * up
+    out: Tensor  # [pairs, hidden]
+    weights: Tensor  # [pairs] routing weights
+    counts: Tensor
+    bucket: Tensor
+    top_k: int
+    up_tile: Tile
+    down_tile: Tile
+
+    def up(self, gate_up: Tensor | PackedInt4, first_expert: int) -> None:
+        """gate_up: experts first_expert.. stacked, [experts, 2 * inter, hidden]."""
+        hidden, inter, tile = self.x.shape[1], self.act.shape[1], self.up_tile
+        weight_ptrs, constants = _weight_args(gate_up)
+        _expert_up_kernel[(triton.cdiv(inter, tile.cols), gate_up.shape[0])](
+            self.x,
+            *weight_ptrs,
+            self.counts,
+            self.bucket,
+            self.act,
+            hidden,
+            inter,
+            self.bucket.shape[1],
+            first_expert,
+            TOP_K=self.top_k,
+            **constants,
+            BLOCK_M=tile.rows,
+            BLOCK_N=tile.cols,
+            BLOCK_K=min(tile.depth, _block_k(hidden, gate_up)),
+            num_warps=tile.warps,
+            num_stages=tile.stages,
+        )
+
+    def down(self, down: Tensor | PackedInt4, first_expert: int) -> None:
+        """down: experts first_expert.. stacked, [experts, hidden, inter]."""
+        hidden, inter, tile = self.x.shape[1], self.act.shape[1], self.down_tile
+        weight_ptrs, constants = _weight_args(down)
+        _expert_down_kernel[(triton.cdiv(hidden, tile.cols), down.shape[0])](
+            self.act,
+            *weight_ptrs,
+            self.weights,
+            self.counts,
+            self.bucket,
+            self.out,
+            hidden,
+            inter,
+            self.bucket.shape[1],
+            first_expert,
+            **constants,
+            BLOCK_M=tile.rows,
+            BLOCK_N=tile.cols,
+            BLOCK_K=min(tile.depth, _block_k(inter, down)),
+            num_warps=tile.warps,
+            num_stages=tile.stages,
+        )
