@@ -158,7 +158,7 @@ def kernel_sweep(bandwidth: float) -> dict:
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"shape": shape, "tokens": tokens}
             row["bf16"] = round(1e3 * _time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
-            tile = tile_for(tokens)
+            tile = tile_for(tokens, packed.group_size)
             row["tile"] = round(
                 1e3 * _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), 20), 1
             )

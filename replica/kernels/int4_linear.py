@@ -8,13 +8,18 @@ through it too. A tile never straddles a quantization group, so it needs one sca
 per output row.
 
 `w4a16_linear` picks a kernel by the token count:
-- up to `GEMV_TOKENS` (decode steps, MoE expert pairs): `_w4a16_gemv_kernel`, no matrix units.
-  Each program reads a block of weight rows, several groups per loop step (bytes in flight hide
-  the memory latency), dequantizes each weight once, two a word at a time as bf16 128 + q, and
-  multiplies it into every token it holds. It fuses SiLU(gate) * up and the MoE routing weight
-  when asked, and takes an expert's bucketed pairs together;
-- up to `DEQUANTIZE_FROM` tokens: the tile kernel, split over K when the output has too few
-  blocks to keep every SM reading (fp32 partial sums added in a fixed order: deterministic);
+- up to `GEMV_TOKENS` (decode steps, MoE expert pairs; with groups of 128 or more only up to
+  2 tokens): `_w4a16_gemv_kernel`, no matrix units. Each program reads a block of weight rows,
+  several groups per loop step (bytes in flight hide the memory latency), takes the words two
+  nibbles at a time as bf16 128 + q, and multiplies them into every token it holds. It fuses
+  SiLU(gate) * up and the MoE routing weight when asked, and takes an expert's bucketed pairs
+  together;
+- groups of 128 or more, SLAB_TOKENS to DECODE_ROWS tokens: the tile kernel a group at a time
+  in nibble slabs (`_slab_dots`: nibble j of a group's words is W contiguous columns, so each is
+  a [rows, W] weight tile for a K = W dot, with no reshape);
+- other groups, up to `DEQUANTIZE_FROM` tokens: the tile kernel through `int4_tile`;
+- both kernels split over K when the output has too few blocks to keep every SM reading (fp32
+  partial sums added in a fixed order: deterministic);
 - beyond: dequantize the weight to 16 bits once and run the 16-bit GEMM, which is compute-bound
   and faster at these sizes than any tile of ours measured (PERF.md, issue 24's third pass).
 """
@@ -75,6 +80,34 @@ def int4_tile(
 
 
 @triton.jit
+def _slab_dots(
+    acc, x_rows, token_live, qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, g, depth,
+    GROUP: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """acc plus group g's product. Nibble j of the group's W words is its columns jW..jW+W-1
+    (our layout), contiguous: each nibble is a [rows, W] weight slab dequantized in the layout it
+    was loaded in (as the oracle: (q - zero) * scale in fp32, rounded once) and one dot with
+    K = W, no reshape: 1.9-3.2x faster than `int4_tile`'s tiles at 4-64 tokens (PERF.md)."""
+    words_per_group: tl.constexpr = GROUP // 8
+    word = tl.arange(0, words_per_group)
+    words = tl.load(
+        qweight_ptr + rows[:, None] * (depth // 8) + g * words_per_group + word[None, :],
+        mask=row_live[:, None],
+        other=0,
+    )
+    group = rows * (depth // GROUP) + g
+    scale = tl.load(scales_ptr + group, mask=row_live, other=0.0).to(tl.float32)[:, None]
+    zero = tl.load(zeros_ptr + group, mask=row_live, other=0.0).to(tl.float32)[:, None]
+    for j in tl.static_range(8):
+        q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        w = (q * scale - zero * scale).to(dtype)
+        columns = g * GROUP + j * words_per_group + word[None, :]
+        x = tl.load(x_rows + columns, mask=token_live[:, None], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr,
     qweight_ptr,
@@ -90,6 +123,7 @@ def _w4a16_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SLABS: tl.constexpr,  # a group at a time in nibble slabs (`_slab_dots`); else int4_tile
 ):
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,18 +131,22 @@ def _w4a16_kernel(
     token_live, row_live = tokens < m, rows < n
     dtype = x_ptr.dtype.element_ty
     span = depth // SPLIT_K
+    x_rows = x_ptr + tokens[:, None] * stride_x
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(split * span, (split + 1) * span, BLOCK_K):
-        x = tl.load(
-            x_ptr + tokens[:, None] * stride_x + k + tl.arange(0, BLOCK_K)[None, :],
-            mask=token_live[:, None],
-            other=0.0,
-        )
-        w = int4_tile(
-            qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth,
-            GROUP, BLOCK_K, BLOCK_N, dtype,
-        )  # fmt: skip
-        acc += tl.dot(x, tl.trans(w))
+    if SLABS:  # a group a step, a dot of K = GROUP / 8 a nibble
+        for g in range(split * span // GROUP, (split + 1) * span // GROUP):
+            acc = _slab_dots(
+                acc, x_rows, token_live, qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, g,
+                depth, GROUP, dtype,
+            )  # fmt: skip
+    else:
+        for k in range(split * span, (split + 1) * span, BLOCK_K):
+            x = tl.load(x_rows + k + tl.arange(0, BLOCK_K)[None, :], token_live[:, None], other=0.0)
+            w = int4_tile(
+                qweight_ptr, scales_ptr, zeros_ptr, rows, row_live, k, depth,
+                GROUP, BLOCK_K, BLOCK_N, dtype,
+            )  # fmt: skip
+            acc += tl.dot(x, tl.trans(w))
     dst = out_ptr + (split * m + tokens[:, None]) * n + rows[None, :]
     live = token_live[:, None] & row_live[None, :]
     if SPLIT_K == 1:
@@ -306,7 +344,7 @@ class GemvTile:
     stages: int = 3
 
 
-GEMV_TOKENS = 4  # up to here the GEMV; at 8 the 16-row tile kernel is faster (PERF.md)
+GEMV_TOKENS = 4  # up to here the GEMV (from SLAB_TOKENS the slabs where they serve)
 GEMV_TILES = {  # by tokens (the next power of two): the best for the 4B's qkv + o + down, and
     # for its gated gate_up, in the sweeps of PERF.md's third (1 token) and fourth passes
     1: (GemvTile(8, 8, 4), GemvTile(16, 4, 4)),
@@ -317,6 +355,13 @@ DECODE_ROWS = 64  # up to here a step is bound by the weight bytes
 DECODE_TILE = Int4Tile(16, 32, 128, 4, 4)
 MIDDLE_TILE = Int4Tile(64, 64, 128, 4, 4)
 PREFILL_TILE = Int4Tile(128, 128, 64, 8, 3)
+SLAB_TILES = {  # by tokens: the best over the 4B's four projections (PERF.md, fourth pass)
+    16: Int4Tile(16, 32, 128, 4, 4),
+    32: Int4Tile(32, 128, 128, 4, 2),
+    64: Int4Tile(64, 128, 128, 4, 2),
+}
+SLAB_TOKENS = 3  # from here to DECODE_ROWS the slabs (4 tokens: 77 us, the GEMV's 101; PERF.md)
+SLAB_GROUP = 128  # groups this large or larger go through the tile kernel in slabs
 DEQUANTIZE_FROM = 16  # from here: dequantize to 16 bits, then the 16-bit GEMM (PERF.md: faster)
 MAX_SPLIT_K = 16
 
@@ -328,10 +373,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tile_for(tokens: int) -> Int4Tile:
+def tile_for(tokens: int, group: int) -> Int4Tile:
+    if slabs_serve(tokens, group):
+        return SLAB_TILES[max(16, triton.next_power_of_2(tokens))]
     if tokens <= 16:
         return DECODE_TILE
     return MIDDLE_TILE if tokens <= DECODE_ROWS else PREFILL_TILE
+
+
+def slabs_serve(tokens: int, group: int) -> bool:
+    """Whether the tile kernel takes `tokens` of this group a nibble slab at a time (a dot's K
+    is the group's words, at least 16)."""
+    return SLAB_TOKENS <= tokens <= DECODE_ROWS and group >= SLAB_GROUP
 
 
 def gemv_tile(tokens: int, gated: bool) -> GemvTile:
@@ -345,6 +398,7 @@ def gemv_serves(tokens: int, weight: Tensor | PackedInt4) -> bool:
         isinstance(weight, PackedInt4)
         and tokens <= GEMV_TOKENS
         and servable_group(weight.group_size)
+        and not slabs_serve(tokens, weight.group_size)
     )
 
 
@@ -370,12 +424,13 @@ def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | GemvTile | None
     """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype: the GEMV for a few tokens, the
     tile kernel up to DEQUANTIZE_FROM, then a dequantized copy and the 16-bit GEMM. `tile`
     forces a kernel (the benchmark's sweeps)."""
-    m = x.shape[0]
+    m, group = x.shape[0], weight.group_size
     if isinstance(tile, GemvTile) or (tile is None and gemv_serves(m, weight)):
         return w4a16_gemv(x, weight, tile=tile)
-    if tile is None and m >= DEQUANTIZE_FROM and x.is_cuda:
+    dequantize = m >= DEQUANTIZE_FROM and x.is_cuda and not slabs_serve(m, group)
+    if tile is None and dequantize:
         return torch.nn.functional.linear(x, dequantized(weight, x.dtype))
-    return _tiled(x, weight, tile or tile_for(m))
+    return _tiled(x, weight, tile or tile_for(m, group))
 
 
 def dequantized(weight: PackedInt4, dtype: torch.dtype) -> Tensor:
@@ -398,7 +453,9 @@ def _tiled(x: Tensor, weight: PackedInt4, tile: Int4Tile) -> Tensor:
     n = weight.shape[-2]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_k = block_depth(tile.depth, depth, weight.group_size)
+    group = weight.group_size
+    slabs = group >= SLAB_GROUP
+    block_k = group if slabs else block_depth(tile.depth, depth, group)
     grid_n, grid_m = triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows)
     split = 1 if m > DECODE_ROWS else split_k(grid_n * grid_m, depth // block_k, x.device)
     dtype = x.dtype if split == 1 else torch.float32
@@ -413,11 +470,12 @@ def _tiled(x: Tensor, weight: PackedInt4, tile: Int4Tile) -> Tensor:
         n,
         depth,
         x.stride(0),
-        GROUP=weight.group_size,
+        GROUP=group,
         SPLIT_K=split,
         BLOCK_M=tile.rows,
         BLOCK_N=tile.cols,
         BLOCK_K=block_k,
+        SLABS=slabs,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )
