@@ -166,8 +166,8 @@ def _gemv_rows(
 
     (word >> 4p) & 0x000F000F | 0x43004300 is two bf16 values 128 + q (nibbles p and p + 4, q
     in the mantissa), each half a float by a shift or a mask. One token sums (128 + q) x and
-    scales once a word (the 128s folded into the zero: an fma a weight, 16% faster than
-    dequantizing, PERF.md fourth pass); several dequantize each weight once, by one fma
+    scales once a word (the 128s folded into the zero: an fma a weight, the third pass's
+    kernel); several dequantize each weight once, by one fma
     (128 + q) s - (128 + z) s, exactly (q - z) s in fp32 for 16-bit scales, then take an fma a
     token. Nibble j of a group's word w is column jW + w (our layout), so the 8 activations a
     word needs are 8 loads of [tokens, groups, words], shared by every row a thread holds."""
@@ -422,8 +422,8 @@ def split_k(programs: int, steps: int, device: torch.device) -> int:
 
 def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | GemvTile | None = None) -> Tensor:
     """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype: the GEMV for a few tokens, the
-    tile kernel up to DEQUANTIZE_FROM, then a dequantized copy and the 16-bit GEMM. `tile`
-    forces a kernel (the benchmark's sweeps)."""
+    tile kernel (in slabs up to DECODE_ROWS where they serve, else up to DEQUANTIZE_FROM), then
+    a dequantized copy and the 16-bit GEMM. `tile` forces a kernel (the benchmark's sweeps)."""
     m, group = x.shape[0], weight.group_size
     if isinstance(tile, GemvTile) or (tile is None and gemv_serves(m, weight)):
         return w4a16_gemv(x, weight, tile=tile)
@@ -454,7 +454,7 @@ def _tiled(x: Tensor, weight: PackedInt4, tile: Int4Tile) -> Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     group = weight.group_size
-    slabs = group >= SLAB_GROUP
+    slabs = group >= SLAB_GROUP  # the kernel's loop then steps a group at a time
     block_k = group if slabs else block_depth(tile.depth, depth, group)
     grid_n, grid_m = triton.cdiv(n, tile.cols), triton.cdiv(m, tile.rows)
     split = 1 if m > DECODE_ROWS else split_k(grid_n * grid_m, depth // block_k, x.device)
@@ -509,17 +509,14 @@ def w4a16_gemv(
         x = x.contiguous()
     rows = x.shape[0] * x_row_of
     n = weight.shape[-2] // (2 if gated else 1)
-    if experts is not None:
-        programs, tokens = rows, 1
+    if experts is not None:  # a program a row
+        tile = replace(tile or gemv_tile(1, gated), tokens=1)
+        programs = rows
     elif buckets is not None:  # a program an expert, its mean pairs at a time
         programs = buckets[0].numel()
-        tokens = min(triton.cdiv(rows, programs), GEMV_TOKENS)
+        tile = tile or gemv_tile(min(triton.cdiv(rows, programs), GEMV_TOKENS), gated)
     else:
-        tokens = rows
-    tile = tile or gemv_tile(tokens, gated)
-    if experts is not None:
-        tile = replace(tile, tokens=1)
-    elif buckets is None:
+        tile = tile or gemv_tile(rows, gated)
         programs = triton.cdiv(rows, tile.tokens)
     blocks = triton.cdiv(n, tile.cols)
     fused = gated or route is not None  # their epilogue needs the whole sum
