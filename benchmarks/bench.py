@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from replica.attention import BlockTables
 from replica.engine.engine import Engine, EngineStats
 from replica.engine.kv_cache import bytes_per_token
 from replica.engine.model_runner import DecodeRows
 from replica.engine.request import EngineRequest
 from replica.kernels.decode_attention import WAVES, decode_attention
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.ops.attention import BlockTables
 from replica.wire.messages import SamplingParams
 
 

@@ -36,8 +36,8 @@ from replica.kernels.int4_linear import (
 )
 from replica.kernels.moe import fused_moe
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.model.mlp import SparseMoE
-from replica.model.quantized import quantize, random_packed
+from replica.ops.mlp import SparseMoE
+from replica.ops.packed import quantize, random_packed
 
 ROWS = (1, 8, 64)
 ROW_TOKENS = 1000

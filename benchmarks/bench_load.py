@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from replica.loading.model import load_model, random_model
 from replica.loading.servable import check_servable
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.model.ops import TorchOps
+from replica.ops.layer import TorchOps
 
 
 def write_random_checkpoint(config_dir: Path, target: Path, device: str = "cuda") -> None:

@@ -23,7 +23,7 @@ from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring, sy
 from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.model.mlp import SparseMoE
+from replica.ops.mlp import SparseMoE
 
 ROWS = (1, 8, 64, 256)
 LIVE = 500

@@ -52,7 +52,7 @@ MAX_MODEL_LEN = 32768  # the server's default context cap (the model's own may b
 BLOCK_SIZE = 16  # tokens a KV block holds (replica/engine/kv_cache.py)
 KV_FRACTION = 0.9
 # A 4-bit projection weight (`--quantize int4` or a 4-bit checkpoint): half a byte, plus a bf16
-# scale and a bf16 zero point per group of 128 (replica/model/quantized.py).
+# scale and a bf16 zero point per group of 128 (replica/ops/packed.py).
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
 QUANTIZE_MODES = ("int4",)  # replica/loading/model.py
 OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activations (not measured)

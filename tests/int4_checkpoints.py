@@ -1,7 +1,7 @@
 """Tiny 4-bit checkpoints in each served format, packed as each format's documentation lays out.
 
 AutoAWQ and GPTQModel need CUDA builds, so this module packs the tensors itself, with its own
-bit loops rather than replica.model.quantized's, from integer levels it chooses; for
+bit loops rather than replica.ops.packed's, from integer levels it chooses; for
 compressed-tensors, whose library runs on the CPU (a test dependency only: the server reads its
 config without it), `compress_with_library` also has the library write the checkpoint. Each
 checkpoint comes with its dequantized twin: the same names in fp32, (q - zero) * scale, which

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from replica.attention import BlockTables, LayerCache, PackedRows
-from replica.attention.reference import ReferenceAttention
-from replica.model.ops import TorchOps
+from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention.reference import ReferenceAttention
+from replica.ops.layer import TorchOps
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
 
@@ -103,8 +103,8 @@ def moe(packed: bool = False) -> None:
     from replica.kernels import moe as moe_kernels
     from replica.kernels.elementwise import TritonOps
     from replica.kernels.moe import fused_moe
-    from replica.model.mlp import SparseMoE
-    from replica.model.quantized import quantize
+    from replica.ops.mlp import SparseMoE
+    from replica.ops.packed import quantize
 
     def stacked(weights: torch.Tensor):
         return quantize(weights, group_size=16) if packed else weights
@@ -159,7 +159,7 @@ def int4_linear() -> None:
         w4a16_gemv,
         w4a16_linear,
     )
-    from replica.model.quantized import dequantize, linear, quantize
+    from replica.ops.packed import dequantize, linear, quantize
 
     assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
     for depth, group in ((256, 128), (96, 32), (512, 64)):
@@ -183,7 +183,7 @@ def moe_int4() -> None:
 
 def sampling() -> None:
     from replica.kernels.sampling import GATHERED, sample_triton
-    from replica.model.sampling import CANDIDATES, sample
+    from replica.ops.sampler import CANDIDATES, sample
 
     # a vocabulary past one block and not a multiple of it, and every kind of row
     rows, vocab, lanes = 8, 5000, 2048

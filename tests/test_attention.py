@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from replica.attention import (
+from replica.ops.attention import (
     BlockTables,
     CachedContext,
     LayerCache,
     PackedRows,
     flash_attn_available,
 )
-from replica.attention.reference import ReferenceAttention
-from replica.backends import select_attention
+from replica.ops.attention.reference import ReferenceAttention
+from replica.ops.select import select_attention
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

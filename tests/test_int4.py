@@ -23,7 +23,7 @@ from replica.loading.model import load_model
 from replica.loading.quantization import int4_checkpoint
 from replica.loading.servable import check_servable
 from replica.loading.source import TINY_RANDOM, resolve
-from replica.model.quantized import (
+from replica.ops.packed import (
     PackedInt4,
     dequantize,
     linear,

@@ -8,8 +8,8 @@ import torch
 
 from replica.kernels.int4_linear import dequantized, w4a16_gemv, w4a16_linear
 from replica.kernels.moe import fused_moe
-from replica.model.mlp import SparseMoE, moe_reference
-from replica.model.quantized import dequantize, quantize
+from replica.ops.mlp import SparseMoE, moe_reference
+from replica.ops.packed import dequantize, quantize
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOKENS = (1, 3, 8, 9, 16, 17, 64, 65, 256, 1000, 16384)

@@ -6,16 +6,17 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from replica.attention import BlockTables
-from replica.backends import select_attention, select_ops
 from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache
+from replica.engine.model_runner import pack_prefill
 from replica.loading.model import model_from_reader, random_model
 from replica.loading.reader import CheckpointReader
 from replica.loading.reference import build_reference_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.model.architecture import attention_shape
-from replica.model.ops import TorchOps
 from replica.model.qwen3 import Batch, Qwen3
+from replica.ops.attention import BlockTables
+from replica.ops.layer import TorchOps
+from replica.ops.select import select_attention, select_ops
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,8 +35,8 @@ def prefill_then_decode(
     blocks = [(7 * i + 3) % 60 for i in range(-(-len(prompt) // size))]  # out of order
     first = split // 2
     chunks = [(prompt, 0, first, blocks), ([7] * 3, 0, 3, [61])]
-    prefill = [model.logits(model.forward(Batch.prefill(chunks, size, dev), cache, attention))]
-    rest = Batch.prefill([(prompt, first, split, blocks)], size, dev)
+    prefill = [model.logits(model.forward(pack_prefill(chunks, size, dev), cache, attention))]
+    rest = pack_prefill([(prompt, first, split, blocks)], size, dev)
     assert rest.rows is not None and rest.rows.context is not None
     prefill.append(model.logits(model.forward(rest, cache, attention)))
     tables = torch.tensor([blocks], dtype=torch.int32, device=dev)

@@ -20,9 +20,9 @@ from replica.loading.model import random_model
 from replica.loading.reader import CheckpointReader
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.loading.weights import expected_tensor_names
-from replica.model.mlp import SparseMoE
-from replica.model.ops import TorchOps
 from replica.model.qwen3 import Qwen3
+from replica.ops.layer import TorchOps
+from replica.ops.mlp import SparseMoE
 from tests.test_engine import idle, prefill_logits
 from tests.transformers_oracle import greedy_continuations
 

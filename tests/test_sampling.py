@@ -9,7 +9,7 @@ import torch
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import resolve
-from replica.model.sampling import gumbel_argmax, row_keys, sample, thresholds
+from replica.ops.sampler import gumbel_argmax, row_keys, sample, thresholds
 from replica.wire.messages import SamplingParams
 
 NEW_TOKENS = 24

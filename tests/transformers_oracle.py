@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from replica.loading.source import VENDORED_TOKENIZER
-from replica.model.sampling import sample
+from replica.ops.sampler import sample
 from replica.tokenization import PromptCodec
 from replica.wire.messages import SamplingParams
 

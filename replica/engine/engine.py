@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from replica.backends import select_attention, select_ops, select_sampler
 from replica.engine.blocks import BlockPool
 from replica.engine.kv_cache import BLOCK_SIZE, KVCache, plan_blocks
 from replica.engine.model_runner import DecodeRows, ModelRunner, batch_sizes
@@ -31,7 +30,8 @@ from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
 from replica.loading.model import load_model
 from replica.loading.source import ModelSource
-from replica.model.sampling import Sampler
+from replica.ops.sampler import Sampler
+from replica.ops.select import select_attention, select_ops, select_sampler
 from replica.tokenization import PromptCodec
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 
@@ -85,7 +85,7 @@ class Engine:
 
     On CUDA: bf16, the fastest attention backend that imports, the Triton kernels, CUDA-graph
     decode. On CPU: fp32, the PyTorch references, eager decode (the tiny-random server and the
-    tests). replica.backends makes each choice, once, here.
+    tests). replica.ops.select makes each choice, once, here.
     """
 
     def __init__(

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from replica.attention import LayerCache
 from replica.model.architecture import attention_shape
+from replica.ops.attention import LayerCache
 
 log = logging.getLogger(__name__)
 

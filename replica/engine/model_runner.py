@@ -13,11 +13,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from replica.attention import AttentionBackend, BlockTables
 from replica.engine.kv_cache import KVCache
 from replica.model.qwen3 import Batch, Qwen3
-from replica.model.sampling import Sampler
+from replica.ops.attention import AttentionBackend, BlockTables, CachedContext, PackedRows
+from replica.ops.sampler import Sampler
 from replica.wire.messages import SamplingParams
+
+
+def pack_prefill(
+    chunks: list[tuple[list[int], int, int, list[int]]], block_size: int, device: torch.device
+) -> Batch:
+    """One prefill's packed batch. `chunks`: (tokens, start, end, blocks) for each row: tokens
+    start..end are computed, 0..start are already in `blocks`."""
+    host = []
+    for tokens, start, end, blocks in chunks:
+        positions = torch.arange(start, end)
+        table = torch.tensor(blocks, dtype=torch.int64)
+        slots = table[positions // block_size] * block_size + positions % block_size
+        host.append(torch.stack((torch.tensor(tokens[start:end]), positions, slots)))
+    input_ids, positions, slots = torch.cat(host, dim=1).to(device).unbind(0)
+    context = None  # when no row has tokens cached before
+    if any(start for _, start, _, _ in chunks):
+        context = CachedContext.from_blocks(
+            [blocks for *_, blocks in chunks], [start for _, start, _, _ in chunks], device
+        )
+    lengths = [end - start for _, start, end, _ in chunks]
+    rows = PackedRows.from_lengths(lengths, device, context)
+    return Batch(input_ids, positions, slots, rows=rows)
 
 
 def batch_sizes(max_rows: int) -> list[int]:
@@ -141,7 +163,7 @@ class ModelRunner:
         """Fp32 logits [B, vocab] of each chunk's last token. A chunk is (tokens, start, end,
         blocks): tokens start..end are computed, their K/V written to `blocks`, which already
         hold tokens 0..start."""
-        batch = Batch.prefill(chunks, self.cache.block_size, self.model.device)
+        batch = pack_prefill(chunks, self.cache.block_size, self.model.device)
         hidden = self.model.forward(batch, self.cache, self.attention)
         assert batch.rows is not None
         return self.model.logits(hidden[batch.rows.last_token]).float()

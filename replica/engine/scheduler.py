@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from replica.engine.blocks import BlockPool
+from replica.engine.rows import RowPool
 from replica.engine.sequence import SampleKey, Sequence
-from replica.engine.slots import SlotPool
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.min_refill = min_refill
         self.refill = refill  # False is the static-batching ablation
-        self.rows = SlotPool(max_rows)
+        self.rows = RowPool(max_rows)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[SampleKey, Sequence] = {}  # in admission order
         self.partial: Sequence | None = None  # a prompt between two of its chunks

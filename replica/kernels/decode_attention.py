@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.attention import BlockTables, LayerCache
 from replica.kernels.online_softmax import LOG2_E, attend_block
+from replica.ops.attention import BlockTables, LayerCache
 
 BLOCK_N = 64
 MAX_SPLITS = 64

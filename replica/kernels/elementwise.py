@@ -11,9 +11,9 @@ from torch import Tensor
 
 from replica.kernels.int4_linear import gemv_serves, w4a16_gemv, w4a16_linear
 from replica.kernels.moe import fused_moe
-from replica.model.mlp import DenseMLP, SparseMoE
-from replica.model.ops import TorchOps
-from replica.model.quantized import PackedInt4
+from replica.ops.layer import TorchOps
+from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.packed import PackedInt4
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """w4a16 matrix multiply on CUDA: bf16 activations times packed 4-bit weights
-(replica.model.quantized's layout), dequantized in registers, accumulated in fp32.
+(replica.ops.packed's layout), dequantized in registers, accumulated in fp32.
 
 `int4_tile` dequantizes one [BLOCK_N, BLOCK_K] tile of weights exactly as the PyTorch oracle
 does ((q - zero) * scale in fp32, rounded once), so the weights a dot product sees are the
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.model.quantized import PackedInt4, servable_group
+from replica.ops.packed import PackedInt4, servable_group
 
 
 @triton.jit
@@ -434,7 +434,7 @@ def w4a16_linear(x: Tensor, weight: PackedInt4, tile: Int4Tile | GemvTile | None
 
 
 def dequantized(weight: PackedInt4, dtype: torch.dtype) -> Tensor:
-    """[..., N, K] in `dtype`, bit for bit `replica.model.quantized.dequantize`, in one kernel:
+    """[..., N, K] in `dtype`, bit for bit `replica.ops.packed.dequantize`, in one kernel:
     a prefill's 16-bit copy of a weight (reading 0.5 bytes and writing 2 a weight costs a few
     percent of a GEMM of a few thousand tokens)."""
     depth = weight.shape[-1]

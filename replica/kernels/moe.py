@@ -48,8 +48,8 @@ from replica.kernels.int4_linear import (
     int4_tile,
     w4a16_gemv,
 )
-from replica.model.mlp import SparseMoE
-from replica.model.quantized import PackedInt4
+from replica.ops.mlp import SparseMoE
+from replica.ops.packed import PackedInt4
 
 
 @triton.jit

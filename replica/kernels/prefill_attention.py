@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.attention import LayerCache, PackedRows
 from replica.kernels.online_softmax import LOG2_E, attend_block
+from replica.ops.attention import LayerCache, PackedRows
 
 BLOCK_M = 128
 BLOCK_N = 64

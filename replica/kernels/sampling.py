@@ -1,4 +1,4 @@
-"""`replica.model.sampling.sample` as one Triton program per row (CUDA): a sampled decode step draws
+"""`replica.ops.sampler.sample` as one Triton program per row (CUDA): a sampled decode step draws
 all its tokens in one launch inside the graph.
 
 A row's program reads its logits in passes. The first finds the greedy argmax and each lane's
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.model.sampling import CANDIDATES
+from replica.ops.sampler import CANDIDATES
 
 GATHERED = 512  # room for the logits at or above a row's floor: CANDIDATES and a margin
 
@@ -40,7 +40,7 @@ def _mix32(x):
 
 @triton.jit
 def _row_key(seed, position):
-    """`replica.model.sampling.row_keys` for one row."""
+    """`replica.ops.sampler.row_keys` for one row."""
     seed32 = ((seed ^ (seed >> 32)) & 0xFFFFFFFF).to(tl.uint32)
     return _mix32(seed32 + _mix32((position & 0xFFFFFFFF).to(tl.uint32)))
 
@@ -153,7 +153,7 @@ def _first_best(score, tokens, vocab):
 
 @triton.jit
 def _gumbel_argmax(logits_ptr, vocab, stop, inv_t, threshold, key, BLOCK: tl.constexpr):
-    """`replica.model.sampling.gumbel_argmax` over the whole row."""
+    """`replica.ops.sampler.gumbel_argmax` over the whole row."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK], tl.int32)
     for start in range(0, stop, BLOCK):
@@ -205,7 +205,7 @@ def _candidates(
 def _threshold(
     values, copies, full_mass, top_k, top_p, width, inv_t, top_scaled, KEY_BITS: tl.constexpr
 ):
-    """`replica.model.sampling.thresholds` from a row's candidates."""
+    """`replica.ops.sampler.thresholds` from a row's candidates."""
     keys = _order_key(values)
     top_k_width = tl.where((top_k > 0) & (top_k < width), top_k, width)
     kth = _largest_key_reaching(keys, copies, top_k_width, KEY_BITS)
@@ -267,7 +267,7 @@ def _sample_kernel(
 
 
 def sample_triton(logits: Tensor, *row_settings: Tensor) -> Tensor:
-    """What `replica.model.sampling.sample` returns, in one launch; `row_settings` are its
+    """What `replica.ops.sampler.sample` returns, in one launch; `row_settings` are its
     temperature, top_k, top_p, seeds and positions."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

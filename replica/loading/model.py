@@ -11,8 +11,8 @@ from replica.loading.reader import CheckpointReader
 from replica.loading.reference import build_reference_model
 from replica.loading.source import TINY_RANDOM, ModelSource
 from replica.loading.weights import RandomBuilder, build, load_checkpoint
-from replica.model.ops import TorchOps
 from replica.model.qwen3 import Qwen3
+from replica.ops.layer import TorchOps
 
 QUANTIZE_MODES = ("int4",)  # `--quantize`: round-to-nearest 4-bit, group 128, asymmetric
 

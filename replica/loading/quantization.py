@@ -3,7 +3,7 @@
 `quantization_config` is read through transformers' own classes (`AwqConfig`, `GPTQConfig`);
 compressed-tensors' class needs the compressed_tensors package, which the engine does not
 install, so its plain dict is read here. What we serve, each unpacked as its documentation lays
-out (replica.model.quantized holds our layout):
+out (replica.ops.packed holds our layout):
 
 - compressed-tensors `pack-quantized`, 4-bit int, group strategy (llm-compressor's W4A16):
   `weight_packed` int32 [N, K/8] (8 consecutive columns per word, value + 8), `weight_scale`
@@ -31,7 +31,7 @@ from transformers import PretrainedConfig
 from transformers.utils.quantization_config import AwqConfig, GPTQConfig
 
 from replica.loading.config import UnsupportedModel
-from replica.model.quantized import PackedInt4, pack, servable_group, unpack_nibbles
+from replica.ops.packed import PackedInt4, pack, servable_group, unpack_nibbles
 
 SERVED = "compressed-tensors pack-quantized W4A16, AWQ (GEMM), GPTQ 4-bit"
 AWQ_COLUMN_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits in nibble [j]

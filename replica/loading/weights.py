@@ -26,9 +26,9 @@ from replica.loading.config import UnsupportedModel
 from replica.loading.quantization import Int4Checkpoint
 from replica.loading.reader import CheckpointReader
 from replica.model.architecture import attention_shape
-from replica.model.mlp import DenseMLP, SparseMoE
-from replica.model.quantized import PackedInt4, quantize, random_packed
 from replica.model.weights import LayerWeights, ModelWeights
+from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.packed import PackedInt4, quantize, random_packed
 
 
 class Builder(Protocol):

@@ -1,7 +1,7 @@
 """Our Qwen3 forward (dense or MoE): plain weight tensors, QKV and gate/up fused at load,
 attention pluggable.
 
-The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.model.ops`),
+The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.ops.layer`),
 so that fp32 greedy tokens match it exactly. Activations are [tokens, features] over the packed
 tokens of a batch: no padding, so every matrix multiply does only live work.
 """
@@ -9,17 +9,17 @@ tokens of a batch: no padding, so every matrix multiply does only live work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from replica.attention import AttentionBackend, BlockTables, CachedContext, PackedRows
-from replica.engine.kv_cache import KVCache
 from replica.model.architecture import attention_shape, rope_theta
-from replica.model.ops import TorchOps
 from replica.model.weights import ModelWeights
+from replica.ops.attention import AttentionBackend, BlockTables, LayerCache, PackedRows
+from replica.ops.layer import TorchOps
 
 
 @dataclass
@@ -34,28 +34,12 @@ class Batch:
     rows: PackedRows | None = None  # prefill
     paged: BlockTables | None = None  # decode
 
-    @classmethod
-    def prefill(
-        cls, chunks: list[tuple[list[int], int, int, list[int]]], block_size: int, device
-    ) -> Batch:
-        """`chunks`: (tokens, start, end, blocks) for each row: tokens start..end are computed,
-        0..start are already in `blocks`."""
-        host = []
-        for tokens, start, end, blocks in chunks:
-            positions = torch.arange(start, end)
-            table = torch.tensor(blocks, dtype=torch.int64)
-            slots = table[positions // block_size] * block_size + positions % block_size
-            host.append(torch.stack((torch.tensor(tokens[start:end]), positions, slots)))
-        input_ids, positions, slots = torch.cat(host, dim=1).to(device).unbind(0)
-        context = None  # when no row has tokens cached before
-        if any(start for _, start, _, _ in chunks):
-            context = CachedContext.from_blocks(
-                [blocks for *_, blocks in chunks], [start for _, start, _, _ in chunks], device
-            )
-        lengths = [end - start for _, start, end, _ in chunks]
-        return cls(
-            input_ids, positions, slots, rows=PackedRows.from_lengths(lengths, device, context)
-        )
+
+class KVLayers(Protocol):
+    """The KV cache as the forward sees it: each layer's K and V blocks (the engine owns the
+    pool and who holds which block)."""
+
+    def layer(self, index: int) -> LayerCache: ...
 
 
 class Qwen3:
@@ -64,7 +48,7 @@ class Qwen3:
     def __init__(
         self, config: PretrainedConfig, weights: ModelWeights, ops: type[TorchOps] = TorchOps
     ) -> None:
-        """`ops`: TorchOps, or the fused kernels' TritonOps on CUDA (replica.backends chooses)."""
+        """`ops`: TorchOps, or the fused kernels' TritonOps on CUDA (replica.ops.select chooses)."""
         self.config = config
         self.embed = weights.embed
         self.layers = weights.layers
@@ -96,7 +80,7 @@ class Qwen3:
         """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
         return sum(layer.active_params() for layer in self.layers)
 
-    def forward(self, batch: Batch, cache: KVCache, attention: AttentionBackend) -> Tensor:
+    def forward(self, batch: Batch, cache: KVLayers, attention: AttentionBackend) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
         ops, layers = self.ops, self.layers
         h, x = ops.add_rms_norm(

@@ -9,8 +9,8 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor
 
-from replica.model.mlp import DenseMLP, SparseMoE
-from replica.model.quantized import PackedInt4, stored
+from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.packed import PackedInt4, stored
 
 
 @dataclass

@@ -19,7 +19,7 @@ FinishReason = Literal["stop", "length"]  # the one definition: engine, wire and
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How a request draws its tokens (replica.model.sampling does the drawing)."""
+    """How a request draws its tokens (replica.ops.sampler does the drawing)."""
 
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0

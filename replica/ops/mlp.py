@@ -1,6 +1,6 @@
 """The feed-forward half of a layer: a dense SwiGLU MLP, or Qwen3-MoE's sparse mixture of experts.
 
-The ops (replica.model.ops, or the Triton ones) run them: `ops.mlp(x, mlp)` returns what the next
+The ops (replica.ops.layer, or the Triton ones) run them: `ops.mlp(x, mlp)` returns what the next
 residual add takes, [T, hidden], or for the fused MoE kernels [T * top_k, hidden] (each token's
 weighted expert outputs, summed by `ops.add_rms_norm`). The plain PyTorch expert loop here is the
 CPU path and the test oracle: it follows transformers' `Qwen3MoeSparseMoeBlock` operation for
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from replica.model.quantized import PackedInt4, linear, stored
+from replica.ops.packed import PackedInt4, linear, stored
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from replica.attention import BlockTables, LayerCache, PackedRows
 from replica.kernels.decode_attention import decode_attention
 from replica.kernels.prefill_attention import prefill_attention
+from replica.ops.attention import BlockTables, LayerCache, PackedRows
 
 
 class TritonAttention:

@@ -4,11 +4,11 @@ the scheduler's allocator."""
 from __future__ import annotations
 
 
-class SlotPool:
-    """The free ones of `slots` numbered rows; the lowest-numbered is handed out first."""
+class RowPool:
+    """The free ones of `rows` numbered decode rows; the lowest-numbered is handed out first."""
 
-    def __init__(self, slots: int) -> None:
-        self._free = list(range(slots - 1, -1, -1))
+    def __init__(self, rows: int) -> None:
+        self._free = list(range(rows - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -17,5 +17,5 @@ class SlotPool:
     def allocate(self) -> int:
         return self._free.pop()
 
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
+    def release(self, row: int) -> None:
+        self._free.append(row)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from torch import Tensor
 
-from replica.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention import BlockTables, LayerCache, PackedRows
 
 
 class FlashAttention:

@@ -1,4 +1,4 @@
-"""Attention backends behind one interface (replica.backends chooses among them).
+"""Attention backends behind one interface (replica.ops.select chooses among them).
 
 Every backend takes queries after RoPE and a KV cache that already holds this step's keys and
 values. Prefill attends within each prompt of a packed batch (no padding tokens, so the

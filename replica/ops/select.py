@@ -1,19 +1,19 @@
 """Which implementation runs each part of a step on this device, chosen once when the engine is
 built: on CUDA our Triton kernels (and flash-attn's attention when it imports), on the CPU the
-plain PyTorch paths of replica.model and replica.attention.reference, which are also the oracles
+plain PyTorch paths of replica.model and replica.ops.attention.reference, which are also the oracles
 every GPU implementation is tested against."""
 
 from __future__ import annotations
 
 import torch
 
-from replica.attention import AttentionBackend, flash_attn_available
-from replica.attention.reference import ReferenceAttention
-from replica.attention.triton_backend import TritonAttention
 from replica.kernels.elementwise import TritonOps
 from replica.kernels.sampling import sample_triton
-from replica.model.ops import TorchOps
-from replica.model.sampling import Sampler, sample
+from replica.ops.attention import AttentionBackend, flash_attn_available
+from replica.ops.attention.reference import ReferenceAttention
+from replica.ops.attention.triton_backend import TritonAttention
+from replica.ops.layer import TorchOps
+from replica.ops.sampler import Sampler, sample
 
 ATTENTION_BACKENDS = ("reference", "triton", "flash")
 
@@ -30,7 +30,7 @@ def select_attention(device: torch.device, name: str | None = None) -> Attention
     if name == "triton":
         return TritonAttention()
     if name == "flash":
-        from replica.attention.flash import FlashAttention  # flash-attn is optional
+        from replica.ops.attention.flash import FlashAttention  # flash-attn is optional
 
         return FlashAttention()
     raise ValueError(f"unknown attention backend {name!r}; choose from {ATTENTION_BACKENDS}")

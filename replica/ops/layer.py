@@ -2,7 +2,7 @@
 
 `TorchOps` is plain PyTorch in transformers' exact order of operations (fp32 tokens match it bit
 for bit on CPU). On CUDA, `replica.kernels.elementwise.TritonOps` does the same work in fused
-kernels (replica.backends chooses); in a decode step the unfused version's ~50 small launches per
+kernels (replica.ops.select chooses); in a decode step the unfused version's ~50 small launches per
 layer cost more than reading the weights.
 """
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from replica.model.mlp import DenseMLP, SparseMoE, moe_reference
-from replica.model.quantized import PackedInt4, linear
+from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
+from replica.ops.packed import PackedInt4, linear
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -54,7 +54,7 @@ class TorchOps:
         return linear(x, weight)
 
     def mlp(self, x: Tensor, mlp: DenseMLP | SparseMoE) -> Tensor:
-        """The layer's feed-forward half (see replica.model.mlp for what it returns)."""
+        """The layer's feed-forward half (see replica.ops.mlp for what it returns)."""
         if isinstance(mlp, SparseMoE):
             return self.moe(x, mlp)
         return self.linear(self.silu_mul(self.linear(x, mlp.gate_up)), mlp.down)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from replica.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention import BlockTables, LayerCache, PackedRows
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
