@@ -1,7 +1,7 @@
 """Entry point: the OpenAI-compatible completions front end (aiohttp on uvloop).
 
 HTTP only: routes, the API key, reading bodies, status codes and the shutdown drain. The
-request and response schema and every error body are openai_api's; the path from a request's
+request and response schema and every error body are the api package's; the path from a request's
 prompts to their replies (planning, replicas) is queueing.service's. The front end never
 blocks on a GPU and never imports torch.
 """
@@ -21,7 +21,6 @@ from aiohttp import web
 
 import shortcuts
 from api.errors import ApiError, JsonErrorRunner, errors_as_json, json_response, read_body
-from api.params import Options
 from api.responses import (
     Chunks,
     chat_body,
@@ -33,14 +32,14 @@ from api.responses import (
 from api.stream import write_events
 from queueing.dispatcher import SHUTDOWN_GRACE_S, NoReplica, Overloaded, ReplicaError
 from queueing.metrics import Metrics
+from queueing.options import Options
 from queueing.service import CompletionService
 from queueing.shutdown import Shutdown, ShuttingDown
 from queueing.streams import Piece
-from replica.wire.spec import ReplicaSpec
+from replica.wire.flags import add_replica_arguments, positive_int, replica_specs
 
 log = logging.getLogger("server")
 
-DEFAULT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 COMPLETION_ROUTES = ("/v1/completions", "/completion", "/")
 EXIT_MARGIN_S = 0.3  # left for the interpreter to exit after the replicas are stopped
 
@@ -57,7 +56,11 @@ class Frontend:
         self.shutdown = Shutdown(args.shutdown_timeout)
         self.metrics = Metrics()
         self.service = CompletionService(
-            replica_specs(args), args.profile, args.plan_timeout, args.max_in_flight, self.metrics
+            replica_specs(args, _cuda_available()),
+            args.profile,
+            args.plan_timeout,
+            args.max_in_flight,
+            self.metrics,
         )
         self.requests = self.metrics.counter(
             "requests_total", "HTTP completion requests by status.", ["status"]
@@ -119,30 +122,6 @@ class Frontend:
         return await write_events(request, pieces, chunks, options.include_usage)
 
 
-def replica_specs(args: argparse.Namespace) -> list[ReplicaSpec]:
-    gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else []
-    options = {
-        "max_model_len": args.max_model_len,
-        "max_batch": args.max_batch,
-        "kv_fraction": args.kv_fraction,
-        "gpu_memory_gb": args.gpu_memory_gb,
-        "refill": args.refill,
-        "prefix_caching": args.prefix_caching,
-        "prefill_tokens": args.prefill_tokens,
-        "attention": args.attention,
-        "quantize": args.quantize,
-    }
-    common = {
-        "model": args.model,
-        "random_weights": args.random_weights,
-        "options": options,
-    }
-    if gpus and _cuda_available():
-        return [ReplicaSpec(gpu=gpu, **common) for gpu in gpus]
-    threads = max(1, (os.cpu_count() or 1) // args.cpu_replicas)
-    return [ReplicaSpec(cpu_threads=threads, **common) for _ in range(args.cpu_replicas)]
-
-
 def _cuda_available() -> bool:
     """Asked in a throwaway process so the front end never initialises CUDA itself."""
     import subprocess
@@ -155,15 +134,15 @@ def _cuda_available() -> bool:
 FRONTEND = web.AppKey("frontend", Frontend)
 
 
-Answer = Callable[[Frontend, web.Request, bytes], Awaitable[web.StreamResponse]]
+Handler = Callable[[Frontend, web.Request, bytes], Awaitable[web.StreamResponse]]
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _answer(request, Frontend.complete)
+    return await _respond(request, Frontend.complete)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _answer(request, Frontend.chat)
+    return await _respond(request, Frontend.chat)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -172,8 +151,8 @@ async def models(request: web.Request) -> web.Response:
     return json_response(models_body(front.model_name))
 
 
-async def _answer(request: web.Request, answer: Answer) -> web.StreamResponse:
-    """The shared path of the model endpoints: key, drain, body, then `answer`, with each
+async def _respond(request: web.Request, handle: Handler) -> web.StreamResponse:
+    """The shared path of the model endpoints: key, drain, body, then `handle`, with each
     outcome counted by status and dispatch errors mapped to theirs."""
     front = request.app[FRONTEND]
     status = "500"
@@ -181,7 +160,7 @@ async def _answer(request: web.Request, answer: Answer) -> web.StreamResponse:
         front.authorize(request)
         async with front.shutdown.draining():
             raw = await read_body(request, front.body_timeout)
-            response = await answer(front, request, raw)
+            response = await handle(front, request, raw)
         status = "200"
         return response
     except (ApiError, web.HTTPException) as error:
@@ -260,66 +239,16 @@ def build_app(args: argparse.Namespace) -> web.Application:
     return app
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: sizes and counts of at least 1, refused in one line otherwise."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="HF id, checkpoint dir or tiny-random"
-    )
     parser.add_argument(
         "--served-model-name",
         help="the model's name in responses and /v1/models (default: --model)",
     )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--gpus", default="0", help="comma-separated GPU ids, one replica each")
-    parser.add_argument("--cpu-replicas", type=int, default=1, help="replicas when there is no GPU")
     parser.add_argument("--profile", choices=sorted(shortcuts.PROFILES), default="throughput")
-    parser.add_argument(
-        "--attention", choices=["flash", "triton", "reference"], help="default: best that imports"
-    )
-    parser.add_argument(
-        "--max-model-len",
-        type=positive_int,
-        default=32768,
-        help="longest context (prompt and answer); the model's own is the most",
-    )
-    parser.add_argument("--max-batch", type=positive_int, default=256, help="largest decode batch")
-    parser.add_argument(
-        "--prefill-tokens",
-        type=positive_int,
-        default=16384,
-        help="tokens a prefill step computes; a longer prompt goes in chunks of this size "
-        "(smaller: shorter decode pauses beside a long prompt, docs/PERF.md)",
-    )
-    parser.add_argument("--kv-fraction", type=float, default=0.9, help="of free GPU memory")
-    parser.add_argument(
-        "--gpu-memory-gb",
-        type=float,
-        help="plan memory as if each GPU had this many GiB (an A100-80GB shows about 79)",
-    )
-    parser.add_argument(
-        "--no-refill", dest="refill", action="store_false", help="static batching (ablation)"
-    )
-    parser.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_false",
-        help="compute every prompt whole, sharing no cached prefix (ablation)",
-    )
-    parser.add_argument("--random-weights", action="store_true", help="config only, random weights")
-    parser.add_argument(
-        "--quantize",
-        choices=["int4"],
-        help="make a 16-bit model's projections 4-bit at load (round-to-nearest, group 128)",
-    )
+    add_replica_arguments(parser)
     parser.add_argument(
         "--max-in-flight", type=positive_int, default=4096, help="admission bound (prompts)"
     )
@@ -349,7 +278,9 @@ def refuse_unservable(args: argparse.Namespace) -> None:
     import subprocess
     import sys
 
-    if args.model == "tiny-random":  # built in (replica.checkpoint.TINY_RANDOM): always servable
+    if (
+        args.model == "tiny-random"
+    ):  # built in (replica.loading.source.TINY_RANDOM): always servable
         return
     command = [sys.executable, "-m", "replica.loading.servable", args.model]
     command += ["--random-weights"] if args.random_weights else []

@@ -4,10 +4,10 @@ unsupported is a 400 that names its field (never silently ignored)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from api.errors import ApiError
+from queueing.options import Options
 from replica.wire.messages import Decoding, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
@@ -30,19 +30,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
 }
-
-
-@dataclass(frozen=True)
-class Options:
-    """What we honour of a request besides its prompt: the client's token cap, its decoding
-    settings, how many samples each prompt gets, and whether (and with a usage chunk or not)
-    to stream."""
-
-    max_tokens: int | None = None
-    decoding: Decoding = field(default_factory=Decoding)
-    stream: bool = False
-    include_usage: bool = False
-    n: int = 1
 
 
 def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:

@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from api.errors import ApiError
-from api.params import Options, parse_options
+from api.params import parse_options
+from queueing.options import Options
 from replica.wire.messages import Chat, Usage
 from shortcuts import Reply
 

@@ -16,9 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench import synthetic_rows
-from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 
 
 def scoring_requests(tokens: int, vocab: int) -> list[EngineRequest]:
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = resolve(args.config, random_weights=True)
-    engine = Engine(source, "cuda", eos_ids=(), max_batch=256, max_model_len=2048)
+    engine = load_engine(source, EngineConfig(max_batch=256, max_model_len=2048), "cuda", ())
     requests = scoring_requests(args.tokens, source.config.vocab_size)
 
     def prefill() -> None:

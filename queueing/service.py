@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import shortcuts
-from api.params import Options
 from queueing.dispatcher import Dispatcher
 from queueing.metrics import Metrics
+from queueing.options import Options
 from queueing.planning import Planner
 from queueing.streams import Piece, merged
 from replica.wire.messages import Chat, Delta, GenerateJob

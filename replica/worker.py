@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.sequence import SampleKey
 from replica.loading.source import resolve
+from replica.startup import load_engine
 from replica.text_watch import TextWatch
 from replica.tokenization import PromptCodec
 from replica.wire.framing import BlockingChannel
@@ -84,7 +84,7 @@ class Replica:
         self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
         self.source = resolve(spec.model, spec.random_weights)
         self.codec = PromptCodec(self.source.tokenizer_dir)
-        self.engine = Engine(self.source, self.device, eos_ids=self.codec.eos_ids, **spec.options)
+        self.engine = load_engine(self.source, spec.engine, self.device, self.codec.eos_ids)
         self.max_context = self.engine.max_context
         self.samples: dict[int, Samples] = {}  # generating requests, by id
         self.watches: dict[SampleKey, tuple[TextWatch, bool]] = {}  # its text, streamed or not

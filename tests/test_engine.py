@@ -8,8 +8,12 @@ import torch
 from replica.engine.engine import Engine
 from replica.engine.model_runner import batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
+from replica.engine.scheduler import Chunk
+from replica.engine.sequence import Placement, Sequence
 from replica.loading.reference import build_reference_model
 from replica.loading.source import resolve
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 from tests.transformers_oracle import greedy_continuations
 
 NEW_TOKENS = 64
@@ -65,7 +69,7 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
     # Four slots for eight prompts, and caps that end rows at different steps, so rows are
     # refilled mid-batch (or, static, wait for the whole batch).
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, refill=refill)
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256, refill=refill))
     requests = [
         EngineRequest(i, p, cap) for i, (p, cap) in enumerate(zip(prompts, caps, strict=True))
     ]
@@ -82,7 +86,7 @@ def test_greedy_tokens_equal_transformers(source, prompts, expected, refill):
 def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, expected):
     """All eight prompts (177 tokens) in prefills of at most 64 tokens each, longest first; the
     packed prompts still continue exactly as transformers does."""
-    engine = Engine(source, "cpu", max_batch=8, max_model_len=256, prefill_tokens=64)
+    engine = load_engine(source, EngineConfig(max_batch=8, max_model_len=256, prefill_tokens=64))
     results = run(engine, [EngineRequest(i, p, 8) for i, p in enumerate(prompts)])
     assert [results[i].output_ids for i in range(len(prompts))] == [e[:8] for e in expected]
     # Longest first under a 64-token budget: [64], [40], [28, 17, 9, 5, 3, 1].
@@ -93,7 +97,7 @@ def test_prefill_packs_mixed_lengths_up_to_its_token_budget(source, prompts, exp
 def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
     steps = {}
     for refill in (True, False):
-        engine = Engine(source, "cpu", max_batch=2, max_model_len=128, refill=refill)
+        engine = load_engine(source, EngineConfig(max_batch=2, max_model_len=128, refill=refill))
         caps = [5, 30, 5]  # the third waits for the first (refill) or for both (static)
         run(engine, [EngineRequest(i, prompts[i], cap) for i, cap in enumerate(caps)])
         steps[refill] = engine.stats.decode_steps
@@ -103,7 +107,9 @@ def test_refill_runs_fewer_decode_steps_than_static(source, prompts):
 def test_eos_stops_and_is_not_returned(source, prompts, expected):
     tokens = expected[2]
     stop_at = next(i for i in range(5, NEW_TOKENS) if tokens[i] not in tokens[:i])
-    engine = Engine(source, "cpu", eos_ids=[tokens[stop_at]], max_batch=2, max_model_len=256)
+    engine = load_engine(
+        source, EngineConfig(max_batch=2, max_model_len=256), "cpu", [tokens[stop_at]]
+    )
     result = run(engine, [EngineRequest(0, prompts[2], NEW_TOKENS)])[0]
     assert result.output_ids == tokens[:stop_at]
     assert result.finish_reason == "stop"
@@ -111,7 +117,7 @@ def test_eos_stops_and_is_not_returned(source, prompts, expected):
 
 def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, expected):
     choices = [[32, expected[0][0], 34], [362, 425, 356, 422], [11, 12]]
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256)
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256))
     requests = [EngineRequest(10 + i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
     requests.append(EngineRequest(99, prompts[3], 5))  # scoring mixed with generation
     results = run(engine, requests)
@@ -129,7 +135,7 @@ def test_scoring_is_argmax_of_transformers_logits(source, reference, prompts, ex
 
 
 def test_cancel_frees_the_row_and_blocks(source, prompts, expected):
-    engine = Engine(source, "cpu", max_batch=1, max_model_len=256)
+    engine = load_engine(source, EngineConfig(max_batch=1, max_model_len=256))
     engine.add(EngineRequest(1, prompts[0], 50))
     engine.add(EngineRequest(2, prompts[1], 5))
     engine.add(EngineRequest(3, prompts[2], 5))
@@ -147,7 +153,7 @@ def test_cancel_frees_the_row_and_blocks(source, prompts, expected):
 
 
 def test_generation_stops_at_the_context_length(source, prompts, expected):
-    engine = Engine(source, "cpu", max_batch=2, max_model_len=70)
+    engine = load_engine(source, EngineConfig(max_batch=2, max_model_len=70))
     result = run(engine, [EngineRequest(0, prompts[4], NEW_TOKENS)])[0]
     assert result.output_ids == expected[4][:6]
     assert result.finish_reason == "length"
@@ -160,7 +166,7 @@ def test_generation_stops_at_the_context_length(source, prompts, expected):
 def test_prefill_warm_up_fits_a_short_context_and_leaves_nothing_behind(source):
     """The start-up warm-up (on by default on CUDA) packs 512 tokens from prompts that fit a
     256-token context, and leaves every row and block free, nothing cached, counters at zero."""
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, warm_up=True)
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256, warm_up=True))
     assert engine.info["startup_s"] >= engine.info["warmup_s"] + engine.info["weights_s"]
     assert not engine.has_work()
     assert idle(engine)
@@ -177,7 +183,8 @@ def idle(engine: Engine) -> bool:
 def prefill_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
     """The last-token logits of one prompt prefilled alone, in blocks taken for it."""
     blocks = engine.blocks.take(engine.scheduler.blocks_for(len(prompt)))
-    logits = engine.runner.prefill([(prompt, 0, len(prompt), blocks)])[0]
+    sequence = Sequence(EngineRequest(-1, prompt), kv=Placement(blocks))
+    logits = engine.runner.prefill([Chunk(sequence, 0, len(prompt))])[0]
     engine.blocks.release(blocks)
     return logits
 
@@ -194,7 +201,9 @@ def test_cuda_graph_replay_equals_eager(source, prompts):
     """Same device, dtype and batch sizes: replaying captured graphs changes no token."""
     outputs = []
     for graphs in (True, False):
-        engine = Engine(source, "cuda", max_batch=4, max_model_len=256, cuda_graphs=graphs)
+        engine = load_engine(
+            source, EngineConfig(max_batch=4, max_model_len=256, cuda_graphs=graphs), "cuda"
+        )
         requests = [EngineRequest(i, p, 40 - 3 * i) for i, p in enumerate(prompts)]
         outputs.append({i: r.output_ids for i, r in run(engine, requests).items()})
     assert outputs[0] == outputs[1]

@@ -33,6 +33,8 @@ from replica.ops.packed import (
     unpack,
     unpack_nibbles,
 )
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 from tests.int4_checkpoints import compress_with_library, write_int4
 from tests.server_process import ServerProcess, request
 from tests.test_engine import prefill_logits
@@ -101,7 +103,7 @@ def _dequantized_twin(model) -> None:
 
 
 def _quantized_engine(source) -> Engine:
-    return Engine(source, "cpu", max_batch=4, max_model_len=256, quantize="int4")
+    return load_engine(source, EngineConfig(max_batch=4, max_model_len=256, quantize="int4"))
 
 
 @pytest.mark.parametrize("model", ["dense", "moe"])
@@ -112,7 +114,7 @@ def test_quantized_logits_equal_the_dequantized_model(model, tmp_path):
     assert isinstance(layer.qkv, PackedInt4) and isinstance(layer.mlp.down, PackedInt4)
     assert not isinstance(getattr(layer.mlp, "router", ours.model.lm_head), PackedInt4)
     _dequantized_twin(twin.model)
-    unquantized = Engine(source, "cpu", max_batch=4, max_model_len=256)
+    unquantized = load_engine(source, EngineConfig(max_batch=4, max_model_len=256))
     for prompt in PROMPTS:
         logits = prefill_logits(ours, prompt)
         torch.testing.assert_close(logits, prefill_logits(twin, prompt), rtol=0, atol=0)
@@ -149,7 +151,7 @@ def test_checkpoint_greedy_tokens_equal_transformers_on_its_dequantized_twin(
     check_servable(source)  # the start-up check: the format's tensor names, nothing unused
     fmt = int4_checkpoint(source.config)
     assert (fmt.method, fmt.group_size, fmt.symmetric) == (method, 32, symmetric)
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256)
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256))
     layer = engine.model.layers[1]
     assert isinstance(layer.qkv, PackedInt4) and isinstance(layer.mlp.gate_up, PackedInt4)
     assert isinstance(layer.o_proj, torch.Tensor) == (keep == "o_proj")
@@ -170,7 +172,7 @@ def test_a_checkpoint_the_compressed_tensors_library_wrote_serves_as_transformer
     check_servable(source)
     fmt = int4_checkpoint(source.config)
     assert (fmt.method, fmt.group_size, fmt.symmetric) == ("compressed-tensors", 32, symmetric)
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256)
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256))
     assert isinstance(engine.model.layers[0].qkv, PackedInt4)
     reference = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     assert _greedy(engine) == greedy_continuations(reference, PROMPTS, NEW_TOKENS)

@@ -26,7 +26,7 @@ from replica.wire.messages import (
     SamplingParams,
     Shutdown,
 )
-from replica.wire.spec import ReplicaSpec
+from replica.wire.spec import EngineConfig, ReplicaSpec
 from replica.worker import Replica
 from tests.transformers_oracle import sampled_continuation
 
@@ -50,8 +50,8 @@ def chat(row: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def replica() -> Replica:
-    options = {"max_batch": 16, "max_model_len": 256}
-    return Replica(ReplicaSpec("tiny-random", options=options))
+    config = EngineConfig(max_batch=16, max_model_len=256)
+    return Replica(ReplicaSpec("tiny-random", engine=config))
 
 
 def run_together(replica: Replica, jobs: list[GenerateJob]) -> dict[int, Result]:

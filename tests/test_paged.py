@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from replica.engine.blocks import BlockPool
-from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Sequence
 from replica.loading.reference import build_reference_model
 from replica.loading.source import resolve
+from replica.startup import load_engine
 from replica.wire.messages import GenerateJob, SamplingParams
-from replica.wire.spec import ReplicaSpec
+from replica.wire.spec import EngineConfig, ReplicaSpec
 from replica.worker import Replica
 from tests.test_engine import run, run_samples
 from tests.test_mixed_batch import run_together
@@ -69,7 +69,9 @@ def expected_samples(reference, request: EngineRequest) -> list[list[int]]:
 
 
 def check_paging(source, reference) -> None:
-    engine = Engine(source, "cpu", max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64)
+    engine = load_engine(
+        source, EngineConfig(max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64)
+    )
     first, batch = paging_workload(source.config.vocab_size)
     [first_result] = run(engine, [EngineRequest(0, first, 10)]).values()
     assert first_result.output_ids == greedy_continuations(reference, [first], 10)[0]
@@ -100,7 +102,7 @@ def check_pool(scheduler: Scheduler, sequences: list[Sequence]) -> None:
     pool = scheduler.blocks
     holders = [0] * pool.num_blocks
     for sequence in sequences:
-        for block in sequence.blocks + sequence.fork_blocks:
+        for block in sequence.kv.blocks + sequence.kv.fork_blocks:
             holders[block] += 1
     assert holders == pool.refs
     free, idle = list(pool._free), list(pool._idle)
@@ -132,20 +134,22 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
             request = EngineRequest(
                 step, prompt, 0 if scoring else 8, [1] if scoring else None, n=n
             )
-            sequence = Sequence(request, limit=rng.randrange(10, 40), forks=n - 1)
+            sequence = Sequence(request, limit=rng.randrange(10, 40))
             sequences.append(sequence)
             scheduler.add(sequence)
         elif action < 0.6:
             chunks = scheduler.next_prefill()
-            chunked_forks += any(not c.completes and c.sequence.forks for c in chunks)
-            copies = scheduler.prefilled(chunks)
+            chunked_forks += any(not c.completes and c.sequence.kv.forks for c in chunks)
+            done = scheduler.prefilled(chunks)
+            copies = done.copies
             assert len({destination for _, destination in copies}) == len(copies)
-            for chunk in chunks:
-                if chunk.completes and not chunk.sequence.is_scoring:
-                    forks += len(chunk.sequence.forked)
-                    sequences += chunk.sequence.forked
-                    for started in (chunk.sequence, *chunk.sequence.forked):
-                        started.output.append(rng.randrange(50))
+            for _, started in done.samples:
+                if started.is_scoring:
+                    continue
+                if started.sample > 0 and not started.output:  # forked by this prefill
+                    forks += 1
+                    sequences.append(started)
+                started.output.append(rng.randrange(50))
         elif action < 0.9:
             for sequence in scheduler.decode_batch():
                 sequence.output.append(rng.randrange(50))
@@ -154,17 +158,17 @@ def test_the_block_pool_stays_consistent_under_a_random_workload():
         elif live:  # half the time, a prompt between its chunks (with its forks' blocks)
             partial = scheduler.partial
             dropped = partial if partial and rng.random() < 0.5 else rng.choice(live)
-            cut_forks += bool(dropped.fork_blocks)
+            cut_forks += bool(dropped.kv.fork_blocks)
             scheduler.cancel(dropped.id, rng.choice((None, dropped.sample)))
         live = list(scheduler.running.values()) + list(scheduler.waiting)
         live += [scheduler.partial] if scheduler.partial else []
-        check_pool(scheduler, [s for s in sequences if s in live or s.blocks])
+        check_pool(scheduler, [s for s in sequences if s in live or s.kv.blocks])
     assert scheduler.preemptions > 0 and scheduler.blocks.hit_tokens > 0 and forks > 0
     assert chunked_forks > 0 and cut_forks > 0
 
 
 def test_forked_samples_share_one_prefill_and_its_full_blocks():
-    engine = Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=8)
+    engine = load_engine(resolve("tiny-random"), EngineConfig(max_batch=8), "cpu", ())
     prompt = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     sampling = SamplingParams(temperature=1.0, seed=3)
     engine.add(EngineRequest(1, prompt, 6, sampling=sampling, n=4))
@@ -172,10 +176,10 @@ def test_forked_samples_share_one_prefill_and_its_full_blocks():
     assert engine.stats.prefill_calls == 1 and engine.stats.prefill_tokens == 40
     samples = sorted(engine.scheduler.running.values(), key=lambda s: s.sample)
     assert [s.sample for s in samples] == [0, 1, 2, 3]
-    full = samples[0].blocks[:2]  # 40 tokens: two full blocks, then a partly filled one
-    assert all(s.blocks[:2] == full for s in samples)
+    full = samples[0].kv.blocks[:2]  # 40 tokens: two full blocks, then a partly filled one
+    assert all(s.kv.blocks[:2] == full for s in samples)
     assert [engine.blocks.refs[b] for b in full] == [4, 4]
-    assert len({s.blocks[2] for s in samples}) == 4  # each writes its own last block
+    assert len({s.kv.blocks[2] for s in samples}) == 4  # each writes its own last block
     results = run_samples(engine, [])
     assert sorted(results) == [(1, j) for j in range(4)]
     assert all(len(r.output_ids) == 6 for r in results.values())
@@ -186,7 +190,7 @@ def test_without_prefix_caching_a_repeated_prompt_is_computed_whole():
     prompt = list(range(100, 150))
     outputs = {}
     for caching in (True, False):
-        engine = Engine(resolve("tiny-random"), "cpu", prefix_caching=caching)
+        engine = load_engine(resolve("tiny-random"), EngineConfig(prefix_caching=caching))
         first = run(engine, [EngineRequest(1, prompt, 5)])[1].output_ids
         again = run(engine, [EngineRequest(2, prompt, 5)])[2].output_ids
         assert first == again
@@ -196,7 +200,7 @@ def test_without_prefix_caching_a_repeated_prompt_is_computed_whole():
 
 
 def test_more_samples_than_decode_rows_is_refused():
-    engine = Engine(resolve("tiny-random"), "cpu", max_batch=4)
+    engine = load_engine(resolve("tiny-random"), EngineConfig(max_batch=4))
     with pytest.raises(ValueError, match="n = 5") as refused:
         engine.add(EngineRequest(1, [1, 2, 3], 4, n=5))
     assert getattr(refused.value, "param", None) == "n"
@@ -205,7 +209,9 @@ def test_more_samples_than_decode_rows_is_refused():
 def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():
     """Through the worker: a 3,000-token prompt (the old slots held 2,048 tokens, prompt and
     answer) arrives with short ones and is prefilled in chunks; every request is answered."""
-    replica = Replica(ReplicaSpec("tiny-random", options={"max_batch": 8, "prefill_tokens": 512}))
+    replica = Replica(
+        ReplicaSpec("tiny-random", engine=EngineConfig(max_batch=8, prefill_tokens=512))
+    )
     long_chat = [{"role": "user", "content": "word " * 2990}]
     jobs = [GenerateJob(long_chat, 6)] + [
         GenerateJob([{"role": "user", "content": f"Say {i}."}], 24) for i in range(4)
@@ -218,7 +224,9 @@ def test_a_prompt_longer_than_any_old_slot_is_served_beside_short_ones():
 
 
 def test_running_rows_decode_between_the_chunks_of_a_long_prompt():
-    engine = Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=8, prefill_tokens=512)
+    engine = load_engine(
+        resolve("tiny-random"), EngineConfig(max_batch=8, prefill_tokens=512), "cpu", ()
+    )
     gen = torch.Generator().manual_seed(4)
     for i in range(4):
         engine.add(EngineRequest(i, torch.randint(0, 1000, (9,), generator=gen).tolist(), 40))
@@ -241,7 +249,9 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt():
 def test_greedy_forks_on_cuda_decode_alike():
     """Three greedy samples of a 21-token prompt are three identical rows of each decode graph
     replay; a fork whose copy of the partly filled block were wrong would drift apart."""
-    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=8, max_model_len=256)
+    engine = load_engine(
+        resolve("tiny-random"), EngineConfig(max_batch=8, max_model_len=256), "cuda", ()
+    )
     forked = run_samples(engine, [EngineRequest(1, list(range(100, 121)), 24, n=3)])
     outputs = [forked[1, j].output_ids for j in range(3)]
     assert len(outputs[0]) == 24 and outputs == [outputs[0]] * 3

@@ -10,14 +10,18 @@ from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import resolve
 from replica.ops.sampler import gumbel_argmax, row_keys, sample, thresholds
+from replica.startup import load_engine
 from replica.wire.messages import SamplingParams
+from replica.wire.spec import EngineConfig
 
 NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(resolve("tiny-random"), "cpu", eos_ids=(), max_batch=4, max_model_len=128)
+    return load_engine(
+        resolve("tiny-random"), EngineConfig(max_batch=4, max_model_len=128), "cpu", ()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +158,9 @@ def test_the_triton_sampler_draws_what_the_reference_draws():
 def test_sampling_in_cuda_graphs(prompts):
     """On the GPU (graph replays, the Triton sampler): temperature 0 is exactly greedy and a
     seed draws the same tokens alone and in a crowded batch."""
-    engine = Engine(resolve("tiny-random"), "cuda", eos_ids=(), max_batch=4, max_model_len=128)
+    engine = load_engine(
+        resolve("tiny-random"), EngineConfig(max_batch=4, max_model_len=128), "cuda", ()
+    )
     greedy = generate(engine, [EngineRequest(i, p, NEW_TOKENS) for i, p in enumerate(prompts)])
     zero = SamplingParams(temperature=0.0)
     requests = [EngineRequest(i, p, NEW_TOKENS, sampling=zero) for i, p in enumerate(prompts)]

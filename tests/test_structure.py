@@ -18,6 +18,7 @@ from replica.engine.kv_cache import BLOCK_SIZE, blocks_that_fit, bytes_per_token
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.loading.weights import NameBuilder, build
 from replica.model.qwen3 import Qwen3
+from replica.ops import select_ops
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("api", "benchmarks", "loadtest", "queueing", "replica", "shortcuts")
@@ -90,8 +91,66 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_itself_round_a_circle():
     graph = import_graph()
-    assert "replica.engine.engine" in graph["replica.worker"]  # the walk sees imports at all
+    assert "replica.engine.engine" in graph["replica.startup"]  # the walk sees imports at all
     assert cycles(graph) == []
+
+
+# Each layer imports only itself and those below it: engine -> model -> ops (attention among
+# them) -> kernels, and kernels nothing of the project. The worker (through replica.startup)
+# loads the model and hands it to the engine; loading builds models, never engines.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "replica.kernels": ("replica.kernels",),
+    "replica.ops": ("replica.ops", "replica.kernels"),
+    "replica.model": ("replica.model", "replica.ops"),
+    "replica.loading": ("replica.loading", "replica.model", "replica.ops", "replica.tokenization"),
+    "replica.engine": ("replica.engine", "replica.model", "replica.ops", "replica.wire"),
+    "replica.wire": ("replica.wire",),
+    "queueing": ("queueing", "replica.wire", "shortcuts"),
+}
+NOT_FROM_REPLICA = ("benchmarks", "tests", "loadtest", "api", "queueing", "shortcuts", "server")
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layering_breaches(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) for each import a rule of LAYERS or NOT_FROM_REPLICA forbids."""
+    breaches = []
+    for module, imported in sorted(graph.items()):
+        allowed = next((v for k, v in LAYERS.items() if in_package(module, k)), None)
+        for target in sorted(imported):
+            if allowed is not None:
+                if not any(in_package(target, layer) for layer in allowed):
+                    breaches.append((module, target))
+            elif in_package(module, "replica") and any(
+                in_package(target, top) for top in NOT_FROM_REPLICA
+            ):
+                breaches.append((module, target))
+    return breaches
+
+
+def test_imports_run_down_the_layers():
+    graph = import_graph()
+    assert "replica.kernels.moe" in graph  # the walk covers the kernels
+    assert layering_breaches(graph) == []
+
+
+def test_the_layer_rules_catch_an_import_that_climbs():
+    graph = {
+        "replica.kernels.moe": {"replica.ops.packed"},
+        "replica.model.qwen3": {"replica.engine.kv_cache", "replica.ops.attention"},
+        "replica.engine.engine": {"replica.loading.model", "replica.model.qwen3"},
+        "replica.startup": {"benchmarks.bench"},
+        "queueing.service": {"api.params", "queueing.options"},
+    }
+    assert layering_breaches(graph) == [
+        ("queueing.service", "api.params"),
+        ("replica.engine.engine", "replica.loading.model"),
+        ("replica.kernels.moe", "replica.ops.packed"),
+        ("replica.model.qwen3", "replica.engine.kv_cache"),
+        ("replica.startup", "benchmarks.bench"),
+    ]
 
 
 def test_the_cycle_finder_sees_a_circle_through_a_function_level_import():
@@ -142,7 +201,7 @@ def test_the_deploy_plan_sizes_kv_as_the_engine_does(name):
     raw = json.loads((VENDORED_CONFIGS / name / "config.json").read_text())
     shape = systems.Shape.from_config(raw)
     assert shape.kv_bytes_per_token == bytes_per_token(config, torch.bfloat16)
-    weights = Qwen3(config, build(config, NameBuilder()))  # meta tensors: fp32 sizes
+    weights = Qwen3(config, build(config, NameBuilder()), select_ops(torch.device("cpu")))
     assert shape.weight_bytes == weights.weight_bytes() // 2
     assert systems.BLOCK_SIZE == BLOCK_SIZE
     block_bytes = BLOCK_SIZE * shape.kv_bytes_per_token
@@ -150,3 +209,50 @@ def test_the_deploy_plan_sizes_kv_as_the_engine_does(name):
         budget = int(budget_gib * 2**30)
         engine = blocks_that_fit(budget, block_bytes)
         assert systems.blocks_in(budget, block_bytes) == max(0, engine), budget_gib
+
+
+def sequence_writes(path: Path) -> set[str]:
+    """The Sequence state a module writes: `kv.<field>` assigned (a sequence's placement),
+    `limit` or `reported` assigned, `output` appended to."""
+    written = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            appends = node.func.attr == "append" and isinstance(owner, ast.Attribute)
+            if appends and owner.attr == "output":
+                written.add("output")
+        for target in targets:
+            for part in ast.walk(target):
+                if not isinstance(part, ast.Attribute):
+                    continue
+                if isinstance(part.value, ast.Attribute) and part.value.attr == "kv":
+                    written.add("kv")
+                elif part.attr in ("limit", "reported"):
+                    written.add(part.attr)
+    return written
+
+
+def test_each_piece_of_a_sequence_has_one_writer():
+    """The scheduler places sequences (their `kv`); the engine writes what they generated."""
+    writers: dict[str, set[str]] = {}
+    for name, path in project_modules().items():
+        for piece in sequence_writes(path):
+            writers.setdefault(piece, set()).add(name)
+    assert writers == {
+        "kv": {"replica.engine.scheduler"},
+        "limit": {"replica.engine.engine"},
+        "output": {"replica.engine.engine"},
+        "reported": {"replica.engine.engine"},
+    }
+
+
+def test_the_front_end_offers_the_attention_backends_the_ops_layer_has():
+    from replica.ops import ATTENTION_BACKENDS
+    from replica.wire.spec import ATTENTION_CHOICES
+
+    assert ATTENTION_CHOICES == ATTENTION_BACKENDS

@@ -17,26 +17,23 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from replica.engine.blocks import BlockPool
-from replica.engine.kv_cache import BLOCK_SIZE, KVCache, plan_blocks
-from replica.engine.model_runner import DecodeRows, ModelRunner, batch_sizes
+from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, plan_blocks
+from replica.engine.model_runner import ModelRunner, batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
-from replica.loading.model import load_model
-from replica.loading.source import ModelSource
-from replica.ops.sampler import Sampler
-from replica.ops.select import select_attention, select_ops, select_sampler
-from replica.tokenization import PromptCodec
+from replica.model.qwen3 import Qwen3
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
+from replica.wire.spec import EngineConfig
 
 log = logging.getLogger(__name__)
-GREEDY = SamplingParams()
+DEFAULT_CONFIG = EngineConfig()
 CPU_KV_TOKENS = 1 << 16  # the CPU's pool (the tiny model and the tests)
 
 
@@ -90,86 +87,43 @@ class Engine:
 
     def __init__(
         self,
-        source: ModelSource,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        eos_ids: Iterable[int] | None = None,
-        *,
-        kv_fraction: float = 0.9,
-        gpu_memory_gb: float | None = None,
-        max_batch: int = 256,
-        max_model_len: int = 32768,
-        kv_blocks: int | None = None,
-        refill: bool = True,
-        min_refill: int | None = None,
-        attention: str | None = None,
-        cuda_graphs: bool | None = None,
-        warm_up: bool | None = None,
-        prefill_tokens: int = 16384,
-        prefix_caching: bool = True,
-        seed: int = 0,
-        quantize: str | None = None,
+        model: Qwen3,
+        eos_ids: Iterable[int],
+        config: EngineConfig = DEFAULT_CONFIG,
+        clock: StartupClock | None = None,
     ) -> None:
-        """`max_model_len` caps the context (the model's own is the most); `kv_blocks` fixes
-        the pool's size (default: what free GPU memory holds; on the CPU, CPU_KV_TOKENS);
-        `prefix_caching` False computes every prompt whole (the ablation); `quantize="int4"`
-        makes a 16-bit model's projections 4-bit as they load."""
-        self.device = torch.device(device)
+        """`model` on its device, with the ops it runs; `eos_ids` end a sequence (the
+        tokenizer's end-of-turn and end-of-text); `clock` carries the start-up phases timed
+        before (the weights' load)."""
+        self.model, self.config, self.device = model, config, model.device
         on_cuda = self.device.type == "cuda"
-        dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
-        clock = StartupClock(self.device)
-        with clock.phase("weights"):
-            ops = select_ops(self.device)
-            self.model = load_model(source, str(self.device), dtype, seed, ops, quantize)
-        attention_backend = select_attention(self.device, attention)
-        block_size = attention_backend.block_size or BLOCK_SIZE
+        clock = clock or StartupClock(self.device)
+        attention = model.ops.attention
         with clock.phase("kv"):
-            cpu_blocks = kv_blocks or CPU_KV_TOKENS // block_size
-            shape = plan_blocks(
-                source.config,
-                dtype,
-                self.device,
-                block_size,
-                cpu_blocks,
-                kv_fraction,
-                gpu_memory_gb,
-            )
-            if kv_blocks is not None:
-                shape = replace(shape, blocks=min(shape.blocks, kv_blocks))
-            self.cache = KVCache(shape, dtype, self.device)
+            shape = self._plan_cache(attention.block_size or BLOCK_SIZE)
+            self.cache = KVCache(shape, model.dtype, self.device)
         # The longest sequence: the model's context, the flag, and what the pool could hold alone.
-        self.max_context = min(max_model_len, source.config.max_position_embeddings, shape.tokens)
-        self.max_rows = min(max_batch, shape.blocks)
-        sizes = batch_sizes(self.max_rows)
-        enforce_eager = not (on_cuda if cuda_graphs is None else cuda_graphs)
-        with clock.phase("graphs"):
-            self.runner = ModelRunner(
-                self.model,
-                self.cache,
-                attention_backend,
-                select_sampler(self.device),
-                sizes,
-                -(-self.max_context // block_size),
-                enforce_eager,
-            )
-        self.blocks = BlockPool(shape.blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(
-            self.blocks,
-            self.max_rows,
-            prefill_tokens,
-            min_refill or max(1, self.max_rows // 8),
-            refill,
+        self.max_context = min(
+            config.max_model_len, model.config.max_position_embeddings, shape.tokens
         )
-        if eos_ids is None:  # the tokenizer's end-of-turn and end-of-text tokens
-            eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
+        self.max_rows = min(config.max_batch, shape.blocks)
+        enforce_eager = not (on_cuda if config.cuda_graphs is None else config.cuda_graphs)
+        with clock.phase("graphs"):
+            max_blocks = -(-self.max_context // shape.block_size)
+            self.runner = ModelRunner(
+                model, self.cache, batch_sizes(self.max_rows), max_blocks, enforce_eager
+            )
+        self.blocks = BlockPool(shape.blocks, shape.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.max_rows, config.prefill_tokens, 1, True)
+        self.set_policy(config)
         self.eos_ids = frozenset(eos_ids)
         self.stats = EngineStats()
         self._watched: dict[SampleKey, Sequence] = {}  # the samples of requests with `watch`
         self._seeds = random.Random(os.urandom(16))  # for sampled requests that bring none
         with clock.phase("warmup"):
-            if on_cuda if warm_up is None else warm_up:
+            if on_cuda if config.warm_up is None else config.warm_up:
                 self._warm_up_prefill()
-        self.info = self._describe(source, dtype, attention_backend.name, clock)
+        self.info = self._describe(attention.name, clock)
         log.info(
             "%s on %s: weights %.1f GiB, KV cache %d blocks x %d = %d tokens, max context %d, "
             "start-up %.1f s",
@@ -183,14 +137,48 @@ class Engine:
             self.info["startup_s"],
         )
 
-    def _describe(
-        self, source: ModelSource, dtype: torch.dtype, attention: str, clock: StartupClock
-    ) -> dict[str, Any]:
+    def _plan_cache(self, block_size: int) -> CacheShape:
+        """Blocks that fit the memory left (CPU: CPU_KV_TOKENS), at most `kv_blocks`."""
+        config = self.config
+        cpu_blocks = config.kv_blocks or CPU_KV_TOKENS // block_size
+        shape = plan_blocks(
+            self.model.config,
+            self.model.dtype,
+            self.device,
+            block_size,
+            cpu_blocks,
+            config.kv_fraction,
+            config.gpu_memory_gb,
+        )
+        if config.kv_blocks is not None:
+            shape = replace(shape, blocks=min(shape.blocks, config.kv_blocks))
+        return shape
+
+    def set_policy(self, config: EngineConfig) -> None:
+        """The scheduling policy of `config` (refill, prefix caching, the prefill chunk) from
+        now on: settable between runs (the ablations), nothing else of the config. Forgets the
+        prefix cache when caching is switched."""
+        fixed = [
+            name
+            for name in (f.name for f in dataclass_fields(EngineConfig))
+            if name not in EngineConfig.POLICY_FIELDS
+            and getattr(config, name) != getattr(self.config, name)
+        ]
+        if fixed:
+            raise ValueError(f"only the policy may change on a running engine, not {fixed}")
+        if config.prefix_caching != self.blocks.caching:
+            self.blocks.forget()
+            self.blocks.caching = config.prefix_caching
+        min_refill = config.min_refill or max(1, self.max_rows // 8)
+        self.scheduler.set_policy(config.refill, config.prefill_tokens, min_refill)
+        self.config = config
+
+    def _describe(self, attention: str, clock: StartupClock) -> dict[str, Any]:
         shape = self.cache.shape
         return {
             "engine": "qwen3",
             "device": str(self.device),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "attention": attention,
             "cuda_graphs": bool(self.runner.graphs),
             "batch_sizes": self.runner.sizes,
@@ -200,7 +188,7 @@ class Engine:
             "max_context": self.max_context,
             "max_rows": self.max_rows,
             "prefix_caching": self.blocks.caching,
-            "model_type": source.config.model_type,
+            "model_type": self.model.config.model_type,
             "weights_gib": round(self.model.weight_bytes() / 2**30, 2),
             "kv_gib": round(self.cache.nbytes / 2**30, 2),
             **clock.phases,
@@ -220,17 +208,13 @@ class Engine:
                 self.add(EngineRequest(-1 - i, [0] * size, choice_ids=[0]))
             while self.has_work():
                 self.step()
-        self.stats = EngineStats()
+        self.reset_stats()
         self.blocks.forget()
 
-    @property
-    def refill(self) -> bool:
-        return self.scheduler.refill
-
-    @refill.setter
-    def refill(self, on: bool) -> None:
-        """Settable between runs: False is the static-batching ablation."""
-        self.scheduler.refill = on
+    def reset_stats(self) -> EngineStats:
+        """The counters so far; they start again from zero."""
+        stats, self.stats = self.stats, EngineStats()
+        return stats
 
     # What the worker calls.
 
@@ -241,7 +225,7 @@ class Engine:
         if request.choice_ids is not None and not request.choice_ids:
             raise ValueError("a scoring request needs at least one choice id")
         self._check_samples(request)
-        sequence = Sequence(request, self._sampling(request.sampling), forks=request.n - 1)
+        sequence = Sequence(request, self._sampling(request.sampling))
         if request.watch:
             self._watched[sequence.key] = sequence
         self.scheduler.add(sequence)
@@ -306,30 +290,24 @@ class Engine:
 
     def _prefill(self, chunks: list[Chunk]) -> list[EngineResult]:
         start = time.perf_counter()
-        logits = self.runner.prefill(
-            [(c.sequence.tokens, c.start, c.end, c.sequence.blocks) for c in chunks]
-        )
-        copies = self.scheduler.prefilled(chunks)
-        if copies:
-            self.cache.copy_blocks(copies)
-        group, rows = self._prefilled_samples(chunks)
-        logits = logits[rows]
-        first_tokens = _first_tokens(group, logits, self.runner.sampler)
-        choices = _best_choices(group, logits)
+        logits = self.runner.prefill(chunks)
+        done = self.scheduler.prefilled(chunks)
+        self.runner.copy_blocks(done.copies)
+        picks = self.runner.first_picks(logits, done.samples)
         results = []
-        for i, (sequence, token) in enumerate(zip(group, first_tokens, strict=True)):
+        for (_, sequence), pick in zip(done.samples, picks, strict=True):
             if sequence.is_scoring:
-                results.append(
-                    EngineResult(sequence.id, sequence.prompt_len, choice_index=choices[i])
-                )
+                results.append(EngineResult(sequence.id, sequence.prompt_len, choice_index=pick))
                 continue
+            if sequence.request.watch:
+                self._watched[sequence.key] = sequence
             if not sequence.output:  # a first prefill (a preempted one keeps its limit)
                 room = self.max_context - sequence.prompt_len
                 sequence.limit = min(sequence.request.max_new_tokens, room)
             if sequence.limit <= 0:
                 result = self._finish(sequence, "length")
             else:
-                result = self._append(sequence, token)
+                result = self._append(sequence, pick)
             if result is not None:
                 results.append(result)
         self.stats.prefill_calls += 1
@@ -338,39 +316,10 @@ class Engine:
         self.stats.prefill_s += time.perf_counter() - start
         return results
 
-    def _prefilled_samples(self, chunks: list[Chunk]) -> tuple[list[Sequence], list[int]]:
-        """The sequences whose prefill ended, each followed by the samples it forked, and the
-        logits row (the chunk) each one's first token comes from."""
-        group, rows = [], []
-        for i, chunk in enumerate(chunks):
-            if not chunk.completes:
-                continue
-            for sequence in (chunk.sequence, *chunk.sequence.forked):
-                group.append(sequence)
-                rows.append(i)
-                if sequence.request.watch:
-                    self._watched[sequence.key] = sequence
-        return group, rows
-
     def _decode(self, running: list[Sequence]) -> list[EngineResult]:
         start = time.perf_counter()
-        rows, size = DecodeRows(), self.blocks.block_size
-        for sequence in running:
-            position = sequence.position
-            rows.tokens.append(sequence.output[-1])
-            rows.positions.append(position)
-            rows.row_ids.append(sequence.row)
-            rows.slots.append(sequence.blocks[position // size] * size + position % size)
-            written, held = sequence.table_written, len(sequence.blocks)
-            if written < held:
-                rows.table_entries += [
-                    (sequence.row, j, sequence.blocks[j]) for j in range(written, held)
-                ]
-                sequence.table_written = held
-        sampled = any(s.sampling is not None for s in running)
-        tokens = self.runner.decode(
-            rows, [s.sampling or GREEDY for s in running] if sampled else None
-        )
+        tokens = self.runner.decode(running)
+        self.stats.decode_kv_tokens += sum(s.position + 1 for s in running)
         results = [
             result
             for sequence, token in zip(running, tokens, strict=True)
@@ -378,7 +327,6 @@ class Engine:
         ]
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(running)
-        self.stats.decode_kv_tokens += sum(rows.positions) + len(running)
         self.stats.decode_s += time.perf_counter() - start
         return results
 
@@ -395,38 +343,3 @@ class Engine:
         self._watched.pop(sequence.key, None)
         self.scheduler.finish(sequence)
         return sequence.result(reason)
-
-
-def _first_tokens(group: list[Sequence], logits: Tensor, sample: Sampler) -> list[int]:
-    """Each prompt's first generated token: greedy, or drawn like a decode step's."""
-    tokens = logits.argmax(-1)
-    rows = [i for i, s in enumerate(group) if s.sampling is not None]
-    if rows:
-        params = [group[i].sampling or GREEDY for i in rows]
-        device = logits.device
-        drawn = sample(
-            logits[rows],
-            torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_k for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([p.seed or 0 for p in params], device=device),
-            torch.tensor([group[i].position for i in rows], device=device),
-        )
-        tokens[rows] = drawn
-    return tokens.tolist()
-
-
-def _best_choices(group: list[Sequence], logits: Tensor) -> dict[int, int]:
-    """Row -> index of the highest-scoring choice token, for the scoring rows of a prefill, in
-    one device sync rather than one per request."""
-    rows = [i for i, s in enumerate(group) if s.is_scoring]
-    if not rows:
-        return {}
-    choice_ids = [group[i].request.choice_ids or [] for i in rows]
-    width = max(len(ids) for ids in choice_ids)
-    index = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in choice_ids])
-    picked = logits[rows].gather(1, index.to(logits.device))
-    widths = torch.tensor([len(ids) for ids in choice_ids], device=logits.device)
-    padding = torch.arange(width, device=logits.device)[None, :] >= widths[:, None]
-    best = picked.masked_fill(padding, float("-inf")).argmax(-1).tolist()
-    return dict(zip(rows, best, strict=True))

@@ -1,45 +1,31 @@
-"""The model on its device: the KV cache, packed prefill, and decode as CUDA-graph replays.
+"""The model on its device: the KV cache, every tensor a forward reads, and the CUDA graphs.
 
-Decode always runs at one of a few fixed batch sizes (1, 2, 4, ..., max), padding with rows that
-point at the cache's scratch block, so that on CUDA each step replays a graph captured at start-up:
-two per size, greedy and sampling, so all-greedy steps pay nothing for sampling. The graphs read
-their inputs from `DecodeInputs`, static buffers the runner fills before a replay.
+The engine and the scheduler hand the runner sequences and host ints; the runner turns them
+into device tensors (`replica.engine.batch_inputs`), runs the forward, and hands back host ints:
+next tokens, or a scoring request's choice. It alone keeps the device block tables current,
+writing only the entries a decode row's table lacks.
+
+Decode always runs at one of a few fixed batch sizes (1, 2, 4, ..., max), so that on CUDA each
+step replays a graph captured at start-up: two per size, greedy and sampling, so all-greedy
+steps pay nothing for sampling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
+from replica.engine.batch_inputs import (
+    DecodeInputs,
+    DecodeRows,
+    pack_prefill,
+    sampling_tensors,
+)
 from replica.engine.kv_cache import KVCache
+from replica.engine.scheduler import Chunk
+from replica.engine.sequence import Sequence
 from replica.model.qwen3 import Batch, Qwen3
-from replica.ops.attention import AttentionBackend, BlockTables, CachedContext, PackedRows
-from replica.ops.sampler import Sampler
 from replica.wire.messages import SamplingParams
-
-
-def pack_prefill(
-    chunks: list[tuple[list[int], int, int, list[int]]], block_size: int, device: torch.device
-) -> Batch:
-    """One prefill's packed batch. `chunks`: (tokens, start, end, blocks) for each row: tokens
-    start..end are computed, 0..start are already in `blocks`."""
-    host = []
-    for tokens, start, end, blocks in chunks:
-        positions = torch.arange(start, end)
-        table = torch.tensor(blocks, dtype=torch.int64)
-        slots = table[positions // block_size] * block_size + positions % block_size
-        host.append(torch.stack((torch.tensor(tokens[start:end]), positions, slots)))
-    input_ids, positions, slots = torch.cat(host, dim=1).to(device).unbind(0)
-    context = None  # when no row has tokens cached before
-    if any(start for _, start, _, _ in chunks):
-        context = CachedContext.from_blocks(
-            [blocks for *_, blocks in chunks], [start for _, start, _, _ in chunks], device
-        )
-    lengths = [end - start for _, start, end, _ in chunks]
-    rows = PackedRows.from_lengths(lengths, device, context)
-    return Batch(input_ids, positions, slots, rows=rows)
 
 
 def batch_sizes(max_rows: int) -> list[int]:
@@ -48,140 +34,103 @@ def batch_sizes(max_rows: int) -> list[int]:
     return [*sizes, max_rows]
 
 
-class DecodeInputs:
-    """What a decode graph reads, one column per row: row i feeds `tokens[i]` at `positions[i]`,
-    writes its K/V to flat slot `slots[i]` and attends over `seq_lens[i]` tokens of the blocks
-    in `tables[row_ids[i]]`; sampling graphs also read each row's temperature, top_p, top_k and
-    seed. One int64 and one fp32 buffer underneath, so a step's inputs cross to the device in one
-    copy (three when a row samples). The block tables live on the device, one row per decode row
-    and grown entry by entry as sequences take blocks; rows past the live ones are padding, whose
-    table row points at the scratch block."""
-
-    def __init__(
-        self, rows: int, max_blocks: int, scratch_block: int, block_size: int, device
-    ) -> None:
-        self.scratch_row, self.scratch_slot = rows, scratch_block * block_size
-        self.packed = torch.zeros(7, rows, dtype=torch.int64, device=device)
-        (
-            self.tokens,
-            self.positions,
-            self.row_ids,
-            self.slots,
-            self.seq_lens,
-            self.top_k,
-            self.seeds,
-        ) = self.packed.unbind(0)
-        self.floats = torch.zeros(2, rows, dtype=torch.float32, device=device)
-        self.temperature, self.top_p = self.floats.unbind(0)
-        self.tables = torch.full(
-            (rows + 1, max_blocks), scratch_block, dtype=torch.int32, device=device
-        )
-        self.row_ids.fill_(self.scratch_row)
-        self.slots.fill_(self.scratch_slot)
-        self.seq_lens.fill_(1)
-
-    def set_sampling(self, sampling: list[SamplingParams], size: int) -> None:
-        """Each live row's sampling settings (seeds already drawn); padding rows stay greedy."""
-        pad = size - len(sampling)
-        floats = [[p.temperature for p in sampling] + [0.0] * pad]
-        floats.append([p.top_p for p in sampling] + [1.0] * pad)
-        ints = [
-            [p.top_k for p in sampling] + [0] * pad,
-            [p.seed or 0 for p in sampling] + [0] * pad,
-        ]
-        self.floats[:, :size].copy_(torch.tensor(floats, dtype=torch.float32))
-        self.packed[5:, :size].copy_(torch.tensor(ints, dtype=torch.int64))
-
-    def set(self, rows: DecodeRows, size: int) -> None:
-        """Live rows first, padding up to `size`; row i attends over positions[i] + 1 tokens."""
-        pad = size - len(rows.tokens)
-        host = torch.tensor(
-            [
-                rows.tokens + [0] * pad,
-                rows.positions + [0] * pad,
-                rows.row_ids + [self.scratch_row] * pad,
-                rows.slots + [self.scratch_slot] * pad,
-                [p + 1 for p in rows.positions] + [1] * pad,
-            ],
-            dtype=torch.int64,
-        )
-        self.packed[:5, :size].copy_(host)
-        if rows.table_entries:  # (row, index, block) for blocks the table lacks
-            entries = torch.tensor(rows.table_entries).to(self.tables.device)
-            self.tables[entries[:, 0], entries[:, 1]] = entries[:, 2].to(torch.int32)
-
-    def batch(self, size: int) -> Batch:
-        return Batch(
-            self.tokens[:size],
-            self.positions[:size],
-            self.slots[:size],
-            paged=BlockTables(
-                self.tables, self.row_ids[:size], self.seq_lens[:size].to(torch.int32)
-            ),
-        )
-
-
-@dataclass
-class DecodeRows:
-    """One decode step's live rows: each row's token, its position, its decode row (which
-    block table it reads), the flat slot its K/V go to, and the table entries to add first."""
-
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    row_ids: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    table_entries: list[tuple[int, int, int]] = field(default_factory=list)
-
-
 class ModelRunner:
-    """Runs forwards of `model` over `cache` with the device's attention and sampler.
+    """Runs forwards of `model` over `cache`. `sizes`: the decode batch sizes (graphs on CUDA);
+    `max_blocks`: the most blocks one sequence holds (the block tables' width);
     `enforce_eager` skips graph capture (CPU, tests)."""
 
     def __init__(
-        self,
-        model: Qwen3,
-        cache: KVCache,
-        attention: AttentionBackend,
-        sampler: Sampler,
-        sizes: list[int],
-        max_blocks: int,
-        enforce_eager: bool,
+        self, model: Qwen3, cache: KVCache, sizes: list[int], max_blocks: int, enforce_eager: bool
     ) -> None:
-        """`sizes`: the decode batch sizes (graphs on CUDA); `max_blocks`: the most blocks one
-        sequence holds (the block tables' width)."""
-        self.model, self.cache, self.attention, self.sampler = model, cache, attention, sampler
-        self.sizes = sizes
+        self.model, self.cache, self.sizes = model, cache, sizes
+        self.sampler = model.ops.sampler
         self.inputs = DecodeInputs(
             sizes[-1], max_blocks, cache.scratch_block, cache.block_size, model.device
         )
+        # decode row -> (the admission of the sequence its table holds, entries written)
+        self._tables: dict[int, tuple[int, int]] = {}
         self.next_tokens = torch.zeros(sizes[-1], dtype=torch.int64, device=model.device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, sampled)
         if not enforce_eager:
             self._capture()
 
-    def prefill(self, chunks: list[tuple[list[int], int, int, list[int]]]) -> Tensor:
-        """Fp32 logits [B, vocab] of each chunk's last token. A chunk is (tokens, start, end,
-        blocks): tokens start..end are computed, their K/V written to `blocks`, which already
-        hold tokens 0..start."""
-        batch = pack_prefill(chunks, self.cache.block_size, self.model.device)
-        hidden = self.model.forward(batch, self.cache, self.attention)
+    # Prefill.
+
+    def prefill(self, chunks: list[Chunk]) -> Tensor:
+        """Fp32 logits [chunks, vocab] of each chunk's last token: a handle the engine passes
+        back to `first_picks` once the scheduler has placed the finished sequences."""
+        batch = pack_prefill(
+            [(c.sequence.tokens, c.start, c.end, c.sequence.kv.blocks) for c in chunks],
+            self.cache.block_size,
+            self.model.device,
+        )
+        hidden = self.model.forward(batch, self.cache)
         assert batch.rows is not None
         return self.model.logits(hidden[batch.rows.last_token]).float()
 
-    def decode(self, rows: DecodeRows, sampling: list[SamplingParams] | None = None) -> list[int]:
-        """Next token of each row (greedy, or drawn by `sampling`, one entry per row with its
-        seed set)."""
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """A forked sample's own copy of its parent's partly filled last block."""
+        if copies:
+            self.cache.copy_blocks(copies)
+
+    def first_picks(self, logits: Tensor, samples: list[tuple[int, Sequence]]) -> list[int]:
+        """For each (chunk index, sequence) whose prefill ended: a scoring sequence's best
+        choice (an index into its choice ids), else its first token, greedy or drawn as a
+        decode step draws it. One device sync for them all."""
+        logits = logits[[index for index, _ in samples]]
+        group = [sequence for _, sequence in samples]
+        picks = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(group) if s.sampling is not None]
+        if sampled:
+            floats, ints = sampling_tensors([group[i].sampling for i in sampled])
+            floats, ints = floats.to(logits.device), ints.to(logits.device)
+            positions = torch.tensor([group[i].position for i in sampled], device=logits.device)
+            picks[sampled] = self.sampler(
+                logits[sampled], floats[0], ints[0], floats[1], ints[1], positions
+            )
+        scoring = [i for i, s in enumerate(group) if s.is_scoring]
+        if scoring:
+            picks[scoring] = _best_choices(
+                logits[scoring], [group[i].request.choice_ids or [] for i in scoring]
+            )
+        return picks.tolist()
+
+    # Decode.
+
+    def decode(self, running: list[Sequence]) -> list[int]:
+        """Each running sequence's next token: its newest token fed at its position, its K/V
+        written into the block that position falls in."""
+        rows, size = DecodeRows(), self.cache.block_size
+        for sequence in running:
+            position, blocks, row = sequence.position, sequence.kv.blocks, sequence.kv.row
+            rows.tokens.append(sequence.output[-1])
+            rows.positions.append(position)
+            rows.row_ids.append(row)
+            rows.kv_slots.append(blocks[position // size] * size + position % size)
+            admission, written = self._tables.get(row, (-1, 0))
+            if admission != sequence.kv.admission:  # a sequence new to this decode row
+                written = 0
+            rows.table_entries += [(row, j, blocks[j]) for j in range(written, len(blocks))]
+            self._tables[row] = (sequence.kv.admission, len(blocks))
+        sampled = any(s.sampling is not None for s in running)
+        return self.decode_rows(rows, [s.sampling for s in running] if sampled else None)
+
+    def decode_rows(
+        self, rows: DecodeRows, sampling: list[SamplingParams | None] | None = None
+    ) -> list[int]:
+        """Next token of each of `rows` (greedy, or drawn by `sampling`, one entry per row with
+        its seed set); the benchmarks' way in with rows of their own."""
         size = self.size_for(len(rows.tokens))
         self.inputs.set(rows, size)
         if sampling is not None:
             self.inputs.set_sampling(sampling, size)
-        self.step(size, sampled=sampling is not None)
+        self.replay(size, sampled=sampling is not None)
         return self.next_tokens[: len(rows.tokens)].tolist()
 
     def size_for(self, rows: int) -> int:
         return next(s for s in self.sizes if s >= rows)
 
-    def step(self, size: int, sampled: bool = False) -> None:
+    def replay(self, size: int, sampled: bool = False) -> None:
         """One decode step over the first `size` rows of `inputs`: a replay when captured."""
         graph = self.graphs.get((size, sampled))
         if graph is not None:
@@ -190,8 +139,8 @@ class ModelRunner:
             self._forward(size, sampled)
 
     def _forward(self, size: int, sampled: bool) -> None:
-        hidden = self.model.forward(self.inputs.batch(size), self.cache, self.attention)
-        logits = self.model.logits(hidden)
+        batch: Batch = self.inputs.batch(size)
+        logits = self.model.logits(self.model.forward(batch, self.cache))
         if not sampled:
             self.next_tokens[:size] = logits.argmax(-1)
             return
@@ -222,3 +171,13 @@ class ModelRunner:
                 self._forward(size, sampled)
             self.graphs[size, sampled] = graph
         torch.cuda.synchronize()
+
+
+def _best_choices(logits: Tensor, choice_ids: list[list[int]]) -> Tensor:
+    """[rows] int64: each row's index of its highest-scoring choice token."""
+    width = max(len(ids) for ids in choice_ids)
+    index = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in choice_ids])
+    picked = logits.gather(1, index.to(logits.device))
+    widths = torch.tensor([len(ids) for ids in choice_ids], device=logits.device)
+    padding = torch.arange(width, device=logits.device)[None, :] >= widths[:, None]
+    return picked.masked_fill(padding, float("-inf")).argmax(-1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from replica.engine.blocks import BlockPool
 from replica.engine.rows import RowPool
-from replica.engine.sequence import SampleKey, Sequence
+from replica.engine.sequence import Placement, SampleKey, Sequence
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,37 @@ class Chunk:
         return self.end == len(self.sequence.tokens)
 
 
+@dataclass(frozen=True)
+class Prefilled:
+    """What the end of a prefill step started: each sequence whose tokens are now all computed
+    (scoring ones included), after its parent when forked, with the index of the chunk whose
+    last logits give its next token or choice; and the (source, destination) blocks the forks'
+    K/V must be copied to before the next forward."""
+
+    samples: list[tuple[int, Sequence]]
+    copies: list[tuple[int, int]]
+
+
 class Scheduler:
     def __init__(
         self, blocks: BlockPool, max_rows: int, prefill_tokens: int, min_refill: int, refill: bool
     ) -> None:
         self.blocks = blocks
         self.max_rows = max_rows
-        self.prefill_tokens = prefill_tokens
-        self.min_refill = min_refill
-        self.refill = refill  # False is the static-batching ablation
+        self.set_policy(refill, prefill_tokens, min_refill)
         self.rows = RowPool(max_rows)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[SampleKey, Sequence] = {}  # in admission order
         self.partial: Sequence | None = None  # a prompt between two of its chunks
         self.preemptions = 0
-        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
         self._filling = False
         self._chunked_last = False
+
+    def set_policy(self, refill: bool, prefill_tokens: int, min_refill: int) -> None:
+        """`refill` False is static batching (the ablation); `prefill_tokens` a prefill
+        step's most tokens; `min_refill` the free decode rows that start a fill."""
+        self.refill, self.prefill_tokens, self.min_refill = refill, prefill_tokens, min_refill
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.blocks.block_size)
@@ -69,6 +83,7 @@ class Scheduler:
         return forks if tokens % self.blocks.block_size else 0
 
     def add(self, sequence: Sequence) -> None:
+        sequence.kv.forks = sequence.request.n - 1
         self.waiting.append(sequence)
 
     def has_work(self) -> bool:
@@ -151,63 +166,62 @@ class Scheduler:
         running row."""
         idle = sum(self.blocks.refs[block] == 0 for block in cached)
         fresh = self.blocks_for(len(sequence.tokens)) - len(cached)
-        copies = self.fork_copies(len(sequence.tokens), sequence.forks)
+        copies = self.fork_copies(len(sequence.tokens), sequence.kv.forks)
         if fresh + copies + idle > self.blocks.num_free - len(self.running):
             return False
         self.blocks.hold(cached)
         self.blocks.note_lookup(len(sequence.tokens), len(cached))
-        sequence.blocks = cached + self.blocks.take(fresh)
-        sequence.fork_blocks = self.blocks.take(copies)
-        sequence.computed = len(cached) * self.blocks.block_size
-        sequence.arrival = next(self._arrivals)
+        sequence.kv.blocks = cached + self.blocks.take(fresh)
+        sequence.kv.fork_blocks = self.blocks.take(copies)
+        sequence.kv.computed = len(cached) * self.blocks.block_size
+        sequence.kv.admission = next(self._admissions)
         return True
 
     def _chunk(self, sequence: Sequence, budget: int) -> Chunk:
-        end = min(len(sequence.tokens), sequence.computed + budget)
-        return Chunk(sequence, sequence.computed, end)
+        end = min(len(sequence.tokens), sequence.kv.computed + budget)
+        return Chunk(sequence, sequence.kv.computed, end)
 
-    def prefilled(self, chunks: list[Chunk]) -> list[tuple[int, int]]:
+    def prefilled(self, chunks: list[Chunk]) -> Prefilled:
         """The chunks' K/V are in the cache: their full blocks join the prefix cache; a sequence
         whose tokens are all in starts decoding, with the samples it forks (a scoring one is
-        done: its blocks go back). Returns the (source, destination) blocks the forks' K/V must
-        be copied to before the next forward."""
-        copies: list[tuple[int, int]] = []
-        for chunk in chunks:
+        done: its blocks go back)."""
+        done = Prefilled([], [])
+        for index, chunk in enumerate(chunks):
             sequence = chunk.sequence
-            sequence.computed = chunk.end
-            self.blocks.register(sequence.blocks, sequence.tokens, sequence.computed)
+            sequence.kv.computed = chunk.end
+            self.blocks.register(sequence.kv.blocks, sequence.tokens, sequence.kv.computed)
             if not chunk.completes:
                 self.partial = sequence
                 continue
             if sequence is self.partial:
                 self.partial = None
             if sequence.is_scoring:
-                self.blocks.release(sequence.blocks)
-                sequence.blocks = []
+                self.blocks.release(sequence.kv.blocks)
+                sequence.kv.blocks = []
+                done.samples.append((index, sequence))
                 continue
-            sequence.forked = self._fork(sequence, copies)
-            for started in (sequence, *sequence.forked):
-                started.row = self.rows.allocate()
-                started.table_written = 0
+            for started in (sequence, *self._fork(sequence, done.copies)):
+                started.kv.row = self.rows.allocate()
                 self.running[started.key] = started
-        return copies
+                done.samples.append((index, started))
+        return done
 
     def _fork(self, parent: Sequence, copies: list[tuple[int, int]]) -> list[Sequence]:
         """The parent's forks: each holds its full blocks and its own copy of the last one when
         that is partly filled (appended to `copies`)."""
-        full = parent.computed // self.blocks.block_size
-        shared, partial = parent.blocks[:full], parent.blocks[full:]
+        full = parent.kv.computed // self.blocks.block_size
+        shared, partial = parent.kv.blocks[:full], parent.kv.blocks[full:]
         forks = []
-        for sample in range(1, parent.forks + 1):
+        for sample in range(1, parent.kv.forks + 1):
             own = []
             if partial:
-                own = [parent.fork_blocks.pop()]
+                own = [parent.kv.fork_blocks.pop()]
                 copies.append((partial[0], own[0]))
             self.blocks.hold(shared)
-            fork = parent.fork(sample, shared + own)
-            fork.arrival = next(self._arrivals)
+            fork = parent.fork(sample, Placement(shared + own, parent.kv.computed))
+            fork.kv.admission = next(self._admissions)
             forks.append(fork)
-        parent.forks = 0
+        parent.kv.forks = 0
         return forks
 
     # Decode.
@@ -220,11 +234,11 @@ class Scheduler:
                 if self.blocks.num_free == 0:
                     self._preempt(self._newest())
                 else:
-                    sequence.blocks += self.blocks.take(1)
+                    sequence.kv.blocks += self.blocks.take(1)
         return list(self.running.values())
 
     def _needs_block(self, sequence: Sequence) -> bool:
-        return sequence.position // self.blocks.block_size >= len(sequence.blocks)
+        return sequence.position // self.blocks.block_size >= len(sequence.kv.blocks)
 
     def _newest(self) -> Sequence:
         if self.partial is not None:
@@ -237,20 +251,20 @@ class Scheduler:
             self.partial = None
         else:
             del self.running[sequence.key]
-            self.rows.release(sequence.row)
-            sequence.row = -1
+            self.rows.release(sequence.kv.row)
+            sequence.kv.row = -1
         self._release_blocks(sequence)
-        sequence.computed = 0
+        sequence.kv.computed = 0
         self.waiting.appendleft(sequence)
         self.preemptions += 1
 
     def finish(self, sequence: Sequence) -> None:
         """A running (or partly prefilled) sequence is done: its row and blocks go back."""
         if self.running.pop(sequence.key, None) is not None:
-            self.rows.release(sequence.row)
-            sequence.row = -1
+            self.rows.release(sequence.kv.row)
+            sequence.kv.row = -1
         self._release_blocks(sequence)
 
     def _release_blocks(self, sequence: Sequence) -> None:
-        self.blocks.release(sequence.blocks + sequence.fork_blocks)
-        sequence.blocks, sequence.fork_blocks = [], []
+        self.blocks.release(sequence.kv.blocks + sequence.kv.fork_blocks)
+        sequence.kv.blocks, sequence.kv.fork_blocks = [], []

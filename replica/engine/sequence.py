@@ -1,4 +1,9 @@
-"""One request's state inside the engine, from admission to its result."""
+"""One request's state inside the engine, from admission to its result.
+
+Each piece has one writer: the engine writes what a sequence generated (`output`, `limit`,
+`reported`); the scheduler writes where it lives (`kv`: its blocks, its decode row, its
+admission). The model runner reads both and keeps its own device-side copy of the block tables.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +17,32 @@ SampleKey = tuple[int, int]  # (request id, sample index): one sequence
 
 
 @dataclass
+class Placement:
+    """Where a sequence's K/V live and which decode row it holds: the scheduler's to write."""
+
+    blocks: list[int] = field(default_factory=list)  # its block table
+    computed: int = 0  # tokens whose K/V are in its blocks
+    row: int = -1  # its decode row while it runs
+    admission: int = -1  # when it was last admitted: the newest is preempted first
+    forks: int = 0  # samples still to fork from its prefill
+    fork_blocks: list[int] = field(default_factory=list)  # reserved for the forks' copies
+
+
+@dataclass
 class Sequence:
-    """One sample of a request. A request with n > 1 is admitted as its sample 0, which holds
-    `forks` = n - 1 more decode rows' worth of promise; its prefill forks the others, which share
-    its full blocks and start from its logits."""
+    """One sample of a request. A request with n > 1 is admitted as its sample 0, holding
+    n - 1 more decode rows' worth of promise; its prefill forks the others, which share its
+    full blocks and start from its logits."""
 
     request: EngineRequest
     # How it draws its tokens: the request's settings with a seed (the engine draws one for a
     # sampled request that brings none); None for greedy, which takes the greedy decode graphs.
     sampling: SamplingParams | None = None
-    arrival: int = 0  # admission order: the newest running sequence is preempted first
-    blocks: list[int] = field(default_factory=list)  # its block table (the scheduler's to fill)
-    computed: int = 0  # tokens whose K/V are in its blocks
-    row: int = -1  # its decode row while it runs
-    table_written: int = 0  # blocks of `blocks` already in the decode graphs' block table
+    sample: int = 0
+    kv: Placement = field(default_factory=Placement)
     limit: int = 0  # most tokens it may generate: its cap, bounded by the context
     output: list[int] = field(default_factory=list)
     reported: int = 0  # output tokens Engine.new_tokens has handed out (watched requests)
-    sample: int = 0
-    forks: int = 0  # samples still to fork from this one's prefill
-    fork_blocks: list[int] = field(default_factory=list)  # reserved for the forks' copies
-    forked: list[Sequence] = field(default_factory=list)  # the samples its last prefill forked
 
     @property
     def id(self) -> int:
@@ -45,7 +55,7 @@ class Sequence:
     @property
     def rows_needed(self) -> int:
         """Decode rows it takes once prefilled: its own and its forks'."""
-        return 1 + self.forks
+        return 1 + self.kv.forks
 
     @property
     def prompt_len(self) -> int:
@@ -66,15 +76,14 @@ class Sequence:
         """Where its newest token sits: the next decode step feeds that token at that position."""
         return self.prompt_len + len(self.output) - 1
 
-    def fork(self, sample: int, blocks: list[int]) -> Sequence:
-        """Sample `sample` of the same request, prefilled as this one is (its K/V in `blocks`):
-        drawn from seed + sample, so each sample has its own stream and a given seed repeats."""
+    def fork(self, sample: int, placement: Placement) -> Sequence:
+        """Sample `sample` of the same request, prefilled as this one is (`placement` holds
+        its K/V): drawn from seed + sample, so each sample has its own stream and a given seed
+        repeats."""
         sampling = self.sampling
         if sampling is not None:
             sampling = replace(sampling, seed=((sampling.seed or 0) + sample) % SEED_RANGE)
-        return Sequence(
-            self.request, sampling, blocks=blocks, computed=self.computed, sample=sample
-        )
+        return Sequence(self.request, sampling, sample, placement)
 
     def result(self, finish_reason: FinishReason) -> EngineResult:
         return EngineResult(
