@@ -24,35 +24,18 @@ import json
 import random
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from replica.engine.engine import Engine, EngineStats
+from benchmarks.decode_parts import attention_sweep, decode_profile, sampling_cost
+from benchmarks.yardsticks import copy_bandwidth, matmul_flops
+from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
-from replica.engine.model_runner import DecodeRows
 from replica.engine.request import EngineRequest
-from replica.kernels.decode_attention import WAVES, decode_attention
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.ops.attention import BlockTables
-from replica.wire.messages import SamplingParams
-
-
-def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3)
-    median = sorted(times[3:])[len(times[3:]) // 2]
-    return 2 * src.numel() * src.element_size() / median
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 
 
 def transformers_tok_s(source, prompts: list[list[int]], new_tokens: int) -> float:
@@ -80,7 +63,7 @@ def transformers_tok_s(source, prompts: list[list[int]], new_tokens: int) -> flo
 
 def run_requests(engine: Engine, requests: list[EngineRequest]) -> tuple[float, int]:
     """Wall seconds to finish every request (all queued at once) and the tokens generated."""
-    engine.stats = EngineStats()
+    engine.reset_stats()
     for request in requests:
         engine.add(request)
     generated = 0
@@ -118,12 +101,6 @@ def measure(engine: Engine, requests: list[EngineRequest], bandwidth: float) -> 
     }
 
 
-def matmul_flops(device: torch.device, n: int = 8192) -> float:
-    """FLOP/s of a large bf16 matrix multiply: the compute yardstick for prefill."""
-    a, b = torch.randn(2, n, n, dtype=torch.bfloat16, device=device)
-    return 2 * n**3 / (_time_ms(lambda: a @ b, repeats=20) / 1e3)
-
-
 def scoring(engine: Engine, count: int, vocab: int, flops: float, seed: int = 3) -> dict:
     """MCQ-like load: scoring requests only (prefill, no decode step), prompts of 100 to 600
     tokens. Compute floor: 2 FLOPs per weight a token multiplies in the layers (an MoE's routed
@@ -149,127 +126,6 @@ def scoring(engine: Engine, count: int, vocab: int, flops: float, seed: int = 3)
     }
 
 
-def _time_ms(fn, repeats: int = 10) -> float:
-    fn()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / repeats
-
-
-def synthetic_rows(engine: Engine, rows: int, live: int) -> tuple[DecodeRows, list[int]]:
-    """`rows` decode rows of `live` tokens each, in blocks taken from the engine's pool (the
-    caller gives them back), as a decode step reads them."""
-    size = engine.blocks.block_size
-    per_row = -(-live // size)
-    held = engine.blocks.take(rows * per_row)
-    decode = DecodeRows()
-    for row in range(rows):
-        blocks = held[row * per_row : (row + 1) * per_row]
-        decode.tokens.append(1)
-        decode.positions.append(live - 1)
-        decode.row_ids.append(row)
-        decode.slots.append(blocks[(live - 1) // size] * size + (live - 1) % size)
-        decode.table_entries += [(row, j, block) for j, block in enumerate(blocks)]
-    return decode, held
-
-
-def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
-    """The decode attention of every layer, captured as one CUDA graph (no launch gaps)."""
-    model, cache, inputs = engine.model, engine.cache, engine.runner.inputs
-    decode, held = synthetic_rows(engine, rows, live)
-    inputs.set(decode, rows)
-    row_ids = torch.arange(rows, device="cuda")
-    lens = torch.full((rows,), live, dtype=torch.int32, device="cuda")
-    q = torch.randn(rows, model.num_heads, model.head_dim, device="cuda").to(model.dtype)
-    paged = BlockTables(inputs.tables, row_ids, lens)
-    for layer in range(len(model.layers)):  # warm-up: compiles for this split count
-        decode_attention(q, cache.layer(layer), paged, waves)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(len(model.layers)):
-            decode_attention(q, cache.layer(layer), paged, waves)
-    ms = _time_ms(graph.replay)
-    engine.blocks.release(held)
-    return ms
-
-
-def attention_sweep(engine: Engine, bandwidth: float) -> list[dict]:
-    """Decode attention at several split counts (programs per multiprocessor)."""
-    results = []
-    for rows, live in ((64, 428), (min(256, engine.max_rows), 843)):
-        kv_bytes = rows * live * bytes_per_token(engine.model.config, engine.model.dtype)
-        for waves in (2, 4, 8, 16):
-            ms = _attention_ms(engine, rows, live, waves)
-            floor = round(1e3 * kv_bytes / bandwidth / ms, 3)
-            results.append({"rows": rows, "waves": waves, "ms": round(ms, 3), "floor": floor})
-    return results
-
-
-def decode_profile(engine: Engine, rows: int, live: int, bandwidth: float) -> dict:
-    """Where one decode step's time goes: the whole step's graph against its attention alone,
-    at `rows` rows of `live` tokens each, each part against its byte floor."""
-    runner = engine.runner
-    decode, held = synthetic_rows(engine, rows, live)
-    runner.decode(decode)
-    step_ms = _time_ms(lambda: runner.step(rows))
-    engine.blocks.release(held)
-    attention_ms = _attention_ms(engine, rows, live, WAVES)
-    kv_ms = 1e3 * rows * live * bytes_per_token(engine.model.config, engine.model.dtype) / bandwidth
-    weights_ms = 1e3 * engine.model.weight_bytes() / bandwidth
-    return {
-        "rows": rows,
-        "live_tokens": live,
-        "step_ms": round(step_ms, 2),
-        "floor_ms": round(weights_ms + kv_ms, 2),
-        "attention_ms": round(attention_ms, 2),
-        "attention_floor_fraction": round(kv_ms / attention_ms, 3),
-        "rest_ms": round(step_ms - attention_ms, 2),
-        "rest_floor_fraction": round(weights_ms / (step_ms - attention_ms), 3),
-    }
-
-
-SAMPLING_SETTINGS = {
-    "top_k 50, top_p 0.95": SamplingParams(1.0, 0.95, 50),
-    "top_p 0.9": SamplingParams(1.0, 0.9),
-    "temperature only": SamplingParams(0.7),
-}
-
-
-def sampling_cost(engine: Engine, live: int = 500, rounds: int = 3) -> list[dict]:
-    """The decode step at 64 and 256 rows (or as many as the card holds) with every row sampling
-    (each setting of SAMPLING_SETTINGS, every row its own seed) against the same step all greedy:
-    graph replays of the same inputs, the variants alternating over `rounds`, median of each."""
-    runner, results = engine.runner, []
-    for rows in sorted({min(64, engine.max_rows), min(256, engine.max_rows)}):
-        decode, held = synthetic_rows(engine, rows, live)
-        times: dict[str, list[float]] = {"greedy": []}
-        for _ in range(rounds):
-            runner.decode(decode)
-            times["greedy"].append(_time_ms(partial(runner.step, rows), repeats=50))
-            for name, params in SAMPLING_SETTINGS.items():
-                runner.decode(decode, [replace(params, seed=i) for i in range(rows)])
-                sampled_ms = _time_ms(partial(runner.step, rows, True), repeats=50)
-                times.setdefault(name, []).append(sampled_ms)
-        engine.blocks.release(held)
-        median = {name: sorted(ms)[len(ms) // 2] for name, ms in times.items()}
-        greedy_ms = median.pop("greedy")
-        for name, sampled_ms in median.items():
-            results.append(
-                {
-                    "rows": rows,
-                    "setting": name,
-                    "greedy_ms": round(greedy_ms, 3),
-                    "sampled_ms": round(sampled_ms, 3),
-                    "overhead": round(sampled_ms / greedy_ms - 1, 4),
-                }
-            )
-    return results
-
-
 def mixed_requests(count: int, vocab: int, seed: int) -> list[EngineRequest]:
     rng = random.Random(seed)
     requests = []
@@ -279,7 +135,7 @@ def mixed_requests(count: int, vocab: int, seed: int) -> list[EngineRequest]:
     return requests
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(VENDORED_CONFIGS / "qwen3-4b-instruct-2507"))
     parser.add_argument("--out", type=Path, default=Path("docs/perf/engine.json"))
@@ -291,18 +147,28 @@ def main() -> None:
     parser.add_argument(
         "--sampling-only", action="store_true", help="build the engine, then only sampling_cost"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+class Report(dict):
+    """The run's results, written whole to `path` (and printed) after each part."""
+
+    def __init__(self, path: Path, **fields) -> None:
+        super().__init__(fields)
+        self.path = path
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self, indent=2) + "\n")
+        print(json.dumps(self), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda")
     source = resolve(args.config, random_weights=True)
     vocab = source.config.vocab_size
-    report: dict = {"device": torch.cuda.get_device_name(device), "config": args.config}
-
-    def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(report), flush=True)
-
+    report = Report(args.out, device=torch.cuda.get_device_name(device), config=args.config)
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
     flops = matmul_flops(device)
@@ -312,58 +178,63 @@ def main() -> None:
     short = [[rng.randrange(vocab) for _ in range(300)] for _ in range(64)]
     if not args.skip_transformers:
         report["transformers_tok_s"] = round(transformers_tok_s(source, short, 256), 1)
-        save()
+        report.save()
 
     torch.cuda.synchronize()
-    engine = Engine(
-        source,
-        "cuda",
-        eos_ids=(),  # forced lengths: every request runs to its cap
-        kv_fraction=args.kv_fraction,
-        max_batch=args.max_batch,
-        max_model_len=args.max_model_len,
+    config = EngineConfig(
+        kv_fraction=args.kv_fraction, max_batch=args.max_batch, max_model_len=args.max_model_len
     )
+    engine = load_engine(source, config, "cuda", eos_ids=())  # forced lengths: runs to its cap
     report["engine"] = engine.info
     report["startup_s"] = engine.info["startup_s"]
     if args.sampling_only:
         report["sampling_cost"] = sampling_cost(engine)
-        save()
+        report.save()
         return
+    throughput_runs(engine, report, short, mixed_requests(args.requests, vocab, seed=2), bandwidth)
+    report["bench5_scoring"] = scoring(engine, args.requests, vocab, flops)
+    report.save()
+    report["sampling_cost"] = sampling_cost(engine)
+    report.save()
+    report["attention_sweep"] = attention_sweep(engine, bandwidth)
+    report["decode_profile"] = [
+        decode_profile(engine, min(rows, engine.max_rows), live, bandwidth)
+        for rows, live in ((64, 428), (256, 843))
+    ]
+    report.save()
+    engine.set_policy(replace(engine.config, refill=False))
+    static = measure(engine, mixed_requests(args.requests, vocab, seed=2), bandwidth)
+    report["bench3_static"] = static
+    report["refill_vs_static"] = round(
+        report["bench1_refill"]["output_tok_s"] / static["output_tok_s"], 2
+    )
+    report.save()
+    print_summary(report)
 
+
+def throughput_runs(
+    engine: Engine,
+    report: Report,
+    short: list[list[int]],
+    mixed: list[EngineRequest],
+    bandwidth: float,
+) -> None:
+    """Bench 2 (64 short prompts, 256 tokens each), then bench 1 (the mixed requests)."""
     batch64 = measure(engine, [EngineRequest(i, p, 256) for i, p in enumerate(short)], bandwidth)
     report["bench2_64x300x256"] = batch64
     if "transformers_tok_s" in report:
         report["speedup_vs_transformers"] = round(
             batch64["output_tok_s"] / report["transformers_tok_s"], 2
         )
-    save()
-
-    mixed = mixed_requests(args.requests, vocab, seed=2)
+    report.save()
     refill = measure(engine, mixed, bandwidth)
     report["bench1_refill"] = refill
     report["output_tok_s"] = refill["output_tok_s"]
     report["bandwidth_floor_fraction"] = refill["bandwidth_floor_fraction"]
-    save()
+    report.save()
 
-    report["bench5_scoring"] = scoring(engine, args.requests, vocab, flops)
-    save()
 
-    report["sampling_cost"] = sampling_cost(engine)
-    save()
-
-    report["attention_sweep"] = attention_sweep(engine, bandwidth)
-    report["decode_profile"] = [
-        decode_profile(engine, min(rows, engine.max_rows), live, bandwidth)
-        for rows, live in ((64, 428), (256, 843))
-    ]
-    save()
-
-    engine.refill = False
-    static = measure(engine, mixed, bandwidth)
-    report["bench3_static"] = static
-    report["refill_vs_static"] = round(refill["output_tok_s"] / static["output_tok_s"], 2)
-    save()
-
+def print_summary(report: Report) -> None:
     print(f"{'measure':34} value")
     for key in (
         "device",

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring
+from benchmarks.bench import scoring
 from benchmarks.bench_moe import step_floor_bytes, step_ms
-from replica.engine.engine import Engine
+from benchmarks.yardsticks import copy_bandwidth, matmul_flops, time_ms
 from replica.kernels.int4_linear import (
     DECODE_TILE,
     GemvTile,
@@ -38,6 +38,8 @@ from replica.kernels.moe import fused_moe
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.ops.mlp import SparseMoE
 from replica.ops.packed import quantize, random_packed
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 
 ROWS = (1, 8, 64)
 ROW_TOKENS = 1000
@@ -56,16 +58,14 @@ def measure(
     memory = None if name == "235b" else args.gpu_memory_gb
     # The 235B fills the card: leave its 16k-token prefill room beside the KV pool.
     kv_fraction = args.kv_fraction_235b if name == "235b" else 0.9
-    engine = Engine(
-        source,
-        "cuda",
-        eos_ids=(),
+    config = EngineConfig(
         max_batch=max(ROWS),
         max_model_len=args.max_model_len,
         gpu_memory_gb=memory,
         kv_fraction=kv_fraction,
         quantize=quantize,
     )
+    engine = load_engine(source, config, "cuda", eos_ids=())
     result: dict = {
         "weights_gib": round(engine.model.weight_bytes() / 2**30, 2),
         "startup_s": engine.info["startup_s"],
@@ -124,7 +124,7 @@ def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
         for _ in range(calls):
             fn()
     graph.replay()
-    return 1e3 * _time_ms(graph.replay, repeats=replays) / calls
+    return 1e3 * time_ms(graph.replay, repeats=replays) / calls
 
 
 def _packed_bytes(packed) -> int:
@@ -157,12 +157,12 @@ def kernel_sweep(bandwidth: float) -> dict:
         for tokens in (16, 32, 64, 128, 256, 1024, 4096, 16384):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"shape": shape, "tokens": tokens}
-            row["bf16"] = round(1e3 * _time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
+            row["bf16"] = round(1e3 * time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
             tile = tile_for(tokens, packed.group_size)
             row["tile"] = round(
-                1e3 * _time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), 20), 1
+                1e3 * time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), 20), 1
             )
-            row["dequantized"] = round(1e3 * _time_ms(
+            row["dequantized"] = round(1e3 * time_ms(
                 lambda x=x, p=packed: x @ dequantized(p, torch.bfloat16).t(), 20), 1)  # fmt: skip
             prefill.append(row)
             print(row, flush=True)
@@ -207,7 +207,7 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
             row = {"model": model, "tokens": tokens, "pairs": tokens * top_k}
             for path in ("tiles", "dequantized"):
                 call = partial(fused_moe, x, moe, path)
-                row[path] = round(1e3 * _time_ms(call, 10), 1)
+                row[path] = round(1e3 * time_ms(call, 10), 1)
             rows.append(row)
             print(row, flush=True)
         del moe

@@ -19,11 +19,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import _time_ms, copy_bandwidth, matmul_flops, scoring, synthetic_rows
+from benchmarks.bench import scoring
+from benchmarks.decode_parts import synthetic_rows
+from benchmarks.yardsticks import copy_bandwidth, matmul_flops, time_ms
 from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.ops.mlp import SparseMoE
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 
 ROWS = (1, 8, 64, 256)
 LIVE = 500
@@ -36,8 +40,8 @@ def step_ms(engine: Engine, rows: int, seed: int) -> float:
     decode.tokens = torch.randint(
         0, engine.model.config.vocab_size, (rows,), generator=gen
     ).tolist()
-    engine.runner.decode(decode)
-    ms = _time_ms(lambda: engine.runner.step(rows), repeats=20)
+    engine.runner.decode_rows(decode)
+    ms = time_ms(lambda: engine.runner.replay(rows), repeats=20)
     engine.blocks.release(held)
     return ms
 
@@ -63,14 +67,10 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
 
 def measure(config: str, bandwidth: float, flops: float, args: argparse.Namespace) -> dict:
     source = resolve(config, random_weights=True)
-    engine = Engine(
-        source,
-        "cuda",
-        eos_ids=(),
-        max_batch=256,
-        max_model_len=args.max_model_len,
-        gpu_memory_gb=args.gpu_memory_gb,
+    config = EngineConfig(
+        max_batch=256, max_model_len=args.max_model_len, gpu_memory_gb=args.gpu_memory_gb
     )
+    engine = load_engine(source, config, "cuda", eos_ids=())
     result: dict = {"engine": engine.info, "startup_s": engine.info["startup_s"]}
     result["decode_step_ms"], result["bytes_floor_fraction"], result["experts_touched"] = {}, {}, {}
     for rows in ROWS:

@@ -21,17 +21,21 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import shortcuts
-from benchmarks.bench import copy_bandwidth, measure, mixed_requests
+from benchmarks.bench import measure, mixed_requests
+from benchmarks.yardsticks import copy_bandwidth
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.startup import load_engine
 from replica.tokenization import PromptCodec
 from replica.wire.messages import SamplingParams
+from replica.wire.spec import EngineConfig
 from shortcuts.data import GOLD, read_jsonl
 
 PROFILES = ("throughput", "accuracy")
@@ -72,9 +76,10 @@ def _groups(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 
 
 def hit_rate(engine: Engine, prompts: list[list[int]], per_request: int | None) -> float:
-    engine.blocks.forget()
+    engine.clear_prefix_cache()
     prefill_only(engine, prompts, per_request)
-    return round(engine.blocks.hit_tokens / engine.blocks.lookup_tokens, 3)
+    usage = engine.kv_usage()
+    return round(usage.prompt_tokens_cached / usage.prompt_tokens, 3)
 
 
 def scoring_with_and_without_cache(
@@ -85,11 +90,11 @@ def scoring_with_and_without_cache(
     rates: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(ROUNDS):
         for caching in (True, False):
-            engine.blocks.forget()
-            engine.blocks.caching = caching
+            engine.set_policy(replace(engine.config, prefix_caching=caching))
+            engine.clear_prefix_cache()
             rates[caching].append(len(prompts) / prefill_only(engine, prompts, per_request))
-    engine.blocks.forget()
-    engine.blocks.caching = True
+    engine.set_policy(replace(engine.config, prefix_caching=True))
+    engine.clear_prefix_cache()
     cached, uncached = (statistics.median(rates[c]) for c in (True, False))
     return {
         "prompts": len(prompts),
@@ -103,7 +108,7 @@ def long_prompt_among_rows(engine: Engine, rows: int, long_tokens: int) -> dict:
     """`rows` short requests decode; a `long_tokens` prompt arrives; every gap between two of
     their decode steps is timed until the long one has its answer. From an empty cache, so a
     rerun computes its prompts again."""
-    engine.blocks.forget()
+    engine.clear_prefix_cache()
     vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(7)
     for i in range(rows):
@@ -129,7 +134,7 @@ def long_prompt_among_rows(engine: Engine, rows: int, long_tokens: int) -> dict:
     return {
         "rows": rows,
         "long_prompt_tokens": long_tokens if len(answer.output_ids) == 16 else 0,
-        "prefill_chunk_tokens": engine.scheduler.prefill_tokens,
+        "prefill_chunk_tokens": engine.config.prefill_tokens,
         "max_decode_gap_ms": round(1e3 * max(gaps), 1),
         "median_decode_gap_ms": round(1e3 * statistics.median(gaps), 1),
         "long_prompt_answered_s": round(served_s, 2),
@@ -190,9 +195,8 @@ def main() -> None:
         print(json.dumps(report), flush=True)
 
     def make_engine(max_batch: int) -> Engine:
-        return Engine(
-            source, "cuda", eos_ids=(), gpu_memory_gb=args.gpu_memory_gb, max_batch=max_batch
-        )
+        config = EngineConfig(gpu_memory_gb=args.gpu_memory_gb, max_batch=max_batch)
+        return load_engine(source, config, "cuda", eos_ids=())
 
     engine = make_engine(256)
     report["engine"] = engine.info
@@ -214,13 +218,13 @@ def main() -> None:
         ),
     }
     save()
-    default_budget = engine.scheduler.prefill_tokens
+    default = engine.config
     report["long_prompt"] = []
-    for budget in (default_budget, default_budget // 4):
-        engine.scheduler.prefill_tokens = budget
+    for budget in (default.prefill_tokens, default.prefill_tokens // 4):
+        engine.set_policy(replace(default, prefill_tokens=budget))
         report["long_prompt"].append(long_prompt_among_rows(engine, 200, args.long_tokens))
         save()
-    engine.scheduler.prefill_tokens = default_budget
+    engine.set_policy(default)
     report["n_samples"] = n4_against_n1(engine)
     save()
     del engine

@@ -15,7 +15,7 @@ import random
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench import synthetic_rows
+from benchmarks.decode_parts import synthetic_rows
 from replica.engine.request import EngineRequest
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.startup import load_engine
@@ -54,7 +54,9 @@ def main() -> None:
     args = parser.parse_args()
 
     source = resolve(args.config, random_weights=True)
-    engine = load_engine(source, EngineConfig(max_batch=256, max_model_len=2048), "cuda", ())
+    engine = load_engine(
+        source, EngineConfig(max_batch=256, max_model_len=2048, cuda_graphs=False), "cuda", ()
+    )
     requests = scoring_requests(args.tokens, source.config.vocab_size)
 
     def prefill() -> None:
@@ -66,8 +68,8 @@ def main() -> None:
     top_kernels(prefill, f"prefill of {args.tokens} tokens in {len(requests)} prompts")
     rows = args.rows
     decode, _ = synthetic_rows(engine, rows, 428)
-    engine.runner.graphs.clear()  # eager: the profiler sees each kernel
-    top_kernels(lambda: engine.runner.decode(decode), f"decode step, {rows} rows")
+    # eager (cuda_graphs off): the profiler sees each kernel
+    top_kernels(lambda: engine.runner.decode_rows(decode), f"decode step, {rows} rows")
 
 
 if __name__ == "__main__":

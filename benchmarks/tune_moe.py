@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench import _time_ms
+from benchmarks.yardsticks import time_ms
 from replica.kernels.elementwise import TritonOps
 from replica.kernels.moe import Tile, fused_moe, tiles_for
 from replica.loading.model import random_model
@@ -36,7 +36,7 @@ CANDIDATES = [
 
 
 def layer_ms(x: torch.Tensor, moe, tiles: tuple[Tile, Tile] | None) -> float:
-    return _time_ms(lambda: fused_moe(x, moe, tiles=tiles))
+    return time_ms(lambda: fused_moe(x, moe, tiles=tiles))
 
 
 def main() -> None:

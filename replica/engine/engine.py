@@ -209,6 +209,10 @@ class Engine:
             while self.has_work():
                 self.step()
         self.reset_stats()
+        self.clear_prefix_cache()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block and the cache's hit counts (nothing may be running)."""
         self.blocks.forget()
 
     def reset_stats(self) -> EngineStats:
