@@ -12,7 +12,7 @@ from replica.loading.reference import build_reference_model
 from replica.loading.source import TINY_RANDOM, ModelSource
 from replica.loading.weights import RandomBuilder, build, load_checkpoint
 from replica.model.qwen3 import Qwen3
-from replica.ops import Ops, select_ops
+from replica.ops.layer import TorchOps
 
 QUANTIZE_MODES = ("int4",)  # `--quantize`: round-to-nearest 4-bit, group 128, asymmetric
 
@@ -22,7 +22,7 @@ def load_model(
     device: str,
     dtype: torch.dtype,
     seed: int = 0,
-    ops: Ops | None = None,
+    ops: type[TorchOps] = TorchOps,
     quantize: str | None = None,
 ) -> Qwen3:
     """Weights for `source`: its checkpoint, layer by layer, else random; `quantize="int4"`
@@ -59,13 +59,13 @@ def model_from_reader(
     config: PretrainedConfig,
     device: str,
     dtype: torch.dtype,
-    ops: Ops | None = None,
+    ops: type[TorchOps] = TorchOps,
     quantize: bool = False,
 ) -> Qwen3:
     """Every tensor of `reader` (Hugging Face names: a checkpoint, or the tests' transformers
     models) into our model, layer by layer; a 4-bit checkpoint's format is the config's."""
     weights = load_checkpoint(reader, config, device, dtype, int4_checkpoint(config), quantize)
-    return Qwen3(config, weights, ops or select_ops(torch.device("cpu")))
+    return Qwen3(config, weights, ops)
 
 
 def random_model(
@@ -73,10 +73,10 @@ def random_model(
     device: str,
     dtype: torch.dtype,
     seed: int,
-    ops: Ops | None = None,
+    ops: type[TorchOps],
     quantize: bool = False,
 ) -> Qwen3:
     """Seeded random weights of the config's shapes, made on the device (the GPU benchmarks);
     `quantize`: the projections random 4-bit, made packed."""
     builder = RandomBuilder(config, device, dtype, seed, quantize)
-    return Qwen3(config, build(config, builder), ops or select_ops(torch.device("cpu")))
+    return Qwen3(config, build(config, builder), ops)

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from replica.model.architecture import attention_shape, rope_theta
 from replica.model.weights import ModelWeights
-from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention import AttentionBackend, BlockTables, LayerCache, PackedRows
 from replica.ops.layer import TorchOps
 
 
@@ -58,10 +58,7 @@ class Qwen3:
         self.eps = config.rms_norm_eps
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / rope_theta(config) ** exponents).to(self.device)
-        self.ops = ops
-        self._layer_ops = ops.layer(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq
-        )
+        self.ops = ops(self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq)
 
     @property
     def device(self) -> torch.device:
@@ -83,9 +80,9 @@ class Qwen3:
         """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
         return sum(layer.active_params() for layer in self.layers)
 
-    def forward(self, batch: Batch, cache: KVLayers) -> Tensor:
+    def forward(self, batch: Batch, cache: KVLayers, attention: AttentionBackend) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
-        ops, layers, attention = self._layer_ops, self.layers, self.ops.attention
+        ops, layers = self.ops, self.layers
         h, x = ops.add_rms_norm(
             F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
         )
