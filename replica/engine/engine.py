@@ -30,8 +30,8 @@ from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
 from replica.loading.model import load_model
 from replica.loading.source import ModelSource
+from replica.ops import select_ops
 from replica.ops.sampler import Sampler
-from replica.ops.select import select_attention, select_ops, select_sampler
 from replica.tokenization import PromptCodec
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 
@@ -119,9 +119,9 @@ class Engine:
         dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
         clock = StartupClock(self.device)
         with clock.phase("weights"):
-            ops = select_ops(self.device)
+            ops = select_ops(self.device, attention)
             self.model = load_model(source, str(self.device), dtype, seed, ops, quantize)
-        attention_backend = select_attention(self.device, attention)
+        attention_backend = ops.attention
         block_size = attention_backend.block_size or BLOCK_SIZE
         with clock.phase("kv"):
             cpu_blocks = kv_blocks or CPU_KV_TOKENS // block_size
@@ -147,7 +147,7 @@ class Engine:
                 self.model,
                 self.cache,
                 attention_backend,
-                select_sampler(self.device),
+                ops.sampler,
                 sizes,
                 -(-self.max_context // block_size),
                 enforce_eager,

@@ -164,7 +164,7 @@ class ModelRunner:
         blocks): tokens start..end are computed, their K/V written to `blocks`, which already
         hold tokens 0..start."""
         batch = pack_prefill(chunks, self.cache.block_size, self.model.device)
-        hidden = self.model.forward(batch, self.cache, self.attention)
+        hidden = self.model.forward(batch, self.cache)
         assert batch.rows is not None
         return self.model.logits(hidden[batch.rows.last_token]).float()
 
@@ -190,7 +190,7 @@ class ModelRunner:
             self._forward(size, sampled)
 
     def _forward(self, size: int, sampled: bool) -> None:
-        hidden = self.model.forward(self.inputs.batch(size), self.cache, self.attention)
+        hidden = self.model.forward(self.inputs.batch(size), self.cache)
         logits = self.model.logits(hidden)
         if not sampled:
             self.next_tokens[:size] = logits.argmax(-1)
