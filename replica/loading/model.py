@@ -59,7 +59,7 @@ def model_from_reader(
     config: PretrainedConfig,
     device: str,
     dtype: torch.dtype,
-    ops: Ops | None = None,
+    ops: Ops | None = None,  # None: the CPU's ops
     quantize: bool = False,
 ) -> Qwen3:
     """Every tensor of `reader` (Hugging Face names: a checkpoint, or the tests' transformers

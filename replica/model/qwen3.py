@@ -46,7 +46,9 @@ class KVLayers(Protocol):
 class Qwen3:
     """Qwen3 causal LM (dense or MoE) over an external KV cache."""
 
-    def __init__(self, config: PretrainedConfig, weights: ModelWeights, ops: Ops | None = None) -> None:
+    def __init__(
+        self, config: PretrainedConfig, weights: ModelWeights, ops: Ops | None = None
+    ) -> None:
         """`ops`: the device's (`select_ops`); None: the CPU's."""
         self.config = config
         self.embed = weights.embed

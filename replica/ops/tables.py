@@ -65,8 +65,8 @@ class Table(Generic[C]):
 class Gemv:
     """`replica.kernels.int4_gemv.w4a16_gemv` with this tile (`gated`: SiLU(gate) * up fused)."""
 
-    tile: GemvTile
-    gated: GemvTile
+    tile: GemvTile  # x @ w.T
+    gated: GemvTile  # SiLU(gate) * up
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Tiled:
     """`replica.kernels.int4_matmul.w4a16_tiled`: in nibble slabs, or `int4_tile`'s tiles."""
 
     tile: Tile
-    slabs: bool
+    slabs: bool  # groups of 128 or more only
 
 
 @dataclass(frozen=True)
