@@ -26,16 +26,13 @@ import torch
 from benchmarks.bench import scoring
 from benchmarks.bench_moe import step_floor_bytes, step_ms
 from benchmarks.yardsticks import copy_bandwidth, matmul_flops, time_ms
-from replica.kernels.int4_linear import (
-    DECODE_TILE,
-    GemvTile,
-    dequantized,
-    tile_for,
-    w4a16_gemv,
-    w4a16_linear,
-)
-from replica.kernels.moe import fused_moe
+from replica.kernels.int4_dequantize import dequantized
+from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
+from replica.kernels.int4_matmul import w4a16_tiled
+from replica.kernels.launch import Tile
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.ops import tables
+from replica.ops.feed_forward import TritonMoE
 from replica.ops.mlp import SparseMoE
 from replica.ops.packed import quantize, random_packed
 from replica.startup import load_engine
@@ -95,6 +92,13 @@ SWEEP_SHAPES = {  # (N, K) of the 4B's projections; gate_up runs gated (SiLU * u
     "down": (2560, 9728),
 }
 SWEEP_TOKENS = (1, 2, 4, 8, 16)
+PREFILL_TILE = Tile(128, 128, 64, 8, 3)  # the tile kernel beyond the table's tiles
+
+
+def prefill_tile(tokens: int, group: int) -> Tile:
+    """The tile kernel's tile at this many tokens: the table's where it names one."""
+    choice = tables.int4_linear_table(group).choose(tokens)
+    return choice.tile if isinstance(choice, tables.Tiled) else PREFILL_TILE
 
 
 def sweep_gemv(tokens: int) -> list[GemvTile]:
@@ -147,20 +151,20 @@ def kernel_sweep(bandwidth: float) -> dict:
             row = {"shape": shape, "tokens": tokens, "floor_us": floor}
             row["bf16"] = round(graph_us(lambda x=x, w=w: x @ w.t()), 2)
             row["tile16"] = round(
-                graph_us(lambda x=x, p=packed: w4a16_linear(x, p, DECODE_TILE)), 2
+                graph_us(lambda x=x, p=packed: w4a16_tiled(x, p, tables.TILE_16, slabs=True)), 2
             )
             for t in sweep_gemv(tokens):
-                name = f"n{t.cols}g{t.groups}w{t.warps}"
-                row[name] = round(graph_us(partial(w4a16_gemv, x, packed, gated=gated, tile=t)), 2)
+                name = f"n{t.features}g{t.groups}w{t.warps}"
+                row[name] = round(graph_us(partial(w4a16_gemv, x, packed, t, gated=gated)), 2)
             decode.append(row)
             print(row, flush=True)
         for tokens in (16, 32, 64, 128, 256, 1024, 4096, 16384):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             row = {"shape": shape, "tokens": tokens}
             row["bf16"] = round(1e3 * time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
-            tile = tile_for(tokens, packed.group_size)
+            tile = prefill_tile(tokens, packed.group_size)
             row["tile"] = round(
-                1e3 * time_ms(lambda x=x, p=packed, t=tile: w4a16_linear(x, p, t), 20), 1
+                1e3 * time_ms(lambda x=x, p=packed, t=tile: w4a16_tiled(x, p, t, True), 20), 1
             )
             row["dequantized"] = round(1e3 * time_ms(
                 lambda x=x, p=packed: x @ dequantized(p, torch.bfloat16).t(), 20), 1)  # fmt: skip
@@ -171,7 +175,7 @@ def kernel_sweep(bandwidth: float) -> dict:
 
 
 def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
-    rows = []
+    rows, fused_moe = [], TritonMoE()
     for model, (experts, hidden, inter, top_k) in SWEEP_MOE.items():
 
         def randn(*shape):
@@ -188,15 +192,18 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
             x = randn(tokens, hidden)
             pairs = tokens * top_k
             row = {"model": model, "tokens": tokens, "pairs": pairs}
-            row["default"] = round(graph_us(partial(fused_moe, x, moe)), 1)
-            row["tiles"] = round(graph_us(partial(fused_moe, x, moe, "tiles")), 1)
+            row["default"] = round(graph_us(partial(fused_moe, x, moe, True)), 1)
+            tiles = tables.MOE_16BIT.choose(pairs / experts)
+            row["tiles"] = round(graph_us(partial(fused_moe.run, x, moe, tiles)), 1)
             if pairs <= experts:
-                row["pairs"] = round(graph_us(partial(fused_moe, x, moe, "pairs")), 1)
+                gemv = tables.MOE_PACKED_DECODE.choose(1)
+                row["pairs"] = round(graph_us(partial(fused_moe.run, x, moe, gemv)), 1)
             bucket_tiles = sweep_gemv(pairs // experts) if pairs > experts else []
             for t in bucket_tiles:
-                name = f"buckets_n{t.cols}g{t.groups}w{t.warps}t{t.tokens}"
-                row[name] = round(graph_us(partial(fused_moe, x, moe, "buckets", t)), 1)
-            touched = int((moe.expert_tokens > 0).sum())
+                name = f"buckets_n{t.features}g{t.groups}w{t.warps}t{t.tokens}"
+                buckets = tables.ExpertGemv(t, t, bucketed=True)
+                row[name] = round(graph_us(partial(fused_moe.run, x, moe, buckets)), 1)
+            touched = int((fused_moe.expert_counts(moe) > 0).sum())
             row["floor_us"] = round(
                 1e6 * touched * _packed_bytes(moe.down) / experts * 3 / bandwidth, 1
             )
@@ -205,8 +212,10 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
         for tokens in (128, 512, 2048, 8192):  # prefill: eager
             x = randn(tokens, hidden)
             row = {"model": model, "tokens": tokens, "pairs": tokens * top_k}
-            for path in ("tiles", "dequantized"):
-                call = partial(fused_moe, x, moe, path)
+            tiles = tables.MOE_16BIT.choose(tokens * top_k / experts)
+            for path, dequantize in (("tiles", False), ("dequantized", True)):
+                choice = tables.ExpertTiles(tiles.up, tiles.down, dequantize)
+                call = partial(fused_moe.run, x, moe, choice)
                 row[path] = round(1e3 * time_ms(call, 10), 1)
             rows.append(row)
             print(row, flush=True)

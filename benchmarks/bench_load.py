@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 from replica.loading.model import load_model, random_model
 from replica.loading.servable import check_servable
 from replica.loading.source import VENDORED_CONFIGS, resolve
-from replica.ops.layer import TorchOps
 
 
 def write_random_checkpoint(config_dir: Path, target: Path, device: str = "cuda") -> None:
@@ -34,12 +33,12 @@ def write_random_checkpoint(config_dir: Path, target: Path, device: str = "cuda"
     config = source.config
     for i in range(config.num_hidden_layers):
         layer_config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": 1})
-        layer = random_model(layer_config, device, torch.bfloat16, i, TorchOps).layers[0]
+        layer = random_model(layer_config, device, torch.bfloat16, i).layers[0]
         save_file(
             _hub_tensors(layer, f"model.layers.{i}."), str(target / f"layer-{i:05d}.safetensors")
         )
     model_config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": 0})
-    head = random_model(model_config, device, torch.bfloat16, 0, TorchOps)
+    head = random_model(model_config, device, torch.bfloat16, 0)
     rest = {"model.embed_tokens.weight": head.embed, "model.norm.weight": head.final_norm}
     if not config.tie_word_embeddings:
         rest["lm_head.weight"] = head.lm_head

@@ -57,7 +57,7 @@ def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
     for layer in model.layers:
         moe = layer.mlp
         if isinstance(moe, SparseMoE):
-            used = int((moe.expert_tokens > 0).sum())
+            used = int((model.ops.moe.expert_counts(moe) > 0).sum())
             per_expert = sum(t.numel() * t.element_size() for t in moe.tensors()[1:])
             total -= (moe.num_experts - used) * per_expert // moe.num_experts
             touched.append(used)

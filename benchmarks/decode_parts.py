@@ -14,7 +14,6 @@ from replica.engine.batch_inputs import DecodeRows
 from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
 from replica.kernels.decode_attention import WAVES, decode_attention
-from replica.ops.attention import BlockTables
 from replica.wire.messages import SamplingParams
 
 
@@ -43,13 +42,13 @@ def _attention_ms(engine: Engine, rows: int, live: int, waves: int) -> float:
     row_ids = torch.arange(rows, device="cuda")
     lens = torch.full((rows,), live, dtype=torch.int32, device="cuda")
     q = torch.randn(rows, model.num_heads, model.head_dim, device="cuda").to(model.dtype)
-    paged = BlockTables(inputs.tables, row_ids, lens)
+    paged = (inputs.tables, row_ids, lens)
     for layer in range(len(model.layers)):  # warm-up: compiles for this split count
-        decode_attention(q, cache.layer(layer), paged, waves)
+        decode_attention(q, cache.layer(layer), *paged, waves)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for layer in range(len(model.layers)):
-            decode_attention(q, cache.layer(layer), paged, waves)
+            decode_attention(q, cache.layer(layer), *paged, waves)
     ms = time_ms(graph.replay)
     engine.blocks.release(held)
     return ms

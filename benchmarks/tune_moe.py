@@ -2,10 +2,10 @@
 
     python -m benchmarks.tune_moe [--tokens 16384 4096 256]
 
-For each token count: the layer with `tiles_for`'s choice, then each candidate tile for the up
-kernel (down kept at the default) and for the down kernel (up kept at the default), in ms and
-TFLOP/s of the whole layer, with its relative difference from the default's result (another
-reduction depth sums in another order). `tiles_for` holds the winners.
+For each token count: the layer with the table's choice (replica.ops.tables.MOE_16BIT), then
+each candidate tile for the up kernel (down kept at the default) and for the down kernel (up kept
+at the default), in ms and TFLOP/s of the whole layer, with its relative difference from the
+default's result (another reduction depth sums in another order). The table holds the winners.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import argparse
 import torch
 
 from benchmarks.yardsticks import time_ms
-from replica.kernels.elementwise import TritonOps
-from replica.kernels.moe import Tile, fused_moe, tiles_for
+from replica.kernels.launch import Tile
 from replica.loading.model import random_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.ops import select_ops
+from replica.ops.feed_forward import TritonMoE
+from replica.ops.tables import MOE_16BIT, ExpertTiles
 
 CANDIDATES = [
     Tile(64, 64, 64, 4, 4),
@@ -35,8 +37,11 @@ CANDIDATES = [
 ]
 
 
-def layer_ms(x: torch.Tensor, moe, tiles: tuple[Tile, Tile] | None) -> float:
-    return time_ms(lambda: fused_moe(x, moe, tiles=tiles))
+FUSED_MOE = TritonMoE()
+
+
+def layer_ms(x: torch.Tensor, moe, tiles: ExpertTiles) -> float:
+    return time_ms(lambda: FUSED_MOE.run(x, moe, tiles))
 
 
 def main() -> None:
@@ -45,22 +50,24 @@ def main() -> None:
     args = parser.parse_args()
     config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
     config.num_hidden_layers = 1
-    moe = random_model(config, "cuda", torch.bfloat16, 0, TritonOps).layers[0].mlp
+    ops = select_ops(torch.device("cuda"))
+    moe = random_model(config, "cuda", torch.bfloat16, 0, ops).layers[0].mlp
     hidden, inter = config.hidden_size, config.moe_intermediate_size
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
         gflop = tokens * moe.top_k * 2 * (hidden * 2 * inter + inter * hidden) / 1e9
-        up, down = tiles_for(tokens * moe.top_k / moe.num_experts)
-        expected = fused_moe(x, moe).float()
-        ms = layer_ms(x, moe, None)
+        default = MOE_16BIT.choose(tokens * moe.top_k / moe.num_experts)
+        up, down = default.up, default.down
+        expected = FUSED_MOE.run(x, moe, default).float()
+        ms = layer_ms(x, moe, default)
         print(
             f"{tokens} tokens, default up {up} down {down}: {ms:.3f} ms, {gflop / ms:.0f} TFLOP/s"
         )
         for kernel in ("up", "down"):
             for tile in CANDIDATES:
-                tiles = (tile, down) if kernel == "up" else (up, tile)
+                tiles = ExpertTiles(tile, down) if kernel == "up" else ExpertTiles(up, tile)
                 try:
-                    ours = fused_moe(x, moe, tiles=tiles).float()
+                    ours = FUSED_MOE.run(x, moe, tiles).float()
                     ms = layer_ms(x, moe, tiles)
                 except Exception as failure:  # a tile too big for shared memory
                     print(f"  {kernel} {tile}: {type(failure).__name__}")

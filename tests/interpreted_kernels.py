@@ -14,7 +14,7 @@ import torch
 
 from replica.ops.attention import BlockTables, LayerCache, PackedRows
 from replica.ops.attention.reference import ReferenceAttention
-from replica.ops.layer import TorchOps
+from replica.ops.layer import TorchLayerOps
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
 
@@ -32,7 +32,7 @@ def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def prefill() -> None:
-    from replica.kernels.prefill_attention import prefill_attention
+    from replica.ops.attention.triton_backend import TritonAttention
     from tests.test_attention import with_context
 
     lengths = [130, 1, 64, 7]
@@ -41,16 +41,17 @@ def prefill() -> None:
     q = torch.randn(tokens, HEADS, HEAD_DIM)
     k = torch.randn(tokens, KV_HEADS, HEAD_DIM)
     v = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM)[:, HEADS:]  # strided, as in the engine
-    cache = torch.zeros(1, 16, KV_HEADS, HEAD_DIM)
-    reference = ReferenceAttention().prefill(q, k, v, LayerCache(cache, cache), rows)
-    close(prefill_attention(q, k, v, rows), reference)
+    cache = LayerCache(*torch.zeros(2, 1, 16, KV_HEADS, HEAD_DIM))
+    reference = ReferenceAttention().prefill(q, k, v, cache, rows)
+    close(TritonAttention().prefill(q, k, v, cache, rows), reference)
     context, lengths = [5, 0, 150], [130, 1, 20]  # chunks after a cached context
     q, k, v, _, _, k_cache, v_cache, cached = with_context(
         context, lengths, (HEADS, KV_HEADS), HEAD_DIM, "cpu", torch.float32
     )
     rows = PackedRows.from_lengths(lengths, torch.device("cpu"), cached)
     kv = LayerCache(k_cache, v_cache)
-    close(prefill_attention(q, k, v, rows, kv), ReferenceAttention().prefill(q, k, v, kv, rows))
+    reference = ReferenceAttention().prefill(q, k, v, kv, rows)
+    close(TritonAttention().prefill(q, k, v, kv, rows), reference)
 
 
 def decode() -> None:
@@ -68,20 +69,23 @@ def decode() -> None:
     kv, paged = LayerCache(k_cache, v_cache), BlockTables(tables, row_ids, lengths)
     reference = ReferenceAttention().decode(q, kv, paged)
     for waves in (1, 4):  # one split per row, then several
-        close(decode_attention(q, kv, paged, waves), reference)
+        close(decode_attention(q, kv, tables, row_ids, lengths, waves), reference)
 
 
 def elementwise() -> None:
-    from replica.kernels.elementwise import TritonOps
+    from replica.kernels.elementwise import silu_mul
+    from replica.ops.feed_forward import silu_mul as silu_mul_reference
+    from replica.ops.layer import TritonLayerOps
 
     inv_freq = 1.0 / 1e6 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
-    ops = [cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq) for cls in (TorchOps, TritonOps)]
+    layer_ops = (TorchLayerOps, TritonLayerOps)
+    ops = [cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq) for cls in layer_ops]
     h, delta, weight = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
     for delta_or_none in (delta, None):
         for a, b in zip(*(op.add_rms_norm(h, delta_or_none, weight) for op in ops), strict=True):
             close(b, a)
     gate_up = torch.randn(3, 2 * 40)
-    close(ops[1].silu_mul(gate_up), ops[0].silu_mul(gate_up))
+    close(silu_mul(gate_up), silu_mul_reference(gate_up))
     for tokens in (5, 300):  # a program per token (decode), then blocks of tokens (prefill)
         qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
         q_norm, k_norm = torch.randn(HEAD_DIM), torch.randn(HEAD_DIM)
@@ -100,9 +104,10 @@ def elementwise() -> None:
 
 def moe(packed: bool = False) -> None:
     """The fused experts against the expert loop; `packed`: 4-bit experts (w4a16)."""
-    from replica.kernels import moe as moe_kernels
-    from replica.kernels.elementwise import TritonOps
-    from replica.kernels.moe import fused_moe
+    from replica.kernels.moe import expert_chunks
+    from replica.ops import tables
+    from replica.ops.feed_forward import TorchMoE, TritonMoE
+    from replica.ops.layer import TritonLayerOps
     from replica.ops.mlp import SparseMoE
     from replica.ops.packed import quantize
 
@@ -110,10 +115,11 @@ def moe(packed: bool = False) -> None:
         return quantize(weights, group_size=16) if packed else weights
 
     experts, hidden, inter = 8, 32, 16
-    ops = [
+    norms = [
         cls(HEADS, KV_HEADS, HEAD_DIM, 1e-6, torch.ones(HEAD_DIM // 2))
-        for cls in (TorchOps, TritonOps)
+        for cls in (TorchLayerOps, TritonLayerOps)
     ]
+    fused_moe = TritonMoE(dequantized_bytes=3 * 3 * inter * hidden * 4)
     for top_k, normalize in ((2, True), (3, False)):  # top_k 3: a padded top-k block
         layer = SparseMoE(
             router=torch.randn(experts, hidden),
@@ -124,56 +130,74 @@ def moe(packed: bool = False) -> None:
         )
         # packed, top-2 (top-3): 1 and 4 tokens a pair an expert or fewer (4: 1.5, the GEMV's
         # buckets); 60 the buckets, several chunks an expert (tiles); 300 the tiles (16-bit
-        # kernels take several blocks of rows)
+        # kernels take several blocks of rows). Decode steps: the tables' choices without the
+        # dequantized copy, which runs below
         for tokens in (1, 4, 60, 300):
             x, h, weight = (
                 torch.randn(tokens, hidden),
                 torch.randn(tokens, hidden),
                 torch.randn(hidden),
             )
-            expected = ops[0].add_rms_norm(h, ops[0].mlp(x, layer), weight)
-            fused = ops[1].mlp(x, layer)
+            expected = norms[0].add_rms_norm(h, TorchMoE()(x, layer, True), weight)
+            fused = fused_moe(x, layer, True)
             assert fused.shape == (tokens * top_k, hidden)
-            for a, b in zip(expected, ops[1].add_rms_norm(h, fused, weight), strict=True):
+            for a, b in zip(expected, norms[1].add_rms_norm(h, fused, weight), strict=True):
                 close(b, a)
-            assert layer.expert_tokens.sum().item() == tokens * top_k
-        if packed:  # every path at one size, the dequantized one in chunks of 3 experts
+            assert fused_moe.expert_counts(layer).sum().item() == tokens * top_k
+        if packed:  # every kernel at one size, the dequantized one in chunks of 3 experts
             x, h = torch.randn(60, hidden), torch.randn(60, hidden)
-            expected = ops[0].add_rms_norm(h, ops[0].mlp(x, layer), weight)
-            moe_kernels.DEQUANTIZED_BYTES = 3 * 3 * inter * hidden * 4
-            assert len(moe_kernels._expert_chunks(layer, torch.float32)) == 3
-            for path in ("pairs", "buckets", "tiles", "dequantized"):
-                ours = ops[1].add_rms_norm(h, fused_moe(x, layer, path), weight)
+            expected = norms[0].add_rms_norm(h, TorchMoE()(x, layer, False), weight)
+            chunks = expert_chunks(
+                layer.gate_up, layer.down, torch.float32, 3 * 3 * inter * hidden * 4
+            )
+            assert len(chunks) == 3
+            gemv = tables.MOE_PACKED_PREFILL.choose(1)
+            choices = (
+                gemv,
+                tables.MOE_PACKED_PREFILL.choose(4),
+                tables.MOE_PACKED_DECODE.choose(60 * top_k / experts),
+                tables.MOE_PACKED_PREFILL.choose(60 * top_k / experts),
+            )
+            assert [type(c).__name__ for c in choices] == ["ExpertGemv"] * 2 + ["ExpertTiles"] * 2
+            assert not choices[0].bucketed and choices[1].bucketed
+            assert not choices[2].dequantized and choices[3].dequantized
+            for choice in choices:
+                ours = norms[1].add_rms_norm(h, fused_moe.run(x, layer, choice), weight)
                 for a, b in zip(expected, ours, strict=True):
                     close(b, a)
 
 
 def int4_linear() -> None:
-    """w4a16 against dequantize-then-matmul: the GEMV for 1 to 4 tokens (split K, gated), the
-    decode tile with and without split-K, the middle and prefill tiles, the dequantizing copy;
-    output widths that end mid-block; groups of 32 to 128."""
-    from replica.kernels.int4_linear import (
-        GEMV_TOKENS,
-        dequantized,
-        split_k,
-        w4a16_gemv,
-        w4a16_linear,
-    )
+    """w4a16 against dequantize-then-matmul, by the tables' choices (the GEMV for 1 to 4 tokens,
+    the slabs, the decode tile, the dequantizing copy) and each kernel explicitly: the GEMV
+    gated, the tile kernel (slabs for groups of 128) with and without split-K at the middle and
+    prefill tiles; output widths that end mid-block; groups of 32 to 128."""
+    from replica.kernels.int4_dequantize import dequantized
+    from replica.kernels.int4_gemv import w4a16_gemv
+    from replica.kernels.int4_matmul import w4a16_tiled
+    from replica.kernels.launch import Tile, split_k
+    from replica.ops.linear import TritonLinear
     from replica.ops.packed import dequantize, linear, quantize
+    from replica.ops.tables import INT4_LINEAR_NARROW
 
     assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
+    ours = TritonLinear()
+    tiles = {40: Tile(64, 64, 128, 4, 4), 130: Tile(128, 128, 64, 8, 3)}
     for depth, group in ((256, 128), (96, 32), (512, 64)):
         weight = quantize(torch.randn(72, depth), group_size=group)
         close(dequantized(weight, torch.float32), dequantize(weight, torch.float32))
         for tokens in (1, 3, 4, 8, 40, 130):
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
-            close_in_scale(w4a16_linear(x, weight), linear(x, weight))
+            close_in_scale(ours(x, weight), linear(x, weight))
+            if tokens in tiles:
+                tiled = w4a16_tiled(x, weight, tiles[tokens], slabs=group >= 128)
+                close_in_scale(tiled, linear(x, weight))
             gate, up = linear(x, weight).chunk(2, dim=-1)
-            if tokens <= GEMV_TOKENS:
-                gated = w4a16_gemv(x, weight, gated=True)
+            if tokens <= 4:
+                gated = w4a16_gemv(x, weight, INT4_LINEAR_NARROW.choose(tokens).gated, gated=True)
                 close_in_scale(gated, torch.nn.functional.silu(gate) * up)
     strided = torch.randn(4, 2 * 256)[:, :256]  # rows of stride 512, as attention's output
-    close(w4a16_linear(strided, weight := quantize(torch.randn(40, 256))), strided @ dequantize(
+    close(ours(strided, weight := quantize(torch.randn(40, 256))), strided @ dequantize(
         weight, torch.float32).t())  # fmt: skip
 
 
@@ -207,7 +231,7 @@ def sampling() -> None:
         assert (reach <= GATHERED).all() if logits is smooth else (reach > GATHERED).all()
         for dtype in (torch.float32, torch.bfloat16):
             args = (logits.to(dtype), temperature, top_k, top_p, seeds, positions)
-            drawn, expected = sample_triton(*args), sample(*args)
+            drawn, expected = sample_triton(*args, candidates=CANDIDATES), sample(*args)
             assert torch.equal(drawn, expected), (dtype, drawn, expected)
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replica.kernels.int4_linear import dequantized, w4a16_gemv, w4a16_linear
-from replica.kernels.moe import fused_moe
+from replica.kernels.int4_dequantize import dequantized
+from replica.kernels.int4_gemv import w4a16_gemv
+from replica.ops import tables
+from replica.ops.feed_forward import TritonMoE
+from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE, moe_reference
 from replica.ops.packed import dequantize, quantize
 
@@ -37,7 +40,7 @@ def test_w4a16_linear_matches_dequantized_matmul(shape: str):
     dense = dequantize(weight, torch.bfloat16)
     for tokens in TOKENS:
         x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-        assert rel_error(w4a16_linear(x, weight), x @ dense.t()) < 1e-2, tokens
+        assert rel_error(TritonLinear()(x, weight), x @ dense.t()) < 1e-2, tokens
     assert torch.equal(dequantized(weight, torch.bfloat16), dense)  # bf16 scales: exact
 
 
@@ -51,7 +54,8 @@ def test_gated_gemv_fuses_silu_times_up():
         x = torch.randn(tokens, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
         gate, up = (x @ dense.t()).chunk(2, dim=-1)
         expected = torch.nn.functional.silu(gate) * up
-        assert rel_error(w4a16_gemv(x, weight, gated=True), expected) < 1e-2, tokens
+        tile = tables.INT4_LINEAR_NARROW.choose(tokens).gated
+        assert rel_error(w4a16_gemv(x, weight, tile, gated=True), expected) < 1e-2, tokens
 
 
 @gpu
@@ -70,12 +74,19 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
         top_k=top_k,
         norm_topk_prob=True,
     )
-    # 16 tokens: a pair an expert; 17 and 64: the buckets; 2048: dequantized
+    # 16 tokens: a pair an expert; 17 and 64: the buckets; 2048: dequantized (prefill)
+    fused_moe = TritonMoE()
     for tokens in (1, 8, 16, 17, 64, 2048):
         x = randn(tokens, hidden)
-        fused = fused_moe(x, moe).unflatten(0, (tokens, top_k)).float().sum(1)
+        fused = fused_moe(x, moe, tokens <= 64).unflatten(0, (tokens, top_k)).float().sum(1)
         assert rel_error(fused, moe_reference(x, moe)) < 2e-2, tokens
     x = randn(64, hidden)
-    for path in ("pairs", "buckets", "tiles", "dequantized"):
-        fused = fused_moe(x, moe, path).unflatten(0, (64, top_k)).float().sum(1)
+    choices = {
+        "pairs": tables.MOE_PACKED_DECODE.choose(1),
+        "buckets": tables.MOE_PACKED_DECODE.choose(4),
+        "tiles": tables.MOE_PACKED_DECODE.choose(8),
+        "dequantized": tables.MOE_PACKED_PREFILL.choose(8),
+    }
+    for path, choice in choices.items():
+        fused = fused_moe.run(x, moe, choice).unflatten(0, (64, top_k)).float().sum(1)
         assert rel_error(fused, moe_reference(x, moe)) < 2e-2, path

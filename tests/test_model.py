@@ -6,17 +6,18 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from replica.engine.batch_inputs import pack_prefill
 from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache
-from replica.engine.model_runner import pack_prefill
 from replica.loading.model import model_from_reader, random_model
 from replica.loading.reader import CheckpointReader
 from replica.loading.reference import build_reference_model
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.model.architecture import attention_shape
 from replica.model.qwen3 import Batch, Qwen3
+from replica.ops import select_ops
 from replica.ops.attention import BlockTables
-from replica.ops.layer import TorchOps
-from replica.ops.select import select_attention, select_ops
+from replica.ops.feed_forward import silu_mul
+from replica.ops.layer import TorchLayerOps
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,14 +32,13 @@ def prefill_then_decode(
     _, kv_heads, head_dim = attention_shape(model.config)
     shape = CacheShape(model.config.num_hidden_layers, 64, size, kv_heads, head_dim)
     cache = KVCache(shape, model.dtype, dev)
-    attention = select_attention(dev)
     blocks = [(7 * i + 3) % 60 for i in range(-(-len(prompt) // size))]  # out of order
     first = split // 2
     chunks = [(prompt, 0, first, blocks), ([7] * 3, 0, 3, [61])]
-    prefill = [model.logits(model.forward(pack_prefill(chunks, size, dev), cache, attention))]
+    prefill = [model.logits(model.forward(pack_prefill(chunks, size, dev), cache))]
     rest = pack_prefill([(prompt, first, split, blocks)], size, dev)
     assert rest.rows is not None and rest.rows.context is not None
-    prefill.append(model.logits(model.forward(rest, cache, attention)))
+    prefill.append(model.logits(model.forward(rest, cache)))
     tables = torch.tensor([blocks], dtype=torch.int32, device=dev)
     decoded = []
     for pos in range(split, len(prompt)):
@@ -52,7 +52,7 @@ def prefill_then_decode(
                 torch.tensor([pos + 1], dtype=torch.int32, device=dev),
             ),
         )
-        decoded.append(model.logits(model.forward(step, cache, attention)[0]))
+        decoded.append(model.logits(model.forward(step, cache)[0]))
     return torch.cat([prefill[0][:first], prefill[1]]), torch.stack(decoded)
 
 
@@ -76,7 +76,7 @@ def test_fp32_logits_match_transformers():
 
 def test_random_weights_have_transformers_shapes():
     config = resolve("tiny-random").config
-    ours = random_model(config, "cpu", torch.float32, 0, TorchOps)
+    ours = random_model(config, "cpu", torch.float32, 0)
     theirs = build_reference_model(resolve("tiny-random"))
     assert ours.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
     assert ours.layers[0].qkv.shape == (
@@ -87,7 +87,7 @@ def test_random_weights_have_transformers_shapes():
 
 def test_rope_theta_comes_from_the_config():
     config = Qwen3Config.from_pretrained(VENDORED_CONFIGS / "qwen3-4b-instruct-2507")
-    model = random_model(resolve("tiny-random").config, "cpu", torch.float32, 0, TorchOps)
+    model = random_model(resolve("tiny-random").config, "cpu", torch.float32, 0)
     assert model.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 16))
     from replica.model.architecture import rope_theta
 
@@ -129,7 +129,8 @@ def test_bf16_4b_logits_close_to_transformers():
 @gpu
 @pytest.mark.gpu
 def test_fused_ops_match_torch_ops():
-    from replica.kernels.elementwise import TritonOps
+    from replica.kernels.elementwise import silu_mul as silu_mul_triton
+    from replica.ops.layer import TritonLayerOps
 
     gen = torch.Generator(device="cuda").manual_seed(4)
     dev, dt = "cuda", torch.bfloat16
@@ -139,7 +140,7 @@ def test_fused_ops_match_torch_ops():
 
     heads, kv_heads, dim, hidden = 32, 8, 128, 2560
     inv_freq = 1.0 / 1e6 ** (torch.arange(0, dim, 2, device=dev).float() / dim)
-    ops = [cls(heads, kv_heads, dim, 1e-6, inv_freq) for cls in (TorchOps, TritonOps)]
+    ops = [cls(heads, kv_heads, dim, 1e-6, inv_freq) for cls in (TorchLayerOps, TritonLayerOps)]
     h, delta, weight = randn(37, hidden), randn(37, hidden), 1 + randn(hidden)
     for a, b in zip(
         ops[0].add_rms_norm(h, delta, weight), ops[1].add_rms_norm(h, delta, weight), strict=True
@@ -150,7 +151,7 @@ def test_fused_ops_match_torch_ops():
         < 1e-2
     )
     gate_up = randn(37, 2 * 9728)
-    assert rel_error(ops[1].silu_mul(gate_up), ops[0].silu_mul(gate_up)) < 1e-2
+    assert rel_error(silu_mul_triton(gate_up), silu_mul(gate_up)) < 1e-2
 
     qkv, q_norm, k_norm = randn(3 * 5, (heads + 2 * kv_heads) * dim), randn(dim), randn(dim)
     positions = torch.randint(0, 4000, (3 * 5,), device=dev)

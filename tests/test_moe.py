@@ -15,13 +15,14 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from replica.engine.engine import Engine
 from replica.engine.kv_cache import bytes_per_token
 from replica.engine.request import EngineRequest
-from replica.kernels.elementwise import TritonOps
 from replica.loading.model import random_model
 from replica.loading.reader import CheckpointReader
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.loading.weights import expected_tensor_names
 from replica.model.qwen3 import Qwen3
-from replica.ops.layer import TorchOps
+from replica.ops import select_ops
+from replica.ops.feed_forward import TorchMoE
+from replica.ops.layer import TritonLayerOps
 from replica.ops.mlp import SparseMoE
 from tests.test_engine import idle, prefill_logits
 from tests.transformers_oracle import greedy_continuations
@@ -104,7 +105,7 @@ def test_vendored_30b_config_reads_as_moe_with_96_kib_of_kv_a_token():
 
 def test_random_weights_build_the_moe_not_a_dense_model():
     config = tiny_moe_config()
-    model = random_model(config, "cpu", torch.float32, 0, TorchOps)
+    model = random_model(config, "cpu", torch.float32, 0)
     moe = model.layers[0].mlp
     assert isinstance(moe, SparseMoE)
     assert moe.gate_up.shape == (8, 2 * 32, 64)
@@ -160,11 +161,11 @@ def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts
 # On the GPU: the fused kernels at the real shape.
 
 
-def real_moe(seed: int = 0) -> tuple[Qwen3MoeConfig, SparseMoE]:
+def real_moe(seed: int = 0) -> tuple[Qwen3MoeConfig, SparseMoE, Qwen3]:
     config = resolve(str(VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507"), True).config
     config.num_hidden_layers = 1
-    model = random_model(config, "cuda", torch.bfloat16, seed, TritonOps)
-    return config, model.layers[0].mlp
+    model = random_model(config, "cuda", torch.bfloat16, seed, select_ops(torch.device("cuda")))
+    return config, model.layers[0].mlp, model
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -174,19 +175,20 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 @gpu
 @pytest.mark.gpu
 def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
-    config, moe = real_moe()
-    shape = (32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
-    torch_ops, triton_ops = TorchOps(*shape), TritonOps(*shape)
+    config, moe, model = real_moe()
+    norms = TritonLayerOps(32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
     weight = torch.ones(config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    fused_moe = model.ops.moe
     for tokens in (1, 3, 8, 64, 256, 1000, 4096, 16384):
         x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
         h = torch.zeros_like(x)
-        expected = torch_ops.mlp(x, moe)
-        pairs = triton_ops.mlp(x, moe)
-        error = rel_error(triton_ops.add_rms_norm(h, pairs, weight)[0], expected)
+        expected = TorchMoE()(x, moe, False)
+        pairs = fused_moe(x, moe, False)
+        error = rel_error(norms.add_rms_norm(h, pairs, weight)[0], expected)
         assert error < 1e-2, (tokens, error)
-        assert int(moe.expert_tokens.sum()) == tokens * config.num_experts_per_tok
-        assert torch.equal(triton_ops.mlp(x, moe), pairs)  # wherever the atomics filed each pair
+        counts = fused_moe.expert_counts(moe)
+        assert int(counts.sum()) == tokens * config.num_experts_per_tok
+        assert torch.equal(fused_moe(x, moe, False), pairs)  # wherever the atomics filed each
 
 
 @gpu
@@ -194,16 +196,16 @@ def test_fused_moe_matches_the_expert_loop_at_the_real_shape():
 def test_full_shape_moe_block_close_to_transformers_in_bf16():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    config, moe = real_moe(seed=3)
+    config, moe, model = real_moe(seed=3)
     with torch.device("cuda"):
         block = Qwen3MoeSparseMoeBlock(config).to(torch.bfloat16).eval()
     block.gate.weight.data.copy_(moe.router)
     block.experts.gate_up_proj.data.copy_(moe.gate_up)
     block.experts.down_proj.data.copy_(moe.down)
     x = torch.randn(1, 300, config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    ops = TritonOps(32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
+    norms = TritonLayerOps(32, 4, 128, 1e-6, torch.ones(64, device="cuda"))
     h = torch.zeros_like(x[0])
-    ours = ops.add_rms_norm(h, ops.mlp(x[0], moe), torch.ones_like(h[0]))[0]
+    ours = norms.add_rms_norm(h, model.ops.moe(x[0], moe, False), torch.ones_like(h[0]))[0]
     with torch.no_grad():
         theirs = block(x)[0]
         exact = block.float()(x.float())[0]

@@ -9,27 +9,17 @@ Key t of a row is at offset t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SI
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.launch import multiprocessors
 from replica.kernels.online_softmax import LOG2_E, attend_block
-from replica.ops.attention import BlockTables, LayerCache
 
 BLOCK_N = 64
 MAX_SPLITS = 64
 WAVES = 4  # programs per multiprocessor to aim for when splitting rows
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    """The GPU's multiprocessors; on the CPU (Triton's interpreter, in tests) a small GPU's 8."""
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -143,15 +133,22 @@ def _merge_kernel(
 
 def num_splits(rows: int, kv_heads: int, device: torch.device, waves: int) -> int:
     """Enough programs to cover the GPU `waves` times over; a fixed number per batch size."""
-    sms = _multiprocessors(device)
+    sms = multiprocessors(device)
     return max(1, min(MAX_SPLITS, triton.cdiv(waves * sms, rows * kv_heads)))
 
 
-def decode_attention(q: Tensor, kv: LayerCache, paged: BlockTables, waves: int = WAVES) -> Tensor:
+def decode_attention(
+    q: Tensor,
+    kv: tuple[Tensor, Tensor],
+    tables: Tensor,
+    row_ids: Tensor,
+    seq_lens: Tensor,
+    waves: int = WAVES,
+) -> Tensor:
     """q [B, Hq, D] over the first seq_lens[b] tokens of the blocks tables[row_ids[b]] of the
-    caches [blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+    caches `kv` (K, V) [blocks, block_size, Hkv, D] -> [B, Hq, D]. `waves`: programs per
+    multiprocessor to aim for when splitting rows over the sequence."""
     k_cache, v_cache = kv
-    tables = paged.tables
     rows, q_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
@@ -165,8 +162,8 @@ def decode_attention(q: Tensor, kv: LayerCache, paged: BlockTables, waves: int =
         k_cache,
         v_cache,
         tables,
-        paged.row_ids,
-        paged.seq_lens,
+        row_ids,
+        seq_lens,
         part,
         lse,
         head_dim**-0.5 * LOG2_E,

@@ -1,6 +1,7 @@
-"""`TorchOps`' work in three fused Triton kernels (CUDA): add + RMSNorm, SiLU * up, and q/k
-norms + RoPE + the K/V cache write; 4-bit projections through replica.kernels.int4_linear. Rounding to the activation dtype happens where transformers
-rounds, so results stay within bf16 noise of `TorchOps`."""
+"""A layer's elementwise work in three fused Triton kernels (CUDA): add + RMSNorm, SiLU * up, and
+q/k norms + RoPE + the K/V cache write. Rounding to the activation dtype happens where
+transformers rounds, so results stay within bf16 noise of the PyTorch oracle
+(replica.ops.layer)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from replica.kernels.int4_linear import gemv_serves, w4a16_gemv, w4a16_linear
-from replica.kernels.moe import fused_moe
-from replica.ops.layer import TorchOps
-from replica.ops.mlp import DenseMLP, SparseMoE
-from replica.ops.packed import PackedInt4
 
 
 @triton.jit
@@ -26,39 +21,39 @@ def _add_rms_norm_kernel(
     n,
     eps,
     HAS_DELTA: tl.constexpr,
-    DELTA_ROWS: tl.constexpr,
+    DELTAS_PER_TOKEN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    h = tl.load(h_ptr + row * n + offs, mask=mask, other=0.0)
+    h = tl.load(h_ptr + token * n + offs, mask=mask, other=0.0)
     if HAS_DELTA:
         delta = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(DELTA_ROWS):  # the MoE's k expert outputs of this token
-            src = delta_ptr + (row * DELTA_ROWS + j) * n + offs
+        for j in tl.static_range(DELTAS_PER_TOKEN):  # the MoE's k expert outputs of this token
+            src = delta_ptr + (token * DELTAS_PER_TOKEN + j) * n + offs
             delta += tl.load(src, mask=mask, other=0.0).to(tl.float32)
         h = (h.to(tl.float32) + delta.to(h.dtype).to(tl.float32)).to(h.dtype)
-        tl.store(h_out_ptr + row * n + offs, h, mask=mask)
+        tl.store(h_out_ptr + token * n + offs, h, mask=mask)
     x = h.to(tl.float32)
     x = (x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)).to(h.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(
-        x_out_ptr + row * n + offs, (w.to(tl.float32) * x.to(tl.float32)).to(h.dtype), mask=mask
+        x_out_ptr + token * n + offs, (w.to(tl.float32) * x.to(tl.float32)).to(h.dtype), mask=mask
     )
 
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    gate = tl.load(gate_up_ptr + row * 2 * inter + offs, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0)
+    gate = tl.load(gate_up_ptr + token * 2 * inter + offs, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + token * 2 * inter + inter + offs, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(
-        out_ptr + row * inter + offs,
+        out_ptr + token * inter + offs,
         (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype),
         mask=mask,
     )
@@ -91,8 +86,8 @@ def _rope_store_kernel(
     live = (tokens < num_tokens)[:, None]
     d = tl.arange(0, HALF)
     dim: tl.constexpr = 2 * HALF
-    row_len: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * dim
-    src = qkv_ptr + tokens[:, None] * row_len + head * dim + d[None, :]
+    width: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * dim
+    src = qkv_ptr + tokens[:, None] * width + head * dim + d[None, :]
     x1 = tl.load(src, mask=live, other=0.0)
     x2 = tl.load(src + HALF, mask=live, other=0.0)
     dtype = x1.dtype
@@ -130,90 +125,83 @@ def _rope_store_kernel(
         tl.store(v_cache_ptr + cache + HALF, tl.load(v_src + HALF, mask=live), mask=live)
 
 
-class TritonOps(TorchOps):
-    SILU_BLOCK = 1024
+SILU_BLOCK = 1024
 
-    def add_rms_norm(
-        self, h: Tensor, delta: Tensor | None, weight: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        rows, n = h.shape
-        h_out = torch.empty_like(h) if delta is not None else h
-        x_out = torch.empty_like(h)
-        _add_rms_norm_kernel[(rows,)](
-            h,
-            h if delta is None else delta,
-            weight,
-            h_out,
-            x_out,
-            n,
-            self.eps,
-            HAS_DELTA=delta is not None,
-            DELTA_ROWS=1 if delta is None else delta.shape[0] // rows,
-            BLOCK=triton.next_power_of_2(n),
-            num_warps=8,
-        )
-        return h_out, x_out
 
-    def mlp(self, x: Tensor, mlp: DenseMLP | SparseMoE) -> Tensor:
-        """A packed dense MLP at a few tokens: SiLU(gate) * up fused into the gate-up GEMV."""
-        if isinstance(mlp, DenseMLP) and gemv_serves(x.shape[0], mlp.gate_up):
-            return self.linear(w4a16_gemv(x, mlp.gate_up, gated=True), mlp.down)
-        return super().mlp(x, mlp)
+def add_rms_norm(
+    h: Tensor, delta: Tensor | None, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(h + delta, rms_norm(h + delta)); `delta` [T * k, hidden] adds the k rows of each token
+    (the fused MoE's expert outputs) in order, in fp32."""
+    tokens, n = h.shape
+    h_out = torch.empty_like(h) if delta is not None else h
+    x_out = torch.empty_like(h)
+    _add_rms_norm_kernel[(tokens,)](
+        h,
+        h if delta is None else delta,
+        weight,
+        h_out,
+        x_out,
+        n,
+        eps,
+        HAS_DELTA=delta is not None,
+        DELTAS_PER_TOKEN=1 if delta is None else delta.shape[0] // tokens,
+        BLOCK=triton.next_power_of_2(n),
+        num_warps=8,
+    )
+    return h_out, x_out
 
-    def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
-        return fused_moe(x, moe)
 
-    def linear(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
-        if isinstance(weight, PackedInt4):
-            return w4a16_linear(x, weight)
-        return torch.nn.functional.linear(x, weight)
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """SiLU(gate) * up of gate_up [T, 2 * inter] -> [T, inter]."""
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    grid = (tokens, triton.cdiv(inter, SILU_BLOCK))
+    _silu_mul_kernel[grid](gate_up, out, inter, BLOCK=SILU_BLOCK, num_warps=4)
+    return out
 
-    def silu_mul(self, gate_up: Tensor) -> Tensor:
-        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
-        grid = (rows, triton.cdiv(inter, self.SILU_BLOCK))
-        _silu_mul_kernel[grid](gate_up, out, inter, BLOCK=self.SILU_BLOCK, num_warps=4)
-        return out
 
-    def rope_store(
-        self,
-        qkv: Tensor,
-        q_norm: Tensor,
-        k_norm: Tensor,
-        positions: Tensor,
-        slots: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        tokens, d = qkv.shape[0], self.head_dim
-        k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # views: flat slots
-        q = torch.empty(tokens, self.num_heads, d, dtype=qkv.dtype, device=qkv.device)
-        k = torch.empty(tokens, self.num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
-        # Decode steps: a program per token and head. Prefill: blocks of tokens, so that a
-        # 16k-token prompt batch is not 650k one-warp programs.
-        block = 1 if tokens <= 256 else 16
-        grid = (triton.cdiv(tokens, block), self.num_heads + self.num_kv_heads)
-        _rope_store_kernel[grid](
-            qkv,
-            q_norm,
-            k_norm,
-            self.inv_freq,
-            positions,
-            slots,
-            q,
-            k,
-            k_flat,
-            v_flat,
-            tokens,
-            self.eps,
-            k_flat.stride(0),
-            k_flat.stride(1),
-            NUM_HEADS=self.num_heads,
-            NUM_KV_HEADS=self.num_kv_heads,
-            HALF=d // 2,
-            BLOCK_T=block,
-            num_warps=1 if block == 1 else 4,
-        )
-        kv = self.num_kv_heads * d
-        v = qkv[:, self.num_heads * d + kv :].unflatten(-1, (self.num_kv_heads, d))
-        return q, k, v
+def rope_store(
+    qkv: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    inv_freq: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    kv: tuple[Tensor, Tensor],
+    shape: tuple[int, int, int],
+    eps: float,
+    block_tokens: int,
+    warps: int,
+) -> tuple[Tensor, Tensor]:
+    """q/k norms and RoPE on qkv [T, (Hq + 2 Hkv) * D], K and V written to the caches `kv`
+    [blocks, block_size, Hkv, D] at flat slots[t]; `shape` (Hq, Hkv, D). Returns q [T, Hq, D]
+    and k [T, Hkv, D]. A program takes `block_tokens` tokens of one head."""
+    num_heads, num_kv_heads, d = shape
+    tokens = qkv.shape[0]
+    k_flat, v_flat = kv[0].flatten(0, 1), kv[1].flatten(0, 1)  # views: flat slots
+    q = torch.empty(tokens, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(tokens, num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
+    grid = (triton.cdiv(tokens, block_tokens), num_heads + num_kv_heads)
+    _rope_store_kernel[grid](
+        qkv,
+        q_norm,
+        k_norm,
+        inv_freq,
+        positions,
+        slots,
+        q,
+        k,
+        k_flat,
+        v_flat,
+        tokens,
+        eps,
+        k_flat.stride(0),
+        k_flat.stride(1),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HALF=d // 2,
+        BLOCK_T=block_tokens,
+        num_warps=warps,
+    )
+    return q, k

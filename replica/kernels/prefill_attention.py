@@ -15,7 +15,6 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.kernels.online_softmax import LOG2_E, attend_block
-from replica.ops.attention import LayerCache, PackedRows
 
 BLOCK_M = 128
 BLOCK_N = 64
@@ -102,29 +101,35 @@ def _prefill_kernel(
 
 
 def prefill_attention(
-    q: Tensor, k: Tensor, v: Tensor, rows: PackedRows, kv: LayerCache | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    lengths: Tensor,
+    max_len: int,
+    context: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """q [T, Hq, D] -> [T, Hq, D], causal within each row. Without `rows.context`, keys are
-    the packed k/v [T, Hkv, D] (any token and head strides, last dim contiguous); with it,
-    every key comes from the paged caches `kv` [blocks, block_size, Hkv, D], row b's first
-    context.lengths[b] tokens before its chunk."""
+    """q [T, Hq, D] -> [T, Hq, D], causal within each prompt: prompt b is tokens
+    cu_seqlens[b] .. cu_seqlens[b + 1] (lengths[b] of them, at most `max_len`). Without
+    `context`, keys are the packed k/v [T, Hkv, D] (any token and head strides, last dim
+    contiguous); with it, (k_cache, v_cache, tables, context_lens): every key comes from the
+    paged caches [blocks, block_size, Hkv, D], prompt b's first context_lens[b] tokens (in
+    blocks tables[b]) before its chunk."""
     _, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
-    grid = (triton.cdiv(rows.max_len, BLOCK_M), rows.lengths.shape[0], q_heads)
-    context = rows.context
+    grid = (triton.cdiv(max_len, BLOCK_M), lengths.shape[0], q_heads)
     if context is None:
         keys, values = k[:, None], v[:, None]  # [T, 1, H, D]: one "block", strides line up
-        context_lens, tables, block_size = rows.lengths, rows.lengths[:, None], 1
+        context_lens, tables, block_size = lengths, lengths[:, None], 1
     else:
-        assert kv is not None, "a row with context reads its keys from the cache"
-        keys, values = kv
-        context_lens, tables, block_size = context.lengths, context.tables, keys.shape[1]
+        keys, values, tables, context_lens = context
+        block_size = keys.shape[1]
     _prefill_kernel[grid](
         q,
         keys,
         values,
         out,
-        rows.cu_seqlens,
+        cu_seqlens,
         context_lens,
         tables,
         head_dim**-0.5 * LOG2_E,

@@ -1,4 +1,4 @@
-"""`replica.ops.sampler.sample` as one Triton program per row (CUDA): a sampled decode step draws
+"""Per-row sampling (replica.ops.sampler's oracle) as one Triton program per row (CUDA): a sampled decode step draws
 all its tokens in one launch inside the graph.
 
 A row's program reads its logits in passes. The first finds the greedy argmax and each lane's
@@ -24,9 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from replica.ops.sampler import CANDIDATES
-
-GATHERED = 512  # room for the logits at or above a row's floor: CANDIDATES and a margin
+GATHERED = 512  # room for the logits at or above a row's floor: the candidates and a margin
 
 
 @triton.jit
@@ -266,9 +264,11 @@ def _sample_kernel(
     tl.store(out_ptr + row, tl.where(sampled, drawn, greedy).to(tl.int64))
 
 
-def sample_triton(logits: Tensor, *row_settings: Tensor) -> Tensor:
-    """What `replica.ops.sampler.sample` returns, in one launch; `row_settings` are its
-    temperature, top_k, top_p, seeds and positions."""
+def sample_triton(logits: Tensor, *row_settings: Tensor, candidates: int) -> Tensor:
+    """[B] next tokens, what `replica.ops.sampler.sample` returns, in one launch: `row_settings`
+    are its temperature, top_k, top_p, seeds and positions, `candidates` its CANDIDATES (the
+    most tokens top-k and top-p look at)."""
+    assert candidates < GATHERED
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     values = torch.empty(rows, GATHERED, dtype=torch.float32, device=logits.device)
@@ -281,7 +281,7 @@ def sample_triton(logits: Tensor, *row_settings: Tensor) -> Tensor:
         out,
         vocab,
         BLOCK=2048,
-        CAND=CANDIDATES,
+        CAND=candidates,
         CAP=GATHERED,
         KEY_BITS=16 if logits.dtype == torch.bfloat16 else 32,  # bf16: the top half of fp32
         num_warps=8,

@@ -12,7 +12,7 @@ from replica.loading.reference import build_reference_model
 from replica.loading.source import TINY_RANDOM, ModelSource
 from replica.loading.weights import RandomBuilder, build, load_checkpoint
 from replica.model.qwen3 import Qwen3
-from replica.ops.layer import TorchOps
+from replica.ops import Ops
 
 QUANTIZE_MODES = ("int4",)  # `--quantize`: round-to-nearest 4-bit, group 128, asymmetric
 
@@ -22,7 +22,7 @@ def load_model(
     device: str,
     dtype: torch.dtype,
     seed: int = 0,
-    ops: type[TorchOps] = TorchOps,
+    ops: Ops | None = None,
     quantize: str | None = None,
 ) -> Qwen3:
     """Weights for `source`: its checkpoint, layer by layer, else random; `quantize="int4"`
@@ -59,7 +59,7 @@ def model_from_reader(
     config: PretrainedConfig,
     device: str,
     dtype: torch.dtype,
-    ops: type[TorchOps] = TorchOps,
+    ops: Ops | None = None,  # None: the CPU's ops
     quantize: bool = False,
 ) -> Qwen3:
     """Every tensor of `reader` (Hugging Face names: a checkpoint, or the tests' transformers
@@ -73,7 +73,7 @@ def random_model(
     device: str,
     dtype: torch.dtype,
     seed: int,
-    ops: type[TorchOps],
+    ops: Ops | None = None,
     quantize: bool = False,
 ) -> Qwen3:
     """Seeded random weights of the config's shapes, made on the device (the GPU benchmarks);

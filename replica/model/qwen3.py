@@ -1,5 +1,5 @@
-"""Our Qwen3 forward (dense or MoE): plain weight tensors, QKV and gate/up fused at load,
-attention pluggable.
+"""Our Qwen3 forward (dense or MoE): plain weight tensors, QKV and gate/up fused at load, every
+op (attention included) from the device's `Ops` (replica.ops.select).
 
 The math follows transformers' `Qwen3ForCausalLM` operation for operation (see `replica.ops.layer`),
 so that fp32 greedy tokens match it exactly. Activations are [tokens, features] over the packed
@@ -18,8 +18,9 @@ from transformers import PretrainedConfig
 
 from replica.model.architecture import attention_shape, rope_theta
 from replica.model.weights import ModelWeights
-from replica.ops.attention import AttentionBackend, BlockTables, LayerCache, PackedRows
-from replica.ops.layer import TorchOps
+from replica.ops import Ops, select_ops
+from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.mlp import DenseMLP, SparseMoE
 
 
 @dataclass
@@ -43,12 +44,12 @@ class KVLayers(Protocol):
 
 
 class Qwen3:
-    """Qwen3 causal LM (dense or MoE) over an external KV cache and attention backend."""
+    """Qwen3 causal LM (dense or MoE) over an external KV cache."""
 
     def __init__(
-        self, config: PretrainedConfig, weights: ModelWeights, ops: type[TorchOps] = TorchOps
+        self, config: PretrainedConfig, weights: ModelWeights, ops: Ops | None = None
     ) -> None:
-        """`ops`: TorchOps, or the fused kernels' TritonOps on CUDA (replica.ops.select chooses)."""
+        """`ops`: the device's (`select_ops`); None: the CPU's."""
         self.config = config
         self.embed = weights.embed
         self.layers = weights.layers
@@ -58,7 +59,10 @@ class Qwen3:
         self.eps = config.rms_norm_eps
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         self.inv_freq = (1.0 / rope_theta(config) ** exponents).to(self.device)
-        self.ops = ops(self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq)
+        self.ops = ops or select_ops(torch.device("cpu"))
+        self.layer_ops = self.ops.layer(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.inv_freq
+        )
 
     @property
     def device(self) -> torch.device:
@@ -80,27 +84,34 @@ class Qwen3:
         """Weights one token multiplies in the layers (the MoE's router and top-k experts)."""
         return sum(layer.active_params() for layer in self.layers)
 
-    def forward(self, batch: Batch, cache: KVLayers, attention: AttentionBackend) -> Tensor:
+    def forward(self, batch: Batch, cache: KVLayers) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
-        ops, layers = self.ops, self.layers
-        h, x = ops.add_rms_norm(
+        ops, layer_ops, layers = self.ops, self.layer_ops, self.layers
+        decode = batch.paged is not None
+        h, x = layer_ops.add_rms_norm(
             F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
         )
         for index, w in enumerate(layers):
             kv = cache.layer(index)
-            q, k, v = ops.rope_store(
+            q, k, v = layer_ops.rope_store(
                 ops.linear(x, w.qkv), w.q_norm, w.k_norm, batch.positions, batch.slots, *kv
             )
             if batch.paged is not None:
-                out = attention.decode(q, kv, batch.paged)
+                out = ops.attention.decode(q, kv, batch.paged)
             else:
                 assert batch.rows is not None
-                out = attention.prefill(q, k, v, kv, batch.rows)
+                out = ops.attention.prefill(q, k, v, kv, batch.rows)
             attended = ops.linear(out.reshape(h.shape[0], -1), w.o_proj)
-            h, x = ops.add_rms_norm(h, attended, w.post_norm)
+            h, x = layer_ops.add_rms_norm(h, attended, w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
-            h, x = ops.add_rms_norm(h, ops.mlp(x, w.mlp), next_norm)
+            h, x = layer_ops.add_rms_norm(h, self._feed_forward(x, w.mlp, decode), next_norm)
         return x
+
+    def _feed_forward(self, x: Tensor, mlp: DenseMLP | SparseMoE, decode: bool) -> Tensor:
+        """The MLP's output, or the MoE's ([T * top_k, hidden] from the fused experts)."""
+        if isinstance(mlp, SparseMoE):
+            return self.ops.moe(x, mlp, decode)
+        return self.ops.mlp(x, mlp)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.lm_head)

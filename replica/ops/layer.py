@@ -1,19 +1,19 @@
-"""The elementwise parts of a Qwen3 layer, behind one interface with two implementations.
+"""The elementwise ops of a Qwen3 layer: add + RMSNorm, and q/k norms + RoPE + the KV write.
 
-`TorchOps` is plain PyTorch in transformers' exact order of operations (fp32 tokens match it bit
-for bit on CPU). On CUDA, `replica.kernels.elementwise.TritonOps` does the same work in fused
-kernels (replica.ops.select chooses); in a decode step the unfused version's ~50 small launches per
-layer cost more than reading the weights.
+`TorchLayerOps` is plain PyTorch in transformers' exact order of operations (fp32 tokens match it
+bit for bit on CPU). On CUDA `TritonLayerOps` does the same work in the fused kernels of
+replica.kernels.elementwise (in a decode step the unfused version's many small launches per layer
+cost more than reading the weights). The model builds one per model (`Ops.layer`): they hold the
+attention shape, eps and RoPE's inverse frequencies.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
-from replica.ops.packed import PackedInt4, linear
+from replica.kernels import elementwise
+from replica.ops.tables import ROPE_STORE, RopeBlock, Table
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -28,7 +28,7 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class TorchOps:
+class TorchLayerOps:
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, inv_freq: Tensor
     ) -> None:
@@ -48,23 +48,6 @@ class TorchOps:
                 delta = delta.unflatten(0, (h.shape[0], -1)).float().sum(1).to(h.dtype)
             h = h + delta
         return h, rms_norm(h, weight, self.eps)
-
-    def linear(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
-        """x @ weight.T: every projection of a layer goes through here, 16-bit or 4-bit."""
-        return linear(x, weight)
-
-    def mlp(self, x: Tensor, mlp: DenseMLP | SparseMoE) -> Tensor:
-        """The layer's feed-forward half (see replica.ops.mlp for what it returns)."""
-        if isinstance(mlp, SparseMoE):
-            return self.moe(x, mlp)
-        return self.linear(self.silu_mul(self.linear(x, mlp.gate_up)), mlp.down)
-
-    def moe(self, x: Tensor, moe: SparseMoE) -> Tensor:
-        return moe_reference(x, moe)
-
-    def silu_mul(self, gate_up: Tensor) -> Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
 
     def rope_store(
         self,
@@ -92,4 +75,35 @@ class TorchOps:
         k = k * cos + _rotate_half(k) * sin
         k_cache.flatten(0, 1)[slots] = k
         v_cache.flatten(0, 1)[slots] = v
+        return q, k, v
+
+
+class TritonLayerOps(TorchLayerOps):
+    rope_table: Table[RopeBlock] = ROPE_STORE
+
+    def add_rms_norm(
+        self, h: Tensor, delta: Tensor | None, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return elementwise.add_rms_norm(h, delta, weight, self.eps)
+
+    def rope_store(
+        self,
+        qkv: Tensor,
+        q_norm: Tensor,
+        k_norm: Tensor,
+        positions: Tensor,
+        slots: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        block = self.rope_table.choose(qkv.shape[0])
+        shape = (self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k = elementwise.rope_store(
+            qkv, q_norm, k_norm, self.inv_freq, positions, slots, (k_cache, v_cache), shape,
+            self.eps, block.tokens, block.warps,
+        )  # fmt: skip
+        kv = self.num_kv_heads * self.head_dim
+        v = qkv[:, self.num_heads * self.head_dim + kv :].unflatten(
+            -1, (self.num_kv_heads, self.head_dim)
+        )
         return q, k, v

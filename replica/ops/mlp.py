@@ -1,15 +1,15 @@
-"""The feed-forward half of a layer: a dense SwiGLU MLP, or Qwen3-MoE's sparse mixture of experts.
+"""The feed-forward half of a layer's weights: a dense SwiGLU MLP, or Qwen3-MoE's sparse mixture
+of experts.
 
-The ops (replica.ops.layer, or the Triton ones) run them: `ops.mlp(x, mlp)` returns what the next
-residual add takes, [T, hidden], or for the fused MoE kernels [T * top_k, hidden] (each token's
-weighted expert outputs, summed by `ops.add_rms_norm`). The plain PyTorch expert loop here is the
-CPU path and the test oracle: it follows transformers' `Qwen3MoeSparseMoeBlock` operation for
-operation.
+The ops of replica.ops.feed_forward run them: what the next residual add takes, [T, hidden], or
+for the fused MoE kernels [T * top_k, hidden] (each token's weighted expert outputs, summed by
+the add + RMSNorm). The plain PyTorch expert loop here is the CPU path and the test oracle: it
+follows transformers' `Qwen3MoeSparseMoeBlock` operation for operation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +39,6 @@ class SparseMoE:
     down: Tensor | PackedInt4  # [experts, hidden, moe_intermediate]
     top_k: int
     norm_topk_prob: bool
-    # Tokens each expert took in the last fused call. Allocated with the layer so a CUDA graph
-    # can write it; the benchmark reads it after a step to count the experts a step touched.
-    expert_tokens: Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.expert_tokens = torch.zeros(
-            self.num_experts, dtype=torch.int32, device=self.gate_up.device
-        )
 
     @property
     def num_experts(self) -> int:
@@ -78,8 +70,8 @@ def moe_reference(x: Tensor, moe: SparseMoE) -> Tensor:
     weights, ids = route(x, moe)
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
-        token, slot = torch.where(ids == expert)
+        token, choice = torch.where(ids == expert)
         gate, up = linear(x[token], moe.gate_up[expert]).chunk(2, dim=-1)
-        y = linear(F.silu(gate) * up, moe.down[expert]) * weights[token, slot, None]
+        y = linear(F.silu(gate) * up, moe.down[expert]) * weights[token, choice, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out

@@ -54,8 +54,8 @@ class PackedInt4:
     def tensors(self) -> list[Tensor]:
         return [self.qweight, self.scales, self.zeros]
 
-    def __getitem__(self, index: int) -> PackedInt4:
-        """One expert of stacked experts."""
+    def __getitem__(self, index: int | slice) -> PackedInt4:
+        """One expert of stacked experts, or a range of them."""
         return PackedInt4(
             self.qweight[index], self.scales[index], self.zeros[index], self.group_size
         )

@@ -23,7 +23,7 @@ from torch import Tensor
 CANDIDATES = 256
 MASK32 = 0xFFFFFFFF
 # (logits, temperature, top_k, top_p, seeds, positions) -> next tokens: `sample`, or the Triton
-# kernel that draws the same tokens on CUDA (replica.ops.select chooses).
+# kernel that draws the same tokens on CUDA (replica.kernels.sampling; replica.ops.select chooses).
 Sampler = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 

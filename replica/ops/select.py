@@ -1,21 +1,64 @@
-"""Which implementation runs each part of a step on this device, chosen once when the engine is
-built: on CUDA our Triton kernels (and flash-attn's attention when it imports), on the CPU the
-plain PyTorch paths of replica.model and replica.ops.attention.reference, which are also the oracles
-every GPU implementation is tested against."""
+"""Which implementation runs each op on this device, chosen once when the engine is built: on
+CUDA our Triton kernels (and flash-attn's attention when it imports), on the CPU the plain
+PyTorch paths, which are also the oracles every GPU implementation is tested against. Within an
+op, which kernel serves which size is replica.ops.tables' to say."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
-from replica.kernels.elementwise import TritonOps
+import torch
+from torch import Tensor
+
 from replica.kernels.sampling import sample_triton
 from replica.ops.attention import AttentionBackend, flash_attn_available
 from replica.ops.attention.reference import ReferenceAttention
 from replica.ops.attention.triton_backend import TritonAttention
-from replica.ops.layer import TorchOps
-from replica.ops.sampler import Sampler, sample
+from replica.ops.feed_forward import TorchMLP, TorchMoE, TritonMLP, TritonMoE
+from replica.ops.layer import TorchLayerOps, TritonLayerOps
+from replica.ops.linear import TorchLinear, TritonLinear
+from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.packed import PackedInt4
+from replica.ops.sampler import CANDIDATES, Sampler, sample
 
 ATTENTION_BACKENDS = ("reference", "triton", "flash")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Every op a forward and a decode step run, for one device.
+
+    - `attention`: `.prefill(q, k, v, kv, rows)`, `.decode(q, kv, paged)`, `.name`, `.block_size`;
+    - `sampler(logits, temperature, top_k, top_p, seeds, positions) -> tokens`;
+    - `linear(x, weight) -> x @ weight.T`, 16-bit or packed;
+    - `mlp(x, DenseMLP) -> [T, hidden]`;
+    - `moe(x, SparseMoE, decode) -> [T, hidden]` (CPU) or [T * top_k, hidden] (the fused
+      experts' pairs, summed by the next add + RMSNorm); `decode`: a decode step;
+    - `layer(num_heads, num_kv_heads, head_dim, eps, inv_freq)`: the layer's elementwise ops,
+      `.add_rms_norm(h, delta, weight)` and `.rope_store(qkv, q_norm, k_norm, positions, slots,
+      k_cache, v_cache)`.
+    """
+
+    attention: AttentionBackend
+    sampler: Sampler
+    linear: Callable[[Tensor, Tensor | PackedInt4], Tensor]
+    mlp: Callable[[Tensor, DenseMLP], Tensor]
+    moe: Callable[[Tensor, SparseMoE, bool], Tensor]
+    layer: type[TorchLayerOps]
+
+
+def select_ops(device: torch.device, attention: str | None = None) -> Ops:
+    """The ops for `device`; `attention` names a backend (None: the best that runs here)."""
+    backend = select_attention(device, attention)
+    if device.type != "cuda":
+        linear = TorchLinear()
+        return Ops(backend, sample, linear, TorchMLP(linear), TorchMoE(), TorchLayerOps)
+    sampler = partial(sample_triton, candidates=CANDIDATES)
+    triton_linear = TritonLinear()
+    mlp = TritonMLP(triton_linear)
+    return Ops(backend, sampler, triton_linear, mlp, TritonMoE(), TritonLayerOps)
 
 
 def select_attention(device: torch.device, name: str | None = None) -> AttentionBackend:
@@ -34,13 +77,3 @@ def select_attention(device: torch.device, name: str | None = None) -> Attention
 
         return FlashAttention()
     raise ValueError(f"unknown attention backend {name!r}; choose from {ATTENTION_BACKENDS}")
-
-
-def select_ops(device: torch.device) -> type[TorchOps]:
-    """The layers' elementwise work and MoE: three fused Triton kernels on CUDA."""
-    return TritonOps if device.type == "cuda" else TorchOps
-
-
-def select_sampler(device: torch.device) -> Sampler:
-    """Per-row sampling: one Triton launch per step on CUDA."""
-    return sample_triton if device.type == "cuda" else sample

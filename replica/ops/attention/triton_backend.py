@@ -17,7 +17,9 @@ class TritonAttention:
     block_size = None  # any
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
-        return prefill_attention(q, k, v, rows, kv)
+        context = rows.context
+        cached = None if context is None else (kv.k, kv.v, context.tables, context.lengths)
+        return prefill_attention(q, k, v, rows.cu_seqlens, rows.lengths, rows.max_len, cached)
 
     def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
-        return decode_attention(q, kv, paged)
+        return decode_attention(q, kv, paged.tables, paged.row_ids, paged.seq_lens)

@@ -1,0 +1,115 @@
+"""The feed-forward ops: a dense SwiGLU MLP and the sparse MoE (their weights: replica.ops.mlp).
+
+`TorchMLP` / `TorchMoE` are the CPU path and the oracles. On CUDA `TritonMLP` fuses SiLU * up
+into the gate-up GEMV where the linear's table picks the GEMV, and `TritonMoE` routes and runs
+the fused experts by the kernel its table names for the mean pairs an expert and the phase
+(replica.ops.tables): it returns [T * top_k, hidden] (each token's weighted expert outputs, which
+the next add + RMSNorm sums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from replica.kernels.elementwise import silu_mul as silu_mul_triton
+from replica.kernels.int4_gemv import w4a16_gemv
+from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
+from replica.kernels.moe_route import route_pairs
+from replica.ops.linear import TritonLinear
+from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
+from replica.ops.packed import PackedInt4
+from replica.ops.tables import (
+    DEQUANTIZED_BYTES,
+    ExpertGemv,
+    ExpertTiles,
+    Gemv,
+    Table,
+    moe_table,
+)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class TorchMLP:
+    def __init__(self, linear: Callable[[Tensor, Tensor | PackedInt4], Tensor]) -> None:
+        self.linear = linear
+
+    def __call__(self, x: Tensor, mlp: DenseMLP) -> Tensor:
+        return self.linear(self.silu_mul(self.linear(x, mlp.gate_up)), mlp.down)
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        return silu_mul(gate_up)
+
+
+class TritonMLP(TorchMLP):
+    linear: TritonLinear
+
+    def __call__(self, x: Tensor, mlp: DenseMLP) -> Tensor:
+        """A packed MLP at a few tokens: SiLU(gate) * up fused into the gate-up GEMV."""
+        if isinstance(mlp.gate_up, PackedInt4):
+            choice = self.linear.choose(x.shape[0], mlp.gate_up)
+            if isinstance(choice, Gemv):
+                return self.linear(w4a16_gemv(x, mlp.gate_up, choice.gated, gated=True), mlp.down)
+        return super().__call__(x, mlp)
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        return silu_mul_triton(gate_up)
+
+
+class TorchMoE:
+    def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
+        """[T, hidden]: the expert loop (`decode` changes nothing here)."""
+        return moe_reference(x, moe)
+
+
+class TritonMoE(TorchMoE):
+    """`tables`: the table for (packed experts, decode step); a benchmark passes its own, or
+    runs one kernel through `run`."""
+
+    def __init__(
+        self,
+        tables: Callable[[bool, bool], Table[ExpertGemv | ExpertTiles]] = moe_table,
+        dequantized_bytes: int = DEQUANTIZED_BYTES,
+    ) -> None:
+        self.tables = tables
+        self.dequantized_bytes = dequantized_bytes
+        self._counts: dict[int, tuple[SparseMoE, Tensor]] = {}
+
+    def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
+        """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
+        `decode`: a decode step (in a CUDA graph: no dequantized copy)."""
+        table = self.tables(isinstance(moe.gate_up, PackedInt4), decode)
+        return self.run(x, moe, table.choose(x.shape[0] * moe.top_k / moe.num_experts))
+
+    def run(self, x: Tensor, moe: SparseMoE, choice: ExpertGemv | ExpertTiles) -> Tensor:
+        """The layer through the kernels `choice` names."""
+        counts = self.expert_counts(moe)
+        routing = route_pairs(x, moe.router, moe.top_k, moe.norm_topk_prob, counts)
+        if isinstance(choice, ExpertGemv):
+            assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
+            tiles = (choice.up, choice.down)
+            return experts_gemv(x, moe.gate_up, moe.down, routing, tiles, choice.bucketed)
+        if choice.dequantized:
+            assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
+            tiles = (choice.up, choice.down)
+            return experts_dequantized(
+                x, moe.gate_up, moe.down, routing, tiles, self.dequantized_bytes
+            )
+        return experts_tiled(x, moe.gate_up, moe.down, routing, (choice.up, choice.down))
+
+    def expert_counts(self, moe: SparseMoE) -> Tensor:
+        """[experts] int32: the pairs each expert of this layer took in its last call (the
+        benchmark counts the experts a step touched). Made on the layer's first call, before any
+        capture, so every CUDA graph writes this one buffer."""
+        held = self._counts.get(id(moe))
+        if held is None:
+            counts = torch.zeros(moe.num_experts, dtype=torch.int32, device=moe.router.device)
+            held = self._counts[id(moe)] = (moe, counts)  # the layer held: its id stays its own
+        return held[1]

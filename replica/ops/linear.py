@@ -1,0 +1,50 @@
+"""The linear op: x @ weight.T for every projection of a layer, 16-bit or packed 4-bit.
+
+`TorchLinear` is the CPU path and the oracle (a packed weight dequantized, then the matmul).
+`TritonLinear` runs a packed weight through the kernel its table names for the token count
+(replica.ops.tables); a 16-bit weight through cuBLAS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from replica.kernels.int4_dequantize import dequantized
+from replica.kernels.int4_gemv import w4a16_gemv
+from replica.kernels.int4_matmul import w4a16_tiled
+from replica.ops.packed import PackedInt4, linear
+from replica.ops.tables import Dequantized, Gemv, Table, Tiled, int4_linear_table
+
+Int4Choice = Gemv | Tiled | Dequantized
+
+
+class TorchLinear:
+    def __call__(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
+        return linear(x, weight)
+
+
+class TritonLinear:
+    """`tables`: the 4-bit table for a group size (a benchmark passes its own)."""
+
+    def __init__(self, tables: Callable[[int], Table[Int4Choice]] = int4_linear_table) -> None:
+        self.tables = tables
+
+    def __call__(self, x: Tensor, weight: Tensor | PackedInt4) -> Tensor:
+        if not isinstance(weight, PackedInt4):
+            return F.linear(x, weight)
+        return run_int4(x, weight, self.choose(x.shape[0], weight))
+
+    def choose(self, tokens: int, weight: PackedInt4) -> Int4Choice:
+        return self.tables(weight.group_size).choose(tokens)
+
+
+def run_int4(x: Tensor, weight: PackedInt4, choice: Int4Choice) -> Tensor:
+    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype, through the kernel `choice`."""
+    if isinstance(choice, Gemv):
+        return w4a16_gemv(x, weight, choice.tile)
+    if isinstance(choice, Tiled):
+        return w4a16_tiled(x, weight, choice.tile, choice.slabs)
+    return F.linear(x, dequantized(weight, x.dtype))

@@ -1,0 +1,217 @@
+"""Which kernel serves which size, one declared table per operation, and nothing else decides.
+
+A table is a list of entries in order; the first whose bound takes the count serves it. Every
+entry cites where its choice was measured: the docs/PERF.md section (by its heading) and the
+JSON under docs/perf/ that holds the numbers. The numbers live there, not here: re-measure with
+the benchmark named, then change an entry and its citation together.
+
+- `INT4_LINEAR_WIDE` / `INT4_LINEAR_NARROW`: a packed projection by token count, for groups of
+  128 or more and for smaller ones (`int4_linear_table`); a `Gemv` entry also serves a dense
+  MLP's gate_up with SiLU * up fused (its `gated` tile).
+- `MOE_16BIT`, `MOE_PACKED_DECODE`, `MOE_PACKED_PREFILL`: the fused experts by mean (token,
+  expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
+  copy, whose scratch would stay in the graph's pool.
+- `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
+
+Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from replica.kernels.int4_gemv import GemvTile
+from replica.kernels.launch import Tile
+
+C = TypeVar("C")
+
+ISSUE_24 = "PERF.md '4-bit weights, w4a16 (issue 24)'"
+ISSUE_12 = "PERF.md 'Qwen3-30B-A3B (MoE) in our engine (issue 12)'"
+ISSUE_4 = "PERF.md 'Replica engine: own Qwen3 forward, slot KV cache, CUDA-graph decode (issue 4)'"
+THIRD_PASS = f"{ISSUE_24} > 'Third pass'"
+FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
+
+
+@dataclass(frozen=True)
+class Entry(Generic[C]):
+    up_to: float  # serves counts up to this one, included (`inclusive`) or not
+    choice: C
+    measured: str  # the PERF.md section and docs/perf JSON that chose it
+    inclusive: bool = True
+
+    def serves(self, count: float) -> bool:
+        return count <= self.up_to if self.inclusive else count < self.up_to
+
+
+@dataclass(frozen=True)
+class Table(Generic[C]):
+    name: str
+    key: str  # what the count counts
+    entries: tuple[Entry[C], ...]
+
+    def choose(self, count: float) -> C:
+        for entry in self.entries:
+            if entry.serves(count):
+                return entry.choice
+        raise ValueError(f"{self.name}: no entry serves {self.key} {count}")
+
+
+# The choices.
+
+
+@dataclass(frozen=True)
+class Gemv:
+    """`replica.kernels.int4_gemv.w4a16_gemv` with this tile (`gated`: SiLU(gate) * up fused)."""
+
+    tile: GemvTile  # x @ w.T
+    gated: GemvTile  # SiLU(gate) * up
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """`replica.kernels.int4_matmul.w4a16_tiled`: in nibble slabs, or `int4_tile`'s tiles."""
+
+    tile: Tile
+    slabs: bool  # groups of 128 or more only
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A 16-bit copy of the weight (`replica.kernels.int4_dequantize.dequantized`), then the
+    16-bit GEMM."""
+
+
+@dataclass(frozen=True)
+class ExpertGemv:
+    """`replica.kernels.moe.experts_gemv`: a program a pair, or an expert's bucket."""
+
+    up: GemvTile  # gated
+    down: GemvTile
+    bucketed: bool
+
+
+@dataclass(frozen=True)
+class ExpertTiles:
+    """`replica.kernels.moe.experts_tiled`, or `experts_dequantized` (packed experts as a
+    16-bit copy, at most DEQUANTIZED_BYTES at a time)."""
+
+    up: Tile
+    down: Tile
+    dequantized: bool = False
+
+
+@dataclass(frozen=True)
+class RopeBlock:
+    tokens: int  # tokens a program
+    warps: int
+
+
+DEQUANTIZED_BYTES = 1 << 30  # the most 16-bit expert weights dequantized at once
+
+# 4-bit linear.
+
+GEMV_1 = Gemv(GemvTile(8, 8, 4), gated=GemvTile(16, 4, 4))
+GEMV_2 = Gemv(GemvTile(32, 1, 4, 2), gated=GemvTile(32, 2, 4, 2))
+GEMV_4 = Gemv(GemvTile(32, 1, 4, 4), gated=GemvTile(32, 1, 4, 4))
+GEMV_1_SWEEP = f"{THIRD_PASS}; docs/perf/int4-h200/kernel-sweep-rows-in-registers.json"
+GEMV_SWEEP = f"{FOURTH_PASS}; docs/perf/int4-h200/kernel-sweep-multi-token-gemv.json"
+SLAB_SWEEP = f"{FOURTH_PASS}, the slabs; docs/perf/int4-h200/slab-tile-experiment.json"
+DEQUANTIZED_SWEEP = (
+    f"{THIRD_PASS}, prefill; docs/perf/int4-h200/dense-moe-gemv-4-pairs-an-expert.json"
+)
+TILE_16 = Tile(16, 32, 128, 4, 4)
+
+INT4_LINEAR_WIDE: Table[Gemv | Tiled | Dequantized] = Table(
+    "4-bit linear, groups of 128 or more",
+    "tokens",
+    (
+        Entry(1, GEMV_1, GEMV_1_SWEEP),
+        Entry(2, GEMV_2, GEMV_SWEEP),
+        Entry(16, Tiled(TILE_16, slabs=True), SLAB_SWEEP),
+        Entry(32, Tiled(Tile(32, 128, 128, 4, 2), slabs=True), SLAB_SWEEP),
+        Entry(64, Tiled(Tile(64, 128, 128, 4, 2), slabs=True), SLAB_SWEEP),
+        Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
+    ),
+)
+INT4_LINEAR_NARROW: Table[Gemv | Tiled | Dequantized] = Table(
+    "4-bit linear, groups of 16 to 64",
+    "tokens",
+    (
+        Entry(1, GEMV_1, GEMV_1_SWEEP),
+        Entry(2, GEMV_2, GEMV_SWEEP),
+        Entry(4, GEMV_4, GEMV_SWEEP),
+        Entry(
+            15,
+            Tiled(TILE_16, slabs=False),
+            f"{ISSUE_24} > 'Second pass'; docs/perf/int4-h200/gemv-tiles-in-graph.json",
+        ),
+        Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
+    ),
+)
+
+
+def int4_linear_table(group_size: int) -> Table[Gemv | Tiled | Dequantized]:
+    """Groups of 128 or more have words enough (16) for the slabs' K."""
+    return INT4_LINEAR_WIDE if group_size >= 128 else INT4_LINEAR_NARROW
+
+
+# Fused experts, by mean pairs an expert.
+
+DECODE_TILES = ExpertTiles(Tile(16, 32, 128, 4, 4), Tile(16, 64, 128, 4, 4))
+WIDER_DECODE_TILES = ExpertTiles(Tile(32, 32, 128, 4, 4), Tile(32, 64, 128, 4, 4))
+PREFILL_TILES = ExpertTiles(Tile(128, 128, 64, 8, 3), Tile(256, 128, 64, 8, 3))
+MOE_TUNED = f"{ISSUE_12} (`python -m benchmarks.tune_moe`); docs/perf/moe-h100.json"
+EXPERT_GEMV = f"{FOURTH_PASS}; docs/perf/int4-h200/layers-bf16-int4-default-paths.json"
+
+
+def _tiles(dequantized: bool) -> tuple[Entry[ExpertGemv | ExpertTiles], ...]:
+    def tiles(t: ExpertTiles) -> ExpertTiles:
+        return ExpertTiles(t.up, t.down, dequantized)
+
+    return (
+        Entry(8, tiles(DECODE_TILES), MOE_TUNED),
+        Entry(24, tiles(WIDER_DECODE_TILES), MOE_TUNED),
+        Entry(math.inf, tiles(PREFILL_TILES), MOE_TUNED),
+    )
+
+
+MOE_16BIT: Table[ExpertGemv | ExpertTiles] = Table(
+    "16-bit experts", "pairs an expert", _tiles(dequantized=False)
+)
+_EXPERT_GEMV = (
+    Entry(1, ExpertGemv(GEMV_1.gated, GEMV_1.tile, bucketed=False), EXPERT_GEMV),
+    Entry(2, ExpertGemv(GEMV_2.gated, GEMV_2.tile, bucketed=True), EXPERT_GEMV),
+    Entry(4, ExpertGemv(GEMV_4.gated, GEMV_4.tile, bucketed=True), EXPERT_GEMV),
+)
+MOE_PACKED_DECODE: Table[ExpertGemv | ExpertTiles] = Table(
+    "4-bit experts, decode", "pairs an expert", _EXPERT_GEMV + _tiles(dequantized=False)
+)
+MOE_PACKED_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
+    "4-bit experts, prefill",
+    "pairs an expert",
+    (
+        *_EXPERT_GEMV,
+        Entry(8, ExpertTiles(DECODE_TILES.up, DECODE_TILES.down), EXPERT_GEMV, inclusive=False),
+        *_tiles(dequantized=True),
+    ),
+)
+
+
+def moe_table(packed: bool, decode: bool) -> Table[ExpertGemv | ExpertTiles]:
+    if not packed:
+        return MOE_16BIT
+    return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
+
+
+# The layer's elementwise kernels.
+
+ROPE_STORE: Table[RopeBlock] = Table(
+    "q/k norms + RoPE + KV write",
+    "tokens",
+    (
+        Entry(256, RopeBlock(1, 1), f"{ISSUE_4}; docs/perf/engine-h200.json"),
+        Entry(math.inf, RopeBlock(16, 4), f"{ISSUE_4}; docs/perf/engine-h200.json"),
+    ),
+)
