@@ -170,7 +170,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Cancelled:
-    """The engine dropped a cancelled request and freed its slot."""
+    """The engine dropped a cancelled request and freed its KV blocks."""
 
     id: int
 
