@@ -24,6 +24,8 @@ from replica.ops import select_ops
 from replica.ops.feed_forward import TorchMoE
 from replica.ops.layer import TritonLayerOps
 from replica.ops.mlp import SparseMoE
+from replica.startup import load_engine
+from replica.wire.spec import EngineConfig
 from tests.test_engine import idle, prefill_logits
 from tests.transformers_oracle import greedy_continuations
 
@@ -136,7 +138,7 @@ def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, pro
     """Four slots for eight prompts of mixed lengths: rows are refilled mid-batch."""
     expected = greedy_continuations(reference, prompts, NEW_TOKENS)
     caps = [NEW_TOKENS, 20, NEW_TOKENS, 33, 1, NEW_TOKENS, 7, NEW_TOKENS]
-    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_model_len=256)
+    engine = load_engine(resolve(str(checkpoint)), EngineConfig(max_batch=4, max_model_len=256))
     requests = [EngineRequest(i, p, c) for i, (p, c) in enumerate(zip(prompts, caps, strict=True))]
     results = run(engine, requests)
     for i, cap in enumerate(caps):
@@ -147,7 +149,7 @@ def test_greedy_tokens_equal_transformers_with_refill(checkpoint, reference, pro
 
 def test_scoring_is_argmax_of_transformers_logits(checkpoint, reference, prompts):
     choices = [[32, 33, 34, 35], [362, 425, 356, 422], [11, 12]]
-    engine = Engine(resolve(str(checkpoint)), "cpu", max_batch=4, max_model_len=256)
+    engine = load_engine(resolve(str(checkpoint)), EngineConfig(max_batch=4, max_model_len=256))
     requests = [EngineRequest(i, prompts[i], 0, ids) for i, ids in enumerate(choices)]
     results = run(engine, requests)
     for i, ids in enumerate(choices):

@@ -114,8 +114,7 @@ class Engine:
                 model, self.cache, batch_sizes(self.max_rows), max_blocks, enforce_eager
             )
         self.blocks = BlockPool(shape.blocks, shape.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.max_rows, config.prefill_tokens, 1, True)
-        self.set_policy(config)
+        self.scheduler = Scheduler(self.blocks, self.max_rows, *self._policy(config))
         self.eos_ids = frozenset(eos_ids)
         self.stats = EngineStats()
         self._watched: dict[SampleKey, Sequence] = {}  # the samples of requests with `watch`
@@ -169,9 +168,13 @@ class Engine:
         if config.prefix_caching != self.blocks.caching:
             self.blocks.forget()
             self.blocks.caching = config.prefix_caching
-        min_refill = config.min_refill or max(1, self.max_rows // 8)
-        self.scheduler.set_policy(config.refill, config.prefill_tokens, min_refill)
+        self.scheduler.set_policy(*self._policy(config))
         self.config = config
+
+    def _policy(self, config: EngineConfig) -> tuple[bool, int, int]:
+        """The scheduler's (refill, prefill_tokens, min_refill): by default a fill starts once
+        an eighth of the decode rows are free."""
+        return config.refill, config.prefill_tokens, config.min_refill or max(1, self.max_rows // 8)
 
     def _describe(self, attention: str, clock: StartupClock) -> dict[str, Any]:
         shape = self.cache.shape

@@ -55,7 +55,7 @@ class Prefilled:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockPool, max_rows: int, prefill_tokens: int, min_refill: int, refill: bool
+        self, blocks: BlockPool, max_rows: int, refill: bool, prefill_tokens: int, min_refill: int
     ) -> None:
         self.blocks = blocks
         self.max_rows = max_rows
