@@ -1,4 +1,4 @@
-"""What each system deploys and how big it is: model, profile, container sizing, KV slot plan.
+"""What each system deploys and how big it is: model, profile, container sizing, KV block plan.
 
 Read by deploy/modal_app.py, deploy/weights.py and `deploy.sh --dry-run` (which runs this file).
 Standard library only: `modal deploy` imports it with the Python that runs the `modal` command
@@ -85,7 +85,7 @@ def ready_marker(model: str, weights_dir: str | Path = WEIGHTS_DIR) -> Path:
 
 @dataclass(frozen=True)
 class Shape:
-    """What the slot plan needs from a model's config.json."""
+    """What the KV block plan needs from a model's config.json."""
 
     layers: int
     kv_heads: int

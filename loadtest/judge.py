@@ -55,7 +55,7 @@ class InfoBenchJudge:
 
     def __init__(self, api_key: str, parallel: int = 16) -> None:
         self._client = AsyncOpenAI(api_key=api_key)
-        self._slots = asyncio.Semaphore(parallel)
+        self._calls = asyncio.Semaphore(parallel)
 
     async def score(self, answer: str, meta: dict[str, Any]) -> float | None:
         """Share of the gold's decomposed questions judged YES, as the course computes it.
@@ -69,7 +69,7 @@ class InfoBenchJudge:
         header = f'{SYS_MSG}\n\nInput:\n"{source}"\n\n' if source else f"{SYS_MSG}\n\n"
         messages: list[dict[str, str]] = []
         yes = 0
-        async with self._slots:
+        async with self._calls:
             for question in questions:
                 first = f'{header}Generated Text:\n"{answer}"\n\nQuestion:\n{question}\n'
                 messages.append({"role": "user", "content": f"{question}\n" if messages else first})

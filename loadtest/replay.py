@@ -19,12 +19,12 @@ async def replay(
     """Send every batch at `arrival_s / speed` without waiting for earlier answers.
 
     As in make_requests.py, a slow server does not slow the arrivals; beyond `max_concurrency`
-    requests in flight a batch waits for a free slot, and its actual send time shows the wait.
+    requests in flight a batch waits for a free place, and its actual send time shows the wait.
     """
-    slots = asyncio.Semaphore(max_concurrency)
+    places = asyncio.Semaphore(max_concurrency)
 
     async def send(batch: ScheduledBatch, scheduled_s: float, max_tokens: int) -> BatchResult:
-        async with slots:
+        async with places:
             return await client.send(batch.batch_id, batch.prompts, max_tokens, scheduled_s)
 
     pending = []

@@ -129,7 +129,7 @@ class PlannerPool:
             "planner_workers_killed_total",
             "Planner workers killed (past the plan timeout, caller gone, or died) and replaced.",
         )
-        self._slots = asyncio.Semaphore(size)
+        self._free_workers = asyncio.Semaphore(size)
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._closed = False
@@ -141,7 +141,7 @@ class PlannerPool:
     async def call(self, timeout: float, *args: Any) -> Any:
         """`function(*args)` in a worker: TimeoutError past `timeout` (queueing included),
         WorkerDied, or CallFailed when the function raised."""
-        async with asyncio.timeout(timeout), self._slots:
+        async with asyncio.timeout(timeout), self._free_workers:
             if self._closed:
                 raise WorkerDied("the planner pool is closed")
             worker = self._idle.pop() if self._idle else _Worker(self.function)

@@ -135,7 +135,7 @@ class ReplicaLink:
 
     @property
     def info(self) -> dict[str, Any]:
-        """What the replica reported when ready (model, pid, KV slots…); empty until then."""
+        """What the replica reported when ready (model, pid, KV blocks…); empty until then."""
         return dict(self._info)
 
     @property

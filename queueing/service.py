@@ -22,7 +22,9 @@ from replica.wire.messages import Chat, Delta, GenerateJob
 from replica.wire.spec import ReplicaSpec
 from shortcuts.text import strip_think
 
-CHAT_MAX_TOKENS = 4096  # a chat's default cap (the replica also caps at what its slot holds)
+CHAT_MAX_TOKENS = (
+    4096  # a chat's default cap (the replica also caps at the context its KV can hold)
+)
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
