@@ -51,6 +51,8 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_replicas():
+    """One two-replica server for the module: its replicas are killed and restarted by the
+    tests below, and the last test SIGKILLs its front end."""
     with ServerProcess("--cpu-replicas", "2") as process:
         yield process
 
@@ -161,12 +163,15 @@ def test_a_stuck_planner_worker_is_replaced_and_sigterm_still_exits_in_time():
         wait_until(lambda: not process.processes(), 5, "every server process to exit")
 
 
-def test_sigkill_of_the_front_end_leaves_no_process_behind():
+def test_sigkill_of_the_front_end_leaves_no_process_behind(two_replicas):
     """Replicas and planner workers get SIGKILL when the front end dies (PR_SET_PDEATHSIG);
-    then multiprocessing's resource tracker sees its last writer gone and exits too."""
-    with ServerProcess("--cpu-replicas", "2") as process:
-        assert len(planner_pids(process)) == 2
-        assert len(process.processes()) >= 6  # front end, 2 replicas, 2 planners, tracker
-        process.process.kill()
-        process.process.wait()
-        wait_until(lambda: not process.processes(), 10, "the orphans to die")
+    then multiprocessing's resource tracker sees its last writer gone and exits too. The
+    module's server ends here: this test must stay the last to use it (pytest runs a module's
+    tests in file order), and its teardown's stop() finds the process already gone."""
+    process = two_replicas
+    process.wait_ready()  # both replicas back from the tests above: their restarts die too
+    assert len(planner_pids(process)) == 2
+    assert len(process.processes()) >= 6  # front end, 2 replicas, 2 planners, tracker
+    process.process.kill()
+    process.process.wait()
+    wait_until(lambda: not process.processes(), 10, "the orphans to die")

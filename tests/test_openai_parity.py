@@ -8,7 +8,10 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -34,6 +37,14 @@ CHATS = [
     ],
 ]
 NEW_TOKENS = 24
+
+
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Each call's result, in order, the calls made concurrently: the server batches them, so
+    a test of independent requests takes one request's decode steps, not the sum (and each
+    answer must not depend on its neighbours in the batch)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
 def save_tiny_dense(directory: Path) -> Path:
@@ -107,12 +118,17 @@ def test_seed_makes_sampling_reproducible(client):
         )
         return answer.choices[0].message.content
 
-    assert sampled(1) == sampled(1)
-    assert sampled(1) != sampled(2)
-    completion = client.completions.create(
-        model="tiny", prompt="Tell me a story.", temperature=1.0, seed=1, max_tokens=NEW_TOKENS
+    first = sampled(1)  # alone; then again beside other requests
+    again, other, completion, greedy = at_once(
+        lambda: sampled(1),
+        lambda: sampled(2),
+        lambda: client.completions.create(
+            model="tiny", prompt="Tell me a story.", temperature=1.0, seed=1, max_tokens=NEW_TOKENS
+        ),
+        lambda: client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=24),
     )
-    greedy = client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=24)
+    assert first == again
+    assert first != other
     assert completion.choices[0].text != greedy.choices[0].text
 
 
@@ -158,12 +174,19 @@ def test_stop_strings_end_the_text(client):
     full = client.chat.completions.create(**settings).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = full[: full.find(stop)]
-    answer = client.chat.completions.create(stop=[stop, "never-there"], **settings)
+
+    def streamed() -> str:
+        chunks = client.chat.completions.create(stop=stop, stream=True, **settings)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    answer, streamed_text, both = at_once(
+        lambda: client.chat.completions.create(stop=[stop, "never-there"], **settings),
+        streamed,
+        lambda: client.chat.completions.create(stop=stop, n=2, **settings),  # each sample watched
+    )
     assert answer.choices[0].message.content == cut
     assert answer.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(stop=stop, stream=True, **settings)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
-    both = client.chat.completions.create(stop=stop, n=2, **settings)  # each sample watched
+    assert streamed_text == cut
     assert [(c.message.content, c.finish_reason) for c in both.choices] == [(cut, "stop")] * 2
 
 

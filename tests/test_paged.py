@@ -4,14 +4,16 @@ workload."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
+import struct
 from dataclasses import replace
 
 import pytest
 import torch
 
-from replica.engine.blocks import BlockPool
+from replica.engine.blocks import ROOT_HASH, BlockPool, block_hashes
 from replica.engine.request import EngineRequest
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Sequence
@@ -94,6 +96,47 @@ def test_every_paging_case_equals_transformers_dense():
 def test_every_paging_case_equals_transformers_moe(checkpoint):  # noqa: F811
     source = resolve(str(checkpoint))
     check_paging(source, build_reference_model(source))
+
+
+def sha256_chain(tokens: list[int], block_size: int) -> list[bytes]:
+    """The prefix-cache keys computed independently: sha256(parent || 4-byte LE token ids)."""
+    keys, parent = [], ROOT_HASH
+    for i in range(len(tokens) // block_size):
+        block = tokens[i * block_size : (i + 1) * block_size]
+        parent = hashlib.sha256(parent + b"".join(t.to_bytes(4, "little") for t in block)).digest()
+        keys.append(parent)
+    return keys
+
+
+def test_block_keys_are_chained_sha256_digests_of_every_earlier_token():
+    rng = random.Random(8)
+    tokens = [rng.randrange(151_936) for _ in range(5 * 16)]
+    keys = block_hashes(tokens, 16, 5)
+    assert keys == block_hashes(list(tokens), 16, 5) == sha256_chain(tokens, 16)
+    assert len(ROOT_HASH) == 32 and all(type(k) is bytes and len(k) == 32 for k in keys)
+    assert len(set(keys)) == 5 and block_hashes(tokens, 16, 3) == keys[:3]
+    for position in (0, 17, 47, 79):  # one token changed: its block's key and every later one
+        changed = list(tokens)
+        changed[position] ^= 1
+        others = block_hashes(changed, 16, 5)
+        first = position // 16
+        assert others[:first] == keys[:first]
+        assert all(a != b for a, b in zip(others[first:], keys[first:], strict=True))
+    # the same tokens under another parent (a block moved to another place) get another key
+    assert block_hashes(tokens[16:32], 16, 1) != keys[1:2]
+    with pytest.raises(struct.error):  # an id four bytes cannot hold is refused, never wrapped
+        block_hashes([2**32, *tokens[1:16]], 16, 1)
+
+
+def test_the_pool_shares_a_prefix_by_its_keys_and_no_further():
+    pool = BlockPool(8, 4)
+    prompt = list(range(1, 14))  # three full blocks and a token
+    blocks = pool.take(4)
+    pool.register(blocks, prompt, len(prompt))
+    assert pool.num_cached == 3 and set(pool.by_hash) == set(sha256_chain(prompt, 4))
+    assert pool.cached_prefix(prompt) == blocks[:3]
+    assert pool.cached_prefix([*prompt[:5], 99, *prompt[6:]]) == blocks[:1]
+    assert pool.cached_prefix([0, *prompt[1:]]) == []
 
 
 def check_pool(scheduler: Scheduler, sequences: list[Sequence]) -> None:

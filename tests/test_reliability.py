@@ -126,7 +126,8 @@ def test_fuzzed_json_never_gets_a_5xx_or_hangs(server, body):
 @pytest.mark.slow
 def test_admission_bound_answers_503_with_retry_after():
     with ServerProcess("--max-in-flight", "2") as process:
-        body = {"prompt": ["Tell me a long story."] * 2, "max_tokens": 400}
+        # the two admitted hold their places for seconds: the others arrive within milliseconds
+        body = {"prompt": ["Tell me a long story."] * 2, "max_tokens": 100}
         results = []
         threads = [
             threading.Thread(target=lambda: results.append(request(process.url + ROUTE, body)))
@@ -188,7 +189,7 @@ def _replica_pids(process: ServerProcess) -> list[int]:
 def test_killed_replica_loses_nothing_and_is_restarted():
     with ServerProcess("--cpu-replicas", "2") as process:
         victim = _replica_pids(process)[0]
-        bodies = _batch_bodies(40, max_tokens=48, seed=1)
+        bodies = _batch_bodies(40, max_tokens=16, seed=1)  # 15 s or more of work on 2 CPUs
 
         def kill_soon() -> None:
             """Kill replica 0 once it has work in flight, so that work must be re-run."""
@@ -265,14 +266,23 @@ def test_api_key_is_required_when_set_and_health_stays_open():
         assert status == 200 and 'requests_total{status="200"} 1' in text
 
 
+def _wait_in_flight(process: ServerProcess, prompts: int) -> None:
+    """Until `prompts` prompts are in flight: the signal that follows finds them mid-answer
+    (100 tokens of 4 prompts take seconds on a CPU replica)."""
+    deadline = time.monotonic() + 30
+    while _metric(process, "in_flight") < prompts:
+        assert time.monotonic() < deadline, "the request never reached the replica"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_work_and_exits_zero():
     with ServerProcess() as process:
         result = []
-        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 300}
+        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 100}
         client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
         client.start()
-        time.sleep(0.3)
+        _wait_in_flight(process, 4)
         process.process.send_signal(signal.SIGTERM)
         client.join()
         assert result[0][0] == 200 and len(result[0][1]["choices"]) == 4
@@ -289,13 +299,10 @@ def test_signal_to_the_process_group_drains_in_flight_work(stop):
     """Ctrl-C or `kill -TERM -pgid` reaches replicas too; they must keep serving the drain."""
     with ServerProcess() as process:
         result = []
-        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 300}
+        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 100}
         client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
         client.start()
-        deadline = time.monotonic() + 30
-        while _metric(process, "in_flight") < 4:
-            assert time.monotonic() < deadline, "the request never reached the replica"
-            time.sleep(0.02)
+        _wait_in_flight(process, 4)
         os.killpg(process.process.pid, stop)
         client.join()
         assert result[0][0] == 200, result[0][1]
@@ -303,7 +310,7 @@ def test_signal_to_the_process_group_drains_in_flight_work(stop):
         assert process.process.wait(30) == 0
 
 
-SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))  # longer by hand: SOAK_SECONDS=600
 
 
 async def _soak_client(session, url: str, deadline: float, seed: int, tally: dict) -> None:
