@@ -275,39 +275,34 @@ def _wait_in_flight(process: ServerProcess, prompts: int) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_sigterm_finishes_in_flight_work_and_exits_zero():
-    with ServerProcess() as process:
-        result = []
-        body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 100}
-        client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
-        client.start()
-        _wait_in_flight(process, 4)
+def _send(process: ServerProcess, how: str) -> None:
+    if how == "SIGTERM":
         process.process.send_signal(signal.SIGTERM)
-        client.join()
-        assert result[0][0] == 200 and len(result[0][1]["choices"]) == 4
-        assert process.process.wait(30) == 0
-        deadline = time.monotonic() + 5
-        while process.processes():  # replicas, planner workers, resource tracker: all gone
-            assert time.monotonic() < deadline, process.processes()
-            time.sleep(0.05)
+    else:  # Ctrl-C or `kill -TERM -pgid`: the replicas get it too
+        os.killpg(process.process.pid, signal.SIGINT if how == "group SIGINT" else signal.SIGTERM)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_process_group_drains_in_flight_work(stop):
-    """Ctrl-C or `kill -TERM -pgid` reaches replicas too; they must keep serving the drain."""
+@pytest.mark.parametrize("how", ["SIGTERM", "group SIGTERM", "group SIGINT"])
+def test_a_stop_signal_drains_in_flight_work_and_exits_zero(how):
+    """SIGTERM to the server, or a signal to its whole process group (replicas must keep
+    serving the drain): the in-flight prompts are answered, the server exits 0, and every
+    process it started (replicas, planner workers, resource tracker) is gone."""
     with ServerProcess() as process:
         result = []
         body = {"prompt": ["Tell me a long story."] * 4, "max_tokens": 100}
         client = threading.Thread(target=lambda: result.append(request(process.url + ROUTE, body)))
         client.start()
         _wait_in_flight(process, 4)
-        os.killpg(process.process.pid, stop)
+        _send(process, how)
         client.join()
         assert result[0][0] == 200, result[0][1]
         assert len(result[0][1]["choices"]) == 4
         assert process.process.wait(30) == 0
+        deadline = time.monotonic() + 5
+        while process.processes():
+            assert time.monotonic() < deadline, process.processes()
+            time.sleep(0.05)
 
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))  # longer by hand: SOAK_SECONDS=600
