@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -207,3 +209,18 @@ def test_cuda_graph_replay_equals_eager(source, prompts):
         requests = [EngineRequest(i, p, 40 - 3 * i) for i, p in enumerate(prompts)]
         outputs.append({i: r.output_ids for i, r in run(engine, requests).items()})
     assert outputs[0] == outputs[1]
+
+
+def test_only_the_scheduling_policy_changes_on_a_running_engine(source, prompts):
+    """The ablations switch refill and prefix caching between runs; memory and shapes stay."""
+    config = EngineConfig(max_batch=2, max_model_len=128)
+    engine = load_engine(source, config)
+    run(engine, [EngineRequest(i, p[:40], 4) for i, p in enumerate(prompts[:2])])
+    assert engine.blocks.num_cached > 0
+    engine.set_policy(replace(config, prefix_caching=False, refill=False, prefill_tokens=32))
+    assert engine.blocks.num_cached == 0 and not engine.blocks.caching
+    assert not engine.scheduler.refill and engine.scheduler.prefill_tokens == 32
+    run(engine, [EngineRequest(9, prompts[0][:40], 4)])
+    assert engine.kv_usage().prompt_tokens_cached == 0  # nothing shared with caching off
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.set_policy(replace(config, max_batch=4))

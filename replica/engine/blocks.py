@@ -40,7 +40,7 @@ def block_hashes(tokens: list[int], block_size: int, full_blocks: int) -> list[b
 
 class BlockPool:
     """`num_blocks` blocks of `block_size` tokens: reference counts, free list, prefix cache.
-    `caching` False shares no prefix (the ablation; settable between runs, after `forget`)."""
+    `caching` False shares no prefix (the ablation; `set_caching` between runs)."""
 
     def __init__(self, num_blocks: int, block_size: int, caching: bool = True) -> None:
         self.num_blocks = num_blocks
@@ -59,6 +59,11 @@ class BlockPool:
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached, held by none; oldest first
         self.hit_tokens = 0  # prompt tokens found in the cache, over all lookups
         self.lookup_tokens = 0  # prompt tokens looked up
+
+    def set_caching(self, on: bool) -> None:
+        """Share cached prefixes or not from now on, starting from an empty cache."""
+        self.forget()
+        self.caching = on
 
     @property
     def num_free(self) -> int:

@@ -166,8 +166,7 @@ class Engine:
         if fixed:
             raise ValueError(f"only the policy may change on a running engine, not {fixed}")
         if config.prefix_caching != self.blocks.caching:
-            self.blocks.forget()
-            self.blocks.caching = config.prefix_caching
+            self.blocks.set_caching(config.prefix_caching)
         self.scheduler.set_policy(*self._policy(config))
         self.config = config
 
