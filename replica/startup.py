@@ -12,7 +12,6 @@ from replica.engine.engine import DEFAULT_CONFIG, Engine, StartupClock
 from replica.loading.model import load_model
 from replica.loading.source import ModelSource
 from replica.ops import select_ops
-from replica.tokenization import PromptCodec
 from replica.wire.spec import EngineConfig
 
 
@@ -31,5 +30,5 @@ def load_engine(
         ops = select_ops(where, config.attention)
         model = load_model(source, str(where), dtype, config.seed, ops, config.quantize)
     if eos_ids is None:
-        eos_ids = PromptCodec(source.tokenizer_dir).eos_ids
+        eos_ids = source.codec().eos_ids
     return Engine(model, eos_ids, config, clock)

@@ -58,3 +58,63 @@ class TextWatch:
         end = max(self.sent, len(self.text) - held)
         piece, self.sent = self.text[self.sent : end], end
         return piece
+
+
+class SampleWatch:
+    """A generated sample's text as its tokens arrive. One that thinks (`end_id`, `</think>`,
+    given) has two parts: the thought until `end_id` and the answer after it, each decoded on its
+    own, trimmed as the chat template trims them (the thought of surrounding whitespace, the
+    answer of leading whitespace); stop strings watch the answer alone. `end_id` itself is in
+    neither text."""
+
+    def __init__(self, decode: Decode, stop: tuple[str, ...], end_id: int | None = None) -> None:
+        self.end_id = end_id
+        self.thinking = end_id is not None  # its tokens still go to the thought
+        self.thought_watch = TextWatch(decode, 0, ())
+        self.answer = TextWatch(decode, 0, stop)
+        self.thought_tokens = 0  # the think block's tokens, `end_id` included
+        self._raw = ["", ""]  # thought, answer: the watches' pieces so far, untrimmed
+        self._sent = [0, 0]  # characters of each trimmed part handed out by `unsent`
+
+    @property
+    def stopped(self) -> bool:
+        return self.answer.stopped
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the sample counts: its think block and its answer up to a stop string."""
+        return self.thought_tokens + len(self.answer.ids)
+
+    def add(self, ids: list[int]) -> None:
+        if self.thinking:
+            cut = ids.index(self.end_id) if self.end_id in ids else len(ids)
+            self.thought_watch.add(ids[:cut])
+            self.thought_tokens += min(cut + 1, len(ids))
+            if cut == len(ids):
+                return
+            self.thinking, ids = False, ids[cut + 1 :]
+        self.answer.add(ids)
+
+    def _trim(self, part: int, text: str) -> str:
+        if self.end_id is None:
+            return text
+        return text.strip() if part == 0 else text.lstrip()
+
+    def unsent(self) -> list[tuple[str, bool]]:
+        """(piece, is thought) for text not handed out yet: the thought's, then the answer's.
+        The pieces of each part add up to a prefix of its final text."""
+        pieces = []
+        for part, watch in enumerate((self.thought_watch, self.answer)):
+            self._raw[part] += watch.unsent()
+            shown = self._trim(part, self._raw[part])
+            if len(shown) > self._sent[part]:
+                pieces.append((shown[self._sent[part] :], part == 0))
+                self._sent[part] = len(shown)
+        return pieces
+
+    def finish(self) -> tuple[str, str | None]:
+        """(the answer, the thought or None when it did not think), generation over."""
+        answer = self._trim(1, self.answer.finish())
+        if self.end_id is None:
+            return answer, None
+        return answer, self._trim(0, self.thought_watch.finish())

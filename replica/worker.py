@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
-from replica.engine.request import EngineRequest, EngineResult
+from replica.engine.request import EngineRequest, EngineResult, ThinkBudget
 from replica.engine.sequence import SampleKey
 from replica.loading.source import resolve
 from replica.startup import load_engine
-from replica.text_watch import TextWatch
-from replica.tokenization import PromptCodec
+from replica.text_watch import SampleWatch
 from replica.wire.framing import BlockingChannel
 from replica.wire.messages import (
     Cancel,
@@ -61,10 +60,11 @@ class Samples:
 
     n: int
     prompt_tokens: int
-    done: dict[int, tuple[Sample, int]] = field(default_factory=dict)  # sample: it, its tokens
+    # sample: it, its tokens, its thought's tokens
+    done: dict[int, tuple[Sample, int, int]] = field(default_factory=dict)
 
-    def add(self, sample: int, text: str, finish_reason: FinishReason, tokens: int) -> None:
-        self.done[sample] = (Sample(text, finish_reason), tokens)
+    def add(self, index: int, sample: Sample, tokens: int, thought_tokens: int) -> None:
+        self.done[index] = (sample, tokens, thought_tokens)
 
     @property
     def complete(self) -> bool:
@@ -72,9 +72,18 @@ class Samples:
 
     def result(self, request_id: int, kv: KVUsage) -> Result:
         ordered = [self.done[i] for i in range(self.n)]
-        first, *more = [sample for sample, _ in ordered]
-        usage = Usage(self.prompt_tokens, sum(tokens for _, tokens in ordered))
-        return Result(request_id, first.text, first.finish_reason, usage, kv=kv, more=tuple(more))
+        first, *more = [sample for sample, _, _ in ordered]
+        tokens = sum(tokens for _, tokens, _ in ordered)
+        usage = Usage(self.prompt_tokens, tokens, sum(thought for _, _, thought in ordered))
+        return Result(
+            request_id,
+            first.text,
+            first.finish_reason,
+            usage,
+            kv=kv,
+            more=tuple(more),
+            reasoning=first.reasoning,
+        )
 
 
 class Replica:
@@ -83,11 +92,11 @@ class Replica:
         self.spec = spec
         self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
         self.source = resolve(spec.model, spec.random_weights)
-        self.codec = PromptCodec(self.source.tokenizer_dir)
+        self.codec = self.source.codec()
         self.engine = load_engine(self.source, spec.engine, self.device, self.codec.eos_ids)
         self.max_context = self.engine.max_context
         self.samples: dict[int, Samples] = {}  # generating requests, by id
-        self.watches: dict[SampleKey, tuple[TextWatch, bool]] = {}  # its text, streamed or not
+        self.watches: dict[SampleKey, tuple[SampleWatch, bool]] = {}  # its text, streamed or not
 
     def info(self, startup_s: float) -> dict[str, Any]:
         return {
@@ -96,6 +105,7 @@ class Replica:
             "gpu": self.spec.gpu,
             "pid": os.getpid(),
             "max_context": self.max_context,
+            "reasoning": self.codec.reasoning,  # the chat template's: none, hybrid or always
             "engine_startup_s": self.engine.info["startup_s"],
             "startup_s": round(startup_s, 2),  # the whole replica: imports, tokenizer, engine
         }
@@ -116,17 +126,19 @@ class Replica:
             self._follow(conn)
 
     def _follow(self, conn: BlockingChannel) -> None:
-        """Watched samples' new text: streamed out as Deltas, and a stop string ends its
-        sample at once (cancelled in the engine, so its KV frees now)."""
+        """Watched samples' new text: streamed out as Deltas (thought pieces, then answer
+        pieces), and a stop string in the answer ends its sample at once (cancelled in the
+        engine, so its KV frees now)."""
         for key, ids in self.engine.new_tokens():
             watch, streamed = self.watches[key]
             watch.add(ids)
             if watch.stopped:
                 self.engine.cancel(*key)
                 del self.watches[key]
-                self._sample_done(conn, key, watch.text, "stop", len(watch.ids))
-            elif streamed and (piece := watch.unsent()):
-                conn.send(Delta(key[0], piece, key[1]))
+                self._sample_done(conn, key, watch, "stop")
+            elif streamed:
+                for piece, thought in watch.unsent():
+                    conn.send(Delta(key[0], piece, key[1], reasoning=thought))
 
     def _handle(self, conn: BlockingChannel, message: Request | Cancel) -> None:
         if isinstance(message, Cancel):
@@ -146,8 +158,12 @@ class Replica:
             self.samples[message.id] = Samples(job.n, len(request.prompt_ids))
         if request.watch and isinstance(job, GenerateJob):
             for sample in range(job.n):
-                watch = TextWatch(self.codec.decode, len(request.prompt_ids), job.decoding.stop)
+                watch = self._watch(request, job.decoding.stop)
                 self.watches[message.id, sample] = (watch, job.stream)
+
+    def _watch(self, request: EngineRequest, stop: tuple[str, ...]) -> SampleWatch:
+        end_id = self.codec.think_end_id if request.think is not None else None
+        return SampleWatch(self.codec.decode, stop, end_id)
 
     def _forget(self, request_id: int) -> None:
         gathering = self.samples.pop(request_id, None)
@@ -157,7 +173,8 @@ class Replica:
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
         prefix = job.prefix if isinstance(job, ScoreJob) else ""
-        prompt_ids = self.codec.encode_chat(job.messages, prefix)
+        thinks = isinstance(job, GenerateJob) and self.codec.thinks(job.reasoning.enabled)
+        prompt_ids = self.codec.encode_chat(job.messages, prefix, thinks)
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ContextOverflow(
@@ -168,6 +185,8 @@ class Replica:
             return EngineRequest(
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )
+        budget = job.reasoning.budget
+        think = ThinkBudget(budget, self.codec.think_end_id, self.codec.closing_ids(budget))
         return EngineRequest(
             message.id,
             prompt_ids,
@@ -175,11 +194,13 @@ class Replica:
             sampling=job.decoding.sampling,
             watch=job.stream or bool(job.decoding.stop),
             n=job.n,
+            think=think if thinks else None,
         )
 
     def _finished(self, conn: BlockingChannel, result: EngineResult) -> None:
         """A Score's answer is its option index and counts one completion token; a watched
-        sample's text is its watch's, which a stop string in its last tokens still cuts."""
+        sample's text is its watch's, which a stop string in its last tokens still cuts; a
+        thinking sample's thought and answer come apart in a watch of their own."""
         if result.choice_index is not None:
             usage = Usage(result.prompt_tokens, 1)
             kv = self.engine.kv_usage()
@@ -187,23 +208,28 @@ class Replica:
             return
         key = result.id, result.sample
         watched = self.watches.pop(key, None)
-        if watched is None:
+        if watched is None and result.thought_ids is None:
             text = self.codec.decode(result.output_ids)
-            tokens = len(result.output_ids)
-            self._sample_done(conn, key, text, result.finish_reason, tokens)
+            sample = Sample(text, result.finish_reason)
+            self.samples[key[0]].add(key[1], sample, len(result.output_ids), 0)
+            self._gathered(conn, key[0])
             return
-        watch = watched[0]
-        watch.add(result.output_ids[len(watch.ids) :])
-        text = watch.finish()
-        reason = "stop" if watch.stopped else result.finish_reason
-        self._sample_done(conn, key, text, reason, len(watch.ids))
+        end_id = self.codec.think_end_id if result.thought_ids is not None else None
+        watch = watched[0] if watched else SampleWatch(self.codec.decode, (), end_id)
+        watch.add(((result.thought_ids or []) + result.output_ids)[watch.tokens :])
+        self._sample_done(conn, key, watch, "stop" if watch.stopped else result.finish_reason)
 
     def _sample_done(
-        self, conn: BlockingChannel, key: SampleKey, text: str, reason: FinishReason, tokens: int
+        self, conn: BlockingChannel, key: SampleKey, watch: SampleWatch, reason: FinishReason
     ) -> None:
-        request_id, sample = key
+        text, thought = watch.finish()
+        sample = Sample(text, reason, thought)
+        self.samples[key[0]].add(key[1], sample, watch.tokens, watch.thought_tokens)
+        self._gathered(conn, key[0])
+
+    def _gathered(self, conn: BlockingChannel, request_id: int) -> None:
+        """Send a request's Result once all its samples are in."""
         gathering = self.samples[request_id]
-        gathering.add(sample, text, reason, tokens)
         if gathering.complete:
             del self.samples[request_id]
             conn.send(gathering.result(request_id, self.engine.kv_usage()))

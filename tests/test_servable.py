@@ -44,18 +44,28 @@ def test_served_configs_pass(tmp_path):
         check_servable(resolve(str(VENDORED_CONFIGS / name), random_weights=True))
 
 
-def test_a_template_that_always_thinks_is_refused(tmp_path):
+def templated_model(tmp_path: Path, generation_prompt: str) -> Path:
     tokenizer = tmp_path / "model"
     shutil.copytree(VENDORED_TOKENIZER, tokenizer)
     settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
-    settings["chat_template"] = (  # the shape of the Thinking-2507 templates' generation prompt
+    settings["chat_template"] = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n" + generation_prompt + "{% endif %}"
     )
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
     shutil.copy(MOE_CONFIG, tokenizer / "config.json")
-    with pytest.raises(UnsupportedModel, match="always opens a <think> block"):
-        check_servable(resolve(str(tokenizer), random_weights=True))
+    return tokenizer
+
+
+def test_templates_are_classified_and_one_of_no_known_kind_is_refused(tmp_path):
+    always = templated_model(tmp_path / "always", "<think>\n")  # the Thinking-2507 shape
+    assert check_servable(resolve(str(always), random_weights=True)) is None
+    assert resolve(str(always), random_weights=True).codec().reasoning == "always"
+    assert resolve("tiny-random").codec().reasoning == "hybrid"
+    assert resolve("tiny-random-thinking").codec().reasoning == "always"
+    odd = templated_model(tmp_path / "odd", "<reasoning>\n")
+    with pytest.raises(UnsupportedModel, match="neither thinking-free, hybrid nor always"):
+        check_servable(resolve(str(odd), random_weights=True))
 
 
 @pytest.fixture(scope="module")

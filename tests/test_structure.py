@@ -232,7 +232,7 @@ def sequence_writes(path: Path) -> set[str]:
                     continue
                 if isinstance(part.value, ast.Attribute) and part.value.attr == "kv":
                     written.add("kv")
-                elif part.attr in ("limit", "reported"):
+                elif part.attr in ("limit", "reported", "thought"):
                     written.add(part.attr)
     return written
 
@@ -248,6 +248,7 @@ def test_each_piece_of_a_sequence_has_one_writer():
         "limit": {"replica.engine.engine"},
         "output": {"replica.engine.engine"},
         "reported": {"replica.engine.engine"},
+        "thought": {"replica.engine.engine"},
     }
 
 

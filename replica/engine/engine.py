@@ -28,6 +28,7 @@ from replica.engine.model_runner import ModelRunner, batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
+from replica.engine.thinking import Thought
 from replica.model.qwen3 import Qwen3
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 from replica.wire.spec import EngineConfig
@@ -310,6 +311,7 @@ class Engine:
             if not sequence.output:  # a first prefill (a preempted one keeps its limit)
                 room = self.max_context - sequence.prompt_len
                 sequence.limit = min(sequence.request.max_new_tokens, room)
+                sequence.thought = Thought.begin(sequence.request.think, sequence.limit)
             if sequence.limit <= 0:
                 result = self._finish(sequence, "length")
             else:
@@ -337,7 +339,10 @@ class Engine:
         return results
 
     def _append(self, sequence: Sequence, token: int) -> EngineResult | None:
-        """Take a generated token; the sequence's result if it has now finished. EOS is not kept."""
+        """Take a generated token (a thinking one's may give way to the closing its budget
+        forces); the sequence's result if it has now finished. EOS is not kept."""
+        if sequence.thought is not None:
+            token = sequence.thought.choose(token, len(sequence.output))
         if token in self.eos_ids:
             return self._finish(sequence, "stop")
         sequence.output.append(token)

@@ -12,6 +12,17 @@ from replica.wire.messages import FinishReason, SamplingParams
 
 
 @dataclass(frozen=True)
+class ThinkBudget:
+    """A request whose prompt opens a think block (it ends with `<think>\n`): at most `budget`
+    tokens of thought, then the engine forces `closing_ids` (which hold `end_id`, `</think>`)
+    unless the model closed the block itself."""
+
+    budget: int
+    end_id: int
+    closing_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     """A tokenized request. `choice_ids` is set for scoring: no decode, argmax among them."""
 
@@ -22,13 +33,18 @@ class EngineRequest:
     sampling: SamplingParams | None = None  # None: greedy
     watch: bool = False  # report its new tokens each step (Engine.new_tokens)
     n: int = 1  # samples, forked from one prefill (OpenAI's `n`)
+    think: ThinkBudget | None = None  # None: it starts in its answer
 
 
 @dataclass
 class EngineResult:
+    """A finished sample: `output_ids` is its answer; a thinking one's think block comes apart
+    in `thought_ids` (its closing `</think>` included when it got there)."""
+
     id: int
     prompt_tokens: int
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
     choice_index: int | None = None
     sample: int = 0  # which of the request's n samples this is
+    thought_ids: list[int] | None = None  # None: it did not think

@@ -1,7 +1,7 @@
 """One request's state inside the engine, from admission to its result.
 
 Each piece has one writer: the engine writes what a sequence generated (`output`, `limit`,
-`reported`); the scheduler writes where it lives (`kv`: its blocks, its decode row, its
+`reported`, `thought`); the scheduler writes where it lives (`kv`: its blocks, its decode row, its
 admission). The model runner reads both and keeps its own device-side copy of the block tables.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from replica.engine.request import EngineRequest, EngineResult
+from replica.engine.thinking import Thought
 from replica.wire.messages import FinishReason, SamplingParams
 
 SEED_RANGE = 2**63  # seeds are int64 on the device
@@ -43,6 +44,7 @@ class Sequence:
     limit: int = 0  # most tokens it may generate: its cap, bounded by the context
     output: list[int] = field(default_factory=list)
     reported: int = 0  # output tokens Engine.new_tokens has handed out (watched requests)
+    thought: Thought | None = None  # its think block, while and after it thinks
 
     @property
     def id(self) -> int:
@@ -86,10 +88,14 @@ class Sequence:
         return Sequence(self.request, sampling, sample, placement)
 
     def result(self, finish_reason: FinishReason) -> EngineResult:
+        thought_ids, answer = None, self.output
+        if self.thought is not None:
+            thought_ids, answer = self.thought.split(self.output)
         return EngineResult(
             id=self.id,
             prompt_tokens=self.prompt_len,
-            output_ids=self.output,
+            output_ids=answer,
             finish_reason=finish_reason,
             sample=self.sample,
+            thought_ids=thought_ids,
         )

@@ -1,7 +1,7 @@
 """Which models this engine serves, decided before any weight is loaded.
 
-A model we would serve wrongly (another architecture, scaled RoPE, a template that always thinks,
-a checkpoint whose tensors do not match its config) is refused at start-up with one line naming
+A model we would serve wrongly (another architecture, scaled RoPE, a chat template that is neither
+thinking-free, hybrid nor always-thinking, a checkpoint whose tensors do not match its config) is refused at start-up with one line naming
 what is unsupported, instead of crashing a replica in a restart loop or answering garbage. The
 config's own checks run when it is read (replica.loading.config); these need the tokenizer and
 the checkpoint's tensor names.
@@ -18,19 +18,16 @@ from replica.loading.quantization import int4_checkpoint
 from replica.loading.reader import CheckpointReader
 from replica.loading.source import ModelSource, resolve
 from replica.loading.weights import expected_tensor_names, redundant_tensor_names
-from replica.tokenization import PromptCodec
+from replica.tokenization import PromptCodec, UnsupportedTemplate
 
 
-def check_chat_template(render: str) -> None:
-    """`render` is a user turn plus the generation prompt, thinking off. A Thinking model's
-    template opens a think block there regardless: we would score MCQ letters inside it and
-    return raw reasoning as the answer."""
-    answer = render.rsplit("<|im_start|>assistant", 1)[-1]
-    if "<think>" in answer and "</think>" not in answer:
-        raise UnsupportedModel(
-            "the chat template always opens a <think> block (a Thinking model); "
-            "serve an Instruct or hybrid Qwen3 instead"
-        )
+def check_chat_template(source: ModelSource) -> PromptCodec:
+    """The model's codec, whose chat template is thinking-free, hybrid or always-thinking
+    (replica.tokenization.reasoning_kind classifies it)."""
+    try:
+        return source.codec()
+    except UnsupportedTemplate as error:
+        raise UnsupportedModel(str(error)) from error
 
 
 def check_tensors(present: set[str], expected: set[str], redundant: set[str]) -> None:
@@ -45,12 +42,11 @@ def check_tensors(present: set[str], expected: set[str], redundant: set[str]) ->
 
 def check_servable(source: ModelSource, quantize: str | None = None) -> None:
     """Everything above for a resolved model: its config was checked when it was read; this
-    checks its quantization (a 4-bit format we serve, or `--quantize` on a 16-bit one), renders
+    checks its quantization (a 4-bit format we serve, or `--quantize` on a 16-bit one), classifies
     its chat template and, for a real checkpoint, matches its tensor names."""
     checkpoint = int4_checkpoint(source.config)
     check_quantize(source, quantize)
-    codec = PromptCodec(source.tokenizer_dir)
-    check_chat_template(codec.render([{"role": "user", "content": "Hello"}]))
+    check_chat_template(source)
     if source.weights_dir is not None:
         present = CheckpointReader.from_dir(source.weights_dir).names
         expected = expected_tensor_names(source.config, checkpoint, present)

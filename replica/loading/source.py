@@ -9,11 +9,14 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from replica.loading.config import config_from_dict, tiny_random_config
+from replica.tokenization import PromptCodec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VENDORED_TOKENIZER = PROJECT_ROOT / "vendor" / "qwen3-tokenizer"
 VENDORED_CONFIGS = PROJECT_ROOT / "vendor" / "configs"
+THINKING_TEMPLATE = PROJECT_ROOT / "vendor" / "qwen3-thinking-2507-template"
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_THINKING = "tiny-random-thinking"  # tiny-random with the Thinking-2507 template
 # Hub repos keep the chat template in tokenizer_config.json or in chat_template.jinja.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
@@ -26,17 +29,28 @@ class ModelSource:
     config: PretrainedConfig  # Qwen3Config or Qwen3MoeConfig
     tokenizer_dir: Path
     weights_dir: Path | None
+    chat_template: str | None = None  # replaces the tokenizer's own (tiny-random-thinking)
+
+    def codec(self) -> PromptCodec:
+        """The model's prompt codec: its tokenizer and chat template."""
+        return PromptCodec(self.tokenizer_dir, self.chat_template)
 
 
 def resolve(model: str, random_weights: bool = False) -> ModelSource:
     """Map a model argument to its source.
 
-    `model` is `tiny-random`, a local checkpoint dir (config.json + safetensors), a config-only dir
+    `model` is `tiny-random` (or `tiny-random-thinking`, the same with an always-thinking
+    template), a local checkpoint dir (config.json + safetensors), a config-only dir
     (with `random_weights`), or a Hugging Face id, downloaded once into the local cache. A config
     of a family we do not serve raises `UnsupportedModel`.
     """
     if model == TINY_RANDOM:
         return ModelSource(TINY_RANDOM, tiny_random_config(), VENDORED_TOKENIZER, None)
+    if model == TINY_RANDOM_THINKING:
+        settings = json.loads((THINKING_TEMPLATE / "tokenizer_config.json").read_text())
+        return ModelSource(
+            model, tiny_random_config(), VENDORED_TOKENIZER, None, settings["chat_template"]
+        )
     path = Path(model)
     if not path.is_dir():
         path = _download(model, config_only=random_weights)

@@ -41,16 +41,27 @@ class Decoding:
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    """Whether and how long the model thinks before it answers."""
+
+    # None: the model's default (always-thinking thinks, hybrid and thinking-free do not);
+    # True/False: the client's enable_thinking (ignored by a model that cannot think or always does)
+    enabled: bool | None = None
+    budget: int = 1024  # most thought tokens; 0: the think block closes at once
+
+
+@dataclass(frozen=True)
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
     lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
-    the text in Deltas as it grows."""
+    the text in Deltas as it grows. `max_tokens` counts the thought and the answer."""
 
     messages: Chat
     max_tokens: int
     decoding: Decoding = Decoding()
     stream: bool = False
     n: int = 1
+    reasoning: Reasoning = Reasoning()
 
 
 @dataclass(frozen=True)
@@ -95,15 +106,18 @@ class Ready:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens a replica processed for a request (OpenAI's usage, without the total)."""
+    """Tokens a replica processed for a request (OpenAI's usage, without the total); the
+    thought's tokens count in `completion_tokens` too, as OpenAI counts them."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -122,17 +136,19 @@ class KVUsage:
 
 @dataclass(frozen=True)
 class Sample:
-    """One of the n generated texts of a GenerateJob."""
+    """One of the n generated texts of a GenerateJob: its answer and, when the model thought
+    first, its thought (never a think tag in either)."""
 
     text: str
     finish_reason: FinishReason
+    reasoning: str | None = None  # the thought's text; None when the model did not think
 
 
 @dataclass(frozen=True)
 class Result:
     """A request's answer: the generated text (its first sample; `more` holds the others when
     n > 1), or for a ScoreJob the chosen option's index. `usage` counts the prompt once and
-    every sample's tokens."""
+    every sample's tokens. `text` is the answer alone; `reasoning` its thought."""
 
     id: int
     text: str
@@ -141,19 +157,22 @@ class Result:
     choice: int | None = None
     kv: KVUsage | None = None  # the replica's pool as this result left it
     more: tuple[Sample, ...] = ()
+    reasoning: str | None = None  # the first sample's thought (None: it did not think)
 
     @property
     def samples(self) -> tuple[Sample, ...]:
-        return (Sample(self.text, self.finish_reason), *self.more)
+        return (Sample(self.text, self.finish_reason, self.reasoning), *self.more)
 
 
 @dataclass(frozen=True)
 class Delta:
-    """More text of a streamed request's sample, as it is generated (never half a character)."""
+    """More text of a streamed request's sample, as it is generated (never half a character):
+    a piece of its thought or of its answer, never both."""
 
     id: int
     text: str
     sample: int = 0
+    reasoning: bool = False  # True: this piece is thought text, False: answer text
 
 
 @dataclass(frozen=True)
