@@ -186,7 +186,8 @@ class Replica:
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )
         budget = job.reasoning.budget
-        think = ThinkBudget(budget, self.codec.think_end_id, self.codec.closing_ids(budget))
+        closing = self.codec.closing_ids(budget)
+        think = ThinkBudget(budget, self.codec.think_end_id, closing) if thinks else None
         return EngineRequest(
             message.id,
             prompt_ids,
@@ -194,7 +195,7 @@ class Replica:
             sampling=job.decoding.sampling,
             watch=job.stream or bool(job.decoding.stop),
             n=job.n,
-            think=think if thinks else None,
+            think=think,
         )
 
     def _finished(self, conn: BlockingChannel, result: EngineResult) -> None:
