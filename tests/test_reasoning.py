@@ -265,3 +265,24 @@ def test_a_watch_splits_at_the_models_own_end_and_trims_as_the_template_does(cod
     assert "".join(p for p, thought in pieces if thought) == "plan it: 汉字 first"
     assert "".join(p for p, thought in pieces if not thought) == "An answer, "
     assert watch.thought_tokens == ids.index(codec.think_end_id) + 1
+
+
+def test_a_preempted_thought_keeps_its_budget(engine, codec):
+    """Four thinking rows outgrow a 12-block pool: the newest are preempted, computed again,
+    and still end exactly as each does alone."""
+    small = load_engine(
+        resolve(TINY_RANDOM_THINKING),
+        EngineConfig(max_batch=4, max_model_len=512, kv_blocks=12),
+        "cpu",
+        codec.eos_ids,
+    )
+    requests = []
+    for i, budget in enumerate((5, 20, 30, 0)):
+        prompt = codec.encode_chat([{"role": "user", "content": f"Question {i}"}], think=True)
+        think = ThinkBudget(budget, codec.think_end_id, codec.closing_ids(budget))
+        requests.append(EngineRequest(i, prompt, 80, think=think))
+    together = run(small, *requests)
+    assert small.scheduler.preemptions >= 1
+    for request, result in zip(requests, together, strict=True):
+        [alone] = run(engine, request)
+        assert (result.thought_ids, result.output_ids) == (alone.thought_ids, alone.output_ids)
