@@ -41,6 +41,17 @@ class Decoding:
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    """Whether and how long the model thinks before it answers."""
+
+    # None: the model's default (always-thinking thinks, hybrid and thinking-free do not);
+    # True/False: the client's enable_thinking (ignored by a model that cannot think or always
+    # does)
+    enabled: bool | None = None
+    budget: int = 1024  # most thought tokens; 0: the think block closes at once
+
+
+@dataclass(frozen=True)
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
     lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
@@ -51,6 +62,7 @@ class GenerateJob:
     decoding: Decoding = Decoding()
     stream: bool = False
     n: int = 1
+    reasoning: Reasoning = Reasoning()
 
 
 @dataclass(frozen=True)
@@ -99,11 +111,13 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # thought tokens, also counted in completion_tokens
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -126,13 +140,15 @@ class Sample:
 
     text: str
     finish_reason: FinishReason
+    reasoning: str | None = None  # the thought's text; None when the model did not think
 
 
 @dataclass(frozen=True)
 class Result:
     """A request's answer: the generated text (its first sample; `more` holds the others when
-    n > 1), or for a ScoreJob the chosen option's index. `usage` counts the prompt once and
-    every sample's tokens."""
+    n > 1), or for a ScoreJob the chosen option's index. `text` is the answer alone (never a
+    think tag; a thought is in `reasoning`). `usage` counts the prompt once and every sample's
+    tokens."""
 
     id: int
     text: str
@@ -141,10 +157,11 @@ class Result:
     choice: int | None = None
     kv: KVUsage | None = None  # the replica's pool as this result left it
     more: tuple[Sample, ...] = ()
+    reasoning: str | None = None  # its first sample's thought (samples 1.. carry theirs in more)
 
     @property
     def samples(self) -> tuple[Sample, ...]:
-        return (Sample(self.text, self.finish_reason), *self.more)
+        return (Sample(self.text, self.finish_reason, self.reasoning), *self.more)
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,7 @@ class Delta:
     id: int
     text: str
     sample: int = 0
+    reasoning: bool = False  # True: this piece is thought text
 
 
 @dataclass(frozen=True)
