@@ -124,7 +124,7 @@ class CompletionService:
         and a thought (unless thinking is off) its budget on top."""
         reasoning = options.reasoning(self.reasoning_budget)
         thought = 0 if reasoning.enabled is False else reasoning.budget
-        max_tokens = options.max_tokens or CHAT_MAX_TOKENS + thought
+        max_tokens = options.max_tokens or (CHAT_MAX_TOKENS + thought)
         return GenerateJob(messages, max_tokens, options.decoding, n=options.n, reasoning=reasoning)
 
     async def _plans(self, prompts: list[str], options: Options) -> list[shortcuts.Plan]:
