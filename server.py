@@ -61,6 +61,7 @@ class Frontend:
             args.plan_timeout,
             args.max_in_flight,
             self.metrics,
+            args.reasoning_budget,
         )
         self.requests = self.metrics.counter(
             "requests_total", "HTTP completion requests by status.", ["status"]
@@ -251,6 +252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_replica_arguments(parser)
     parser.add_argument(
         "--max-in-flight", type=positive_int, default=4096, help="admission bound (prompts)"
+    )
+    parser.add_argument(
+        "--reasoning-budget",
+        type=positive_int,
+        help="most thought tokens of a model that thinks, for every profile (default: the "
+        "profile's); a request's reasoning_effort overrides it",
     )
     parser.add_argument(
         "--plan-timeout", type=float, default=5.0, help="seconds; then the prompt goes to the model"

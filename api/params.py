@@ -1,5 +1,6 @@
 """The settings both OpenAI endpoints share: token caps, sampling, stop strings, streaming, `n`,
-and the fields we do not implement. Each is validated on its own, and anything wrong or
+reasoning (`reasoning_effort`, `chat_template_kwargs.enable_thinking`), and the fields we do not
+implement. Each is validated on its own, and anything wrong or
 unsupported is a 400 that names its field (never silently ignored)."""
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 MAX_STOPS = 4
 MAX_SEED = 2**63 - 1
 MAX_N = 128  # OpenAI's bound on `n`; a replica refuses more than it can decode at once
+# OpenAI's reasoning_effort as thinking budgets (most thought tokens; README, Reasoning models):
+# none closes the think block at once; each step up allows about four times the thought.
+EFFORT_BUDGETS: dict[str, int] = {
+    "none": 0,
+    "minimal": 256,
+    "low": 1024,
+    "medium": 4096,
+    "high": 16384,
+}
 # Fields we do not implement, with the values that mean "off" (accepted as if absent).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
@@ -47,7 +57,25 @@ def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:
         raise ApiError(400, "'stream_options' must be an object.", "stream_options")
     usage = stream and _flag(stream_options, "include_usage", "stream_options")
     decoding = Decoding(parse_sampling(body, greedy_unless_set), parse_stop(body))
-    return Options(max_tokens, decoding, stream, usage, n)
+    return Options(max_tokens, decoding, stream, usage, n, *parse_reasoning(body))
+
+
+def parse_reasoning(body: dict[str, Any]) -> tuple[bool | None, int | None]:
+    """(enable_thinking, thinking budget): chat_template_kwargs' `enable_thinking` (vLLM's; its
+    other keys are not read) and the budget `reasoning_effort` names (OpenAI's); None where
+    absent. A model that cannot think ignores both (the replica's business)."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object.", "chat_template_kwargs")
+    enabled = kwargs.get("enable_thinking")
+    if enabled is not None and not isinstance(enabled, bool):
+        message = "'chat_template_kwargs.enable_thinking' must be true or false."
+        raise ApiError(400, message, "chat_template_kwargs")
+    effort = body.get("reasoning_effort")
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORT_BUDGETS):
+        efforts = ", ".join(EFFORT_BUDGETS)
+        raise ApiError(400, f"'reasoning_effort' must be one of {efforts}.", "reasoning_effort")
+    return enabled, None if effort is None else EFFORT_BUDGETS[effort]
 
 
 def refuse_unsupported(body: dict[str, Any]) -> None:

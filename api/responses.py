@@ -19,6 +19,7 @@ from replica.wire.messages import Chat, Usage
 from shortcuts import Reply
 
 CHAT_ROLES = ("system", "user", "assistant")
+THOUGHT_FIELDS = ("reasoning", "reasoning_content")  # a past turn's thought: read, then dropped
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,16 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
 
 
 def _chat_message(message: Any) -> dict[str, str]:
+    """The turn the template renders: role and text. An assistant turn's past thought
+    (`reasoning` or `reasoning_content`) must be text and is dropped (Qwen3's templates drop
+    past thoughts anyway)."""
     if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
         raise ApiError(
             400, f"Each message needs a 'role' among {', '.join(CHAT_ROLES)}.", "messages"
         )
+    for name in THOUGHT_FIELDS:
+        if not isinstance(message.get(name, ""), str | None):
+            raise ApiError(400, f"A message's '{name}' must be text.", "messages")
     content = message.get("content")
     if isinstance(content, list) and all(
         isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
@@ -123,22 +130,31 @@ def envelope(id_prefix: str, kind: str, model: str) -> dict[str, Any]:
     }
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage; `completion_tokens_details.reasoning_tokens` counts the thought tokens
+    (also in completion_tokens), 0 when the model did not think."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
 def chat_body(model: str, replies: list[Reply]) -> dict[str, Any]:
-    """A `chat.completion` object with the assistant's messages, one choice per sample."""
+    """A `chat.completion` object with the assistant's messages, one choice per sample; a
+    message whose model thought carries the thought as `reasoning` and `reasoning_content`
+    (vLLM's names, new and old)."""
     return {
         **envelope("chatcmpl", "chat.completion", model),
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": reply.text},
+                "message": {
+                    "role": "assistant",
+                    "content": reply.text,
+                    **({} if reply.reasoning is None else thought(reply.reasoning)),
+                },
                 "logprobs": None,
                 "finish_reason": reply.finish_reason,
             }
@@ -146,6 +162,12 @@ def chat_body(model: str, replies: list[Reply]) -> dict[str, Any]:
         ],
         "usage": usage_body(sum((reply.usage for reply in replies), Usage())),
     }
+
+
+def thought(text: str) -> dict[str, str]:
+    """A thought in a message or delta, under both names clients read (vLLM's `reasoning` and
+    its earlier `reasoning_content`, DeepSeek's)."""
+    return {"reasoning": text, "reasoning_content": text}
 
 
 class Chunks:
@@ -159,14 +181,16 @@ class Chunks:
         self.base = envelope(*kind, model)
         self.started: set[int] = set()
 
-    def piece(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def piece(
+        self, index: int, text: str, finish_reason: str | None, reasoning: bool = False
+    ) -> dict[str, Any]:
+        """One chunk of choice `index`: for chat, thought text (`reasoning`) goes as
+        `reasoning` and `reasoning_content`, answer text as `content`."""
         choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish_reason}
         if self.chat:
-            delta = (
-                {"content": text}
-                if index in self.started
-                else {"role": "assistant", "content": text}
-            )
+            delta = thought(text) if reasoning else {"content": text}
+            if index not in self.started:
+                delta = {"role": "assistant", **delta}
             choice["delta"] = delta
             self.started.add(index)
         else:

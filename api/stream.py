@@ -35,7 +35,8 @@ async def write_events(
             piece = first
             while piece is not None:
                 reason = piece.reply.finish_reason if piece.reply else None
-                await _send(response, chunks.piece(piece.index, piece.text, reason))
+                chunk = chunks.piece(piece.index, piece.text, reason, piece.reasoning)
+                await _send(response, chunk)
                 usage += piece.reply.usage if piece.reply else Usage()
                 piece = await anext(pieces, None)
         except Exception as error:  # the status line is gone: the error travels as an event

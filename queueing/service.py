@@ -18,7 +18,7 @@ from queueing.metrics import Metrics
 from queueing.options import Options
 from queueing.planning import Planner
 from queueing.streams import Piece, merged
-from replica.wire.messages import Chat, Delta, GenerateJob
+from replica.wire.messages import Chat, Delta, GenerateJob, Result
 from replica.wire.spec import ReplicaSpec
 from shortcuts.text import strip_think
 
@@ -38,9 +38,13 @@ class CompletionService:
         plan_timeout: float,
         max_in_flight: int,
         metrics: Metrics,
+        reasoning_budget: int | None = None,
     ) -> None:
+        """`reasoning_budget`: the thinking budget of a request that names none (None: the
+        profile's)."""
         self.dispatcher = Dispatcher(specs, metrics, max_in_flight)
         self.planner = Planner(profile, plan_timeout, metrics)
+        self.reasoning_budget = reasoning_budget or shortcuts.get_profile(profile).reasoning_budget
         self._prompts = metrics.counter(
             "prompts_total", "Prompts by task and outcome.", ["task", "status"]
         )
@@ -103,23 +107,30 @@ class CompletionService:
         """`options.n` assistant turns for the messages as given: no shaping, nothing added."""
         started = time.monotonic()
         with self.dispatcher.admission(options.n):
-            result = await self.dispatcher.submit(_chat_job(messages, options))
-        replies = shortcuts.carrying(
-            [shortcuts.Reply("chat", s.text, s.finish_reason) for s in result.samples],
-            result.usage,
-        )
+            result = await self.dispatcher.submit(self._chat_job(messages, options))
+        replies = _replies_of(result, "chat")
         self._answered(replies, started)
         return replies
 
     async def stream_chat(self, messages: Chat, options: Options) -> AsyncIterator[Piece]:
         started = time.monotonic()
         with self.dispatcher.admission(options.n):
-            async for piece in self._stream_job(0, _chat_job(messages, options), "chat", started):
+            job = self._chat_job(messages, options)
+            async for piece in self._stream_job(0, job, "chat", started):
                 yield piece
+
+    def _chat_job(self, messages: Chat, options: Options) -> GenerateJob:
+        """The messages as given. Without the client's cap, an answer gets CHAT_MAX_TOKENS
+        and a thought (unless thinking is off) its budget on top."""
+        reasoning = options.reasoning(self.reasoning_budget)
+        thought = 0 if reasoning.enabled is False else reasoning.budget
+        max_tokens = options.max_tokens or (CHAT_MAX_TOKENS + thought)
+        return GenerateJob(messages, max_tokens, options.decoding, n=options.n, reasoning=reasoning)
 
     async def _plans(self, prompts: list[str], options: Options) -> list[shortcuts.Plan]:
         plans = await self.planner.plan_all(prompts, options.max_tokens)
-        return [shortcuts.with_decoding(plan, options.decoding) for plan in plans]
+        reasoning = options.reasoning(self.reasoning_budget)
+        return [shortcuts.with_settings(plan, options.decoding, reasoning) for plan in plans]
 
     async def _stream_plan(
         self, first: int, plan: shortcuts.Plan, n: int, started: float
@@ -137,24 +148,24 @@ class CompletionService:
     ) -> AsyncIterator[Piece]:
         """Each sample's text, as choice `first` + its index. A shaped turn's text is stripped
         as `plan.replies` strips it (leading and trailing whitespace held back), so the pieces
-        add up to the unstreamed text."""
+        add up to the unstreamed text. Thought pieces go out as they come for chat; a
+        completion's text is the answer alone, so a shaped turn drops them."""
         shaped = task != "chat"
         raw, sent = [""] * job.n, [""] * job.n
         async for message in self.dispatcher.stream(replace(job, stream=True)):
             if isinstance(message, Delta):
                 j = message.sample
+                if message.reasoning:
+                    if not shaped:
+                        yield Piece(first + j, message.text, reasoning=True)
+                    continue
                 raw[j] += message.text
                 shown = raw[j].strip() if shaped else raw[j]
                 if len(shown) > len(sent[j]):
                     yield Piece(first + j, shown[len(sent[j]) :])
                     sent[j] = shown
                 continue
-            texts = [strip_think(s.text) if shaped else s.text for s in message.samples]
-            reasons = [s.finish_reason for s in message.samples]
-            replies = shortcuts.carrying(
-                [shortcuts.Reply(task, *reply) for reply in zip(texts, reasons, strict=True)],
-                message.usage,
-            )
+            replies = _replies_of(message, task)
             self._answered(replies, started)
             for j, reply in enumerate(replies):
                 rest = reply.text.removeprefix(sent[j]) if reply.text.startswith(sent[j]) else ""
@@ -179,6 +190,17 @@ class CompletionService:
             self._tokens_out.inc(reply.usage.completion_tokens)
 
 
-def _chat_job(messages: Chat, options: Options) -> GenerateJob:
-    max_tokens = options.max_tokens or CHAT_MAX_TOKENS
-    return GenerateJob(messages, max_tokens, options.decoding, n=options.n)
+def _replies_of(result: Result, task: shortcuts.Task) -> list[shortcuts.Reply]:
+    """A decoded turn's replies: chat's as generated, with their thoughts; a shaped turn's
+    stripped as `plan.replies` strips them (a completion's text is the answer alone)."""
+    chat = task == "chat"
+    replies = [
+        shortcuts.Reply(
+            task,
+            s.text if chat else strip_think(s.text),
+            s.finish_reason,
+            reasoning=s.reasoning if chat else None,
+        )
+        for s in result.samples
+    ]
+    return shortcuts.carrying(replies, result.usage)

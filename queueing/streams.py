@@ -12,11 +12,13 @@ from shortcuts import Reply
 
 @dataclass(frozen=True)
 class Piece:
-    """More text of choice `index`; its last piece carries its Reply (finish reason, usage)."""
+    """More text of choice `index` (thought text when `reasoning`); its last piece carries its
+    Reply (finish reason, usage)."""
 
     index: int
     text: str
     reply: Reply | None = None
+    reasoning: bool = False
 
 
 async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

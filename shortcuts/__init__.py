@@ -10,7 +10,7 @@ from shortcuts.plans import (
     Task,
     UnsolvedGraph,
     carrying,
-    with_decoding,
+    with_settings,
 )
 from shortcuts.profiles import PROFILES, Profile, get_profile
 from shortcuts.prompts import plan, plan_unshaped
@@ -33,5 +33,5 @@ __all__ = [
     "plan",
     "plan_unshaped",
     "route",
-    "with_decoding",
+    "with_settings",
 ]

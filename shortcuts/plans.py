@@ -25,12 +25,13 @@ Task = Route | Literal["chat"]  # chat: /v1/chat/completions, the messages as gi
 @dataclass(frozen=True)
 class Reply:
     """One prompt's final answer, and the tokens the model processed for it (none for an
-    answer found in the front end)."""
+    answer found in the front end); for chat, the thought before it (None: none)."""
 
     task: Task
     text: str
     finish_reason: wire.FinishReason = "stop"
     usage: wire.Usage = field(default_factory=wire.Usage)
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,20 @@ class Score:
 class Generate:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (the profile's cap
     and the client's). With a `fallback` (an MCQ under the accuracy profile) the turn reasons
-    its way to a letter, and the fallback Score runs when the reasoning names none."""
+    its way to a letter, and the fallback Score runs when the reasoning names none. A model
+    that thinks does so under `reasoning`; the answer text (never the thought) is read."""
 
     task: Route
     messages: wire.Chat
     max_tokens: int
     fallback: Score | None = None
     decoding: wire.Decoding = field(default_factory=wire.Decoding)  # the default: greedy
+    reasoning: wire.Reasoning = field(default_factory=wire.Reasoning)
 
     def job(self, n: int = 1) -> wire.GenerateJob:
-        return wire.GenerateJob(self.messages, self.max_tokens, self.decoding, n=n)
+        return wire.GenerateJob(
+            self.messages, self.max_tokens, self.decoding, n=n, reasoning=self.reasoning
+        )
 
     async def replies(self, model: Model, n: int = 1) -> list[Reply]:
         result = await model(self.job(n))
@@ -112,7 +117,9 @@ class UnsolvedGraph(Generate):
 Plan = Answer | Score | Generate
 
 
-def with_decoding(plan: Plan, decoding: wire.Decoding) -> Plan:
-    """The plan under the client's decoding settings: they apply to what the model generates
-    (a Score picks its letter by argmax, whatever they say)."""
-    return replace(plan, decoding=decoding) if isinstance(plan, Generate) else plan
+def with_settings(plan: Plan, decoding: wire.Decoding, reasoning: wire.Reasoning) -> Plan:
+    """The plan under the client's decoding settings and the request's reasoning: they apply
+    to what the model generates (a Score picks its letter by argmax, whatever they say)."""
+    if isinstance(plan, Generate):
+        return replace(plan, decoding=decoding, reasoning=reasoning)
+    return plan

@@ -8,18 +8,24 @@ from types import MappingProxyType
 
 @dataclass(frozen=True)
 class Profile:
-    """Per-system caps. `mcq_reasoning_cap` None means MCQ is answered by letter scoring."""
+    """Per-system caps. `mcq_reasoning_cap` None means MCQ is answered by letter scoring.
+    `reasoning_budget`: the most thought tokens of a model that thinks (a Thinking model, or
+    hybrid Qwen3 asked to); half the open-answer cap, which counts thought and answer together,
+    so an answer keeps room after a thought at its budget."""
 
     name: str
     open_cap: int
+    reasoning_budget: int
     mcq_reasoning_cap: int | None = None
 
 
 PROFILES = MappingProxyType(
     {
-        "throughput": Profile("throughput", open_cap=512),
-        "balanced": Profile("balanced", open_cap=1024),
-        "accuracy": Profile("accuracy", open_cap=2048, mcq_reasoning_cap=1024),
+        "throughput": Profile("throughput", open_cap=512, reasoning_budget=256),
+        "balanced": Profile("balanced", open_cap=1024, reasoning_budget=512),
+        "accuracy": Profile(
+            "accuracy", open_cap=2048, reasoning_budget=1024, mcq_reasoning_cap=1024
+        ),
     }
 )
 

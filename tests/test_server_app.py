@@ -129,7 +129,12 @@ def test_one_prompt_of_each_route_goes_its_way_and_comes_back_in_order():
         [score, generate] = dispatcher.sent  # the letters go, the index (0) comes back
         assert isinstance(score, wire.ScoreJob) and score.options == ("A", "B", "C", "D")
         assert isinstance(generate, wire.GenerateJob) and generate.max_tokens == 5
-        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+        assert body["usage"] == {
+            "prompt_tokens": 2,
+            "completion_tokens": 2,
+            "total_tokens": 4,
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
 
     serve(scenario)
 

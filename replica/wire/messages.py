@@ -45,7 +45,8 @@ class Reasoning:
     """Whether and how long the model thinks before it answers."""
 
     # None: the model's default (always-thinking thinks, hybrid and thinking-free do not);
-    # True/False: the client's enable_thinking (ignored by a model that cannot think or always does)
+    # True/False: the client's enable_thinking (ignored by a model that cannot think or always
+    # does)
     enabled: bool | None = None
     budget: int = 1024  # most thought tokens; 0: the think block closes at once
 
@@ -54,7 +55,7 @@ class Reasoning:
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
     lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
-    the text in Deltas as it grows. `max_tokens` counts the thought and the answer."""
+    the text in Deltas as it grows."""
 
     messages: Chat
     max_tokens: int
@@ -106,12 +107,11 @@ class Ready:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens a replica processed for a request (OpenAI's usage, without the total); the
-    thought's tokens count in `completion_tokens` too, as OpenAI counts them."""
+    """Tokens a replica processed for a request (OpenAI's usage, without the total)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # thought tokens, also counted in completion_tokens
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -136,8 +136,7 @@ class KVUsage:
 
 @dataclass(frozen=True)
 class Sample:
-    """One of the n generated texts of a GenerateJob: its answer and, when the model thought
-    first, its thought (never a think tag in either)."""
+    """One of the n generated texts of a GenerateJob."""
 
     text: str
     finish_reason: FinishReason
@@ -147,8 +146,9 @@ class Sample:
 @dataclass(frozen=True)
 class Result:
     """A request's answer: the generated text (its first sample; `more` holds the others when
-    n > 1), or for a ScoreJob the chosen option's index. `usage` counts the prompt once and
-    every sample's tokens. `text` is the answer alone; `reasoning` its thought."""
+    n > 1), or for a ScoreJob the chosen option's index. `text` is the answer alone (never a
+    think tag; a thought is in `reasoning`). `usage` counts the prompt once and every sample's
+    tokens."""
 
     id: int
     text: str
@@ -157,7 +157,7 @@ class Result:
     choice: int | None = None
     kv: KVUsage | None = None  # the replica's pool as this result left it
     more: tuple[Sample, ...] = ()
-    reasoning: str | None = None  # the first sample's thought (None: it did not think)
+    reasoning: str | None = None  # its first sample's thought (samples 1.. carry theirs in more)
 
     @property
     def samples(self) -> tuple[Sample, ...]:
@@ -166,13 +166,12 @@ class Result:
 
 @dataclass(frozen=True)
 class Delta:
-    """More text of a streamed request's sample, as it is generated (never half a character):
-    a piece of its thought or of its answer, never both."""
+    """More text of a streamed request's sample, as it is generated (never half a character)."""
 
     id: int
     text: str
     sample: int = 0
-    reasoning: bool = False  # True: this piece is thought text, False: answer text
+    reasoning: bool = False  # True: this piece is thought text
 
 
 @dataclass(frozen=True)
