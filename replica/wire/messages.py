@@ -55,7 +55,7 @@ class Reasoning:
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
     lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
-    the text in Deltas as it grows."""
+    the text in Deltas as it grows. `max_tokens` counts the thought and the answer."""
 
     messages: Chat
     max_tokens: int
