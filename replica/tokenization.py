@@ -14,8 +14,7 @@ THINK_OPEN, THINK_END = "<think>\n", "</think>"
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"  # a hybrid template's generation prompt, thinking off
 # What the engine forces once a thought has used its budget (the Qwen3 technical report's
 # stop-thinking text after a paragraph break, without the stray period it prints after
-# </think>); budget 0 forces
-# SHORT_CLOSING, an empty thought.
+# </think>); budget 0 forces SHORT_CLOSING, an empty thought.
 CLOSING = (
     "\n\nConsidering the limited time by the user, I have to give the solution based on the "
     "thinking directly now.\n</think>\n\n"
