@@ -9,7 +9,7 @@ from typing import Any
 
 from api.errors import ApiError
 from queueing.options import Options
-from replica.wire.messages import Decoding, SamplingParams
+from replica.wire.messages import CheckpointDefaults, Decoding, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 MAX_STOPS = 4
@@ -56,7 +56,11 @@ def parse_options(body: dict[str, Any], greedy_unless_set: bool) -> Options:
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object.", "stream_options")
     usage = stream and _flag(stream_options, "include_usage", "stream_options")
-    decoding = Decoding(parse_sampling(body, greedy_unless_set), parse_stop(body))
+    decoding = Decoding(
+        parse_sampling(body, greedy_unless_set),
+        parse_stop(body),
+        checkpoint_defaults(body, greedy_unless_set),
+    )
     return Options(max_tokens, decoding, stream, usage, n, *parse_reasoning(body))
 
 
@@ -83,6 +87,16 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
         value = body.get(name)
         if value is not None and not any(value == neutral for neutral in off):
             raise ApiError(400, f"'{name}' is not supported by this server.", name)
+
+
+def checkpoint_defaults(body: dict[str, Any], greedy_unless_set: bool) -> CheckpointDefaults:
+    """Whether the checkpoint's generation_config may replace the request's sampling: never
+    once it sets temperature, top_p or top_k (vLLM applies the checkpoint's values only where
+    the request is silent); on the course path (greedy unless set) only for a model that
+    thinks (its cards warn that greedy decoding loops); elsewhere always."""
+    if any(body.get(name) is not None for name in ("temperature", "top_p", "top_k")):
+        return "never"
+    return "thinking" if greedy_unless_set else "always"
 
 
 def parse_sampling(body: dict[str, Any], greedy_unless_set: bool) -> SamplingParams | None:

@@ -6,10 +6,11 @@ GPU, so importing torch here sees only that device.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from replica.wire.framing import BlockingChannel
 from replica.wire.messages import (
     Cancel,
     Cancelled,
+    Decoding,
     Delta,
     Failed,
     FinishReason,
@@ -32,11 +34,18 @@ from replica.wire.messages import (
     Request,
     Result,
     Sample,
+    SamplingParams,
     ScoreJob,
     Shutdown,
     Usage,
 )
 from replica.wire.spec import ReplicaSpec
+
+
+def prompt_seed(prompt_ids: list[int]) -> int:
+    """A seed of 63 bits that only the prompt decides (the course path's reproducible draws)."""
+    digest = hashlib.sha256(" ".join(map(str, prompt_ids)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def serve(sock: socket.socket, spec: ReplicaSpec) -> None:
@@ -192,11 +201,27 @@ class Replica:
             message.id,
             prompt_ids,
             min(job.max_tokens, room),
-            sampling=job.decoding.sampling,
+            sampling=self._sampling(job.decoding, prompt_ids, thinks),
             watch=job.stream or bool(job.decoding.stop),
             n=job.n,
             think=think,
         )
+
+    def _sampling(
+        self, decoding: Decoding, prompt_ids: list[int], thinks: bool
+    ) -> SamplingParams | None:
+        """The request's sampling, or the checkpoint's where the request left it to them
+        (`Decoding.defaults`), keeping the request's seed; on the course path a thinking
+        model's draw is seeded by its prompt, so the same prompt gets the same answer."""
+        defaults, mode = self.source.sampling_defaults, decoding.defaults
+        if defaults is None or mode == "never" or (mode == "thinking" and not thinks):
+            return decoding.sampling
+        if defaults.greedy:
+            return None
+        seed = decoding.sampling.seed if decoding.sampling is not None else None
+        if seed is None and mode == "thinking":
+            seed = prompt_seed(prompt_ids)
+        return replace(defaults, seed=seed)
 
     def _finished(self, conn: BlockingChannel, result: EngineResult) -> None:
         """A Score's answer is its option index and counts one completion token; a watched

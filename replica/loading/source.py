@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from replica.loading.config import config_from_dict, tiny_random_config
 from replica.tokenization import PromptCodec
+from replica.wire.messages import SamplingParams
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VENDORED_TOKENIZER = PROJECT_ROOT / "vendor" / "qwen3-tokenizer"
@@ -30,6 +31,8 @@ class ModelSource:
     tokenizer_dir: Path
     weights_dir: Path | None
     chat_template: str | None = None  # replaces the tokenizer's own (tiny-random-thinking)
+    # The checkpoint's sampling settings (generation_config.json), None when it sets none
+    sampling_defaults: SamplingParams | None = None
 
     def codec(self) -> PromptCodec:
         """The model's prompt codec: its tokenizer and chat template."""
@@ -61,11 +64,28 @@ def resolve(model: str, random_weights: bool = False) -> ModelSource:
         config=config,
         tokenizer_dir=path if has_tokenizer else VENDORED_TOKENIZER,
         weights_dir=None if random_weights else path,
+        sampling_defaults=sampling_defaults(path / "generation_config.json"),
+    )
+
+
+def sampling_defaults(path: Path) -> SamplingParams | None:
+    """The temperature, top_p and top_k a checkpoint recommends (Thinking-2507: 0.6, 0.95,
+    20), None when its generation_config.json is absent or sets none of them; one it leaves
+    out keeps a request's default."""
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())
+    if not any(found.get(name) is not None for name in ("temperature", "top_p", "top_k")):
+        return None
+    return SamplingParams(
+        temperature=float(found.get("temperature") or 1.0),
+        top_p=float(found.get("top_p") or 1.0),
+        top_k=int(found.get("top_k") or 0),
     )
 
 
 def _download(repo_id: str, config_only: bool) -> Path:
     from huggingface_hub import snapshot_download  # only a Hub id needs it
 
-    patterns = ["config.json"] if config_only else DOWNLOAD_PATTERNS
+    patterns = ["config.json", "generation_config.json"] if config_only else DOWNLOAD_PATTERNS
     return Path(snapshot_download(repo_id, allow_patterns=patterns))

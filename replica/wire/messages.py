@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Chat = list[dict[str, str]]  # [{"role": ..., "content": ...}]: what the chat template renders
-FinishReason = Literal["stop", "length"]  # the one definition: engine, wire and API share it
+FinishReason = Literal["stop", "length"]
+# When the checkpoint's sampling settings (its generation_config.json) replace a request's:
+# "never" (the client set temperature, top_p or top_k), "always" (chat, which set none of them:
+# vLLM's default), "thinking" (the course path, which set none: only a model that thinks
+# samples, seeded by its prompt; the others stay greedy)
+CheckpointDefaults = Literal[
+    "never", "always", "thinking"
+]  # the one definition: engine, wire and API share it
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Decoding:
-    """The client's decoding settings: how tokens are drawn (None: greedy) and the strings
-    that end the text before them."""
+    """The client's decoding settings: how tokens are drawn (None: greedy), the strings that
+    end the text before them, and when the checkpoint's own sampling settings replace these."""
 
     sampling: SamplingParams | None = None
     stop: tuple[str, ...] = ()
+    defaults: CheckpointDefaults = "never"
 
 
 @dataclass(frozen=True)
