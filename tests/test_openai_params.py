@@ -18,7 +18,8 @@ def completion(**fields):
 
 
 def test_no_decoding_settings_is_the_greedy_unstopped_default():
-    assert completion(max_tokens=5).decoding == Decoding()
+    # greedy, unless the model thinks and its checkpoint recommends sampling settings
+    assert completion(max_tokens=5).decoding == Decoding(defaults="thinking")
     assert completion(temperature=0, stop=None).decoding == Decoding()
     assert completion(echo=False, logprobs=None, best_of=1, n=1).max_tokens is None
 
