@@ -5,7 +5,8 @@ Standard library only: `modal deploy` imports it with the Python that runs the `
 (often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
 
 deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
-the profile's default) and DEPLOY_MAX_CONTAINERS; the Modal container gets the same variables, so
+the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's
+thinking budget); the Modal container gets the same variables, so
 it rebuilds the same Deployment when it imports the app again.
 """
 
@@ -226,6 +227,7 @@ class Deployment:
     model: str
     max_containers: int
     quantize: str = ""  # DEPLOY_QUANTIZE: "" (the checkpoint's own weights) or "int4"
+    reasoning_budget: int | None = None  # DEPLOY_REASONING_BUDGET: None, the profile's budget
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Deployment:
@@ -247,7 +249,19 @@ class Deployment:
         quantize = env.get("DEPLOY_QUANTIZE") or ""
         if quantize and quantize not in QUANTIZE_MODES:
             raise ValueError(f"DEPLOY_QUANTIZE={quantize!r}: expected one of {QUANTIZE_MODES}")
-        return cls(env.get("DEPLOY_APP_NAME") or APP_NAME, profile, model, int(raw), quantize)
+        budget = env.get("DEPLOY_REASONING_BUDGET") or ""
+        if budget and (not budget.isdigit() or int(budget) < 1):
+            raise ValueError(
+                f"DEPLOY_REASONING_BUDGET={budget!r}: expected a whole number >= 1 (thought tokens)"
+            )
+        return cls(
+            env.get("DEPLOY_APP_NAME") or APP_NAME,
+            profile,
+            model,
+            int(raw),
+            quantize,
+            int(budget) if budget else None,
+        )
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
@@ -257,6 +271,11 @@ class Deployment:
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
             **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
+            **(
+                {"DEPLOY_REASONING_BUDGET": str(self.reasoning_budget)}
+                if self.reasoning_budget
+                else {}
+            ),
         }
 
     def block_plan(self) -> BlockPlan | None:
@@ -285,6 +304,7 @@ class Deployment:
             "--kv-fraction",
             str(KV_FRACTION),
             *(["--quantize", self.quantize] if self.quantize else []),
+            *(["--reasoning-budget", str(self.reasoning_budget)] if self.reasoning_budget else []),
         ]
 
     def url(self, workspace: str = "<workspace>") -> str:
@@ -322,9 +342,14 @@ class Deployment:
             "it on with chat_template_kwargs.enable_thinking)",
             "unknown": "unknown (not a Qwen3 name)",
         }[kind] + "; by the repo name: the server classifies the chat template at start-up"
-        settings["thinking_budget"] = (
-            f"{budget} thought tokens (the {self.profile} profile's; a request's reasoning_effort "
-            "overrides it" + ("; unused: this model never thinks)" if kind == "never" else ")")
+        chosen = (
+            f"{self.reasoning_budget} thought tokens (--reasoning-budget; the {self.profile} "
+            f"profile's is {budget}"
+            if self.reasoning_budget
+            else f"{budget} thought tokens (the {self.profile} profile's"
+        )
+        settings["thinking_budget"] = f"{chosen}; a request's reasoning_effort overrides it" + (
+            "; unused: this model never thinks)" if kind == "never" else ")"
         )
         plan = self.block_plan()
         if plan is None:

@@ -79,6 +79,7 @@ class Call:
     profile: str
     model: str
     max_containers: str
+    reasoning_budget: str
 
 
 @pytest.fixture(scope="session")
@@ -401,6 +402,9 @@ def test_id_and_system_are_found_in_the_documented_order(
         ("abc_3", ["--id"], "--id needs a value"),
         ("abc_3", ["--max-containers", "0"], "bad --max-containers '0'"),
         ("abc_3", ["--max-containers", "two"], "bad --max-containers 'two'"),
+        ("abc_3", ["--reasoning-budget", "0"], "bad --reasoning-budget '0'"),
+        ("abc_3", ["--reasoning-budget", "lots"], "bad --reasoning-budget 'lots'"),
+        ("abc_3", ["--reasoning-budget"], "--reasoning-budget needs a value"),
     ],
 )
 def test_bad_invocations_fail_clearly(
@@ -479,6 +483,26 @@ def test_a_thinking_model_is_planned_from_its_instruct_sibling(grader: Grader) -
     assert grader.run(copy, "3", "--id", "abc", "--model", think["model"]).returncode == 0
     deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
     assert [(c.profile, c.model) for c in deploy] == [("accuracy", think["model"])]
+
+
+def test_the_reasoning_budget_option(grader: Grader) -> None:
+    """Optional: without it the server takes the profile's budget; with it, deploy.sh hands it to
+    Modal (DEPLOY_REASONING_BUDGET) and the server gets --reasoning-budget."""
+    grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    model = ("--model", "Qwen/Qwen3-30B-A3B-Thinking-2507")
+    dry = settings(grader.run(copy, *model, "--reasoning-budget", "300", "--dry-run").stdout)
+    assert dry["server"].endswith(" --reasoning-budget 300")
+    assert dry["thinking_budget"].startswith(
+        "300 thought tokens (--reasoning-budget; the accuracy profile's is 1024"
+    )
+    default = settings(grader.run(copy, *model, "--dry-run").stdout)
+    assert "--reasoning-budget" not in default["server"]
+
+    assert grader.run(copy, *model, "--reasoning-budget", "300").returncode == 0
+    assert grader.run(copy, *model).returncode == 0
+    deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
+    assert [c.reasoning_budget for c in deploy] == ["300", ""]
 
 
 @pytest.mark.parametrize("size", THINKING_SIZES)
@@ -795,6 +819,15 @@ def test_the_app_reserves_the_container_it_needs(
     assert flag["--max-model-len"] == str(systems.MAX_MODEL_LEN)
 
 
+def test_a_reasoning_budget_reaches_the_server(import_app: Callable[..., ModuleType]) -> None:
+    m = import_app("modal_app.py", DEPLOY_REASONING_BUDGET="300", **system_env(3))
+    assert m.app.functions["completion"]["env"]["DEPLOY_REASONING_BUDGET"] == "300"
+    command = m.DEPLOYMENT.server_command("python")
+    assert command[-2:] == ["--reasoning-budget", "300"]
+    default = import_app("modal_app.py", **system_env(3)).DEPLOYMENT
+    assert "--reasoning-budget" not in default.server_command("python")  # the profile's
+
+
 def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> None:
     m = import_app("modal_app.py", DEPLOY_MAX_CONTAINERS="4", **system_env(1))
     assert m.app.functions["completion"]["max_containers"] == 4
@@ -806,6 +839,8 @@ def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> 
         ({"DEPLOY_PROFILE": "fastest"}, "DEPLOY_PROFILE"),
         ({"DEPLOY_MODEL": "/models/qwen3"}, "DEPLOY_MODEL"),
         ({"DEPLOY_MAX_CONTAINERS": "0"}, "DEPLOY_MAX_CONTAINERS"),
+        ({"DEPLOY_REASONING_BUDGET": "0"}, "DEPLOY_REASONING_BUDGET"),
+        ({"DEPLOY_REASONING_BUDGET": "-5"}, "DEPLOY_REASONING_BUDGET"),
     ],
 )
 def test_bad_variables_are_refused(
