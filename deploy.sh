@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Deploy system <n> (1 throughput, 2 balanced, 3 accuracy) as the Modal app <id>-system-<n>.
 #
-#   ./deploy.sh [<n>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--dry-run]
+#   ./deploy.sh [<n>] [--id <id>] [--model <hf-id>] [--max-containers <N>]
+#               [--reasoning-budget <tokens>] [--dry-run]
 #
 # The course runs ./<andrewid>_<n>/deploy.sh with no arguments: the folder name gives both.
 # The Andrew ID is the first found of: --id, $ANDREW_ID, the first line of deploy/andrew_id.txt
 # that is not blank or a comment, the folder name <id>_<n> (any case: ABC_2 gives abc).
 # The system number is the first found of: the <n> argument, the folder name <id>_<n>.
 # --model overrides the profile's model (a Hugging Face Hub id: a local dir is refused, because
-# Modal downloads the weights); --max-containers lets Modal run N 2-GPU containers (default 1).
+# Modal downloads the weights); --max-containers lets Modal run N 2-GPU containers (default 1);
+# --reasoning-budget sets server.py's thinking budget (default: the profile's).
 #
 # The Modal client is the first that works of: the `modal` command, .venv/bin/python -m modal,
 # python3 -m modal; it must be version MIN_MODAL or later. deploy.sh then runs, side by side,
@@ -28,7 +30,7 @@ ENDPOINT=completion # deploy/systems.py's ENDPOINT: the URL's label is <app>-<fu
 URL_PATTERN='https://[A-Za-z0-9.-]+\.modal\.run'
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-usage="usage: $0 [<1|2|3>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--dry-run]"
+usage="usage: $0 [<1|2|3>] [--id <id>] [--model <hf-id>] [--max-containers <N>] [--reasoning-budget <tokens>] [--dry-run]"
 die() { # a bad invocation: status 2 and the usage
   printf 'deploy.sh: %s\n%s\n' "$1" "$usage" >&2
   exit 2
@@ -47,16 +49,17 @@ older() { # is version $1 (x.y.z) older than $2?
   return 1
 }
 
-system_arg="" id_arg="" model="" max_containers=1 dry_run=0
+system_arg="" id_arg="" model="" max_containers=1 reasoning_budget="" dry_run=0
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
-    --id | --model | --max-containers)
+    --id | --model | --max-containers | --reasoning-budget)
       (($# >= 2)) || die "$1 needs a value"
       case "$1" in
         --id) id_arg="$2" ;;
         --model) model="$2" ;;
-        *) max_containers="$2" ;;
+        --max-containers) max_containers="$2" ;;
+        *) reasoning_budget="$2" ;;
       esac
       shift
       ;;
@@ -112,6 +115,8 @@ esac
 id="$(printf '%s' "$id" | tr '[:upper:]' '[:lower:]')" # not ${id,,}: macOS has bash 3.2
 [[ $id =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "bad Andrew ID '$id' (from $id_from): letters, digits and '-' only"
 [[ $max_containers =~ ^[1-9][0-9]*$ ]] || die "bad --max-containers '$max_containers': a whole number >= 1"
+[[ -z $reasoning_budget || $reasoning_budget =~ ^[1-9][0-9]*$ ]] ||
+  die "bad --reasoning-budget '$reasoning_budget': a whole number of thought tokens >= 1"
 # Modal's builder downloads the weights, where a local checkpoint dir does not exist.
 if [[ -n $model && (-d $model || $model == /* || $model == .*) ]]; then
   die "--model '$model' is a local path: pass a Hugging Face Hub id (e.g. Qwen/Qwen3-8B)"
@@ -119,7 +124,7 @@ fi
 
 app="$id-system-$system"
 export DEPLOY_APP_NAME="$app" DEPLOY_PROFILE="$profile" DEPLOY_MODEL="$model" \
-  DEPLOY_MAX_CONTAINERS="$max_containers"
+  DEPLOY_MAX_CONTAINERS="$max_containers" DEPLOY_REASONING_BUDGET="$reasoning_budget"
 
 if command -v modal >/dev/null 2>&1; then
   modal_cmd=(modal)

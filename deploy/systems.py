@@ -5,7 +5,8 @@ Standard library only: `modal deploy` imports it with the Python that runs the `
 (often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
 
 deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
-the profile's default) and DEPLOY_MAX_CONTAINERS; the Modal container gets the same variables, so
+the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's
+thinking budget); the Modal container gets the same variables, so
 it rebuilds the same Deployment when it imports the app again.
 """
 
@@ -25,6 +26,10 @@ KiB = 1 << 10
 # Answer caps per profile: the most tokens a prompt may generate (shortcuts/profiles.py: the
 # open-answer cap, and for accuracy also the MCQ reasoning cap, which is smaller).
 ANSWER_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
+# Thinking budgets per profile: the most thought tokens of a model that thinks, when a request
+# names no reasoning_effort (shortcuts/profiles.py's reasoning_budget; tests/test_deploy.py holds
+# the two equal: shortcuts is not importable without the project's dependencies).
+REASONING_BUDGETS = {"throughput": 256, "balanced": 512, "accuracy": 1024}
 DEFAULT_MODELS = {
     "throughput": "Qwen/Qwen3-4B-Instruct-2507",
     "balanced": "Qwen/Qwen3-4B-Instruct-2507",
@@ -129,12 +134,52 @@ class Shape:
         return sixteen_bit * 2 + int(self.int4_params * INT4_BYTES_PER_WEIGHT)
 
 
+def repo_name(model: str) -> str:
+    """`Qwen/Qwen3-4B-Instruct-2507` -> `Qwen3-4B-Instruct-2507`."""
+    return model.rsplit("/", 1)[-1]
+
+
+THINKING_2507, INSTRUCT_2507 = "-Thinking-2507", "-Instruct-2507"
+
+
+def architecture_sibling(model: str) -> str | None:
+    """The repo name whose architecture a model shares, by name: a `<name>-Thinking-2507` repo
+    is its `<name>-Instruct-2507` sibling's architecture (4B, 30B-A3B, 235B-A22B: same
+    config.json but for the weights), so it is planned from that sibling's vendored config."""
+    name = repo_name(model)
+    if name.lower().endswith(THINKING_2507.lower()):
+        return name[: -len(THINKING_2507)] + INSTRUCT_2507
+    return None
+
+
+def vendored_config(model: str) -> Path | None:
+    """vendor/configs/<repo name, lower case>/config.json, else its architecture sibling's."""
+    for name in (repo_name(model), architecture_sibling(model)):
+        path = VENDORED_CONFIGS / name.lower() / "config.json" if name else None
+        if path is not None and path.is_file():
+            return path
+    return None
+
+
 def vendored_shape(model: str, int4: bool = False) -> tuple[Shape, Path] | None:
-    """The model's vendored config (vendor/configs/<repo name, lower case>), if there is one."""
-    path = VENDORED_CONFIGS / model.rsplit("/", 1)[-1].lower() / "config.json"
-    if not path.is_file():
+    """The model's shape from its vendored config (vendored_config), if there is one."""
+    path = vendored_config(model)
+    if path is None:
         return None
     return Shape.from_config(json.loads(path.read_text()), int4), path
+
+
+def thinks(model: str) -> str:
+    """Whether the model thinks, by its repo name: the plan's rule. The server classifies the real
+    chat template at start-up (replica/tokenization.py reasoning_kind)."""
+    name = repo_name(model).lower()
+    if THINKING_2507.lower() in name:
+        return "always"
+    if INSTRUCT_2507.lower() in name:
+        return "never"
+    if name.startswith("qwen3"):
+        return "hybrid, off by default"
+    return "unknown"
 
 
 def blocks_in(budget_bytes: int, block_bytes: int) -> int:
@@ -182,6 +227,7 @@ class Deployment:
     model: str
     max_containers: int
     quantize: str = ""  # DEPLOY_QUANTIZE: "" (the checkpoint's own weights) or "int4"
+    reasoning_budget: int | None = None  # DEPLOY_REASONING_BUDGET: None, the profile's budget
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Deployment:
@@ -203,7 +249,19 @@ class Deployment:
         quantize = env.get("DEPLOY_QUANTIZE") or ""
         if quantize and quantize not in QUANTIZE_MODES:
             raise ValueError(f"DEPLOY_QUANTIZE={quantize!r}: expected one of {QUANTIZE_MODES}")
-        return cls(env.get("DEPLOY_APP_NAME") or APP_NAME, profile, model, int(raw), quantize)
+        budget = env.get("DEPLOY_REASONING_BUDGET") or ""
+        if budget and (not budget.isdigit() or int(budget) < 1):
+            raise ValueError(
+                f"DEPLOY_REASONING_BUDGET={budget!r}: expected a whole number >= 1 (thought tokens)"
+            )
+        return cls(
+            env.get("DEPLOY_APP_NAME") or APP_NAME,
+            profile,
+            model,
+            int(raw),
+            quantize,
+            int(budget) if budget else None,
+        )
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
@@ -213,6 +271,11 @@ class Deployment:
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
             **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
+            **(
+                {"DEPLOY_REASONING_BUDGET": str(self.reasoning_budget)}
+                if self.reasoning_budget
+                else {}
+            ),
         }
 
     def block_plan(self) -> BlockPlan | None:
@@ -241,6 +304,7 @@ class Deployment:
             "--kv-fraction",
             str(KV_FRACTION),
             *(["--quantize", self.quantize] if self.quantize else []),
+            *(["--reasoning-budget", str(self.reasoning_budget)] if self.reasoning_budget else []),
         ]
 
     def url(self, workspace: str = "<workspace>") -> str:
@@ -270,6 +334,23 @@ class Deployment:
             "max_model_len": f"{MAX_MODEL_LEN} (the context cap; the model's own may be less, "
             f"and the profile caps each answer at {ANSWER_CAPS[self.profile]})",
         }
+        budget, kind = REASONING_BUDGETS[self.profile], thinks(self.model)
+        settings["thinks"] = {
+            "always": "always (a Thinking-2507 model: every answer starts with a thought)",
+            "never": "never (an Instruct-2507 model: thinking-free)",
+            "hybrid, off by default": "hybrid, off by default (a hybrid Qwen3: a request turns "
+            "it on with chat_template_kwargs.enable_thinking)",
+            "unknown": "unknown (not a Qwen3 name)",
+        }[kind] + "; by the repo name: the server classifies the chat template at start-up"
+        chosen = (
+            f"{self.reasoning_budget} thought tokens (--reasoning-budget; the {self.profile} "
+            f"profile's is {budget}"
+            if self.reasoning_budget
+            else f"{budget} thought tokens (the {self.profile} profile's"
+        )
+        settings["thinking_budget"] = f"{chosen}; a request's reasoning_effort overrides it" + (
+            "; unused: this model never thinks)" if kind == "never" else ")"
+        )
         plan = self.block_plan()
         if plan is None:
             settings["kv_blocks_per_gpu"] = (
@@ -277,6 +358,16 @@ class Deployment:
             )
             return settings
         shape, blocks = plan.shape, plan.blocks_per_gpu
+        config = vendored_config(self.model)
+        assert config is not None  # block_plan found it
+        source = config.relative_to(PROJECT_ROOT)
+        if config.parent.name != repo_name(self.model).lower():
+            settings["kv_plan_from"] = (
+                f"planned from the vendored config of {architecture_sibling(self.model)} "
+                f"(same architecture): {source}"
+            )
+        else:
+            settings["kv_plan_from"] = f"the vendored config {source}"
         settings.update(
             {
                 "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "

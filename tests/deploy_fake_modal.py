@@ -39,7 +39,13 @@ DEFAULTS = {
     "hold_s": 10.0,  # longest a /ready request waits for the container before a 000
     "fail": "",
 }
-DEPLOY_VARIABLES = ("DEPLOY_APP_NAME", "DEPLOY_PROFILE", "DEPLOY_MODEL", "DEPLOY_MAX_CONTAINERS")
+DEPLOY_VARIABLES = (
+    "DEPLOY_APP_NAME",
+    "DEPLOY_PROFILE",
+    "DEPLOY_MODEL",
+    "DEPLOY_MAX_CONTAINERS",
+    "DEPLOY_REASONING_BUDGET",
+)
 
 
 class FakeImage:

@@ -79,6 +79,7 @@ class Call:
     profile: str
     model: str
     max_containers: str
+    reasoning_budget: str
 
 
 @pytest.fixture(scope="session")
@@ -401,6 +402,9 @@ def test_id_and_system_are_found_in_the_documented_order(
         ("abc_3", ["--id"], "--id needs a value"),
         ("abc_3", ["--max-containers", "0"], "bad --max-containers '0'"),
         ("abc_3", ["--max-containers", "two"], "bad --max-containers 'two'"),
+        ("abc_3", ["--reasoning-budget", "0"], "bad --reasoning-budget '0'"),
+        ("abc_3", ["--reasoning-budget", "lots"], "bad --reasoning-budget 'lots'"),
+        ("abc_3", ["--reasoning-budget"], "--reasoning-budget needs a value"),
     ],
 )
 def test_bad_invocations_fail_clearly(
@@ -444,6 +448,117 @@ def test_model_and_max_containers_flags(grader: Grader) -> None:
     assert grader.run(copy, "--model", "Qwen/Qwen3-8B", "--max-containers", "3").returncode == 0
     deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
     assert [(c.model, c.max_containers) for c in deploy] == [("Qwen/Qwen3-8B", "3")]
+
+
+THINKING_SIZES = ["4B", "30B-A3B", "235B-A22B"]  # the Thinking-2507 / Instruct-2507 pairs
+
+
+def test_a_thinking_model_is_planned_from_its_instruct_sibling(grader: Grader) -> None:
+    """A Thinking-2507 repo has no vendored config of its own: the dry run plans its KV blocks
+    (and its timeline) from its Instruct-2507 sibling's, says so, and shows that it always thinks
+    and the profile's thinking budget; the deploy hands the Thinking id to Modal."""
+    grader.modal_on_path()
+    copy = grader.copy("main")
+    thinking, instruct = (
+        grader.run(copy, "3", "--id", "abc", "--model", model, "--dry-run")
+        for model in ("Qwen/Qwen3-30B-A3B-Thinking-2507", "Qwen/Qwen3-30B-A3B-Instruct-2507")
+    )
+    assert thinking.returncode == instruct.returncode == 0, thinking.stderr + instruct.stderr
+    think, inst = settings(thinking.stdout), settings(instruct.stdout)
+    assert think["model"] == "Qwen/Qwen3-30B-A3B-Thinking-2507"
+    assert "--model Qwen/Qwen3-30B-A3B-Thinking-2507 " in think["server"]
+    assert think["kv_plan_from"].startswith(
+        "planned from the vendored config of Qwen3-30B-A3B-Instruct-2507 (same architecture)"
+    )
+    assert inst["kv_plan_from"].startswith("the vendored config vendor/configs/")
+    for key in ("kv_per_token", "weights_per_gpu", "kv_blocks_per_gpu", "kv_tokens_per_gpu"):
+        assert think[key] == inst[key], key
+    assert number(think["kv_blocks_per_gpu"]) == 12980
+    assert timeline(thinking.stdout, "fresh")[1:] == timeline(instruct.stdout, "fresh")[1:]
+    assert think["thinks"].startswith("always ")
+    assert inst["thinks"].startswith("never ")
+    assert think["thinking_budget"].startswith("1024 thought tokens (the accuracy profile's")
+    assert "unused" in inst["thinking_budget"] and "unused" not in think["thinking_budget"]
+
+    assert grader.run(copy, "3", "--id", "abc", "--model", think["model"]).returncode == 0
+    deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
+    assert [(c.profile, c.model) for c in deploy] == [("accuracy", think["model"])]
+
+
+def test_the_reasoning_budget_option(grader: Grader) -> None:
+    """Optional: without it the server takes the profile's budget; with it, deploy.sh hands it to
+    Modal (DEPLOY_REASONING_BUDGET) and the server gets --reasoning-budget."""
+    grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    model = ("--model", "Qwen/Qwen3-30B-A3B-Thinking-2507")
+    dry = settings(grader.run(copy, *model, "--reasoning-budget", "300", "--dry-run").stdout)
+    assert dry["server"].endswith(" --reasoning-budget 300")
+    assert dry["thinking_budget"].startswith(
+        "300 thought tokens (--reasoning-budget; the accuracy profile's is 1024"
+    )
+    default = settings(grader.run(copy, *model, "--dry-run").stdout)
+    assert "--reasoning-budget" not in default["server"]
+
+    assert grader.run(copy, *model, "--reasoning-budget", "300").returncode == 0
+    assert grader.run(copy, *model).returncode == 0
+    deploy = [c for c in grader.calls() if c.args.startswith("deploy ")]
+    assert [c.reasoning_budget for c in deploy] == ["300", ""]
+
+
+@pytest.mark.parametrize("size", THINKING_SIZES)
+def test_every_thinking_2507_size_has_its_siblings_shape(size: str) -> None:
+    thinking, instruct = (
+        systems.vendored_shape(f"Qwen/Qwen3-{size}-{kind}-2507")
+        for kind in ("Thinking", "Instruct")
+    )
+    assert thinking is not None and thinking == instruct
+    assert thinking[1].parent.name == f"qwen3-{size.lower()}-instruct-2507"
+    out = systems.Deployment.from_env(
+        {"DEPLOY_PROFILE": "accuracy", "DEPLOY_MODEL": f"Qwen/Qwen3-{size}-Thinking-2507"}
+    ).settings()
+    assert out["kv_plan_from"].startswith(
+        f"planned from the vendored config of Qwen3-{size}-Instruct-2507 (same architecture)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ("Qwen/Qwen3-30B-A3B-Thinking-2507", "always"),
+        ("Qwen/Qwen3-4B-Thinking-2507-FP8", "always"),
+        ("Qwen/Qwen3-4B-Instruct-2507", "never"),
+        ("Qwen/Qwen3-8B", "hybrid, off by default"),
+        ("Qwen/Qwen3-4B", "hybrid, off by default"),
+        ("meta-llama/Llama-3.1-8B-Instruct", "unknown"),
+    ],
+)
+def test_whether_the_model_thinks_by_its_name(model: str, kind: str) -> None:
+    assert systems.thinks(model) == kind
+    out = systems.Deployment.from_env({"DEPLOY_MODEL": model}).settings()
+    assert out["thinks"].startswith(f"{kind} (")
+
+
+@pytest.mark.parametrize("n", PROFILES)
+def test_the_dry_run_shows_the_profiles_thinking_budget(n: int) -> None:
+    out = systems.Deployment.from_env({"DEPLOY_PROFILE": PROFILES[n]}).settings()
+    assert number(out["thinking_budget"]) == {1: 256, 2: 512, 3: 1024}[n]
+    assert f"(the {PROFILES[n]} profile's" in out["thinking_budget"]
+
+
+def test_a_model_without_a_vendored_config_or_sibling_is_not_planned(grader: Grader) -> None:
+    """No config of its own and no Instruct-2507 sibling vendored: unknown, as before."""
+    grader.modal_on_path()
+    copy = grader.copy("abc_3")
+    for model, kind in (("Qwen/Qwen3-8B", "hybrid"), ("Qwen/Qwen3-8B-Thinking-2507", "always")):
+        result = grader.run(copy, "--model", model, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        dry = settings(result.stdout)
+        assert "kv_plan_from" not in dry and "kv_per_token" not in dry
+        assert dry["kv_blocks_per_gpu"].startswith(f"unknown (no vendored config for {model}")
+        assert dry["timeline"].startswith(f"not estimated (no vendored config for {model}")
+        assert dry["thinks"].startswith(kind)
+    assert systems.architecture_sibling("Qwen/Qwen3-8B") is None
+    assert systems.vendored_shape("Qwen/Qwen3-8B-Thinking-2507") is None
 
 
 # --- the Modal client ----------------------------------------------------------------------------
@@ -704,6 +819,15 @@ def test_the_app_reserves_the_container_it_needs(
     assert flag["--max-model-len"] == str(systems.MAX_MODEL_LEN)
 
 
+def test_a_reasoning_budget_reaches_the_server(import_app: Callable[..., ModuleType]) -> None:
+    m = import_app("modal_app.py", DEPLOY_REASONING_BUDGET="300", **system_env(3))
+    assert m.app.functions["completion"]["env"]["DEPLOY_REASONING_BUDGET"] == "300"
+    command = m.DEPLOYMENT.server_command("python")
+    assert command[-2:] == ["--reasoning-budget", "300"]
+    default = import_app("modal_app.py", **system_env(3)).DEPLOYMENT
+    assert "--reasoning-budget" not in default.server_command("python")  # the profile's
+
+
 def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> None:
     m = import_app("modal_app.py", DEPLOY_MAX_CONTAINERS="4", **system_env(1))
     assert m.app.functions["completion"]["max_containers"] == 4
@@ -715,6 +839,8 @@ def test_max_containers_reaches_modal(import_app: Callable[..., ModuleType]) -> 
         ({"DEPLOY_PROFILE": "fastest"}, "DEPLOY_PROFILE"),
         ({"DEPLOY_MODEL": "/models/qwen3"}, "DEPLOY_MODEL"),
         ({"DEPLOY_MAX_CONTAINERS": "0"}, "DEPLOY_MAX_CONTAINERS"),
+        ({"DEPLOY_REASONING_BUDGET": "0"}, "DEPLOY_REASONING_BUDGET"),
+        ({"DEPLOY_REASONING_BUDGET": "-5"}, "DEPLOY_REASONING_BUDGET"),
     ],
 )
 def test_bad_variables_are_refused(
@@ -1033,6 +1159,14 @@ def test_answer_caps_match_the_profiles() -> None:
 
     for name, profile in shortcuts.PROFILES.items():
         assert systems.ANSWER_CAPS[name] == max(profile.open_cap, profile.mcq_reasoning_cap or 0)
+
+
+def test_thinking_budgets_match_the_profiles() -> None:
+    import shortcuts
+
+    assert set(systems.REASONING_BUDGETS) == set(shortcuts.PROFILES)
+    for name, profile in shortcuts.PROFILES.items():
+        assert systems.REASONING_BUDGETS[name] == profile.reasoning_budget, name
 
 
 def test_model_shapes_from_the_vendored_configs() -> None:
