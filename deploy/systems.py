@@ -5,9 +5,8 @@ Standard library only: `modal deploy` imports it with the Python that runs the `
 (often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
 
 deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
-the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's
-thinking budget); the Modal container gets the same variables, so
-it rebuilds the same Deployment when it imports the app again.
+the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's);
+the Modal container gets the same variables, so it rebuilds the same Deployment on import.
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ KiB = 1 << 10
 # Answer caps per profile: the most tokens a prompt may generate (shortcuts/profiles.py: the
 # open-answer cap, and for accuracy also the MCQ reasoning cap, which is smaller).
 ANSWER_CAPS = {"throughput": 512, "balanced": 1024, "accuracy": 2048}
-# Thinking budgets per profile: the most thought tokens of a model that thinks, when a request
-# names no reasoning_effort (shortcuts/profiles.py's reasoning_budget; tests/test_deploy.py holds
-# the two equal: shortcuts is not importable without the project's dependencies).
+# Thinking budgets per profile when a request names no reasoning_effort (shortcuts/profiles.py;
+# tests/test_deploy.py holds the two equal: shortcuts needs the project's dependencies).
 REASONING_BUDGETS = {"throughput": 256, "balanced": 512, "accuracy": 1024}
 DEFAULT_MODELS = {
     "throughput": "Qwen/Qwen3-4B-Instruct-2507",
@@ -56,8 +54,7 @@ MAX_BATCH = 256
 MAX_MODEL_LEN = 32768  # the server's default context cap (the model's own may be less)
 BLOCK_SIZE = 16  # tokens a KV block holds (replica/engine/kv_cache.py)
 KV_FRACTION = 0.9
-# A 4-bit projection weight (`--quantize int4` or a 4-bit checkpoint): half a byte, plus a bf16
-# scale and a bf16 zero point per group of 128 (replica/ops/packed.py).
+# A 4-bit weight: half a byte, plus a bf16 scale and zero per group of 128 (replica/ops/packed.py)
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
 QUANTIZE_MODES = ("int4",)  # replica/loading/model.py
 OVERHEAD_ESTIMATE_BYTES = 2 * GiB  # assumed: CUDA context, workspaces, activations (not measured)
@@ -143,9 +140,8 @@ THINKING_2507, INSTRUCT_2507 = "-Thinking-2507", "-Instruct-2507"
 
 
 def architecture_sibling(model: str) -> str | None:
-    """The repo name whose architecture a model shares, by name: a `<name>-Thinking-2507` repo
-    is its `<name>-Instruct-2507` sibling's architecture (4B, 30B-A3B, 235B-A22B: same
-    config.json but for the weights), so it is planned from that sibling's vendored config."""
+    """A `<name>-Thinking-2507` repo's `<name>-Instruct-2507` sibling, whose architecture it has
+    (4B, 30B-A3B, 235B-A22B): it is planned from that sibling's vendored config."""
     name = repo_name(model)
     if name.lower().endswith(THINKING_2507.lower()):
         return name[: -len(THINKING_2507)] + INSTRUCT_2507
@@ -154,24 +150,28 @@ def architecture_sibling(model: str) -> str | None:
 
 def vendored_config(model: str) -> Path | None:
     """vendor/configs/<repo name, lower case>/config.json, else its architecture sibling's."""
-    for name in (repo_name(model), architecture_sibling(model)):
-        path = VENDORED_CONFIGS / name.lower() / "config.json" if name else None
-        if path is not None and path.is_file():
-            return path
-    return None
+    names = [name for name in (repo_name(model), architecture_sibling(model)) if name]
+    paths = (VENDORED_CONFIGS / name.lower() / "config.json" for name in names)
+    return next((path for path in paths if path.is_file()), None)
 
 
 def vendored_shape(model: str, int4: bool = False) -> tuple[Shape, Path] | None:
     """The model's shape from its vendored config (vendored_config), if there is one."""
     path = vendored_config(model)
-    if path is None:
-        return None
-    return Shape.from_config(json.loads(path.read_text()), int4), path
+    return None if path is None else (Shape.from_config(json.loads(path.read_text()), int4), path)
+
+
+THINKS = {  # what the dry run says of each kind `thinks` tells
+    "always": "always (a Thinking-2507 model: every answer starts with a thought)",
+    "never": "never (an Instruct-2507 model: thinking-free)",
+    "hybrid, off by default": "hybrid, off by default (a hybrid Qwen3: a request turns it on "
+    "with chat_template_kwargs.enable_thinking)",
+    "unknown": "unknown (not a Qwen3 name)",
+}
 
 
 def thinks(model: str) -> str:
-    """Whether the model thinks, by its repo name: the plan's rule. The server classifies the real
-    chat template at start-up (replica/tokenization.py reasoning_kind)."""
+    """Whether the model thinks, by its repo name (the server classifies its template itself)."""
     name = repo_name(model).lower()
     if THINKING_2507.lower() in name:
         return "always"
@@ -312,86 +312,83 @@ class Deployment:
 
     def settings(self) -> dict[str, str]:
         """Every deploy setting, as `deploy.sh --dry-run` prints it."""
-        settings = {
-            "app": self.app_name,
-            "profile": self.profile,
-            "model": self.model,
-            "url": self.url(),
-            "gpu": f"{GPU} (one replica per GPU)",
-            "cpu_cores": f"{CPU_CORES:g} reserved",
-            "memory": f"{MEMORY_MIB // 1024} GiB reserved",
-            "max_containers": f"{self.max_containers} (--max-containers N scales out)",
-            "min_containers": f"{MIN_CONTAINERS} (deploy.sh wakes the container and waits for /ready)",
-            "scaledown_window_s": str(SCALEDOWN_WINDOW_S),
-            "max_concurrent_inputs": f"{MAX_INPUTS} per container",
-            "timeout_s": f"{TIMEOUT_S} per request",
-            "startup_timeout_s": f"{STARTUP_TIMEOUT_S} per container",
-            "weights": f"volume {WEIGHTS_VOLUME} at {WEIGHTS_DIR}, filled by deploy/weights.py "
-            "beside the image build",
-            "torch": f"{TORCH_VERSION}+{TORCH_CUDA} (extra index {TORCH_INDEX_URL}; "
-            "its dependencies resolve from PyPI)",
-            "server": " ".join(self.server_command("python")),
-            "max_model_len": f"{MAX_MODEL_LEN} (the context cap; the model's own may be less, "
-            f"and the profile caps each answer at {ANSWER_CAPS[self.profile]})",
-        }
+        return (
+            {
+                "app": self.app_name,
+                "profile": self.profile,
+                "model": self.model,
+                "url": self.url(),
+                "gpu": f"{GPU} (one replica per GPU)",
+                "cpu_cores": f"{CPU_CORES:g} reserved",
+                "memory": f"{MEMORY_MIB // 1024} GiB reserved",
+                "max_containers": f"{self.max_containers} (--max-containers N scales out)",
+                "min_containers": f"{MIN_CONTAINERS} (deploy.sh wakes the container and waits for /ready)",
+                "scaledown_window_s": str(SCALEDOWN_WINDOW_S),
+                "max_concurrent_inputs": f"{MAX_INPUTS} per container",
+                "timeout_s": f"{TIMEOUT_S} per request",
+                "startup_timeout_s": f"{STARTUP_TIMEOUT_S} per container",
+                "weights": f"volume {WEIGHTS_VOLUME} at {WEIGHTS_DIR}, filled by deploy/weights.py "
+                "beside the image build",
+                "torch": f"{TORCH_VERSION}+{TORCH_CUDA} (extra index {TORCH_INDEX_URL}; "
+                "its dependencies resolve from PyPI)",
+                "server": " ".join(self.server_command("python")),
+                "max_model_len": f"{MAX_MODEL_LEN} (the context cap; the model's own may be less, "
+                f"and the profile caps each answer at {ANSWER_CAPS[self.profile]})",
+            }
+            | self.thinking_settings()
+            | self.kv_settings()
+        )
+
+    def thinking_settings(self) -> dict[str, str]:
         budget, kind = REASONING_BUDGETS[self.profile], thinks(self.model)
-        settings["thinks"] = {
-            "always": "always (a Thinking-2507 model: every answer starts with a thought)",
-            "never": "never (an Instruct-2507 model: thinking-free)",
-            "hybrid, off by default": "hybrid, off by default (a hybrid Qwen3: a request turns "
-            "it on with chat_template_kwargs.enable_thinking)",
-            "unknown": "unknown (not a Qwen3 name)",
-        }[kind] + "; by the repo name: the server classifies the chat template at start-up"
         chosen = (
             f"{self.reasoning_budget} thought tokens (--reasoning-budget; the {self.profile} "
             f"profile's is {budget}"
             if self.reasoning_budget
             else f"{budget} thought tokens (the {self.profile} profile's"
         )
-        settings["thinking_budget"] = f"{chosen}; a request's reasoning_effort overrides it" + (
-            "; unused: this model never thinks)" if kind == "never" else ")"
-        )
+        unused = "; unused: this model never thinks)" if kind == "never" else ")"
+        return {
+            "thinks": THINKS[kind] + "; by the repo name: the server classifies the chat "
+            "template at start-up",
+            "thinking_budget": f"{chosen}; a request's reasoning_effort overrides it{unused}",
+        }
+
+    def kv_settings(self) -> dict[str, str]:
         plan = self.block_plan()
         if plan is None:
-            settings["kv_blocks_per_gpu"] = (
-                f"unknown (no vendored config for {self.model}; the engine sizes it at start-up)"
-            )
-            return settings
-        shape, blocks = plan.shape, plan.blocks_per_gpu
-        config = vendored_config(self.model)
+            return {
+                "kv_blocks_per_gpu": f"unknown (no vendored config for {self.model}; the engine "
+                "sizes it at start-up)"
+            }
+        shape, config = plan.shape, vendored_config(self.model)
         assert config is not None  # block_plan found it
         source = config.relative_to(PROJECT_ROOT)
-        if config.parent.name != repo_name(self.model).lower():
-            settings["kv_plan_from"] = (
-                f"planned from the vendored config of {architecture_sibling(self.model)} "
-                f"(same architecture): {source}"
+        sibling = config.parent.name != repo_name(self.model).lower()
+        return {
+            "kv_plan_from": f"planned from the vendored config of "
+            f"{architecture_sibling(self.model)} (same architecture): {source}"
+            if sibling
+            else f"the vendored config {source}",
+            "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
+            f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
+            "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
+            + (
+                f"parameters, {shape.int4_params / 1e9:.2f}B of them 4-bit at "
+                f"{INT4_BYTES_PER_WEIGHT:g} bytes, the rest bf16"
+                if shape.int4_params
+                else "parameters in bf16"
             )
-        else:
-            settings["kv_plan_from"] = f"the vendored config {source}"
-        settings.update(
-            {
-                "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
-                f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
-                "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
-                + (
-                    f"parameters, {shape.int4_params / 1e9:.2f}B of them 4-bit at "
-                    f"{INT4_BYTES_PER_WEIGHT:g} bytes, the rest bf16"
-                    if shape.int4_params
-                    else "parameters in bf16"
-                )
-                + ", estimate from the vendored config)",
-                "kv_blocks_per_gpu": f"{blocks} (estimate: {KV_FRACTION:g} x ("
-                f"{GPU_MEMORY_BYTES // GiB} GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB "
-                f"assumed overhead) / {plan.block_bytes // KiB} KiB a block of {BLOCK_SIZE} "
-                "tokens, less 1)",
-                "kv_tokens_per_gpu": f"{plan.tokens_per_gpu} (estimate)",
-                "kv_tokens_per_container": f"{plan.tokens_per_gpu * GPU_COUNT} (estimate, "
-                f"{GPU_COUNT} GPUs)",
-                "rows_at_1000_tokens_per_gpu": f"{plan.rows_at(1000)} (estimate, at most "
-                f"{MAX_BATCH})",
-            }
-        )
-        return settings
+            + ", estimate from the vendored config)",
+            "kv_blocks_per_gpu": f"{plan.blocks_per_gpu} (estimate: {KV_FRACTION:g} x ("
+            f"{GPU_MEMORY_BYTES // GiB} GiB - weights - {OVERHEAD_ESTIMATE_BYTES // GiB} GiB "
+            f"assumed overhead) / {plan.block_bytes // KiB} KiB a block of {BLOCK_SIZE} "
+            "tokens, less 1)",
+            "kv_tokens_per_gpu": f"{plan.tokens_per_gpu} (estimate)",
+            "kv_tokens_per_container": f"{plan.tokens_per_gpu * GPU_COUNT} (estimate, "
+            f"{GPU_COUNT} GPUs)",
+            "rows_at_1000_tokens_per_gpu": f"{plan.rows_at(1000)} (estimate, at most {MAX_BATCH})",
+        }
 
 
 if __name__ == "__main__":
