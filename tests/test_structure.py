@@ -263,3 +263,22 @@ def test_the_front_end_offers_the_attention_backends_the_ops_layer_has():
     from replica.wire.spec import ATTENTION_CHOICES
 
     assert ATTENTION_CHOICES == ATTENTION_BACKENDS
+
+
+def test_modules_and_functions_stay_small():
+    """No module over 400 lines; no function over 60 outside replica/kernels/ (Triton kernels
+    read best whole) and the argparse builders."""
+    long = []
+    deploy = {f"deploy.{path.stem}": path for path in (ROOT / "deploy").glob("*.py")}
+    for name, path in {**project_modules(), **deploy}.items():
+        source = path.read_text()
+        if source.count("\n") > 400:
+            long.append((name, source.count("\n")))
+        if name.startswith("replica.kernels"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > 60 and "parse_args" not in node.name:
+                    long.append((f"{name}.{node.name}", size))
+    assert long == []
