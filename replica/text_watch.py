@@ -60,6 +60,28 @@ class TextWatch:
         return piece
 
 
+class Trimmed:
+    """A text handed out piece by piece as its trimmed form would show it: leading whitespace
+    dropped (`lstrip`), trailing whitespace held back until more text follows (`hold_tail`).
+    Each piece costs its own length, however long the text grows."""
+
+    def __init__(self, lstrip: bool, hold_tail: bool) -> None:
+        self.lstrip, self.hold_tail = lstrip, hold_tail
+        self.started = not lstrip
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        if not self.hold_tail:
+            return piece
+        text = self.held + piece
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        return body
+
+
 class SampleWatch:
     """A generated sample's text as its tokens arrive. One that thinks (`end_id`, `</think>`,
     given) has two parts: the thought until `end_id` and the answer after it, each decoded on its
@@ -73,8 +95,8 @@ class SampleWatch:
         self.thought_watch = TextWatch(decode, 0, ())
         self.answer = TextWatch(decode, 0, stop)
         self.thought_tokens = 0  # the think block's tokens, `end_id` included
-        self._raw = ["", ""]  # thought, answer: the watches' pieces so far, untrimmed
-        self._sent = [0, 0]  # characters of each trimmed part handed out by `unsent`
+        trims = end_id is not None
+        self._shown = (Trimmed(trims, trims), Trimmed(trims, False))  # thought, answer pieces
 
     @property
     def stopped(self) -> bool:
@@ -105,11 +127,8 @@ class SampleWatch:
         The pieces of each part add up to a prefix of its final text."""
         pieces = []
         for part, watch in enumerate((self.thought_watch, self.answer)):
-            self._raw[part] += watch.unsent()
-            shown = self._trim(part, self._raw[part])
-            if len(shown) > self._sent[part]:
-                pieces.append((shown[self._sent[part] :], part == 0))
-                self._sent[part] = len(shown)
+            if piece := self._shown[part].feed(watch.unsent()):
+                pieces.append((piece, part == 0))
         return pieces
 
     def finish(self) -> tuple[str, str | None]:
