@@ -62,6 +62,7 @@ class Frontend:
             args.max_in_flight,
             self.metrics,
             args.reasoning_budget,
+            args.mcq_votes,
         )
         self.requests = self.metrics.counter(
             "requests_total", "HTTP completion requests by status.", ["status"]
@@ -258,6 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_int,
         help="most thought tokens of a model that thinks, for every profile (default: the "
         "profile's); a request's reasoning_effort overrides it",
+    )
+    parser.add_argument(
+        "--mcq-votes",
+        type=positive_int,
+        help="thoughts a model that thinks samples for one MCQ of a reasoning profile, its "
+        "letter chosen by their summed probabilities (default: the profile's; 1: no vote)",
     )
     parser.add_argument(
         "--plan-timeout", type=float, default=5.0, help="seconds; then the prompt goes to the model"

@@ -39,12 +39,15 @@ class CompletionService:
         max_in_flight: int,
         metrics: Metrics,
         reasoning_budget: int | None = None,
+        mcq_votes: int | None = None,
     ) -> None:
-        """`reasoning_budget`: the thinking budget of a request that names none (None: the
-        profile's)."""
+        """`reasoning_budget`: the thinking budget of a request that names none; `mcq_votes`:
+        the thoughts a model that thinks samples for one reasoned MCQ (None: the profile's)."""
         self.dispatcher = Dispatcher(specs, metrics, max_in_flight)
         self.planner = Planner(profile, plan_timeout, metrics)
-        self.reasoning_budget = reasoning_budget or shortcuts.get_profile(profile).reasoning_budget
+        limits = shortcuts.get_profile(profile)
+        self.reasoning_budget = reasoning_budget or limits.reasoning_budget
+        self.mcq_votes = mcq_votes or limits.mcq_votes
         self._prompts = metrics.counter(
             "prompts_total", "Prompts by task and outcome.", ["task", "status"]
         )
@@ -130,7 +133,10 @@ class CompletionService:
     async def _plans(self, prompts: list[str], options: Options) -> list[shortcuts.Plan]:
         plans = await self.planner.plan_all(prompts, options.max_tokens)
         reasoning = options.reasoning(self.reasoning_budget)
-        return [shortcuts.with_settings(plan, options.decoding, reasoning) for plan in plans]
+        return [
+            shortcuts.with_settings(plan, options.decoding, reasoning, self.mcq_votes)
+            for plan in plans
+        ]
 
     async def _stream_plan(
         self, first: int, plan: shortcuts.Plan, n: int, started: float

@@ -10,12 +10,13 @@ import hashlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from replica.engine.request import EngineRequest, EngineResult, ThinkBudget
+from replica.engine.request import EngineRequest, EngineResult, ThenScore, ThinkBudget
 from replica.engine.sequence import SampleKey
 from replica.loading.source import resolve
 from replica.startup import load_engine
@@ -40,6 +41,9 @@ from replica.wire.messages import (
     Usage,
 )
 from replica.wire.spec import ReplicaSpec
+
+# `_votes`: the share of a replica's decode rows that must stay free for an MCQ to take its votes
+VOTE_ROWS_FREE = 0.5
 
 
 def prompt_seed(prompt_ids: list[int]) -> int:
@@ -95,6 +99,30 @@ class Samples:
         )
 
 
+@dataclass
+class Votes:
+    """A think-then-score request's scored thoughts as they finish; its Result goes out once
+    all are in: the option whose probabilities, summed over the thoughts, are largest
+    (self-consistency), the first thought as its reasoning."""
+
+    n: int
+    prompt_tokens: int
+    done: dict[int, EngineResult] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.n
+
+    def result(self, request_id: int, kv: KVUsage, decode: Callable[[list[int]], str]) -> Result:
+        scored = [self.done[i] for i in range(self.n)]
+        totals = [sum(probs) for probs in zip(*(r.choice_probs or [] for r in scored), strict=True)]
+        choice = max(range(len(totals)), key=totals.__getitem__)
+        thought = sum(len(r.thought_ids or []) for r in scored)
+        usage = Usage(self.prompt_tokens, thought + self.n, thought)  # a scored token a vote
+        reasoning = decode(scored[0].thought_ids or [])
+        return Result(request_id, "", "stop", usage, choice, kv, reasoning=reasoning)
+
+
 class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         torch.set_num_threads(spec.cpu_threads)
@@ -105,6 +133,7 @@ class Replica:
         self.engine = load_engine(self.source, spec.engine, self.device, self.codec.eos_ids)
         self.max_context = self.engine.max_context
         self.samples: dict[int, Samples] = {}  # generating requests, by id
+        self.votes: dict[int, Votes] = {}  # think-then-score requests, by id
         self.watches: dict[SampleKey, tuple[SampleWatch, bool]] = {}  # its text, streamed or not
 
     def info(self, startup_s: float) -> dict[str, Any]:
@@ -163,7 +192,9 @@ class Replica:
             conn.send(Failed(message.id, 400, str(error), param, code))
             return
         job = message.job
-        if isinstance(job, GenerateJob):
+        if request.then_score is not None:
+            self.votes[message.id] = Votes(request.n, len(request.prompt_ids))
+        elif isinstance(job, GenerateJob):
             self.samples[message.id] = Samples(job.n, len(request.prompt_ids))
         if request.watch and isinstance(job, GenerateJob):
             for sample in range(job.n):
@@ -175,28 +206,23 @@ class Replica:
         return SampleWatch(self.codec.decode, stop, end_id)
 
     def _forget(self, request_id: int) -> None:
+        self.votes.pop(request_id, None)
         gathering = self.samples.pop(request_id, None)
         for sample in range(gathering.n if gathering else 0):
             self.watches.pop((request_id, sample), None)
 
     def _to_engine_request(self, message: Request) -> EngineRequest:
         job = message.job
-        prefix = job.prefix if isinstance(job, ScoreJob) else ""
         thinks = isinstance(job, GenerateJob) and self.codec.thinks(job.reasoning.enabled)
+        if isinstance(job, GenerateJob) and thinks and job.if_thinking is not None:
+            return self._think_then_score(message.id, job, job.if_thinking)
+        prefix = job.prefix if isinstance(job, ScoreJob) else ""
         prompt_ids = self.codec.encode_chat(job.messages, prefix, thinks)
-        room = self.max_context - len(prompt_ids)
-        if room < 1:
-            raise ContextOverflow(
-                f"This model's maximum context length is {self.max_context} tokens, "
-                f"but the prompt has {len(prompt_ids)} tokens."
-            )
+        room = self._room(prompt_ids)
         if isinstance(job, ScoreJob):
             return EngineRequest(
                 message.id, prompt_ids, 0, self.codec.choice_ids(list(job.options))
             )
-        budget = job.reasoning.budget
-        closing = self.codec.closing_ids(budget)
-        think = ThinkBudget(budget, self.codec.think_end_id, closing) if thinks else None
         return EngineRequest(
             message.id,
             prompt_ids,
@@ -204,8 +230,54 @@ class Replica:
             sampling=self._sampling(job.decoding, prompt_ids, thinks),
             watch=job.stream or bool(job.decoding.stop),
             n=job.n,
-            think=think,
+            think=self._think_budget(job.reasoning.budget) if thinks else None,
         )
+
+    def _room(self, prompt_ids: list[int]) -> int:
+        """Tokens the context leaves after the prompt (at least one, else the request fails)."""
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ContextOverflow(
+                f"This model's maximum context length is {self.max_context} tokens, "
+                f"but the prompt has {len(prompt_ids)} tokens."
+            )
+        return room
+
+    def _think_budget(self, budget: int) -> ThinkBudget:
+        return ThinkBudget(budget, self.codec.think_end_id, self.codec.closing_ids(budget))
+
+    def _think_then_score(
+        self, request_id: int, job: GenerateJob, score: ScoreJob
+    ) -> EngineRequest:
+        """`score.votes` thoughts (one while the decode rows are busy, or when drawn greedily),
+        each scored after `</think>` and the score's prefix. A thought takes at most its budget
+        and the job's `max_tokens`; its limit leaves room for the engine's closing, within what
+        the context leaves."""
+        prompt_ids = self.codec.encode_chat(score.messages, "", think=True)
+        suffix = tuple(self.codec.encode("\n\n" + score.prefix))
+        think = self._think_budget(min(job.reasoning.budget, job.max_tokens))
+        limit = min(2 * (think.budget + len(think.closing_ids)), self._room(prompt_ids))
+        limit -= len(suffix) + 1  # room for the scoring prompt's closing and suffix
+        if limit < 1:
+            raise ContextOverflow(f"the prompt of {len(prompt_ids)} tokens leaves no room to think")
+        sampling = self._sampling(job.decoding, prompt_ids, thinks=True)
+        votes = self._votes(score.votes) if sampling is not None else 1
+        choices = tuple(self.codec.choice_ids(list(score.options)))
+        return EngineRequest(
+            request_id,
+            prompt_ids,
+            limit,
+            sampling=sampling,
+            n=votes,
+            think=think,
+            then_score=ThenScore(suffix, choices),
+        )
+
+    def _votes(self, asked: int) -> int:
+        """VOTE_ROWS_FREE: `asked` votes while the decode rows the replica runs and its queue
+        waits for, plus these, leave at least half its rows free; else one."""
+        spare = self.engine.spare_rows()
+        return asked if spare - asked >= self.engine.max_rows * VOTE_ROWS_FREE else 1
 
     def _sampling(
         self, decoding: Decoding, prompt_ids: list[int], thinks: bool
@@ -227,6 +299,13 @@ class Replica:
         """A Score's answer is its option index and counts one completion token; a watched
         sample's text is its watch's, which a stop string in its last tokens still cuts; a
         thinking sample's thought and answer come apart in a watch of their own."""
+        if result.choice_index is not None and result.id in self.votes:
+            votes = self.votes[result.id]
+            votes.done[result.sample] = result
+            if votes.complete:
+                del self.votes[result.id]
+                conn.send(votes.result(result.id, self.engine.kv_usage(), self._thought_text))
+            return
         if result.choice_index is not None:
             usage = Usage(result.prompt_tokens, 1)
             kv = self.engine.kv_usage()
@@ -244,6 +323,12 @@ class Replica:
         watch = watched[0] if watched else SampleWatch(self.codec.decode, (), end_id)
         watch.add(((result.thought_ids or []) + result.output_ids)[watch.tokens :])
         self._sample_done(conn, key, watch, "stop" if watch.stopped else result.finish_reason)
+
+    def _thought_text(self, ids: list[int]) -> str:
+        """A thought's text as a sample's `reasoning` holds it (no tag, trimmed)."""
+        watch = SampleWatch(self.codec.decode, (), self.codec.think_end_id)
+        watch.add(ids)
+        return watch.finish()[1] or ""
 
     def _sample_done(
         self, conn: BlockingChannel, key: SampleKey, watch: SampleWatch, reason: FinishReason

@@ -73,7 +73,9 @@ class Generate:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (the profile's cap
     and the client's). With a `fallback` (an MCQ under the accuracy profile) the turn reasons
     its way to a letter, and the fallback Score runs when the reasoning names none. A model
-    that thinks does so under `reasoning`; the answer text (never the thought) is read."""
+    that thinks does so under `reasoning`; the answer text (never the thought) is read. Such a
+    model answers an MCQ by thinking and then scoring the fallback's letters after the thought,
+    over `votes` sampled thoughts (the replica's `if_thinking` path): no text to parse."""
 
     task: Route
     messages: wire.Chat
@@ -81,14 +83,28 @@ class Generate:
     fallback: Score | None = None
     decoding: wire.Decoding = field(default_factory=wire.Decoding)  # the default: greedy
     reasoning: wire.Reasoning = field(default_factory=wire.Reasoning)
+    votes: int = 1
 
     def job(self, n: int = 1) -> wire.GenerateJob:
+        fallback = self.fallback
+        if_thinking = None
+        if fallback is not None:
+            choices = tuple(fallback.choices)
+            if_thinking = wire.ScoreJob(fallback.messages, fallback.prefix, choices, self.votes)
         return wire.GenerateJob(
-            self.messages, self.max_tokens, self.decoding, n=n, reasoning=self.reasoning
+            self.messages,
+            self.max_tokens,
+            self.decoding,
+            n=n,
+            reasoning=self.reasoning,
+            if_thinking=if_thinking,
         )
 
     async def replies(self, model: Model, n: int = 1) -> list[Reply]:
         result = await model(self.job(n))
+        if self.fallback is not None and result.choice is not None:  # thought, then scored
+            reply = Reply(self.task, mcq.answer_line(self.fallback.letter(result)), "stop")
+            return carrying([reply] * n, result.usage)
         samples = [(strip_think(s.text), s.finish_reason) for s in result.samples]
         if self.fallback is None:
             return carrying([Reply(self.task, *sample) for sample in samples], result.usage)
@@ -117,9 +133,13 @@ class UnsolvedGraph(Generate):
 Plan = Answer | Score | Generate
 
 
-def with_settings(plan: Plan, decoding: wire.Decoding, reasoning: wire.Reasoning) -> Plan:
-    """The plan under the client's decoding settings and the request's reasoning: they apply
-    to what the model generates (a Score picks its letter by argmax, whatever they say)."""
+def with_settings(
+    plan: Plan, decoding: wire.Decoding, reasoning: wire.Reasoning, votes: int = 1
+) -> Plan:
+    """The plan under the client's decoding settings, the request's reasoning and the server's
+    MCQ votes: they apply to what the model generates (a Score picks its letter by argmax,
+    whatever they say; only an MCQ's Generate votes)."""
     if isinstance(plan, Generate):
-        return replace(plan, decoding=decoding, reasoning=reasoning)
+        votes = votes if plan.fallback is not None else 1
+        return replace(plan, decoding=decoding, reasoning=reasoning, votes=votes)
     return plan

@@ -3,7 +3,8 @@ and the client's `max_tokens`.
 
 A solved graph is an Answer; an MCQ is a Score (one prefill, argmax over the option letters
 after `prefix`) or, under the accuracy profile, a Generate that reasons first with the Score as
-its fallback; anything else is a Generate. A graph-shaped prompt the solver cannot take is an
+its fallback (a model that thinks scores the letters after its thoughts instead, voting:
+`with_settings` sets how many); anything else is a Generate. A graph-shaped prompt the solver cannot take is an
 UnsolvedGraph: the model answers it as open text.
 """
 

@@ -28,7 +28,7 @@ from replica.engine.model_runner import ModelRunner, batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
-from replica.engine.thinking import Thought
+from replica.engine.thinking import Thought, scoring_request
 from replica.model.qwen3 import Qwen3
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 from replica.wire.spec import EngineConfig
@@ -277,6 +277,11 @@ class Engine:
             self._watched.pop(sequence.key, None)
         return bool(dropped)
 
+    def spare_rows(self) -> int:
+        """Decode rows that neither a running sequence holds nor a waiting one will need."""
+        waiting = sum(s.rows_needed for s in self.scheduler.waiting if not s.is_scoring)
+        return self.max_rows - len(self.scheduler.running) - waiting
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -300,11 +305,11 @@ class Engine:
         logits = self.runner.prefill(chunks)
         done = self.scheduler.prefilled(chunks)
         self.runner.copy_blocks(done.copies)
-        picks = self.runner.first_picks(logits, done.samples)
+        picks, probs = self.runner.first_picks(logits, done.samples)
         results = []
-        for (_, sequence), pick in zip(done.samples, picks, strict=True):
+        for (_, sequence), pick, choice_probs in zip(done.samples, picks, probs, strict=True):
             if sequence.is_scoring:
-                results.append(EngineResult(sequence.id, sequence.prompt_len, choice_index=pick))
+                results.append(sequence.choice_result(pick, choice_probs or []))
                 continue
             if sequence.request.watch:
                 self._watched[sequence.key] = sequence
@@ -348,9 +353,18 @@ class Engine:
         sequence.output.append(token)
         if len(sequence.output) >= sequence.limit:
             return self._finish(sequence, "length")
+        thought = sequence.thought
+        if sequence.request.then_score is not None and thought and thought.end is not None:
+            return self._finish(sequence, "stop")
         return None
 
-    def _finish(self, sequence: Sequence, reason: FinishReason) -> EngineResult:
+    def _finish(self, sequence: Sequence, reason: FinishReason) -> EngineResult | None:
+        """Its row and blocks go back; its result, unless its thought is to be scored: then
+        that prefill waits first in line, and its choice is the result."""
         self._watched.pop(sequence.key, None)
         self.scheduler.finish(sequence)
-        return sequence.result(reason)
+        if sequence.request.then_score is None or sequence.thought is None:
+            return sequence.result(reason)
+        request = scoring_request(sequence.request, sequence.thought, sequence.output)
+        self.scheduler.add(Sequence(request, sample=sequence.sample), first=True)
+        return None

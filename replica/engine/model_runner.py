@@ -73,10 +73,13 @@ class ModelRunner:
         if copies:
             self.cache.copy_blocks(copies)
 
-    def first_picks(self, logits: Tensor, samples: list[tuple[int, Sequence]]) -> list[int]:
+    def first_picks(
+        self, logits: Tensor, samples: list[tuple[int, Sequence]]
+    ) -> tuple[list[int], list[list[float] | None]]:
         """For each (chunk index, sequence) whose prefill ended: a scoring sequence's best
-        choice (an index into its choice ids), else its first token, greedy or drawn as a
-        decode step draws it. One device sync for them all."""
+        choice (an index into its choice ids) and the choices' probabilities (a softmax over
+        them alone), else its first token, greedy or drawn as a decode step draws it, and None.
+        One device sync for them all."""
         logits = logits[[index for index, _ in samples]]
         group = [sequence for _, sequence in samples]
         picks = logits.argmax(-1)
@@ -89,11 +92,15 @@ class ModelRunner:
                 logits[sampled], floats[0], ints[0], floats[1], ints[1], positions
             )
         scoring = [i for i, s in enumerate(group) if s.is_scoring]
+        probs: list[list[float] | None] = [None] * len(group)
         if scoring:
-            picks[scoring] = _best_choices(
-                logits[scoring], [group[i].request.choice_ids or [] for i in scoring]
+            choice_probs = _choice_probs(
+                logits[scoring], [list(group[i].request.choice_ids or []) for i in scoring]
             )
-        return picks.tolist()
+            picks[scoring] = choice_probs.argmax(-1)
+            for i, row in zip(scoring, choice_probs.tolist(), strict=True):
+                probs[i] = row[: len(group[i].request.choice_ids or [])]
+        return picks.tolist(), probs
 
     # Decode.
 
@@ -173,11 +180,12 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-def _best_choices(logits: Tensor, choice_ids: list[list[int]]) -> Tensor:
-    """[rows] int64: each row's index of its highest-scoring choice token."""
+def _choice_probs(logits: Tensor, choice_ids: list[list[int]]) -> Tensor:
+    """[rows, most choices] fp32: each row's softmax over its own choice tokens' logits (0 in
+    the padding of a row with fewer choices)."""
     width = max(len(ids) for ids in choice_ids)
     index = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in choice_ids])
-    picked = logits.gather(1, index.to(logits.device))
+    picked = logits.gather(1, index.to(logits.device)).float()
     widths = torch.tensor([len(ids) for ids in choice_ids], device=logits.device)
     padding = torch.arange(width, device=logits.device)[None, :] >= widths[:, None]
-    return picked.masked_fill(padding, float("-inf")).argmax(-1)
+    return picked.masked_fill(padding, float("-inf")).softmax(-1)

@@ -23,6 +23,16 @@ class ThinkBudget:
 
 
 @dataclass(frozen=True)
+class ThenScore:
+    """A thinking request that ends in a choice: once a sample's think block closes,
+    `suffix_ids` (the answer's opening) follow it, and one more prefill over it all (the
+    thought's blocks come from the prefix cache) ranks `choice_ids` next."""
+
+    suffix_ids: tuple[int, ...]
+    choice_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     """A tokenized request. `choice_ids` is set for scoring: no decode, argmax among them."""
 
@@ -34,6 +44,9 @@ class EngineRequest:
     watch: bool = False  # report its new tokens each step (Engine.new_tokens)
     n: int = 1  # samples, forked from one prefill (OpenAI's `n`)
     think: ThinkBudget | None = None  # None: it starts in its answer
+    then_score: ThenScore | None = None  # with `think`: score after the thought, no answer
+    # A scoring request made of a finished thought: where that thought lies in its prompt
+    thought_span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -48,3 +61,4 @@ class EngineResult:
     choice_index: int | None = None
     sample: int = 0  # which of the request's n samples this is
     thought_ids: list[int] | None = None  # None: it did not think
+    choice_probs: list[float] | None = None  # a scoring one's: each choice's probability

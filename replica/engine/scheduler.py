@@ -82,9 +82,13 @@ class Scheduler:
         filled (each sample writes its own next token there)."""
         return forks if tokens % self.blocks.block_size else 0
 
-    def add(self, sequence: Sequence) -> None:
+    def add(self, sequence: Sequence, first: bool = False) -> None:
+        """Queue a sequence: last, or `first` (the rest of a request already under way)."""
         sequence.kv.forks = sequence.request.n - 1
-        self.waiting.append(sequence)
+        if first:
+            self.waiting.appendleft(sequence)
+        else:
+            self.waiting.append(sequence)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.partial)
@@ -259,10 +263,14 @@ class Scheduler:
         self.preemptions += 1
 
     def finish(self, sequence: Sequence) -> None:
-        """A running (or partly prefilled) sequence is done: its row and blocks go back."""
+        """A running (or partly prefilled) sequence is done: its row and blocks go back, and
+        the full blocks it decoded join the prefix cache (a later turn, or the scoring of its
+        thought, finds them)."""
         if self.running.pop(sequence.key, None) is not None:
             self.rows.release(sequence.kv.row)
             sequence.kv.row = -1
+            # K/V are written for every token before its newest (fed at `position`)
+            self.blocks.register(sequence.kv.blocks, sequence.tokens, sequence.position)
         self._release_blocks(sequence)
 
     def _release_blocks(self, sequence: Sequence) -> None:

@@ -87,6 +87,22 @@ class Sequence:
             sampling = replace(sampling, seed=((sampling.seed or 0) + sample) % SEED_RANGE)
         return Sequence(self.request, sampling, sample, placement)
 
+    def choice_result(self, index: int, probs: list[float]) -> EngineResult:
+        """A scoring sequence's result; one made of a finished thought reports that thought
+        and its first prompt's length."""
+        prompt_tokens, thought = self.prompt_len, None
+        span = self.request.thought_span
+        if span is not None:
+            prompt_tokens, thought = span[0], self.request.prompt_ids[span[0] : span[1]]
+        return EngineResult(
+            self.id,
+            prompt_tokens,
+            choice_index=index,
+            sample=self.sample,
+            thought_ids=thought,
+            choice_probs=probs,
+        )
+
     def result(self, finish_reason: FinishReason) -> EngineResult:
         thought_ids, answer = None, self.output
         if self.thought is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from replica.engine.request import ThinkBudget
+from replica.engine.request import EngineRequest, ThinkBudget
 
 
 @dataclass
@@ -45,3 +45,18 @@ class Thought:
         """(the think block, its closing `</think>` included; the answer)."""
         cut = len(output) if self.end is None else self.end + 1
         return output[:cut], output[cut:]
+
+
+def scoring_request(request: EngineRequest, thought: Thought, output: list[int]) -> EngineRequest:
+    """The prefill that scores a finished thought (`request.then_score`): the prompt, the
+    thought (closed with `</think>` if the model stopped inside it), the answer's opening."""
+    assert request.then_score is not None
+    ids, _ = thought.split(output)
+    start = len(request.prompt_ids)
+    closing = [] if thought.end is not None else [thought.think.end_id]
+    return EngineRequest(
+        request.id,
+        request.prompt_ids + ids + closing + list(request.then_score.suffix_ids),
+        choice_ids=list(request.then_score.choice_ids),
+        thought_span=(start, start + len(ids)),
+    )

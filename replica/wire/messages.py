@@ -60,10 +60,29 @@ class Reasoning:
 
 
 @dataclass(frozen=True)
+class ScoreJob:
+    """One prefill of `messages` plus `prefix`; the answer is the index of the option whose
+    token the model ranks highest next (no decode step at all).
+
+    As a GenerateJob's `if_thinking`, for a model that thinks: `votes` thoughts are sampled
+    (forks of one prefill), each closed and followed by `prefix`, and one more prefill each (over
+    the thought's cached blocks) gives the options' probabilities; the answer is the option with
+    the largest sum. The replica takes one vote while its decode rows are busy."""
+
+    messages: Chat
+    prefix: str
+    options: tuple[str, ...]
+    votes: int = 1
+
+
+@dataclass(frozen=True)
 class GenerateJob:
     """Decode an assistant turn for `messages`, at most `max_tokens` tokens (already the
     lower of the profile's cap and the client's), `n` times from one prefill; `stream` sends
-    the text in Deltas as it grows. `max_tokens` counts the thought and the answer."""
+    the text in Deltas as it grows. `max_tokens` counts the thought and the answer.
+
+    `if_thinking`: what a model that thinks (under `reasoning`) does instead (an MCQ of the
+    accuracy profile: think, then score); its Result then carries `choice`, not text."""
 
     messages: Chat
     max_tokens: int
@@ -71,16 +90,7 @@ class GenerateJob:
     stream: bool = False
     n: int = 1
     reasoning: Reasoning = Reasoning()
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    """One prefill of `messages` plus `prefix`; the answer is the index of the option whose
-    token the model ranks highest next (no decode step at all)."""
-
-    messages: Chat
-    prefix: str
-    options: tuple[str, ...]
+    if_thinking: ScoreJob | None = None
 
 
 Job = GenerateJob | ScoreJob
