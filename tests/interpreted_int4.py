@@ -33,3 +33,34 @@ def int4_splitk() -> None:
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+
+
+def moe_fused() -> None:
+    """The fused 4-bit experts against the expert loop: 1 token (segments of one pair), 5 and
+    40 (segments of several blocks, blocks past the last segment), top-2 and top-3, asymmetric
+    zeros, groups of 128."""
+    from replica.kernels.moe_fused import FusedTile, experts_fused, max_blocks, segments
+    from replica.kernels.moe_route import route_pairs
+    from replica.ops.mlp import SparseMoE, moe_reference
+
+    experts, hidden, inter = 8, 256, 128
+    tile = FusedTile(16, 32, 64, 4, 2)
+    assert max_blocks(2, 8, 16) == 2 and max_blocks(80, 8, 16) == 12
+    for top_k, tokens in ((2, 1), (3, 5), (2, 40)):
+        layer = SparseMoE(
+            router=torch.randn(experts, hidden),
+            gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
+            down=asymmetric(hidden, inter, 128, (experts,)),
+            top_k=top_k,
+            norm_topk_prob=True,
+        )
+        x = torch.randn(tokens, hidden)
+        counts = torch.zeros(experts, dtype=torch.int32)
+        routing = route_pairs(x, layer.router, top_k, True, counts)
+        seg = segments(routing, tile.tokens)
+        live = seg.experts >= 0
+        assert live.sum() == ((counts + 15) // 16).sum() and not live[live.sum() :].any()
+        filed = seg.pairs[seg.pairs < tokens * top_k]
+        assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
+        ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
+        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), moe_reference(x, layer))

@@ -246,6 +246,7 @@ CHECKS = {
     "int4_linear": int4_linear,
     "sampling": sampling,
     "int4_splitk": interpreted_int4.int4_splitk,
+    "moe_fused": interpreted_int4.moe_fused,
 }
 
 if __name__ == "__main__":

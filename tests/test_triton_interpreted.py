@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
         "int4_linear",
         "sampling",
         "int4_splitk",
+        "moe_fused",
     ],
 )
 def test_kernel_matches_its_reference_in_the_interpreter(check: str):

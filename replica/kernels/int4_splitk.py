@@ -41,7 +41,7 @@ class SplitKTile:
 
 
 @triton.jit
-def _group_dots(
+def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
     feature_live, g, depth, GROUP: tl.constexpr,
 ):  # fmt: skip
@@ -95,7 +95,7 @@ def _splitk_kernel(
     g_hi = tl.minimum(g_lo + span, depth // GROUP)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g in range(g_lo, g_hi):
-        acc = _group_dots(
+        acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
             features, feature_live, g, depth, GROUP,
         )  # fmt: skip
