@@ -24,6 +24,8 @@ def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
     short), split-K of several lengths and none, groups of 128 and 256, a strided x."""
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
+    from replica.ops.linear import TritonLinear
+    from replica.ops.tables import SplitK, int4_linear_splitk
 
     assert splits(3, 3, 2, torch.device("cpu")) == 3  # 8 "SMs": 16 programs wanted, 3 groups
     assert splits(3, 20, 2, torch.device("cpu")) == 5  # 6 slices of 4 would leave one empty
@@ -33,6 +35,11 @@ def int4_splitk() -> None:
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+    served = TritonLinear(int4_linear_splitk)  # the candidate table through the ops layer
+    for tokens in (3, 20, 64):
+        assert isinstance(served.choose(tokens, weight), SplitK)
+        x = torch.randn(tokens, 512)
+        close_in_scale(served(x, weight), linear(x, weight))
 
 
 def moe_fused() -> None:
@@ -41,7 +48,9 @@ def moe_fused() -> None:
     zeros, groups of 128."""
     from replica.kernels.moe_fused import FusedTile, experts_fused, max_blocks, segments
     from replica.kernels.moe_route import route_pairs
+    from replica.ops.feed_forward import TritonMoE
     from replica.ops.mlp import SparseMoE, moe_reference
+    from replica.ops.tables import moe_fused_table
 
     experts, hidden, inter = 8, 256, 128
     tile = FusedTile(16, 32, 64, 4, 2)
@@ -62,5 +71,8 @@ def moe_fused() -> None:
         assert live.sum() == ((counts + 15) // 16).sum() and not live[live.sum() :].any()
         filed = seg.pairs[seg.pairs < tokens * top_k]
         assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
+        expected = moe_reference(x, layer)
         ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
-        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), moe_reference(x, layer))
+        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
+        served = TritonMoE(moe_fused_table)(x, layer, True)  # the candidate table, a decode step
+        close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)

@@ -66,3 +66,15 @@ def test_unservable_shapes_are_refused():
     assert not tinygemm.servable(quantize(torch.randn(2, 8, 128)))
     with pytest.raises(ValueError):
         tinygemm.convert(weight(True, n=36))
+
+
+def test_a_weight_converted_at_load_is_served_by_torch_int4_matmul():
+    from replica.ops.linear import TritonLinear, serving_layout
+
+    w = weight(symmetric=True, dtype=torch.bfloat16)
+    assert serving_layout(w, to_tinygemm=False) is w
+    served = serving_layout(w, to_tinygemm=True)
+    assert isinstance(served, tinygemm.TinyGemmInt4) and served.shape == w.shape
+    x = torch.randn(3, 384).to(torch.bfloat16)
+    expected = tinygemm.reference(x.float(), w)
+    torch.testing.assert_close(TritonLinear()(x, served).float(), expected, rtol=2e-2, atol=0.1)
