@@ -263,6 +263,23 @@ def engines(args: argparse.Namespace, bandwidth: float, flops: float) -> dict:
     return report
 
 
+def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
+    """The 235B's experts swept, and its engine with the candidate tables (int4 alone: its
+    bf16 weights fit no card)."""
+    from benchmarks.bench_int4 import measure
+    from benchmarks.yardsticks import copy_bandwidth, matmul_flops
+
+    sweep = moe_sweep(moe_shape("qwen3-235b-a22b-instruct-2507"), clock, device, sizes)
+    with candidate_ops():
+        big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
+    return {
+        "step_ms_235b": big["step_ms"],
+        "floor_fraction_235b": big["floor_fraction"],
+        "235b": big,
+        "moe_235b_us": sweep,
+    }
+
+
 def smoke_reexec() -> None:
     """--smoke: the kernels must be defined under the interpreter, so run again with it set."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -281,6 +298,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
+    parser.add_argument("--with-235b", action="store_true", help="its experts too (an H200)")
     args = parser.parse_args()
     if args.smoke:
         smoke_reexec()
@@ -310,6 +328,9 @@ def main() -> None:
         from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
         report.update(engines(args, copy_bandwidth(device), matmul_flops(device)))
+        save()
+    if args.with_235b and not args.smoke:
+        report.update(big_moe(args, clock, device, sizes))
         save()
     print(json.dumps({k: v for k, v in report.items() if "ratio" in k or k == "date"}, indent=1))
     print(f"wrote {out}")

@@ -38,7 +38,10 @@ ISSUE_12 = "PERF.md 'Qwen3-30B-A3B (MoE) in our engine (issue 12)'"
 ISSUE_4 = "PERF.md 'Replica engine: own Qwen3 forward, slot KV cache, CUDA-graph decode (issue 4)'"
 THIRD_PASS = f"{ISSUE_24} > 'Third pass'"
 FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
-NOT_MEASURED = "not measured: PERF.md 'Second design (issue 36)'; docs/perf/int4-v2-<device>.json"
+NOT_MEASURED = (
+    "not measured: PERF.md '4-bit weights, second design (issue 36)'; "
+    "docs/perf/int4-v2-<device>.json"
+)
 
 
 @dataclass(frozen=True)
