@@ -289,6 +289,11 @@ def smoke_reexec() -> None:
         )
 
 
+def device_slug(name: str) -> str:
+    """'h100' of 'NVIDIA H100 80GB HBM3': the model number, for the file name."""
+    return next((w.split("-")[0].lower() for w in name.split() if w[1:4].isdigit()), "gpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/perf"), help="a directory")
@@ -304,7 +309,7 @@ def main() -> None:
         smoke_reexec()
     device = torch.device("cpu" if args.smoke else "cuda")
     clock, parts = Clock(device), args.parts.split(",")
-    name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name().split()[-1].lower()
+    name = "cpu-smoke" if args.smoke else device_slug(torch.cuda.get_device_name())
     out = args.out / f"int4-v2-{name}.json"
     report: dict = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     report["device"] = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
