@@ -48,8 +48,10 @@ def group_dots(
     """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
+    # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
+    row_words = tl.multiple_of(depth // 8, words_per_group)
     words = tl.load(
-        qweight_ptr + features[:, None] * (depth // 8) + g * words_per_group + word[None, :],
+        qweight_ptr + features[:, None] * row_words + g * words_per_group + word[None, :],
         mask=feature_live[:, None],
         other=0,
     )
