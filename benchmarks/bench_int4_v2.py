@@ -246,19 +246,53 @@ def candidate_ops():
         yield
 
 
+@contextmanager
+def tinygemm_layouts():
+    """Engines built inside serve every 2-D packed projection (attention, dense MLP) through
+    torch's int4 matmul, converted once at load, before the CUDA graphs are captured."""
+    from replica import startup
+    from replica.ops.linear import serving_layout
+    from replica.ops.mlp import DenseMLP
+    from replica.ops.packed import PackedInt4
+
+    load = startup.load_model
+
+    def convert(owner: object, names: tuple[str, ...]) -> None:
+        for name in names:
+            weight = getattr(owner, name)
+            if isinstance(weight, PackedInt4):
+                setattr(owner, name, serving_layout(weight, to_tinygemm=True))
+
+    def load_converted(*args, **kwargs):
+        model = load(*args, **kwargs)
+        for layer in model.layers:
+            convert(layer, ("qkv", "o_proj"))
+            if isinstance(layer.mlp, DenseMLP):
+                convert(layer.mlp, ("gate_up", "down"))
+        return model
+
+    with mock.patch.object(startup, "load_model", load_converted):
+        yield
+
+
 def engines(args: argparse.Namespace, bandwidth: float, flops: float) -> dict:
-    """bf16, int4 through today's tables and through the candidates, for the 4B and the 30B."""
+    """bf16; int4 through today's tables, through the candidates, and through the candidates
+    with torch's int4 matmul owning every 2-D projection; for the 4B and the 30B."""
     from benchmarks.bench_int4 import measure, ratios
 
     report: dict = {}
     for name in ("dense", "moe"):
-        bf16 = measure(name, None, bandwidth, flops, args)
-        today = measure(name, "int4", bandwidth, flops, args)
+        runs = {"bf16": measure(name, None, bandwidth, flops, args)}
+        runs["int4_today"] = measure(name, "int4", bandwidth, flops, args)
         with candidate_ops():
-            candidate = measure(name, "int4", bandwidth, flops, args)
-        report.update(ratios(bf16, candidate, name))
-        report.update({f"{k}_today": v for k, v in ratios(bf16, today, name).items()})
-        report[name] = {"bf16": bf16, "int4_today": today, "int4_candidate": candidate}
+            runs["int4_candidate"] = measure(name, "int4", bandwidth, flops, args)
+            with tinygemm_layouts():
+                runs["int4_tinygemm"] = measure(name, "int4", bandwidth, flops, args)
+        report.update(ratios(runs["bf16"], runs["int4_candidate"], name))
+        for variant in ("today", "tinygemm"):
+            variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
+            report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
+        report[name] = runs
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
     return report
 
