@@ -15,7 +15,11 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our candidate table over the
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
-  with the candidate tables (and `*_today`: today's), via benchmarks.bench_int4's `measure`.
+  with the candidate tables (`*_today`: today's tables; `*_tinygemm`: the candidates with torch's
+  int4 matmul owning every 2-D projection), via benchmarks.bench_int4's `measure`.
+
+`--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
+`--with-235b` adds the 235B's experts and engine (an H200).
 
 `--smoke` re-runs itself under TRITON_INTERPRET=1 and times single eager calls: a typo check.
 """
@@ -47,6 +51,7 @@ from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE
 from replica.ops.packed import random_packed
 
+ALL_PARTS = "checks,sweep,engines"
 RATIO_TOKENS = ("1", "8", "64")
 SMOKE_DENSE = {"qkv": (96, 256), "o": (64, 128), "gate_up": (160, 256), "down": (64, 256)}
 SMOKE_MOE = (8, 256, 128, 2)
@@ -331,7 +336,7 @@ def device_slug(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/perf"), help="a directory")
-    parser.add_argument("--parts", default="checks,sweep,engines")
+    parser.add_argument("--parts", default=ALL_PARTS, help="a subset names the file after it")
     parser.add_argument("--smoke", action="store_true", help="the CPU: tiny shapes, interpreter")
     parser.add_argument("--requests", type=int, default=128, help="scoring prompts per engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -344,7 +349,8 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     clock, parts = Clock(device), args.parts.split(",")
     name = "cpu-smoke" if args.smoke else device_slug(torch.cuda.get_device_name())
-    out = args.out / f"int4-v2-{name}.json"
+    part_names = "" if args.parts == ALL_PARTS else "-" + "-".join(parts)
+    out = args.out / f"int4-v2-{name}{part_names}.json"
     report: dict = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     report["device"] = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
 
