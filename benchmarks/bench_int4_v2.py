@@ -147,8 +147,11 @@ def guarded(time_us: Callable, fallback: Callable, fn: Callable) -> float | str:
             return f"failed: {type(error).__name__}: {error}"[:200]
 
 
-def dense_sweep(shapes: dict, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
-    """Each projection by token count through every path (random symmetric weights)."""
+def dense_sweep(
+    shapes: dict, clock: Clock, device: torch.device, sizes: Sizes, gemlite_wanted: bool
+) -> dict:
+    """Each projection by token count through every path (random symmetric weights); GemLite
+    where wanted and importable (it autotunes on first use where it has no stored config)."""
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     rows, peer_note = [], ""
@@ -157,7 +160,7 @@ def dense_sweep(shapes: dict, clock: Clock, device: torch.device, sizes: Sizes) 
         packed = random_packed((n, k), 0.02, dtype, gen)
         weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
         converted = tinygemm.convert(packed, torch.bfloat16)
-        gemlite, peer_note = gemlite_peer(packed, dtype)
+        gemlite, peer_note = gemlite_peer(packed, dtype) if gemlite_wanted else (None, "skipped")
         for tokens in sizes.decode + sizes.prefill:
             x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
             decode = tokens in sizes.decode
@@ -342,6 +345,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
+    parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
     parser.add_argument("--with-235b", action="store_true", help="its experts too (an H200)")
     args = parser.parse_args()
     if args.smoke:
@@ -365,7 +369,7 @@ def main() -> None:
         report["checks"] = run_checks(dense, moe, sizes.checks, device)
         save()
     if "sweep" in parts:
-        sweep = dense_sweep(dense, clock, device, sizes)
+        sweep = dense_sweep(dense, clock, device, sizes, not args.no_gemlite)
         report["peer_ratio"] = peer_ratio(sweep["dense_us"])
         report["sweep"] = {**sweep, "moe_us": moe_sweep(moe, clock, device, sizes)}
         save()
