@@ -235,6 +235,8 @@ def sampling() -> None:
             assert torch.equal(drawn, expected), (dtype, drawn, expected)
 
 
+from tests import interpreted_int4  # noqa: E402 (the second design's kernels)
+
 CHECKS = {
     "prefill": prefill,
     "decode": decode,
@@ -243,6 +245,8 @@ CHECKS = {
     "moe_int4": moe_int4,
     "int4_linear": int4_linear,
     "sampling": sampling,
+    "int4_splitk": interpreted_int4.int4_splitk,
+    "moe_fused": interpreted_int4.moe_fused,
 }
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_gemv import w4a16_gemv
-from replica.ops import tables
+from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMoE
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE, moe_reference
@@ -40,8 +41,35 @@ def test_w4a16_linear_matches_dequantized_matmul(shape: str):
     dense = dequantize(weight, torch.bfloat16)
     for tokens in TOKENS:
         x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-        assert rel_error(TritonLinear()(x, weight), x @ dense.t()) < 1e-2, tokens
+        expected = x @ dense.t()
+        assert rel_error(TritonLinear()(x, weight), expected) < 1e-2, tokens
+        choice = tables.INT4_LINEAR_SPLITK.choose(tokens)
+        tile = choice.tile if isinstance(choice, tables.SplitK) else SplitKTile(64, 64, 4, 3)
+        assert rel_error(w4a16_splitk(x, weight, tile), expected) < 1e-2, tokens
     assert torch.equal(dequantized(weight, torch.bfloat16), dense)  # bf16 scales: exact
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_torch_int4_matmul_on_our_converted_weights(symmetric: bool):
+    """Symmetric: tinygemm's weights are ours bit for bit; asymmetric: its bf16 zero rounds."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(6144, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = quantize(w, symmetric=symmetric)
+    converted = tinygemm.convert(weight)
+    eye = torch.eye(2560, device="cuda", dtype=torch.bfloat16)
+    unpacked = tinygemm.matmul(eye, converted).t()  # its weights, exactly: one term a sum
+    if symmetric:
+        assert torch.equal(unpacked, dequantize(weight, torch.bfloat16))
+    else:  # our model of its arithmetic, within a bf16 rounding
+        modelled = tinygemm.dequantize(weight, torch.bfloat16).float()
+        error = (unpacked.float() - modelled).abs().max().item()
+        assert error <= 2**-8 * modelled.abs().max().item(), error
+    for tokens in (1, 8, 64, 16384):
+        x = torch.randn(tokens, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
+        expected = x @ dequantize(weight, torch.bfloat16).t()
+        assert rel_error(tinygemm.matmul(x, converted), expected) < 1e-2, tokens
 
 
 @gpu
@@ -86,6 +114,8 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
         "buckets": tables.MOE_PACKED_DECODE.choose(4),
         "tiles": tables.MOE_PACKED_DECODE.choose(8),
         "dequantized": tables.MOE_PACKED_PREFILL.choose(8),
+        "fused": tables.MOE_PACKED_FUSED.choose(1),
+        "fused wide": tables.MOE_PACKED_FUSED.choose(8),
     }
     for path, choice in choices.items():
         fused = fused_moe.run(x, moe, choice).unflatten(0, (64, top_k)).float().sum(1)

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
         "moe_int4",
         "int4_linear",
         "sampling",
+        "int4_splitk",
+        "moe_fused",
     ],
 )
 def test_kernel_matches_its_reference_in_the_interpreter(check: str):

@@ -18,6 +18,7 @@ from torch import Tensor
 from replica.kernels.elementwise import silu_mul as silu_mul_triton
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
+from replica.kernels.moe_fused import experts_fused
 from replica.kernels.moe_route import route_pairs
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
@@ -25,8 +26,9 @@ from replica.ops.packed import PackedInt4
 from replica.ops.tables import (
     DEQUANTIZED_BYTES,
     ExpertGemv,
-    ExpertTiles,
+    FusedExperts,
     Gemv,
+    MoeChoice,
     Table,
     moe_table,
 )
@@ -75,7 +77,7 @@ class TritonMoE(TorchMoE):
 
     def __init__(
         self,
-        tables: Callable[[bool, bool], Table[ExpertGemv | ExpertTiles]] = moe_table,
+        tables: Callable[[bool, bool], Table[MoeChoice]] = moe_table,
         dequantized_bytes: int = DEQUANTIZED_BYTES,
     ) -> None:
         self.tables = tables
@@ -88,10 +90,13 @@ class TritonMoE(TorchMoE):
         table = self.tables(isinstance(moe.gate_up, PackedInt4), decode)
         return self.run(x, moe, table.choose(x.shape[0] * moe.top_k / moe.num_experts))
 
-    def run(self, x: Tensor, moe: SparseMoE, choice: ExpertGemv | ExpertTiles) -> Tensor:
+    def run(self, x: Tensor, moe: SparseMoE, choice: MoeChoice) -> Tensor:
         """The layer through the kernels `choice` names."""
         counts = self.expert_counts(moe)
         routing = route_pairs(x, moe.router, moe.top_k, moe.norm_topk_prob, counts)
+        if isinstance(choice, FusedExperts):
+            assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
+            return experts_fused(x, moe.gate_up, moe.down, routing, choice.tile)
         if isinstance(choice, ExpertGemv):
             assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
             tiles = (choice.up, choice.down)

@@ -62,8 +62,9 @@ class PackedInt4:
 
 
 def stored(weight: Tensor | PackedInt4) -> list[Tensor]:
-    """The tensors holding a weight's bytes."""
-    return weight.tensors() if isinstance(weight, PackedInt4) else [weight]
+    """The tensors holding a weight's bytes (any 4-bit layout lists its own: torch's int4 one
+    too, replica.ops.tinygemm)."""
+    return [weight] if isinstance(weight, Tensor) else weight.tensors()
 
 
 def servable_group(group_size: int) -> bool:

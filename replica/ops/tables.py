@@ -11,6 +11,10 @@ the benchmark named, then change an entry and its citation together.
 - `MOE_16BIT`, `MOE_PACKED_DECODE`, `MOE_PACKED_PREFILL`: the fused experts by mean (token,
   expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
   copy, whose scratch would stay in the graph's pool.
+- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED`: the second design's candidates (issue 36), not
+  served until the GPU sweep (benchmarks.bench_int4_v2) measures them; the benchmark passes them
+  in. torch's int4 matmul needs no table: it owns the layout of the weights converted for it
+  (replica.ops.tinygemm) and serves them at every count.
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
 
 Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from replica.kernels.int4_gemv import GemvTile
+from replica.kernels.int4_splitk import SplitKTile
 from replica.kernels.launch import Tile
+from replica.kernels.moe_fused import FusedTile
 
 C = TypeVar("C")
 
@@ -32,6 +38,10 @@ ISSUE_12 = "PERF.md 'Qwen3-30B-A3B (MoE) in our engine (issue 12)'"
 ISSUE_4 = "PERF.md 'Replica engine: own Qwen3 forward, slot KV cache, CUDA-graph decode (issue 4)'"
 THIRD_PASS = f"{ISSUE_24} > 'Third pass'"
 FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
+NOT_MEASURED = (
+    "not measured: PERF.md '4-bit weights, second design (issue 36)'; "
+    "docs/perf/int4-v2-<device>.json"
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,13 @@ class Tiled:
 
 
 @dataclass(frozen=True)
+class SplitK:
+    """`replica.kernels.int4_splitk.w4a16_splitk` (groups of 128 or more)."""
+
+    tile: SplitKTile
+
+
+@dataclass(frozen=True)
 class Dequantized:
     """A 16-bit copy of the weight (`replica.kernels.int4_dequantize.dequantized`), then the
     16-bit GEMM."""
@@ -103,6 +120,13 @@ class ExpertTiles:
 
 
 @dataclass(frozen=True)
+class FusedExperts:
+    """`replica.kernels.moe_fused.experts_fused` (groups of 128 or more)."""
+
+    tile: FusedTile
+
+
+@dataclass(frozen=True)
 class RopeBlock:
     tokens: int  # tokens a program
     warps: int
@@ -123,7 +147,9 @@ DEQUANTIZED_SWEEP = (
 )
 TILE_16 = Tile(16, 32, 128, 4, 4)
 
-INT4_LINEAR_WIDE: Table[Gemv | Tiled | Dequantized] = Table(
+Int4Linear = Gemv | Tiled | SplitK | Dequantized
+
+INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
     "4-bit linear, groups of 128 or more",
     "tokens",
     (
@@ -135,7 +161,7 @@ INT4_LINEAR_WIDE: Table[Gemv | Tiled | Dequantized] = Table(
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
-INT4_LINEAR_NARROW: Table[Gemv | Tiled | Dequantized] = Table(
+INT4_LINEAR_NARROW: Table[Int4Linear] = Table(
     "4-bit linear, groups of 16 to 64",
     "tokens",
     (
@@ -152,9 +178,28 @@ INT4_LINEAR_NARROW: Table[Gemv | Tiled | Dequantized] = Table(
 )
 
 
-def int4_linear_table(group_size: int) -> Table[Gemv | Tiled | Dequantized]:
+INT4_LINEAR_SPLITK: Table[Int4Linear] = Table(
+    "4-bit linear, groups of 128 or more, split-K tile (candidate)",
+    "tokens",
+    (
+        Entry(1, GEMV_1, GEMV_1_SWEEP),
+        Entry(2, GEMV_2, GEMV_SWEEP),
+        Entry(16, SplitK(SplitKTile(16, 64, 4, 4)), NOT_MEASURED),
+        Entry(32, SplitK(SplitKTile(32, 64, 4, 4)), NOT_MEASURED),
+        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), NOT_MEASURED),
+        Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
+    ),
+)
+
+
+def int4_linear_table(group_size: int) -> Table[Int4Linear]:
     """Groups of 128 or more have words enough (16) for the slabs' K."""
     return INT4_LINEAR_WIDE if group_size >= 128 else INT4_LINEAR_NARROW
+
+
+def int4_linear_splitk(group_size: int) -> Table[Int4Linear]:
+    """The split-K candidate where its groups allow, today's table elsewhere."""
+    return INT4_LINEAR_SPLITK if group_size >= 128 else INT4_LINEAR_NARROW
 
 
 # Fused experts, by mean pairs an expert.
@@ -199,10 +244,28 @@ MOE_PACKED_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
 )
 
 
-def moe_table(packed: bool, decode: bool) -> Table[ExpertGemv | ExpertTiles]:
+MoeChoice = ExpertGemv | ExpertTiles | FusedExperts
+FUSED_16 = FusedTile(16, 64, 64, 4, 3)
+FUSED_32 = FusedTile(32, 64, 64, 4, 3)
+MOE_PACKED_FUSED: Table[MoeChoice] = Table(
+    "4-bit experts, decode, fused (candidate; groups of 128 or more)",
+    "pairs an expert",
+    (
+        Entry(4, FusedExperts(FUSED_16), NOT_MEASURED),
+        Entry(math.inf, FusedExperts(FUSED_32), NOT_MEASURED),
+    ),
+)
+
+
+def moe_table(packed: bool, decode: bool) -> Table[MoeChoice]:
     if not packed:
         return MOE_16BIT
     return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
+
+
+def moe_fused_table(packed: bool, decode: bool) -> Table[MoeChoice]:
+    """The fused candidate for packed decode steps, today's tables elsewhere."""
+    return MOE_PACKED_FUSED if packed and decode else moe_table(packed, decode)
 
 
 # The layer's elementwise kernels.

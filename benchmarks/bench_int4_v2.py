@@ -1,0 +1,389 @@
+"""Issue 36's GPU run in one call: the second design's 4-bit paths against bf16, torch's int4
+matmul and GemLite, random weights of the real shapes (vendor/configs).
+
+    python -m benchmarks.bench_int4_v2 --out $OUT --gpu-memory-gb 79   # < 7 minutes on an H100
+    python -m benchmarks.bench_int4_v2 --smoke                         # the CPU: tiny shapes
+
+writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
+
+- `checks`: every new path against the dequantize oracle, 1 to 16,384 tokens
+  (benchmarks.int4_checks);
+- `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
+  prefill sizes eager): bf16, today's table (`default`), the split-K candidate table
+  (`candidate`) and each split-K tile, torch's int4 matmul (`tinygemm`), GemLite; the 30B's
+  experts: today's table against the fused kernel's tiles;
+- `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our candidate table over the
+  faster peer (tinygemm, GemLite);
+- engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
+  with the candidate tables (`*_today`: today's tables; `*_tinygemm`: the candidates with torch's
+  int4 matmul owning every 2-D projection), via benchmarks.bench_int4's `measure`.
+
+`--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
+`--with-235b` adds the 235B's experts and engine (an H200).
+
+`--smoke` re-runs itself under TRITON_INTERPRET=1 and times single eager calls: a typo check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from benchmarks.int4_checks import run_checks
+from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.kernels.moe_fused import FusedTile
+from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.ops import tables, tinygemm
+from replica.ops.feed_forward import TritonMLP, TritonMoE
+from replica.ops.linear import TritonLinear
+from replica.ops.mlp import SparseMoE
+from replica.ops.packed import random_packed
+
+ALL_PARTS = "checks,sweep,engines"
+RATIO_TOKENS = ("1", "8", "64")
+SMOKE_DENSE = {"qkv": (96, 256), "o": (64, 128), "gate_up": (160, 256), "down": (64, 256)}
+SMOKE_MOE = (8, 256, 128, 2)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Token counts: decode steps (in CUDA graphs), prefills (eager), correctness checks."""
+
+    decode: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    prefill: tuple[int, ...] = (128, 1024, 4096, 16384)
+    checks: tuple[int, ...] = (1, 8, 16, 64, 1024, 16384)
+
+
+SMOKE_SIZES = Sizes(decode=(1, 8), prefill=(32,), checks=(1, 8, 40))
+
+
+def dense_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of a dense model's four projections, from its vendored config."""
+    c = resolve(str(VENDORED_CONFIGS / name), random_weights=True).config
+    heads = c.num_attention_heads * c.head_dim
+    return {
+        "qkv": (heads + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size),
+        "o": (c.hidden_size, heads),
+        "gate_up": (2 * c.intermediate_size, c.hidden_size),
+        "down": (c.hidden_size, c.intermediate_size),
+    }
+
+
+def moe_shape(name: str) -> tuple[int, int, int, int]:
+    """(experts, hidden, expert intermediate, top-k) of an MoE model's vendored config."""
+    c = resolve(str(VENDORED_CONFIGS / name), random_weights=True).config
+    return c.num_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+
+
+class Clock:
+    """Microseconds a call: in CUDA graphs (decode) or eager (prefill); on the CPU one call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def graphed(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            return self.eager(fn)
+        from benchmarks.bench_int4 import graph_us
+
+        return round(graph_us(fn), 2)
+
+    def eager(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            from benchmarks.yardsticks import time_ms
+
+            return round(1e3 * time_ms(fn, 10), 1)
+        start = time.perf_counter()
+        fn()
+        return round(1e6 * (time.perf_counter() - start), 1)
+
+
+def splitk_tiles(tokens: int) -> list[SplitKTile]:
+    """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
+    block_m = max(16, 1 << (tokens - 1).bit_length())
+    return [SplitKTile(block_m, f, 4, s) for f in (32, 64, 128) for s in (3, 4)]
+
+
+def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
+    """GemLite's 4-bit layer for this weight, or None and why (it is optional)."""
+    try:
+        import gemlite
+
+        layer_class = getattr(gemlite, "GemLiteLinearTriton", None) or gemlite.GemLiteLinear
+        n, k = packed.shape
+        layer = layer_class(
+            4, group_size=packed.group_size, in_features=k, out_features=n,
+            input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16,
+        )  # fmt: skip
+        values = tinygemm.values(packed).to(torch.uint8)
+        layer.pack(values, packed.scales.to(dtype), packed.zeros.to(dtype), bias=None)
+        layer(torch.zeros(1, k, dtype=dtype, device=packed.device))  # fails here, not in a graph
+        return layer, f"gemlite {getattr(gemlite, '__version__', '?')}"
+    except Exception as error:  # any failure: the peer is optional
+        return None, f"not available: {type(error).__name__}: {error}"[:200]
+
+
+def guarded(time_us: Callable, fallback: Callable, fn: Callable) -> float | str:
+    """A peer's time; eager where its CUDA graph fails (noted), or why neither ran."""
+    try:
+        return time_us(fn)
+    except Exception as error:  # any failure: the peer is optional
+        torch.cuda.synchronize()
+        try:
+            return fallback(fn)
+        except Exception:  # still the peer's failure: recorded, not fatal
+            return f"failed: {type(error).__name__}: {error}"[:200]
+
+
+def dense_sweep(
+    shapes: dict, clock: Clock, device: torch.device, sizes: Sizes, gemlite_wanted: bool
+) -> dict:
+    """Each projection by token count through every path (random symmetric weights); GemLite
+    where wanted and importable (it autotunes on first use where it has no stored config)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if clock.cuda else torch.float32
+    rows, peer_note = [], ""
+    today, candidate = TritonLinear(), TritonLinear(tables.int4_linear_splitk)
+    for shape, (n, k) in shapes.items():
+        packed = random_packed((n, k), 0.02, dtype, gen)
+        weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
+        converted = tinygemm.convert(packed, torch.bfloat16)
+        gemlite, peer_note = gemlite_peer(packed, dtype) if gemlite_wanted else (None, "skipped")
+        for tokens in sizes.decode + sizes.prefill:
+            x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
+            decode = tokens in sizes.decode
+            time_us = clock.graphed if decode else clock.eager
+            row = {"shape": shape, "tokens": tokens}
+            paths = {
+                "bf16": partial(torch.matmul, x, weight.t()),
+                "default": partial(today, x, packed),
+                "candidate": partial(candidate, x, packed),
+                "tinygemm": partial(tinygemm.matmul, x.to(torch.bfloat16), converted),
+            }
+            if gemlite is not None:
+                paths["gemlite"] = partial(gemlite, x)
+            if decode:
+                for t in splitk_tiles(tokens):
+                    paths[f"splitk_m{t.tokens}n{t.features}s{t.stages}"] = partial(
+                        w4a16_splitk, x, packed, t
+                    )
+            row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
+            if gemlite is not None:  # a peer we do not control: eager if a graph fails
+                row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
+            rows.append(row)
+            print(row, flush=True)
+    return {"dense_us": rows, "gemlite": peer_note}
+
+
+FUSED_TILES = [
+    FusedTile(m, up, down, w, 3) for m in (16, 32) for up, down in ((32, 64), (64, 64), (64, 128))
+    for w in (4,)
+]  # fmt: skip
+
+
+def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
+    """The 30B's experts by token count: today's table against the fused kernel's tiles."""
+    experts, hidden, inter, top_k = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if clock.cuda else torch.float32
+    layer = SparseMoE(
+        router=torch.randn(experts, hidden, device=device, generator=gen).to(dtype),
+        gate_up=random_packed((experts, 2 * inter, hidden), 0.02, dtype, gen),
+        down=random_packed((experts, hidden, inter), 0.02, dtype, gen),
+        top_k=top_k,
+        norm_topk_prob=True,
+    )
+    rows, moe = [], TritonMoE()
+    for tokens in sizes.decode + sizes.prefill:
+        x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
+        decode = tokens in sizes.decode
+        time_us = clock.graphed if decode else clock.eager
+        row: dict = {"tokens": tokens, "pairs_an_expert": tokens * top_k / experts}
+        row["default"] = time_us(partial(moe, x, layer, decode))
+        for t in FUSED_TILES:
+            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}"
+            row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def peer_ratio(dense_rows: list) -> dict:
+    """Our candidate table's summed time of the four projections over the faster peer's."""
+    ratios = {}
+    for tokens in RATIO_TOKENS:
+        rows = [r for r in dense_rows if r["tokens"] == int(tokens)]
+        if not rows:  # a smoke run's sizes
+            continue
+        ours = sum(r["candidate"] for r in rows)
+        peers = [
+            sum(r[p] for r in rows)
+            for p in ("tinygemm", "gemlite")
+            if all(isinstance(r.get(p), float) for r in rows)
+        ]
+        ratios[tokens] = round(ours / min(peers), 3)
+    return ratios
+
+
+@contextmanager
+def candidate_ops():
+    """Engines built inside use the candidate tables (today's tables stay the default)."""
+    from replica import startup
+
+    select = startup.select_ops
+
+    def with_candidates(device: torch.device, attention: str | None = None):
+        ops = select(device, attention)
+        linear = TritonLinear(tables.int4_linear_splitk)
+        moe = TritonMoE(tables.moe_fused_table)
+        return replace(ops, linear=linear, mlp=TritonMLP(linear), moe=moe)
+
+    with mock.patch.object(startup, "select_ops", with_candidates):
+        yield
+
+
+@contextmanager
+def tinygemm_layouts():
+    """Engines built inside serve every 2-D packed projection (attention, dense MLP) through
+    torch's int4 matmul, converted once at load, before the CUDA graphs are captured."""
+    from replica import startup
+    from replica.ops.linear import serving_layout
+    from replica.ops.mlp import DenseMLP
+    from replica.ops.packed import PackedInt4
+
+    load = startup.load_model
+
+    def convert(owner: object, names: tuple[str, ...]) -> None:
+        for name in names:
+            weight = getattr(owner, name)
+            if isinstance(weight, PackedInt4):
+                setattr(owner, name, serving_layout(weight, to_tinygemm=True))
+
+    def load_converted(*args, **kwargs):
+        model = load(*args, **kwargs)
+        for layer in model.layers:
+            convert(layer, ("qkv", "o_proj"))
+            if isinstance(layer.mlp, DenseMLP):
+                convert(layer.mlp, ("gate_up", "down"))
+        return model
+
+    with mock.patch.object(startup, "load_model", load_converted):
+        yield
+
+
+def engines(args: argparse.Namespace, bandwidth: float, flops: float) -> dict:
+    """bf16; int4 through today's tables, through the candidates, and through the candidates
+    with torch's int4 matmul owning every 2-D projection; for the 4B and the 30B."""
+    from benchmarks.bench_int4 import measure, ratios
+
+    report: dict = {}
+    for name in ("dense", "moe"):
+        runs = {"bf16": measure(name, None, bandwidth, flops, args)}
+        runs["int4_today"] = measure(name, "int4", bandwidth, flops, args)
+        with candidate_ops():
+            runs["int4_candidate"] = measure(name, "int4", bandwidth, flops, args)
+            with tinygemm_layouts():
+                runs["int4_tinygemm"] = measure(name, "int4", bandwidth, flops, args)
+        report.update(ratios(runs["bf16"], runs["int4_candidate"], name))
+        for variant in ("today", "tinygemm"):
+            variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
+            report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
+        report[name] = runs
+        print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
+    return report
+
+
+def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
+    """The 235B's experts swept, and its engine with the candidate tables (int4 alone: its
+    bf16 weights fit no card)."""
+    from benchmarks.bench_int4 import measure
+    from benchmarks.yardsticks import copy_bandwidth, matmul_flops
+
+    sweep = moe_sweep(moe_shape("qwen3-235b-a22b-instruct-2507"), clock, device, sizes)
+    with candidate_ops():
+        big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
+    return {
+        "step_ms_235b": big["step_ms"],
+        "floor_fraction_235b": big["floor_fraction"],
+        "235b": big,
+        "moe_235b_us": sweep,
+    }
+
+
+def smoke_reexec() -> None:
+    """--smoke: the kernels must be defined under the interpreter, so run again with it set."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        os.execve(
+            sys.executable, [sys.executable, "-m", "benchmarks.bench_int4_v2", *sys.argv[1:]], env
+        )
+
+
+def device_slug(name: str) -> str:
+    """'h100' of 'NVIDIA H100 80GB HBM3': the model number, for the file name."""
+    return next((w.split("-")[0].lower() for w in name.split() if w[1:4].isdigit()), "gpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/perf"), help="a directory")
+    parser.add_argument("--parts", default=ALL_PARTS, help="a subset names the file after it")
+    parser.add_argument("--smoke", action="store_true", help="the CPU: tiny shapes, interpreter")
+    parser.add_argument("--requests", type=int, default=128, help="scoring prompts per engine")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
+    parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
+    parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
+    parser.add_argument("--with-235b", action="store_true", help="its experts too (an H200)")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke_reexec()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    clock, parts = Clock(device), args.parts.split(",")
+    name = "cpu-smoke" if args.smoke else device_slug(torch.cuda.get_device_name())
+    part_names = "" if args.parts == ALL_PARTS else "-" + "-".join(parts)
+    out = args.out / f"int4-v2-{name}{part_names}.json"
+    report: dict = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    report["device"] = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
+
+    def save() -> None:  # after each part, so a run cut short keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    dense = SMOKE_DENSE if args.smoke else dense_shapes("qwen3-4b-instruct-2507")
+    moe = SMOKE_MOE if args.smoke else moe_shape("qwen3-30b-a3b-instruct-2507")
+    sizes = SMOKE_SIZES if args.smoke else Sizes()
+    if "checks" in parts:
+        report["checks"] = run_checks(dense, moe, sizes.checks, device)
+        save()
+    if "sweep" in parts:
+        sweep = dense_sweep(dense, clock, device, sizes, not args.no_gemlite)
+        report["peer_ratio"] = peer_ratio(sweep["dense_us"])
+        report["sweep"] = {**sweep, "moe_us": moe_sweep(moe, clock, device, sizes)}
+        save()
+    if "engines" in parts and not args.smoke:
+        from benchmarks.yardsticks import copy_bandwidth, matmul_flops
+
+        report.update(engines(args, copy_bandwidth(device), matmul_flops(device)))
+        save()
+    if args.with_235b and not args.smoke:
+        report.update(big_moe(args, clock, device, sizes))
+        save()
+    print(json.dumps({k: v for k, v in report.items() if "ratio" in k or k == "date"}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

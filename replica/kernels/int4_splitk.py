@@ -1,0 +1,139 @@
+"""The split-K w4a16 tile on CUDA, for the middle batches (about 8 to 64 tokens): tokens [M, K]
+times a packed 4-bit weight [N, K] (groups of 128 or more) with matrix units.
+
+- Tokens on the MMA's N side ("swap A/B"): a program computes out.T [BLOCK_N, BLOCK_M] =
+  w [BLOCK_N, W] @ x.T, so a few tokens pad only to 16 while the weight fills the MMA's M side,
+  and the dequantized weight goes into the dot in the layout it was loaded in (no transpose).
+- Weights read a group's W = group / 8 words a feature at once: in our layout those are
+  contiguous (64 bytes for groups of 128), so each thread loads 16 bytes at a time; no reorder
+  at load is needed.
+- Nibbles to floats without a shift-and-convert chain: (word >> 4p) & 0x000F000F | 0x43004300
+  is two bf16 values 128 + q (nibbles p and p + 4), each an fp32 by one shift or mask. One fma
+  (128 + q) s - (128 + z) s is (q - z) s exactly in fp32 for 16-bit scales (the oracle's
+  weight, rounded once). Nibble p of a group's word w is its column pW + w, so nibbles p and
+  p + 4 are two slabs of W contiguous columns: a dot of K = W each.
+- K split so that the grid holds at least two programs per multiprocessor (a 4B projection
+  has 20 to 80 feature blocks); fp32 partial sums added in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from replica.kernels.int4_dequantize import Int4Weight
+from replica.kernels.launch import multiprocessors
+
+MIN_GROUP = 128  # W = 16 words: the smallest K of a bf16 dot
+
+
+@dataclass(frozen=True)
+class SplitKTile:
+    tokens: int  # BLOCK_M, 16 or more (the MMA's N side)
+    features: int  # BLOCK_N
+    warps: int
+    stages: int
+    waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
+
+
+@triton.jit
+def group_dots(
+    acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
+    feature_live, g, depth, GROUP: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
+    words_per_group: tl.constexpr = GROUP // 8
+    word = tl.arange(0, words_per_group)
+    # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
+    row_words = tl.multiple_of(depth // 8, words_per_group)
+    words = tl.load(
+        qweight_ptr + features[:, None] * row_words + g * words_per_group + word[None, :],
+        mask=feature_live[:, None],
+        other=0,
+    )
+    group = features * (depth // GROUP) + g
+    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
+    zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
+    offset = scale * (zero + 128.0)
+    dtype = x_ptr.dtype.element_ty
+    x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
+    for p in tl.static_range(4):
+        pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+        low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
+        high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
+        x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
+        x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
+        acc += tl.dot((low * scale - offset).to(dtype), x_low)
+        acc += tl.dot((high * scale - offset).to(dtype), x_high)
+    return acc
+
+
+@triton.jit
+def _splitk_kernel(
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums, or [M, N] in x's dtype when SPLIT_K is 1
+    m,
+    n,
+    depth,
+    stride_x,
+    span,  # groups a split
+    GROUP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    token_live, feature_live = tokens < m, features < n
+    g_lo = split * span
+    g_hi = tl.minimum(g_lo + span, depth // GROUP)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for g in range(g_lo, g_hi):
+        acc = group_dots(
+            acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
+            features, feature_live, g, depth, GROUP,
+        )  # fmt: skip
+    dst = out_ptr + (split * m + tokens[None, :]) * n + features[:, None]
+    live = feature_live[:, None] & token_live[None, :]
+    if SPLIT_K == 1:
+        tl.store(dst, acc.to(x_ptr.dtype.element_ty), mask=live)
+    else:
+        tl.store(dst, acc, mask=live)
+
+
+def splits(programs: int, groups: int, waves: int, device: torch.device) -> int:
+    """Slices of K (any count, the last may be shorter) so that programs * splits reaches
+    `waves` programs a multiprocessor, no slice empty."""
+    wanted = triton.cdiv(waves * multiprocessors(device), programs)
+    split = max(1, min(wanted, groups))
+    return triton.cdiv(groups, triton.cdiv(groups, split))  # every slice non-empty
+
+
+def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
+    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype (groups of MIN_GROUP or more)."""
+    m, depth = x.shape
+    n, group = weight.shape[-2], weight.group_size
+    if group < MIN_GROUP:
+        raise ValueError(f"group {group}: the split-K tile needs groups of {MIN_GROUP} or more")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    groups = depth // group
+    grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
+    split = splits(grid_n * grid_m, groups, tile.waves, x.device)
+    span = triton.cdiv(groups, split)
+    dtype = x.dtype if split == 1 else torch.float32
+    out = torch.empty(split, m, n, dtype=dtype, device=x.device)
+    _splitk_kernel[(grid_n, grid_m, split)](
+        x, weight.qweight, weight.scales, weight.zeros, out, m, n, depth, x.stride(0), span,
+        GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens, BLOCK_N=tile.features,
+        num_warps=tile.warps, num_stages=tile.stages,
+    )  # fmt: skip
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)

@@ -1,0 +1,78 @@
+"""The second design's 4-bit kernels (issue 36) against the dequantize oracle in Triton's
+interpreter, at shapes that straddle their tiles: run through tests/interpreted_kernels.py."""
+
+from __future__ import annotations
+
+import torch
+
+from replica.ops.packed import PackedInt4, linear, quantize
+
+
+def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """fp32 scales round (128 + q) s, about 16x the weight: errors relative to the output's
+    scale (tests/interpreted_kernels.py says why)."""
+    error = (ours - reference).abs().max().item()
+    assert error <= 2e-5 * reference.abs().max().item(), (error, reference.abs().max().item())
+
+
+def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> PackedInt4:
+    """Zero points spread over 0..15 (not 8 everywhere): a wrong zero shows."""
+    return quantize(torch.randn(*lead, n, k) + torch.rand(*lead, n, 1) * 3, group_size=group)
+
+
+def int4_splitk() -> None:
+    """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
+    short), split-K of several lengths and none, groups of 128 and 256, a strided x."""
+    from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
+    from replica.ops.linear import TritonLinear
+    from replica.ops.tables import SplitK, int4_linear_splitk
+
+    assert splits(3, 3, 2, torch.device("cpu")) == 3  # 8 "SMs": 16 programs wanted, 3 groups
+    assert splits(3, 20, 2, torch.device("cpu")) == 5  # 6 slices of 4 would leave one empty
+    for depth, group in ((384, 128), (1280, 128), (512, 256)):
+        weight = asymmetric(72, depth, group)
+        for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
+                             (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
+            x = torch.randn(tokens, 2 * depth)[:, :depth]
+            close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+    served = TritonLinear(int4_linear_splitk)  # the candidate table through the ops layer
+    for tokens in (3, 20, 64):
+        assert isinstance(served.choose(tokens, weight), SplitK)
+        x = torch.randn(tokens, 512)
+        close_in_scale(served(x, weight), linear(x, weight))
+
+
+def moe_fused() -> None:
+    """The fused 4-bit experts against the expert loop: 1 token (segments of one pair), 5 and
+    40 (segments of several blocks, blocks past the last segment), top-2 and top-3, asymmetric
+    zeros, groups of 128."""
+    from replica.kernels.moe_fused import FusedTile, experts_fused, max_blocks, segments
+    from replica.kernels.moe_route import route_pairs
+    from replica.ops.feed_forward import TritonMoE
+    from replica.ops.mlp import SparseMoE, moe_reference
+    from replica.ops.tables import moe_fused_table
+
+    experts, hidden, inter = 8, 256, 128
+    tile = FusedTile(16, 32, 64, 4, 2)
+    assert max_blocks(2, 8, 16) == 2 and max_blocks(80, 8, 16) == 12
+    for top_k, tokens in ((2, 1), (3, 5), (2, 40)):
+        layer = SparseMoE(
+            router=torch.randn(experts, hidden),
+            gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
+            down=asymmetric(hidden, inter, 128, (experts,)),
+            top_k=top_k,
+            norm_topk_prob=True,
+        )
+        x = torch.randn(tokens, hidden)
+        counts = torch.zeros(experts, dtype=torch.int32)
+        routing = route_pairs(x, layer.router, top_k, True, counts)
+        seg = segments(routing, tile.tokens)
+        live = seg.experts >= 0
+        assert live.sum() == ((counts + 15) // 16).sum() and not live[live.sum() :].any()
+        filed = seg.pairs[seg.pairs < tokens * top_k]
+        assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
+        expected = moe_reference(x, layer)
+        ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
+        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
+        served = TritonMoE(moe_fused_table)(x, layer, True)  # the candidate table, a decode step
+        close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
