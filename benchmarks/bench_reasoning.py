@@ -42,12 +42,12 @@ def thinking_model_dir(target: Path) -> Path:
     return target
 
 
-def serve_schedule(out: Path, votes: int, speed: float, server_args: str) -> None:
+def serve_schedule(out: Path, votes: int, speed: float, lengths: str, server_args: str) -> None:
     model = thinking_model_dir(Path(tempfile.mkdtemp()) / "qwen3-30b-a3b-thinking-2507")
     flags = f"--profile accuracy --mcq-votes {votes} {server_args}"
     env = {**os.environ, "CONFIG": str(model), "SERVER_ARGS": flags}
     command = ["loadtest/serve_and_load.sh", "0", str(out), "replay", "--speed", str(speed)]
-    command += ["--lengths", "realistic", "--gold", str(GOLD), "--seed", "1"]
+    command += ["--lengths", lengths, "--gold", str(GOLD), "--seed", "1"]
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
@@ -89,7 +89,9 @@ def combine(runs: list[Path], target: Path, device: str) -> None:
         "device": device,
         "model": "Qwen3-30B-A3B shape, Thinking-2507 template, random weights",
         "runs": {
-            f"votes_{part['votes']}": {k: v for k, v in part.items() if k != "health"}
+            f"votes_{part['votes']}_{part['settings']['lengths']}": {
+                k: v for k, v in part.items() if k != "health"
+            }
             for part in parts
         },
     }
@@ -101,6 +103,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--votes", type=int, default=1)
     parser.add_argument("--speed", type=float, default=4.0)
+    parser.add_argument(
+        "--lengths",
+        choices=("fixed", "realistic"),
+        default="fixed",
+        help="fixed: the course's max_tokens 2048 on every request, so every thought reaches "
+        "its budget; realistic: the load test's drawn caps, which cut thoughts short",
+    )
     parser.add_argument("--server-args", default="--gpu-memory-gb 79")
     parser.add_argument("--combine", type=Path, nargs="+")
     parser.add_argument("--device", default="unknown", help="the GPU, for --combine")
@@ -108,7 +117,7 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.out, args.device)
         return
-    serve_schedule(args.out, args.votes, args.speed, args.server_args)
+    serve_schedule(args.out, args.votes, args.speed, args.lengths, args.server_args)
     found = summary(args.out, args.votes)
     (args.out / "summary.json").write_text(json.dumps(found, indent=2) + "\n")
     print(json.dumps({k: v for k, v in found.items() if k != "health"}, indent=2))
