@@ -285,12 +285,17 @@ def refuse_unservable(args: argparse.Namespace) -> None:
     import subprocess
     import sys
 
-    if (
-        args.model == "tiny-random"
-    ):  # built in (replica.loading.source.TINY_RANDOM): always servable
+    try:
+        replica_specs(args, cuda=True)  # the layout's own refusals (a stage count, a GPU count)
+    except ValueError as error:
+        print(f"cannot serve {args.model}: {error}", file=sys.stderr)
+        sys.exit(2)
+    stages = args.pipeline_parallel_size
+    if args.model == "tiny-random" and stages == 1:  # built in: always servable
         return
     command = [sys.executable, "-m", "replica.loading.servable", args.model]
     command += ["--random-weights"] if args.random_weights else []
+    command += ["--pipeline-parallel-size", str(stages)]
     command += ["--quantize", args.quantize] if args.quantize else []
     check = subprocess.run(command, capture_output=True, text=True, check=False)
     if check.returncode != 0:

@@ -99,10 +99,9 @@ class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         torch.set_num_threads(spec.cpu_threads)
         self.spec = spec
-        self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
         self.source = resolve(spec.model, spec.random_weights)
         self.codec = self.source.codec()
-        self.engine = load_engine(self.source, spec.engine, self.device, self.codec.eos_ids)
+        self.engine = load_engine(self.source, spec.engine, stage_devices(spec), self.codec.eos_ids)
         self.max_context = self.engine.max_context
         self.samples: dict[int, Samples] = {}  # generating requests, by id
         self.watches: dict[SampleKey, tuple[SampleWatch, bool]] = {}  # its text, streamed or not
@@ -111,7 +110,7 @@ class Replica:
         return {
             **self.engine.info,
             "model": self.source.name,
-            "gpu": self.spec.gpu,
+            "gpus": list(self.spec.gpus),
             "pid": os.getpid(),
             "max_context": self.max_context,
             "reasoning": self.codec.reasoning,  # the chat template's: none, hybrid or always
@@ -259,3 +258,12 @@ class Replica:
         if gathering.complete:
             del self.samples[request_id]
             conn.send(gathering.result(request_id, self.engine.kv_usage()))
+
+
+def stage_devices(spec: ReplicaSpec) -> list[str]:
+    """Each pipeline stage's device: its GPU as this process sees it (CUDA_VISIBLE_DEVICES
+    lists the replica's distinct GPUs in order), or the CPU."""
+    if not spec.gpus or not torch.cuda.is_available():
+        return ["cpu"] * spec.engine.pipeline_parallel_size
+    visible = list(dict.fromkeys(spec.gpus))
+    return [f"cuda:{visible.index(gpu)}" for gpu in spec.gpus]
