@@ -9,10 +9,12 @@ import argparse
 import pytest
 import torch
 
+from replica.engine.request import EngineRequest
 from replica.loading.model import model_from_reader, stage_layers
 from replica.loading.reader import CheckpointReader
 from replica.loading.servable import main as servable_main
 from replica.loading.source import VENDORED_CONFIGS, resolve
+from replica.startup import load_engine
 from replica.wire.flags import add_replica_arguments, replica_specs
 from replica.wire.spec import EngineConfig
 from replica.wire.stages import split_layers
@@ -116,3 +118,36 @@ def test_gpus_group_into_replicas_of_p_stages_and_bad_layouts_are_refused(capsys
     assert capsys.readouterr().err.strip().endswith("exceeds the model's 2 layers")
     with pytest.raises(ValueError, match="micro_batches"):
         EngineConfig(micro_batches=3)
+
+
+def test_the_server_with_two_cpu_stages_answers_as_one_stage(server):
+    """Two prompts of each of the course's task kinds (graph, MCQ, open), greedy: the same
+    answers from `--pipeline-parallel-size 2 --cpu-replicas 1` as from the one-stage server,
+    and /health lists the replica's stages."""
+    from tests.server_process import ServerProcess, request
+    from tests.shortcuts_dev_data import ROUTE_OF_TASK, rows_of
+
+    prompts = [row["prompt"] for task in ROUTE_OF_TASK for row in rows_of(task)[:2]]
+    body = {"prompt": prompts, "max_tokens": 12, "temperature": 0}
+    status, expected, _ = request(server.url + "/v1/completions", body)
+    assert status == 200
+    args = ("--pipeline-parallel-size", "2", "--cpu-replicas", "1")
+    with ServerProcess(*args) as staged:
+        _, health, _ = request(staged.url + "/health", method="GET")
+        status, answer, _ = request(staged.url + "/v1/completions", body)
+    assert status == 200
+    texts = [choice["text"] for choice in answer["choices"]]
+    assert texts == [choice["text"] for choice in expected["choices"]]
+    stages = health["replicas"][0]["stages"]
+    assert stages == [{"device": "cpu", "layers": [0, 1]}, {"device": "cpu", "layers": [1, 2]}]
+
+
+def test_a_prompt_longer_than_the_stages_kv_is_refused_naming_both_lengths():
+    engine = load_engine(
+        resolve("tiny-random"), EngineConfig(kv_blocks=4, pipeline_parallel_size=2)
+    )
+    assert engine.max_context == 4 * 16 and {
+        s.cache.shape.blocks for s in engine.runner.stages
+    } == {4}
+    with pytest.raises(ValueError, match=r"prompt of 100 tokens; this engine takes 1\.\.63"):
+        engine.add(EngineRequest(0, [1] * 100, 4))
