@@ -5,10 +5,12 @@ server with two CPU stages."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 
+from benchmarks import bench_pipeline
 from replica.engine.request import EngineRequest
 from replica.loading.model import model_from_reader, stage_layers
 from replica.loading.reader import CheckpointReader
@@ -32,23 +34,12 @@ def test_two_stages_serve_the_tokens_of_one(model, checkpoint):  # noqa: F811
     split = [1, 1] if model == "dense" else [2, 1]  # 3 MoE layers, embedding and head even
     assert [len(stage.layers) for stage in engine.stages] == split
     assert [stage.first_layer for stage in engine.stages] == [0, split[0]]
-    assert engine.runner.micro_batches == 2
+    assert engine.runner._parts([1] * 4) == [(0, 2), (2, 2)]  # two micro-batches in flight
     assert first_staged == first
     assert {key: r.output_ids for key, r in staged.items()} == {
         key: r.output_ids for key, r in results.items()
     }
     assert engine.info["stages"][1] == {"device": "cpu", "layers": [split[0], sum(split)]}
-
-
-def test_micro_batches_change_no_token():
-    """Two stages with and without micro-batches: the same tokens, decode and prefill."""
-    source = resolve("tiny-random")
-    _, first, results = run_paging(source, pipeline_parallel_size=2, micro_batches=1)
-    _, first_split, split = run_paging(source, pipeline_parallel_size=2)
-    assert first_split == first
-    assert {k: r.output_ids for k, r in split.items()} == {
-        k: r.output_ids for k, r in results.items()
-    }
 
 
 class CountingReader(CheckpointReader):
@@ -151,3 +142,13 @@ def test_a_prompt_longer_than_the_stages_kv_is_refused_naming_both_lengths():
     } == {4}
     with pytest.raises(ValueError, match=r"prompt of 100 tokens; this engine takes 1\.\.63"):
         engine.add(EngineRequest(0, [1] * 100, 4))
+
+
+def test_the_benchmark_smoke_run_finds_equal_tokens(tmp_path):
+    """bench_pipeline on tiny models on the CPU: every path the GPU run takes, in seconds."""
+    argv = ["--smoke", "--out", str(tmp_path), "--new-tokens", "2", "--rows", "1,4"]
+    report = bench_pipeline.main(argv)
+    assert report["tokens_equal"] == {"dense": True, "moe": True}
+    assert report["tokens_equal_micro_batched"] == {"dense": True, "moe": True}
+    assert set(report["step_ratio_two_stages_one_gpu"]) == {"1", "4"}
+    assert json.loads((tmp_path / "pipeline-cpu.json").read_text())["date"] == report["date"]

@@ -134,9 +134,9 @@ class ModelRunner:
             for part in range(parts):
                 run(stages[0], part, None)
             return
-        for stage in stages:
+        for stage in stages:  # after the inputs' copies, on each device's current stream
             if stage.stream is not None:
-                stage.stream.wait_stream(torch.cuda.current_stream())
+                stage.stream.wait_stream(torch.cuda.current_stream(stage.device))
         handed: dict[tuple[int, int], tuple[Pair, torch.cuda.Event | None]] = {}
         for tick in range(parts + len(stages) - 1):
             for index, stage in enumerate(stages):
@@ -155,8 +155,8 @@ class ModelRunner:
                         event = torch.cuda.Event()
                         event.record(stage.stream)
                     handed[index, part] = pair, event
-        if self.last.stream is not None:
-            torch.cuda.current_stream().wait_stream(self.last.stream)
+        if self.last.stream is not None:  # what reads the tokens or logits waits for them
+            torch.cuda.current_stream(self.last.device).wait_stream(self.last.stream)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """A forked sample's own copy of its parent's partly filled last block, in every
