@@ -265,47 +265,45 @@ class Deployment:
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
-        return {
+        env = {
             "DEPLOY_APP_NAME": self.app_name,
             "DEPLOY_PROFILE": self.profile,
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
-            **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
-            **(
-                {"DEPLOY_REASONING_BUDGET": str(self.reasoning_budget)}
-                if self.reasoning_budget
-                else {}
-            ),
+            "DEPLOY_QUANTIZE": self.quantize,
+            "DEPLOY_REASONING_BUDGET": str(self.reasoning_budget or ""),
         }
+        return {name: value for name, value in env.items() if value}
 
     def block_plan(self) -> BlockPlan | None:
         found = vendored_shape(self.model, bool(self.quantize))
         return None if found is None else BlockPlan(found[0])
 
+    @property
+    def pipeline_parallel_size(self) -> int:
+        """GPU_COUNT stages of one replica when the weights overflow a GPU (deploy/stages.py)."""
+        plan = self.block_plan()
+        overflow = plan and plan.shape.weight_bytes + OVERHEAD_ESTIMATE_BYTES > GPU_MEMORY_BYTES
+        return GPU_COUNT if overflow else 1
+
     def server_command(self, python: str) -> list[str]:
-        """`server.py` on every GPU of the container: one replica per GPU."""
-        return [
-            python,
-            "server.py",
-            "--model",
-            self.model,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PORT),
-            "--gpus",
-            ",".join(str(i) for i in range(GPU_COUNT)),
-            "--profile",
-            self.profile,
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--max-batch",
-            str(MAX_BATCH),
-            "--kv-fraction",
-            str(KV_FRACTION),
-            *(["--quantize", self.quantize] if self.quantize else []),
-            *(["--reasoning-budget", str(self.reasoning_budget)] if self.reasoning_budget else []),
-        ]
+        """`server.py` on every GPU of the container: a replica each, or one replica's stages."""
+        gpus, stages = ",".join(str(i) for i in range(GPU_COUNT)), self.pipeline_parallel_size
+        options = {
+            "--model": self.model,
+            "--host": "0.0.0.0",
+            "--port": PORT,
+            "--gpus": gpus,
+            "--profile": self.profile,
+            "--max-model-len": MAX_MODEL_LEN,
+            "--max-batch": MAX_BATCH,
+            "--kv-fraction": KV_FRACTION,
+            "--quantize": self.quantize or None,
+            "--pipeline-parallel-size": stages if stages > 1 else None,
+            "--reasoning-budget": self.reasoning_budget,
+        }
+        flags = [[flag, str(value)] for flag, value in options.items() if value is not None]
+        return [python, "server.py", *(word for flag in flags for word in flag)]
 
     def url(self, workspace: str = "<workspace>") -> str:
         return f"https://{workspace}--{self.app_name}-{ENDPOINT}.modal.run"
@@ -318,7 +316,7 @@ class Deployment:
                 "profile": self.profile,
                 "model": self.model,
                 "url": self.url(),
-                "gpu": f"{GPU} (one replica per GPU)",
+                "gpu": f"{GPU} (one replica per GPU, or a pipeline stage per GPU: below)",
                 "cpu_cores": f"{CPU_CORES:g} reserved",
                 "memory": f"{MEMORY_MIB // 1024} GiB reserved",
                 "max_containers": f"{self.max_containers} (--max-containers N scales out)",
@@ -356,6 +354,8 @@ class Deployment:
 
     def kv_settings(self) -> dict[str, str]:
         plan = self.block_plan()
+        if plan is not None and self.pipeline_parallel_size > 1:
+            return {"kv_plan": "per pipeline stage (the stages' lines below)"}
         if plan is None:
             return {
                 "kv_blocks_per_gpu": f"unknown (no vendored config for {self.model}; the engine "

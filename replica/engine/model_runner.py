@@ -169,22 +169,23 @@ class ModelRunner:
         """For each (chunk index, sequence) whose prefill ended: a scoring sequence's best
         choice (an index into its choice ids), else its first token, greedy or drawn as a
         decode step draws it. One device sync for them all."""
-        logits = logits[[index for index, _ in samples]]
-        group = [sequence for _, sequence in samples]
-        picks = logits.argmax(-1)
-        sampled = [i for i, s in enumerate(group) if s.sampling is not None]
-        if sampled:
-            floats, ints = sampling_tensors([group[i].sampling for i in sampled])
-            floats, ints = floats.to(logits.device), ints.to(logits.device)
-            positions = torch.tensor([group[i].position for i in sampled], device=logits.device)
-            picks[sampled] = self.sampler(
-                logits[sampled], floats[0], ints[0], floats[1], ints[1], positions
-            )
-        scoring = [i for i, s in enumerate(group) if s.is_scoring]
-        if scoring:
-            picks[scoring] = _best_choices(
-                logits[scoring], [group[i].request.choice_ids or [] for i in scoring]
-            )
+        with self.last.on_device():
+            logits = logits[[index for index, _ in samples]]
+            group = [sequence for _, sequence in samples]
+            picks = logits.argmax(-1)
+            sampled = [i for i, s in enumerate(group) if s.sampling is not None]
+            if sampled:
+                floats, ints = sampling_tensors([group[i].sampling for i in sampled])
+                floats, ints = floats.to(logits.device), ints.to(logits.device)
+                positions = torch.tensor([group[i].position for i in sampled], device=logits.device)
+                picks[sampled] = self.sampler(
+                    logits[sampled], floats[0], ints[0], floats[1], ints[1], positions
+                )
+            scoring = [i for i, s in enumerate(group) if s.is_scoring]
+            if scoring:
+                picks[scoring] = _best_choices(
+                    logits[scoring], [group[i].request.choice_ids or [] for i in scoring]
+                )
         return picks.tolist()
 
     # Decode.

@@ -11,7 +11,7 @@ micro-batch 1 (replica.engine.model_runner says when).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -59,6 +59,10 @@ class Stage:
 
     def _zeros(self, rows: int, hidden: int) -> Tensor:
         return torch.zeros(rows, hidden, dtype=self.model.dtype, device=self.device)
+
+    def on_device(self) -> AbstractContextManager:
+        """Kernels launched inside go to this stage's GPU (Triton launches on the current one)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     @contextmanager
     def active(self) -> Iterator[None]:
