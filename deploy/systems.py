@@ -1,8 +1,7 @@
 """What each system deploys and how big it is: model, profile, container sizing, KV block plan.
-
 Read by deploy/modal_app.py, deploy/weights.py and `deploy.sh --dry-run` (which runs this file).
 Standard library only: `modal deploy` imports it with the Python that runs the `modal` command
-(often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
+(a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
 
 deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
 the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's);
@@ -282,9 +281,8 @@ class Deployment:
     @property
     def pipeline_parallel_size(self) -> int:
         """GPU_COUNT stages of one replica when the weights overflow a GPU (deploy/stages.py)."""
-        plan = self.block_plan()
-        overflow = plan and plan.shape.weight_bytes + OVERHEAD_ESTIMATE_BYTES > GPU_MEMORY_BYTES
-        return GPU_COUNT if overflow else 1
+        plan, room = self.block_plan(), GPU_MEMORY_BYTES - OVERHEAD_ESTIMATE_BYTES
+        return GPU_COUNT if plan and plan.shape.weight_bytes > room else 1
 
     def server_command(self, python: str) -> list[str]:
         """`server.py` on every GPU of the container: a replica each, or one replica's stages."""
@@ -354,8 +352,6 @@ class Deployment:
 
     def kv_settings(self) -> dict[str, str]:
         plan = self.block_plan()
-        if plan is not None and self.pipeline_parallel_size > 1:
-            return {"kv_plan": "per pipeline stage (the stages' lines below)"}
         if plan is None:
             return {
                 "kv_blocks_per_gpu": f"unknown (no vendored config for {self.model}; the engine "
@@ -365,11 +361,15 @@ class Deployment:
         assert config is not None  # block_plan found it
         source = config.relative_to(PROJECT_ROOT)
         sibling = config.parent.name != repo_name(self.model).lower()
-        return {
+        origin = {
             "kv_plan_from": f"planned from the vendored config of "
             f"{architecture_sibling(self.model)} (same architecture): {source}"
             if sibling
-            else f"the vendored config {source}",
+            else f"the vendored config {source}"
+        }
+        if self.pipeline_parallel_size > 1:
+            return origin | {"kv_plan": "per pipeline stage (the stages' lines below)"}
+        return origin | {
             "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
             f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
             "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "
