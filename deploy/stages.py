@@ -72,11 +72,10 @@ class StagePlan:
 
     @classmethod
     def of(cls, deployment: systems.Deployment) -> StagePlan | None:
-        found = systems.vendored_shape(deployment.model, bool(deployment.quantize))
-        if found is None:
+        plan, path = deployment.block_plan(), systems.vendored_config(deployment.model)
+        if plan is None or path is None:
             return None
-        shape, path = found
-        config = json.loads(path.read_text())
+        shape, config = plan.shape, json.loads(path.read_text())
         table = config["vocab_size"] * config["hidden_size"] * 2
         tied = bool(config.get("tie_word_embeddings"))
         return cls(shape, table, tied, deployment.pipeline_parallel_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,15 +137,17 @@ def repo_name(model: str) -> str:
 
 
 THINKING_2507, INSTRUCT_2507 = "-Thinking-2507", "-Instruct-2507"
+FOUR_BIT = re.compile(r"-(awq|gptq-int4|w4a16)\b.*$", re.IGNORECASE)  # a 4-bit build's repo suffix
 
 
 def architecture_sibling(model: str) -> str | None:
-    """A `<name>-Thinking-2507` repo's `<name>-Instruct-2507` sibling, whose architecture it has
-    (4B, 30B-A3B, 235B-A22B): it is planned from that sibling's vendored config."""
-    name = repo_name(model)
+    """The repo whose architecture `model` has: a 4-bit build's base (`...-AWQ`), and a
+    `<name>-Thinking-2507`'s `<name>-Instruct-2507` (4B, 30B-A3B, 235B-A22B); it is planned
+    from that sibling's vendored config."""
+    name = FOUR_BIT.sub("", repo_name(model))
     if name.lower().endswith(THINKING_2507.lower()):
         return name[: -len(THINKING_2507)] + INSTRUCT_2507
-    return None
+    return name if name != repo_name(model) else None
 
 
 def vendored_config(model: str) -> Path | None:
@@ -253,14 +256,8 @@ class Deployment:
             raise ValueError(
                 f"DEPLOY_REASONING_BUDGET={budget!r}: expected a whole number >= 1 (thought tokens)"
             )
-        return cls(
-            env.get("DEPLOY_APP_NAME") or APP_NAME,
-            profile,
-            model,
-            int(raw),
-            quantize,
-            int(budget) if budget else None,
-        )
+        app = env.get("DEPLOY_APP_NAME") or APP_NAME
+        return cls(app, profile, model, int(raw), quantize, int(budget) if budget else None)
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
@@ -275,7 +272,7 @@ class Deployment:
         return {name: value for name, value in env.items() if value}
 
     def block_plan(self) -> BlockPlan | None:
-        found = vendored_shape(self.model, bool(self.quantize))
+        found = vendored_shape(self.model, bool(self.quantize or FOUR_BIT.search(self.model)))
         return None if found is None else BlockPlan(found[0])
 
     @property

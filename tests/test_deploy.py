@@ -360,6 +360,17 @@ def test_the_4bit_235b_plans_two_pipeline_stages(grader: Grader) -> None:
         "GPU 1, layers 47-93 with the final norm, LM head, weights 59.0"
     )
     assert 185_000 < number(out["kv_tokens_per_gpu"]) < 195_000
+    awq = (
+        "3",
+        "--id",
+        "abc",
+        "--model",
+        "QuantTrio/Qwen3-235B-A22B-Instruct-2507-AWQ",
+        "--dry-run",
+    )
+    published = settings(grader.run(grader.copy("awq"), *awq).stdout)  # a 4-bit build's name
+    assert published["stage_1"] == out["stage_1"] and published["pipeline_parallel_size"] == "2"
+    assert "(126.8 GB)" in published["timeline"]  # its own 4-bit size, not the 470 GB bf16
     moe = settings(grader.run(grader.copy("moe"), "3", "--id", "abc", "--dry-run").stdout)
     assert moe["pipeline_parallel_size"] == "1" and "--pipeline-parallel-size" not in moe["server"]
 
