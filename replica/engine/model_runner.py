@@ -106,7 +106,7 @@ class ModelRunner:
                 stage.device,
             )
             if entering is not None:
-                entering = _receive(entering, stage)
+                entering = entering[0].to(stage.device), entering[1].to(stage.device)
             pair = stage.model.forward_stage(batch, stage.cache, entering)
             if stage is self.last:
                 assert batch.rows is not None
@@ -128,7 +128,9 @@ class ModelRunner:
 
     def _pipeline(self, parts: int, run) -> None:
         """`run(stage, part, entering)` for every stage and part, in the wavefront order, each
-        part handed from stage to stage; on CUDA streams, each waiting on its part's event."""
+        part handed from stage to stage; on CUDA streams, each waiting on its part's event.
+        Every hand-off stays referenced until all is issued: the next stage's stream may still
+        be reading it, so later work on its own stream must not reuse its memory."""
         stages = self.stages
         if len(stages) == 1:
             for part in range(parts):
@@ -146,7 +148,7 @@ class ModelRunner:
                 with stage.active():
                     entering = None
                     if index:
-                        entering, event = handed.pop((index - 1, part))
+                        entering, event = handed[index - 1, part]
                         if event is not None:
                             stage.stream.wait_event(event)
                     pair = run(stage, part, entering)
@@ -248,12 +250,3 @@ def _best_choices(logits: Tensor, choice_ids: list[list[int]]) -> Tensor:
     widths = torch.tensor([len(ids) for ids in choice_ids], device=logits.device)
     padding = torch.arange(width, device=logits.device)[None, :] >= widths[:, None]
     return picked.masked_fill(padding, float("-inf")).argmax(-1)
-
-
-def _receive(pair: Pair, stage: Stage) -> Pair:
-    """A prefill's hand-off on `stage`'s device, kept from reuse until its stream has read it."""
-    moved = pair[0].to(stage.device), pair[1].to(stage.device)
-    if stage.stream is not None:
-        for tensor in moved:
-            tensor.record_stream(stage.stream)
-    return moved

@@ -122,7 +122,9 @@ class Stage:
 
     def capture(self, sizes: list[int]) -> None:
         """Warm up every variant on a side stream (kernels compile, libraries pick algorithms),
-        then capture largest first into one memory pool of this stage's own."""
+        then capture largest first into a memory pool of this stage's own per micro-batch: while
+        the next stage copies micro-batch 0's output, this one replays micro-batch 1, whose
+        work must not land in that output's memory."""
         with torch.cuda.device(self.device):
             keys = list(dict.fromkeys(
                 self.key(m, size, sampled)
@@ -136,10 +138,10 @@ class Stage:
                 for key in keys:
                     self._forward(*key)
             torch.cuda.current_stream().wait_stream(side)
-            pool = torch.cuda.graph_pool_handle()
+            pools = [torch.cuda.graph_pool_handle() for _ in self.inputs]
             for key in reversed(keys):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pools[key[0]]):
                     pair = self._forward(*key)
                 if not self.model.is_last:
                     self.leaving[key] = pair
