@@ -152,3 +152,17 @@ def test_the_benchmark_smoke_run_finds_equal_tokens(tmp_path):
     assert report["tokens_equal_micro_batched"] == {"dense": True, "moe": True}
     assert set(report["step_ratio_two_stages_one_gpu"]) == {"1", "4"}
     assert json.loads((tmp_path / "pipeline-cpu.json").read_text())["date"] == report["date"]
+
+
+def test_each_stage_runs_on_its_gpu_as_the_replica_process_sees_it(monkeypatch):
+    """CUDA_VISIBLE_DEVICES lists a replica's distinct GPUs in order (queueing/replica_link.py):
+    GPUs 2 and 3 are cuda:0 and cuda:1 inside it; GPU 0 twice is cuda:0 twice."""
+    from replica.wire.spec import ReplicaSpec
+    from replica.worker import stage_devices
+
+    config = EngineConfig(pipeline_parallel_size=2)
+    assert stage_devices(ReplicaSpec("tiny-random", (), engine=config)) == ["cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stage_devices(ReplicaSpec("m", (2, 3), engine=config)) == ["cuda:0", "cuda:1"]
+    assert stage_devices(ReplicaSpec("m", (0, 0), engine=config)) == ["cuda:0", "cuda:0"]
+    assert stage_devices(ReplicaSpec("m", (5,))) == ["cuda:0"]
