@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_pipeline --out $OUT --gpu-memory-gb 79   # one H100/H200, < 6 min
     python -m benchmarks.bench_pipeline --smoke --out /tmp/pipeline.json  # tiny models, CPU
+    python -m benchmarks.bench_pipeline --out $OUT --with-235b   # on an H200: the 4-bit 235B too
 
 Random weights of the real shapes (Qwen3-4B dense, Qwen3-30B-A3B MoE), each built three times in
 turn: one stage, two stages on GPU 0 without micro-batches, and two stages with two micro-batches.
@@ -9,7 +10,8 @@ For each: greedy tokens of the same prompts (equal to one stage's?), and the gra
 step at 1 and 64 rows of 500 live tokens (bench_moe.step_ms). Two stages on one GPU run one after
 the other, so their step over one stage's is the hand-off's cost alone (the issue's bound: 1.15);
 micro-batches there cost the smaller batches' efficiency (their gain needs two GPUs). Writes
-`pipeline-<device>.json` under --out (a directory) or to --out (a .json path).
+`pipeline-<device>.json` under --out (a directory) or to --out (a .json path). `--with-235b`
+adds Qwen3-235B-A22B with random 4-bit weights as two stages on the one GPU (141 GB: an H200).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ MODELS = {
     "dense": VENDORED_CONFIGS / "qwen3-4b",
     "moe": VENDORED_CONFIGS / "qwen3-30b-a3b-instruct-2507",
 }
+BIG = VENDORED_CONFIGS / "qwen3-235b-a22b-instruct-2507"
+BIG_ROWS = (1, 8, 64)
 
 
 def smoke_source(kind: str) -> ModelSource:
@@ -48,8 +52,8 @@ def smoke_source(kind: str) -> ModelSource:
         return resolve("tiny-random")
     source = resolve(str(MODELS["moe"]), random_weights=True)
     config = source.config.__class__(**source.config.to_dict())
-    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16}
-    small |= {"num_key_value_heads": 2, "num_experts": 8, "moe_intermediate_size": 32}
+    small = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8, "head_dim": 16}
+    small |= {"num_key_value_heads": 2, "num_experts": 8, "moe_intermediate_size": 128}
     for name, value in small.items():
         setattr(config, name, value)
     return replace(source, config=config)
@@ -94,6 +98,26 @@ def measure(source: ModelSource, args: argparse.Namespace) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return result
+
+
+def measure_big(source: ModelSource, device: str) -> dict:
+    """The 235B, random 4-bit weights, as two stages on one GPU (an H200 holds it): start-up,
+    decode steps, and the rows of 1,000 tokens its KV holds (the A100 pair's plan:
+    `DEPLOY_QUANTIZE=int4 ./deploy.sh 3 --model Qwen/Qwen3-235B-A22B-Instruct-2507 --dry-run`)."""
+    config = EngineConfig(
+        max_batch=max(BIG_ROWS),
+        max_model_len=1024,
+        kv_fraction=0.75,  # the card is full: leave the warm-up's prefill room beside the pool
+        quantize="int4",
+        pipeline_parallel_size=2,
+    )
+    engine = load_engine(source, config, device, eos_ids=())
+    return {
+        "startup_s_235b": engine.info["startup_s"],
+        "step_ms_235b": {str(n): round(step_ms(engine, n, seed=n), 3) for n in BIG_ROWS},
+        "rows_of_1000_tokens_235b": engine.info["kv_tokens"] // 1000,
+        "engine_235b": engine.info,
+    }
 
 
 def summarize(runs: dict[str, dict], device: str, rows: list[int]) -> dict:
@@ -141,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--rows", type=lambda text: [int(n) for n in text.split(",")], default=[1, 64]
     )
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    parser.add_argument(
+        "--with-235b", action="store_true", help="then the 4-bit 235B as two stages (an H200)"
+    )
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     sources = {
@@ -149,11 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     runs = {kind: measure(source, args) for kind, source in sources.items()}
     report = summarize(runs, device, args.rows)
+    if args.with_235b:
+        big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
+        report |= measure_big(big, "cpu" if args.smoke else "cuda")
     path = out_path(args.out, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     for key, value in report.items():
-        if key != "runs":
+        if key not in ("runs", "engine_235b"):
             print(f"{key:48} {value}")
     print(f"wrote {path}")
     return report

@@ -146,11 +146,12 @@ def test_a_prompt_longer_than_the_stages_kv_is_refused_naming_both_lengths():
 
 def test_the_benchmark_smoke_run_finds_equal_tokens(tmp_path):
     """bench_pipeline on tiny models on the CPU: every path the GPU run takes, in seconds."""
-    argv = ["--smoke", "--out", str(tmp_path), "--new-tokens", "2", "--rows", "1,4"]
+    argv = ["--smoke", "--out", str(tmp_path), "--new-tokens", "2", "--rows", "1,4", "--with-235b"]
     report = bench_pipeline.main(argv)
     assert report["tokens_equal"] == {"dense": True, "moe": True}
     assert report["tokens_equal_micro_batched"] == {"dense": True, "moe": True}
     assert set(report["step_ratio_two_stages_one_gpu"]) == {"1", "4"}
+    assert set(report["step_ms_235b"]) == {"1", "8", "64"} and report["startup_s_235b"] > 0
     assert json.loads((tmp_path / "pipeline-cpu.json").read_text())["date"] == report["date"]
 
 
