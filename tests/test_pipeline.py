@@ -167,3 +167,20 @@ def test_each_stage_runs_on_its_gpu_as_the_replica_process_sees_it(monkeypatch):
     assert stage_devices(ReplicaSpec("m", (2, 3), engine=config)) == ["cuda:0", "cuda:1"]
     assert stage_devices(ReplicaSpec("m", (0, 0), engine=config)) == ["cuda:0", "cuda:0"]
     assert stage_devices(ReplicaSpec("m", (5,))) == ["cuda:0"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--pipeline-parallel-size", "0"], "--pipeline-parallel-size must be at least 1, not 0"),
+        (["--pipeline-parallel-size", "3"], "--pipeline-parallel-size 3 exceeds the model's 2"),
+    ],
+)
+def test_the_server_refuses_a_bad_layout_in_one_line(argv, line, capsys):
+    import server
+
+    with pytest.raises(SystemExit) as stop:
+        server.refuse_unservable(server.parse_args(["--model", "tiny-random", *argv]))
+    assert stop.value.code == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert line in error
