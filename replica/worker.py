@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -111,6 +112,10 @@ class Replica:
             **self.engine.info,
             "model": self.source.name,
             "gpus": list(self.spec.gpus),
+            "stages": [  # each stage's device, layer range [first, end) and GPU (as --gpus names it)
+                {**stage, "gpu": gpu}
+                for stage, gpu in zip_longest(self.engine.info["stages"], self.spec.gpus)
+            ],
             "pid": os.getpid(),
             "max_context": self.max_context,
             "reasoning": self.codec.reasoning,  # the chat template's: none, hybrid or always

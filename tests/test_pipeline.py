@@ -130,7 +130,8 @@ def test_the_server_with_two_cpu_stages_answers_as_one_stage(server):
     texts = [choice["text"] for choice in answer["choices"]]
     assert texts == [choice["text"] for choice in expected["choices"]]
     stages = health["replicas"][0]["stages"]
-    assert stages == [{"device": "cpu", "layers": [0, 1]}, {"device": "cpu", "layers": [1, 2]}]
+    cpu = {"device": "cpu", "gpu": None}
+    assert stages == [{**cpu, "layers": [0, 1]}, {**cpu, "layers": [1, 2]}]
 
 
 def test_a_prompt_longer_than_the_stages_kv_is_refused_naming_both_lengths():
