@@ -50,9 +50,10 @@ class Stage:
             self.entering = [
                 (self._zeros(rows, hidden), self._zeros(rows, hidden)) for _ in range(micro_batches)
             ]
+        # the last stage's tokens, a row of them per micro-batch
         self.next_tokens = torch.zeros(micro_batches, rows, dtype=torch.int64, device=self.device)
         # (micro-batch, size, sampled) -> the graph, and the pair it hands on (kept alive, so
-        # no later capture in the shared pool reuses its memory; the last stage hands on none)
+        # no later capture in its pool reuses its memory; the last stage hands on none)
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.leaving: dict[tuple[int, int, bool], Pair] = {}
         self.stream = torch.cuda.Stream(self.device) if streamed else None
