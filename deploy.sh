@@ -152,6 +152,7 @@ echo "commands: ${modal_cmd[*]} run --detach $weights_module & ${modal_cmd[*]} d
 if ((dry_run)); then
   command -v python3 >/dev/null 2>&1 || fail "the dry run needs python3 (any 3.9 or later)"
   python3 "$here/deploy/systems.py"
+  python3 "$here/deploy/stages.py"
   exec python3 "$here/deploy/timeline.py"
 fi
 command -v curl >/dev/null 2>&1 || fail "no curl: deploy.sh needs it to wake the container and wait for /ready"

@@ -286,18 +286,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def refuse_unservable(args: argparse.Namespace) -> None:
-    """Exit with one line if the model cannot be served, before any replica starts (a replica
+    """Exit with one line if the model cannot be served (or not in the replicas' layout: the
+    pipeline stages against --gpus and the model's layers), before any replica starts (a replica
     that fails to load would otherwise restart forever behind a 503). Checked in a throwaway
     process: the front end never imports torch. Also fetches a Hub model once for all replicas."""
     import subprocess
     import sys
 
-    if (
-        args.model == "tiny-random"
-    ):  # built in (replica.loading.source.TINY_RANDOM): always servable
+    stages = args.pipeline_parallel_size
+    try:  # the layout's own refusals: a stage count below 1, GPUs not a multiple of it
+        replica_specs(args, cuda=stages > 1 and _cuda_available())
+    except ValueError as error:
+        print(f"cannot serve {args.model}: {error}", file=sys.stderr)
+        sys.exit(2)
+    if args.model == "tiny-random" and stages == 1:  # built in: always servable
         return
     command = [sys.executable, "-m", "replica.loading.servable", args.model]
     command += ["--random-weights"] if args.random_weights else []
+    command += ["--pipeline-parallel-size", str(stages)]
     command += ["--quantize", args.quantize] if args.quantize else []
     check = subprocess.run(command, capture_output=True, text=True, check=False)
     if check.returncode != 0:

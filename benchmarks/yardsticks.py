@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -28,7 +30,14 @@ def matmul_flops(device: torch.device, n: int = 8192) -> float:
 
 
 def time_ms(fn, repeats: int = 10) -> float:
+    """Mean milliseconds of `fn` after one warm-up call: CUDA events on the GPU, the wall clock
+    on a machine without one (the benchmarks' CPU smoke runs)."""
     fn()
+    if not torch.cuda.is_available():
+        begin_s = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1e3 * (time.perf_counter() - begin_s) / repeats
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(repeats):

@@ -1,8 +1,7 @@
 """What each system deploys and how big it is: model, profile, container sizing, KV block plan.
-
 Read by deploy/modal_app.py, deploy/weights.py and `deploy.sh --dry-run` (which runs this file).
 Standard library only: `modal deploy` imports it with the Python that runs the `modal` command
-(often a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
+(a pipx or uv tool environment with nothing else in it), and the dry run with plain python3.
 
 deploy.sh passes the per-system choices as DEPLOY_APP_NAME, DEPLOY_PROFILE, DEPLOY_MODEL (empty:
 the profile's default), DEPLOY_MAX_CONTAINERS and DEPLOY_REASONING_BUDGET (empty: the profile's);
@@ -13,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,15 +137,17 @@ def repo_name(model: str) -> str:
 
 
 THINKING_2507, INSTRUCT_2507 = "-Thinking-2507", "-Instruct-2507"
+FOUR_BIT = re.compile(r"-(awq|gptq-int4|w4a16)\b.*$", re.IGNORECASE)  # a 4-bit build's repo suffix
 
 
 def architecture_sibling(model: str) -> str | None:
-    """A `<name>-Thinking-2507` repo's `<name>-Instruct-2507` sibling, whose architecture it has
-    (4B, 30B-A3B, 235B-A22B): it is planned from that sibling's vendored config."""
-    name = repo_name(model)
+    """The repo whose architecture `model` has: a 4-bit build's base (`...-AWQ`), and a
+    `<name>-Thinking-2507`'s `<name>-Instruct-2507` (4B, 30B-A3B, 235B-A22B); it is planned
+    from that sibling's vendored config."""
+    name = FOUR_BIT.sub("", repo_name(model))
     if name.lower().endswith(THINKING_2507.lower()):
         return name[: -len(THINKING_2507)] + INSTRUCT_2507
-    return None
+    return name if name != repo_name(model) else None
 
 
 def vendored_config(model: str) -> Path | None:
@@ -254,58 +256,49 @@ class Deployment:
             raise ValueError(
                 f"DEPLOY_REASONING_BUDGET={budget!r}: expected a whole number >= 1 (thought tokens)"
             )
-        return cls(
-            env.get("DEPLOY_APP_NAME") or APP_NAME,
-            profile,
-            model,
-            int(raw),
-            quantize,
-            int(budget) if budget else None,
-        )
+        app = env.get("DEPLOY_APP_NAME") or APP_NAME
+        return cls(app, profile, model, int(raw), quantize, int(budget) if budget else None)
 
     def env(self) -> dict[str, str]:
         """The variables that rebuild this Deployment (forwarded into the container)."""
-        return {
+        env = {
             "DEPLOY_APP_NAME": self.app_name,
             "DEPLOY_PROFILE": self.profile,
             "DEPLOY_MODEL": self.model,
             "DEPLOY_MAX_CONTAINERS": str(self.max_containers),
-            **({"DEPLOY_QUANTIZE": self.quantize} if self.quantize else {}),
-            **(
-                {"DEPLOY_REASONING_BUDGET": str(self.reasoning_budget)}
-                if self.reasoning_budget
-                else {}
-            ),
+            "DEPLOY_QUANTIZE": self.quantize,
+            "DEPLOY_REASONING_BUDGET": str(self.reasoning_budget or ""),
         }
+        return {name: value for name, value in env.items() if value}
 
     def block_plan(self) -> BlockPlan | None:
-        found = vendored_shape(self.model, bool(self.quantize))
+        found = vendored_shape(self.model, bool(self.quantize or FOUR_BIT.search(self.model)))
         return None if found is None else BlockPlan(found[0])
 
+    @property
+    def pipeline_parallel_size(self) -> int:
+        """GPU_COUNT stages of one replica when the weights overflow a GPU (deploy/stages.py)."""
+        plan, room = self.block_plan(), GPU_MEMORY_BYTES - OVERHEAD_ESTIMATE_BYTES
+        return GPU_COUNT if plan and plan.shape.weight_bytes > room else 1
+
     def server_command(self, python: str) -> list[str]:
-        """`server.py` on every GPU of the container: one replica per GPU."""
-        return [
-            python,
-            "server.py",
-            "--model",
-            self.model,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PORT),
-            "--gpus",
-            ",".join(str(i) for i in range(GPU_COUNT)),
-            "--profile",
-            self.profile,
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--max-batch",
-            str(MAX_BATCH),
-            "--kv-fraction",
-            str(KV_FRACTION),
-            *(["--quantize", self.quantize] if self.quantize else []),
-            *(["--reasoning-budget", str(self.reasoning_budget)] if self.reasoning_budget else []),
-        ]
+        """`server.py` on every GPU of the container: a replica each, or one replica's stages."""
+        gpus, stages = ",".join(str(i) for i in range(GPU_COUNT)), self.pipeline_parallel_size
+        options = {
+            "--model": self.model,
+            "--host": "0.0.0.0",
+            "--port": PORT,
+            "--gpus": gpus,
+            "--profile": self.profile,
+            "--max-model-len": MAX_MODEL_LEN,
+            "--max-batch": MAX_BATCH,
+            "--kv-fraction": KV_FRACTION,
+            "--quantize": self.quantize or None,
+            "--pipeline-parallel-size": stages if stages > 1 else None,
+            "--reasoning-budget": self.reasoning_budget,
+        }
+        flags = [[flag, str(value)] for flag, value in options.items() if value is not None]
+        return [python, "server.py", *(word for flag in flags for word in flag)]
 
     def url(self, workspace: str = "<workspace>") -> str:
         return f"https://{workspace}--{self.app_name}-{ENDPOINT}.modal.run"
@@ -318,7 +311,7 @@ class Deployment:
                 "profile": self.profile,
                 "model": self.model,
                 "url": self.url(),
-                "gpu": f"{GPU} (one replica per GPU)",
+                "gpu": f"{GPU} (one replica per GPU, or a pipeline stage per GPU: below)",
                 "cpu_cores": f"{CPU_CORES:g} reserved",
                 "memory": f"{MEMORY_MIB // 1024} GiB reserved",
                 "max_containers": f"{self.max_containers} (--max-containers N scales out)",
@@ -365,11 +358,15 @@ class Deployment:
         assert config is not None  # block_plan found it
         source = config.relative_to(PROJECT_ROOT)
         sibling = config.parent.name != repo_name(self.model).lower()
-        return {
+        origin = {
             "kv_plan_from": f"planned from the vendored config of "
             f"{architecture_sibling(self.model)} (same architecture): {source}"
             if sibling
-            else f"the vendored config {source}",
+            else f"the vendored config {source}"
+        }
+        if self.pipeline_parallel_size > 1:
+            return origin | {"kv_plan": "per pipeline stage (the stages' lines below)"}
+        return origin | {
             "kv_per_token": f"{shape.kv_bytes_per_token // 1024} KiB ({shape.layers} layers x "
             f"{shape.kv_heads} KV heads x {shape.head_dim} x K,V x 2 bytes)",
             "weights_per_gpu": f"{shape.weight_bytes / GiB:.1f} GiB ({shape.params / 1e9:.2f}B "

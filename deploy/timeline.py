@@ -165,7 +165,10 @@ def lines(model: str, size_gb: float) -> list[str]:
 
 if __name__ == "__main__":
     deployment = systems.Deployment.from_env(os.environ)  # systems.py has already checked it
-    found = systems.vendored_shape(deployment.model)
+    # the checkpoint's own size: a 4-bit build's, or the 16-bit one that --quantize reads
+    found = systems.vendored_shape(
+        deployment.model, bool(systems.FOUR_BIT.search(deployment.model))
+    )
     if found is None:
         print(f"timeline: not estimated (no vendored config for {deployment.model}: size unknown)")
     else:

@@ -70,12 +70,13 @@ REPLICA_WORKER = "replica.worker"  # imported in the child only: the front end n
 
 
 def _replica_process(sock: socket.socket, spec: ReplicaSpec, parent_pid: int) -> None:
-    """Replica process entry: pinned to its GPU before torch is imported, SIGKILLed if the front
-    end dies (even by SIGKILL), deaf to stop signals; then the worker serves."""
+    """Replica process entry: pinned to its GPUs (its stages') before torch is imported,
+    SIGKILLed if the front end dies (even by SIGKILL), deaf to stop signals; then the worker
+    serves."""
     die_with_parent(parent_pid)
     ignore_stop_signals()
-    if spec.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+    if spec.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, dict.fromkeys(spec.gpus)))
     importlib.import_module(REPLICA_WORKER).serve(sock, spec)
 
 
@@ -254,6 +255,7 @@ class ReplicaLink:
             "restarts": self._restarts,
             "outstanding": self.outstanding,
             "in_flight": self.in_flight,
+            "gpus": list(self.spec.gpus),
             **self._info,
         }
 

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -127,10 +128,9 @@ class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         torch.set_num_threads(spec.cpu_threads)
         self.spec = spec
-        self.device = "cuda" if spec.gpu is not None and torch.cuda.is_available() else "cpu"
         self.source = resolve(spec.model, spec.random_weights)
         self.codec = self.source.codec()
-        self.engine = load_engine(self.source, spec.engine, self.device, self.codec.eos_ids)
+        self.engine = load_engine(self.source, spec.engine, stage_devices(spec), self.codec.eos_ids)
         self.max_context = self.engine.max_context
         self.samples: dict[int, Samples] = {}  # generating requests, by id
         self.votes: dict[int, Votes] = {}  # think-then-score requests, by id
@@ -140,7 +140,11 @@ class Replica:
         return {
             **self.engine.info,
             "model": self.source.name,
-            "gpu": self.spec.gpu,
+            "gpus": list(self.spec.gpus),
+            "stages": [  # each stage's device, layer range [first, end) and GPU (as --gpus names it)
+                {**stage, "gpu": gpu}
+                for stage, gpu in zip_longest(self.engine.info["stages"], self.spec.gpus)
+            ],
             "pid": os.getpid(),
             "max_context": self.max_context,
             "reasoning": self.codec.reasoning,  # the chat template's: none, hybrid or always
@@ -344,3 +348,12 @@ class Replica:
         if gathering.complete:
             del self.samples[request_id]
             conn.send(gathering.result(request_id, self.engine.kv_usage()))
+
+
+def stage_devices(spec: ReplicaSpec) -> list[str]:
+    """Each pipeline stage's device: its GPU as this process sees it (CUDA_VISIBLE_DEVICES
+    lists the replica's distinct GPUs in order), or the CPU."""
+    if not spec.gpus or not torch.cuda.is_available():
+        return ["cpu"] * spec.engine.pipeline_parallel_size
+    visible = list(dict.fromkeys(spec.gpus))
+    return [f"cuda:{visible.index(gpu)}" for gpu in spec.gpus]

@@ -345,6 +345,52 @@ def test_the_accuracy_system_serves_the_moe(grader: Grader) -> None:
     assert "--model Qwen/Qwen3-30B-A3B-Instruct-2507 " in out["server"]
 
 
+def test_the_4bit_235b_plans_two_pipeline_stages(grader: Grader) -> None:
+    """Quantized at load, the 235B overflows one A100-80GB: one replica of two stages, the
+    layers halved with about 59 GiB of weights and 190,000 tokens of KV a GPU (docs/DESIGN.md)."""
+    grader.modal_on_path()
+    args = ("3", "--id", "abc", "--model", "Qwen/Qwen3-235B-A22B-Instruct-2507", "--dry-run")
+    result = grader.run(grader.copy("main"), *args, DEPLOY_QUANTIZE="int4")
+    assert result.returncode == 0, result.stderr
+    out = settings(result.stdout)
+    assert out["pipeline_parallel_size"] == "2"
+    assert out["server"].endswith("--quantize int4 --pipeline-parallel-size 2")
+    assert out["stage_0"] == "GPU 0, layers 0-46 with the embedding, weights 59.0 GiB (estimate)"
+    assert out["stage_1"].startswith(
+        "GPU 1, layers 47-93 with the final norm, LM head, weights 59.0"
+    )
+    assert 185_000 < number(out["kv_tokens_per_gpu"]) < 195_000
+    awq = (
+        "3",
+        "--id",
+        "abc",
+        "--model",
+        "QuantTrio/Qwen3-235B-A22B-Instruct-2507-AWQ",
+        "--dry-run",
+    )
+    published = settings(grader.run(grader.copy("awq"), *awq).stdout)  # a 4-bit build's name
+    assert published["stage_1"] == out["stage_1"] and published["pipeline_parallel_size"] == "2"
+    assert "(126.8 GB)" in published["timeline"]  # its own 4-bit size, not the 470 GB bf16
+    moe = settings(grader.run(grader.copy("moe"), "3", "--id", "abc", "--dry-run").stdout)
+    assert moe["pipeline_parallel_size"] == "1" and "--pipeline-parallel-size" not in moe["server"]
+
+
+def test_the_deploy_split_is_the_engines() -> None:
+    from replica.wire.stages import split_layers
+
+    spec = importlib.util.spec_from_file_location("deploy_stages", DEPLOY / "stages.py")
+    stages = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_stages"] = stages  # dataclasses look their module up
+    spec.loader.exec_module(stages)  # imports `systems`, loaded above as deploy/ would
+    for case in [
+        (94, 2, 1.0, 3.0, 3.0),
+        (36, 2, 5.0, 60.0, 60.0),
+        (3, 3, 1.0, 9.0, 0.0),
+        (10, 4, 2.0, 7.0, 1.0),
+    ]:
+        assert stages.split_layers(*case) == split_layers(*case), case
+
+
 # --- id and system discovery ---------------------------------------------------------------------
 
 

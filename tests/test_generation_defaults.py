@@ -81,7 +81,7 @@ def replicas(tmp_path_factory) -> dict[str, Replica]:
     root = tmp_path_factory.mktemp("models")
     return {
         name: Replica(
-            ReplicaSpec(str(tiny_checkpoint(root / name, RECOMMENDED, thinking)), None, True)
+            ReplicaSpec(str(tiny_checkpoint(root / name, RECOMMENDED, thinking)), (), True)
         )
         for name, thinking in (("thinking", True), ("hybrid", False))
     }

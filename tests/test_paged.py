@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from replica.engine.blocks import ROOT_HASH, BlockPool, block_hashes
+from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import Sequence
@@ -70,22 +71,31 @@ def expected_samples(reference, request: EngineRequest) -> list[list[int]]:
     ]
 
 
-def check_paging(source, reference) -> None:
+def run_paging(source, **config) -> tuple[Engine, list[int], dict]:
+    """The paging workload on a small pool: the engine, the first prompt's output and every
+    sample's result by (id, sample). `config` adds to the engine's (e.g. pipeline stages)."""
     engine = load_engine(
-        source, EngineConfig(max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64)
+        source,
+        EngineConfig(max_batch=4, max_model_len=256, kv_blocks=16, prefill_tokens=64, **config),
     )
     first, batch = paging_workload(source.config.vocab_size)
     [first_result] = run(engine, [EngineRequest(0, first, 10)]).values()
-    assert first_result.output_ids == greedy_continuations(reference, [first], 10)[0]
     results = run_samples(engine, batch)
-    for request in batch:
-        for j, expected in enumerate(expected_samples(reference, request)):
-            assert results[request.id, j].output_ids == expected, (request.id, j)
-    assert len({tuple(results[20, j].output_ids) for j in range(3)}) == 3  # three streams
     assert engine.blocks.hit_tokens >= PREFIX  # the shared prefix was not computed again
     assert engine.stats.prefill_chunks >= 2  # 150 tokens in chunks of at most 64
     assert engine.scheduler.preemptions >= 1  # 16 blocks cannot hold every row's answer
     assert not any(engine.blocks.refs) and engine.scheduler.rows.num_free == engine.max_rows
+    return engine, first_result.output_ids, results
+
+
+def check_paging(source, reference) -> None:
+    _, first_output, results = run_paging(source)
+    first, batch = paging_workload(source.config.vocab_size)
+    assert first_output == greedy_continuations(reference, [first], 10)[0]
+    for request in batch:
+        for j, expected in enumerate(expected_samples(reference, request)):
+            assert results[request.id, j].output_ids == expected, (request.id, j)
+    assert len({tuple(results[20, j].output_ids) for j in range(3)}) == 3  # three streams
 
 
 def test_every_paging_case_equals_transformers_dense():

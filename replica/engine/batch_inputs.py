@@ -64,6 +64,32 @@ class DecodeRows:
     kv_slots: list[int] = field(default_factory=list)
     table_entries: list[tuple[int, int, int]] = field(default_factory=list)
 
+    def split(self, counts: list[int]) -> list[DecodeRows]:
+        """Consecutive parts of `counts` rows each (a pipeline's micro-batches), each with the
+        table entries of its own rows."""
+        parts, start = [], 0
+        for count in counts:
+            end = start + count
+            ids = set(self.row_ids[start:end])
+            entries = [entry for entry in self.table_entries if entry[0] in ids]
+            parts.append(
+                DecodeRows(
+                    self.tokens[start:end],
+                    self.positions[start:end],
+                    self.row_ids[start:end],
+                    self.kv_slots[start:end],
+                    entries,
+                )
+            )
+            start = end
+        return parts
+
+
+def block_tables(table_rows: int, max_blocks: int, scratch_block: int, device) -> Tensor:
+    """The device block tables, one row per decode row and a last row for padding, every entry
+    the scratch block until a sequence's blocks are written in."""
+    return torch.full((table_rows + 1, max_blocks), scratch_block, dtype=torch.int32, device=device)
+
 
 class DecodeInputs:
     """What a decode graph reads, one column per batch row: batch row i feeds `tokens[i]` at
@@ -71,13 +97,13 @@ class DecodeInputs:
     tokens of the blocks in `tables[row_ids[i]]`; sampling graphs also read each row's
     temperature, top_p, top_k and seed. One int64 and one fp32 buffer underneath, so a step's
     inputs cross to the device in one copy (three when a row samples). The block tables live on
-    the device, one row per decode row, grown entry by entry as sequences take blocks; batch
-    rows past the live ones are padding, whose table row points at the scratch block."""
+    the device (`block_tables`, shared by a stage's micro-batches), one row per decode row,
+    grown entry by entry as sequences take blocks; batch rows past the live ones are padding,
+    whose table row (the last) points at the scratch block."""
 
-    def __init__(
-        self, rows: int, max_blocks: int, scratch_block: int, block_size: int, device
-    ) -> None:
-        self.scratch_row, self.scratch_slot = rows, scratch_block * block_size
+    def __init__(self, rows: int, tables: Tensor, scratch_block: int, block_size: int) -> None:
+        device = tables.device
+        self.scratch_row, self.scratch_slot = tables.shape[0] - 1, scratch_block * block_size
         self.packed = torch.zeros(7, rows, dtype=torch.int64, device=device)
         (
             self.tokens,
@@ -90,9 +116,7 @@ class DecodeInputs:
         ) = self.packed.unbind(0)
         self.floats = torch.zeros(2, rows, dtype=torch.float32, device=device)
         self.temperature, self.top_p = self.floats.unbind(0)
-        self.tables = torch.full(
-            (rows + 1, max_blocks), scratch_block, dtype=torch.int32, device=device
-        )
+        self.tables = tables
         self.row_ids.fill_(self.scratch_row)
         self.kv_slots.fill_(self.scratch_slot)
         self.seq_lens.fill_(1)

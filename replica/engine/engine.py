@@ -24,7 +24,7 @@ import torch
 
 from replica.engine.blocks import BlockPool
 from replica.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, plan_blocks
-from replica.engine.model_runner import ModelRunner, batch_sizes
+from replica.engine.model_runner import ModelRunner
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
@@ -88,31 +88,37 @@ class Engine:
 
     def __init__(
         self,
-        model: Qwen3,
+        model: Qwen3 | list[Qwen3],
         eos_ids: Iterable[int],
         config: EngineConfig = DEFAULT_CONFIG,
         clock: StartupClock | None = None,
     ) -> None:
-        """`model` on its device, with the ops it runs; `eos_ids` end a sequence (the
-        tokenizer's end-of-turn and end-of-text); `clock` carries the start-up phases timed
-        before (the weights' load)."""
-        self.model, self.config, self.device = model, config, model.device
+        """`model` on its device, with the ops it runs, or its pipeline stages in order (each
+        on its own device: replica.engine.stage); `eos_ids` end a sequence (the tokenizer's
+        end-of-turn and end-of-text); `clock` carries the start-up phases timed before (the
+        weights' load)."""
+        self.stages = model if isinstance(model, list) else [model]
+        self.model = self.stages[0]  # the whole model when there is one stage
+        self.config, self.device = config, self.model.device
         on_cuda = self.device.type == "cuda"
         clock = clock or StartupClock(self.device)
-        attention = model.ops.attention
+        attention = self.model.ops.attention
         with clock.phase("kv"):
-            shape = self._plan_cache(attention.block_size or BLOCK_SIZE)
-            self.cache = KVCache(shape, model.dtype, self.device)
+            shapes = self._plan_cache(attention.block_size or BLOCK_SIZE)
+            caches = [
+                KVCache(s, m.dtype, m.device) for s, m in zip(shapes, self.stages, strict=True)
+            ]
+        shape = shapes[0]
         # The longest sequence: the model's context, the flag, and what the pool could hold alone.
         self.max_context = min(
-            config.max_model_len, model.config.max_position_embeddings, shape.tokens
+            config.max_model_len, self.model.config.max_position_embeddings, shape.tokens
         )
         self.max_rows = min(config.max_batch, shape.blocks)
         enforce_eager = not (on_cuda if config.cuda_graphs is None else config.cuda_graphs)
         with clock.phase("graphs"):
             max_blocks = -(-self.max_context // shape.block_size)
             self.runner = ModelRunner(
-                model, self.cache, batch_sizes(self.max_rows), max_blocks, enforce_eager
+                self.stages, caches, self.max_rows, max_blocks, enforce_eager, config.micro_batches
             )
         self.blocks = BlockPool(shape.blocks, shape.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_rows, *self._policy(config))
@@ -137,22 +143,29 @@ class Engine:
             self.info["startup_s"],
         )
 
-    def _plan_cache(self, block_size: int) -> CacheShape:
-        """Blocks that fit the memory left (CPU: CPU_KV_TOKENS), at most `kv_blocks`."""
+    @property
+    def cache(self) -> KVCache:
+        """The first stage's KV (the whole model's when there is one stage)."""
+        return self.runner.first.cache
+
+    def _plan_cache(self, block_size: int) -> list[CacheShape]:
+        """Each stage's cache: the same blocks, as many as fit the memory left on the fullest
+        device (CPU: CPU_KV_TOKENS), at most `kv_blocks`."""
         config = self.config
         cpu_blocks = config.kv_blocks or CPU_KV_TOKENS // block_size
-        shape = plan_blocks(
+        shapes = plan_blocks(
             self.model.config,
             self.model.dtype,
-            self.device,
+            [stage.device for stage in self.stages],
+            [len(stage.layers) for stage in self.stages],
             block_size,
             cpu_blocks,
             config.kv_fraction,
             config.gpu_memory_gb,
         )
         if config.kv_blocks is not None:
-            shape = replace(shape, blocks=min(shape.blocks, config.kv_blocks))
-        return shape
+            shapes = [replace(s, blocks=min(s.blocks, config.kv_blocks)) for s in shapes]
+        return shapes
 
     def set_policy(self, config: EngineConfig) -> None:
         """The scheduling policy of `config` (refill, prefix caching, the prefill chunk) from
@@ -186,14 +199,18 @@ class Engine:
             "cuda_graphs": bool(self.runner.graphs),
             "batch_sizes": self.runner.sizes,
             "kv_blocks": shape.blocks,
+            "stages": [
+                {"device": str(m.device), "layers": [m.first_layer, m.first_layer + len(m.layers)]}
+                for m in self.stages
+            ],
             "block_size": shape.block_size,
             "kv_tokens": shape.tokens,
             "max_context": self.max_context,
             "max_rows": self.max_rows,
             "prefix_caching": self.blocks.caching,
             "model_type": self.model.config.model_type,
-            "weights_gib": round(self.model.weight_bytes() / 2**30, 2),
-            "kv_gib": round(self.cache.nbytes / 2**30, 2),
+            "weights_gib": round(sum(m.weight_bytes() for m in self.stages) / 2**30, 2),
+            "kv_gib": round(sum(s.cache.nbytes for s in self.runner.stages) / 2**30, 2),
             **clock.phases,
             "startup_s": clock.total(),
         }

@@ -47,24 +47,34 @@ def bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
 def plan_blocks(
     config: PretrainedConfig,
     dtype: torch.dtype,
-    device: torch.device,
+    devices: list[torch.device],
+    layers: list[int],
     block_size: int,
     cpu_blocks: int,
     fraction: float,
     memory_cap_gib: float | None = None,
-) -> CacheShape:
-    """Blocks that fit in `fraction` of free GPU memory (CPU: `cpu_blocks`).
+) -> list[CacheShape]:
+    """Each stage's cache (`layers[i]` layers on `devices[i]`; one stage: the whole model), all
+    with the same blocks, as many as fit in `fraction` of the free memory of the fullest GPU,
+    which holds the KV of every stage placed on it (CPU: `cpu_blocks`).
 
-    `memory_cap_gib` makes the card look that large (e.g. 79 on a 141 GB H200 to plan as an
+    `memory_cap_gib` makes each card look that large (e.g. 79 on a 141 GB H200 to plan as an
     A100-80GB would): what is already in use counts against the cap."""
     blocks = cpu_blocks
-    if device.type == "cuda":
-        free = device_free_bytes(device, memory_cap_gib)
-        blocks = blocks_that_fit(int(free * fraction), block_size * bytes_per_token(config, dtype))
-        if blocks < 1:
-            raise RuntimeError(f"KV cache: {free / 2**30:.1f} GiB free holds no block")
+    if devices[0].type == "cuda":
+        layer_block = block_size * bytes_per_token(config, dtype) // config.num_hidden_layers
+        fits = []
+        for device in dict.fromkeys(devices):
+            held = sum(n for d, n in zip(devices, layers, strict=True) if d == device)
+            free = device_free_bytes(device, memory_cap_gib)
+            fits.append(blocks_that_fit(int(free * fraction), held * layer_block))
+            if fits[-1] < 1:
+                raise RuntimeError(
+                    f"KV cache: {free / 2**30:.1f} GiB free on {device} holds no block"
+                )
+        blocks = min(fits)
     _, kv_heads, head_dim = attention_shape(config)
-    return CacheShape(config.num_hidden_layers, blocks, block_size, kv_heads, head_dim)
+    return [CacheShape(n, blocks, block_size, kv_heads, head_dim) for n in layers]
 
 
 def blocks_that_fit(budget_bytes: int, block_bytes: int) -> int:

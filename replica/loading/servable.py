@@ -19,6 +19,7 @@ from replica.loading.reader import CheckpointReader
 from replica.loading.source import ModelSource, resolve
 from replica.loading.weights import expected_tensor_names, redundant_tensor_names
 from replica.tokenization import PromptCodec, UnsupportedTemplate
+from replica.wire.stages import check_stages
 
 
 def check_chat_template(source: ModelSource) -> PromptCodec:
@@ -40,11 +41,13 @@ def check_tensors(present: set[str], expected: set[str], redundant: set[str]) ->
             raise UnsupportedModel(f"checkpoint tensors {what}: {', '.join(names[:3])}{more}")
 
 
-def check_servable(source: ModelSource, quantize: str | None = None) -> None:
+def check_servable(source: ModelSource, quantize: str | None = None, stages: int = 1) -> None:
     """Everything above for a resolved model: its config was checked when it was read; this
-    checks its quantization (a 4-bit format we serve, or `--quantize` on a 16-bit one), classifies
-    its chat template and, for a real checkpoint, matches its tensor names."""
+    checks its quantization (a 4-bit format we serve, or `--quantize` on a 16-bit one), that its
+    layers split into `stages` pipeline stages, classifies its chat template and, for a real
+    checkpoint, matches its tensor names."""
     checkpoint = int4_checkpoint(source.config)
+    check_stages(stages, source.config.num_hidden_layers)
     check_quantize(source, quantize)
     check_chat_template(source)
     if source.weights_dir is not None:
@@ -54,15 +57,18 @@ def check_servable(source: ModelSource, quantize: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m replica.loading.servable MODEL [--random-weights] [--quantize int4]`: exit 0 if we can serve it, else
+    """`python -m replica.loading.servable MODEL [--random-weights] [--quantize int4]
+    [--pipeline-parallel-size P]`: exit 0 if we can serve it, else
     print one line saying why and exit 2. The server runs it before starting any replica."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model")
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
     args = parser.parse_args(argv)
     try:
-        check_servable(resolve(args.model, args.random_weights), args.quantize)
+        source = resolve(args.model, args.random_weights)
+        check_servable(source, args.quantize, args.pipeline_parallel_size)
     except (UnsupportedModel, OSError, ValueError) as error:
         print(f"cannot serve {args.model}: {error}".splitlines()[0], file=sys.stderr)
         return 2

@@ -10,12 +10,13 @@ Projections (QKV, o_proj, the MLP's and the experts') are asked for as `linear`:
 return them packed 4-bit (a 4-bit checkpoint's tensors, or `--quantize int4`: round-to-nearest on
 the device as each fused tensor is made, so the 16-bit copy of only one tensor exists at a time).
 Embeddings, norms, router gates and the LM head stay 16-bit. A model is built layer by layer
-from names alone, so a range of layers could be built by itself (docs/DESIGN.md: pipeline stages).
+from names alone, so a pipeline stage builds (and reads) only its range of layers.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Protocol
 
 import torch
@@ -41,32 +42,41 @@ class Builder(Protocol):
     def norm(self, name: str, size: int) -> Tensor: ...
 
 
-def build(config: PretrainedConfig, builder: Builder) -> ModelWeights:
+def build(config: PretrainedConfig, builder: Builder, layers: range | None = None) -> ModelWeights:
+    """The model's tensors, or a pipeline stage's: only `layers` (default all), the embedding
+    if they start at layer 0, the final norm and LM head if they end at the last layer, else
+    the next layer's input norm (`ModelWeights`)."""
+    hidden, total = config.hidden_size, config.num_hidden_layers
+    span = range(total) if layers is None else layers
+    weights = [_layer(config, builder, f"model.layers.{i}.") for i in span]
+    first, last, tied = span.start == 0, span.stop == total, config.tie_word_embeddings
+    embed = None
+    if first or (last and tied):
+        embed = builder.matrix(["model.embed_tokens.weight"], (config.vocab_size, hidden))
+    if not last:
+        boundary = builder.norm(f"model.layers.{span.stop}.input_layernorm.weight", hidden)
+        return ModelWeights(embed, weights, boundary, None, span.start)
+    final_norm = builder.norm("model.norm.weight", hidden)
+    lm_head = embed if tied else builder.matrix(["lm_head.weight"], (config.vocab_size, hidden))
+    return ModelWeights(embed if first else None, weights, final_norm, lm_head, span.start)
+
+
+def _layer(config: PretrainedConfig, builder: Builder, p: str) -> LayerWeights:
     hidden = config.hidden_size
     q_heads, kv_heads, head_dim = attention_shape(config)
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        layers.append(
-            LayerWeights(
-                input_norm=builder.norm(p + "input_layernorm.weight", hidden),
-                qkv=builder.linear(
-                    [f"{attn}{n}_proj.weight" for n in "qkv"],
-                    ((q_heads + 2 * kv_heads) * head_dim, hidden),
-                ),
-                q_norm=builder.norm(attn + "q_norm.weight", head_dim),
-                k_norm=builder.norm(attn + "k_norm.weight", head_dim),
-                o_proj=builder.linear([attn + "o_proj.weight"], (hidden, q_heads * head_dim)),
-                post_norm=builder.norm(p + "post_attention_layernorm.weight", hidden),
-                mlp=_mlp(config, builder, p + "mlp."),
-            )
-        )
-    embed = builder.matrix(["model.embed_tokens.weight"], (config.vocab_size, hidden))
-    final_norm = builder.norm("model.norm.weight", hidden)
-    tied = config.tie_word_embeddings
-    lm_head = embed if tied else builder.matrix(["lm_head.weight"], (config.vocab_size, hidden))
-    return ModelWeights(embed, layers, final_norm, lm_head)
+    attn = p + "self_attn."
+    return LayerWeights(
+        input_norm=builder.norm(p + "input_layernorm.weight", hidden),
+        qkv=builder.linear(
+            [f"{attn}{n}_proj.weight" for n in "qkv"],
+            ((q_heads + 2 * kv_heads) * head_dim, hidden),
+        ),
+        q_norm=builder.norm(attn + "q_norm.weight", head_dim),
+        k_norm=builder.norm(attn + "k_norm.weight", head_dim),
+        o_proj=builder.linear([attn + "o_proj.weight"], (hidden, q_heads * head_dim)),
+        post_norm=builder.norm(p + "post_attention_layernorm.weight", hidden),
+        mlp=_mlp(config, builder, p + "mlp."),
+    )
 
 
 def _mlp(config: PretrainedConfig, builder: Builder, p: str) -> DenseMLP | SparseMoE:
@@ -173,7 +183,9 @@ class CheckpointBuilder:
 
 
 class RandomBuilder:
-    """Seeded random weights made directly on the device: seconds even for 30B."""
+    """Seeded random weights made directly on the device: seconds even for 30B. Each tensor's
+    numbers come from the seed and its first name alone, so a pipeline stage builds the same
+    layers the whole model would."""
 
     def __init__(
         self,
@@ -183,18 +195,22 @@ class RandomBuilder:
         seed: int,
         quantize: bool = False,
     ):
-        self.device, self.dtype, self.quantize = device, dtype, quantize
-        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device, self.dtype, self.quantize, self.seed = device, dtype, quantize, seed
+        self.gen = torch.Generator(device=device)
         self.std = getattr(config, "initializer_range", 0.02)
 
+    def _generator(self, name: str) -> torch.Generator:
+        return self.gen.manual_seed(self.seed * 2**32 + zlib.crc32(name.encode()))
+
     def matrix(self, names: list[str], shape: tuple[int, ...]) -> Tensor:
-        out = torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        gen = self._generator(names[0])
+        out = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype)
         return out.mul_(self.std)
 
     def linear(self, names: list[str], shape: tuple[int, ...]) -> Tensor | PackedInt4:
         """Packed directly when quantizing: a 235B model never exists in 16 bits."""
         if self.quantize:
-            return random_packed(shape, self.std, self.dtype, self.gen)
+            return random_packed(shape, self.std, self.dtype, self._generator(names[0]))
         return self.matrix(names, shape)
 
     def norm(self, name: str, size: int) -> Tensor:
@@ -250,10 +266,17 @@ def load_checkpoint(
     dtype: torch.dtype,
     checkpoint: Int4Checkpoint | None = None,
     quantize: bool = False,
+    layers: range | None = None,
 ) -> ModelWeights:
-    """Every tensor of `reader` into the model, layer by layer; refuses unused tensors."""
-    weights = build(config, CheckpointBuilder(reader, device, dtype, checkpoint, quantize))
+    """The tensors of `reader` into the model (or a stage: `layers`), layer by layer. The whole
+    model refuses unused tensors; a stage reads only its own (`check_all_used` after the last)."""
+    weights = build(config, CheckpointBuilder(reader, device, dtype, checkpoint, quantize), layers)
+    if layers is None:
+        check_all_used(reader, config)
+    return weights
+
+
+def check_all_used(reader: CheckpointReader, config: PretrainedConfig) -> None:
     unused = reader.untaken() - redundant_tensor_names(config, reader.names)
     if unused:
         raise ValueError(f"checkpoint tensors unused: {', '.join(sorted(unused)[:3])}")
-    return weights

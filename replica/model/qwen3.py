@@ -44,7 +44,9 @@ class KVLayers(Protocol):
 
 
 class Qwen3:
-    """Qwen3 causal LM (dense or MoE) over an external KV cache."""
+    """Qwen3 causal LM (dense or MoE) over an external KV cache: the whole model, or one
+    pipeline stage of it (its layers, with the embedding if first and the LM head if last;
+    `replica.model.weights.ModelWeights`). The cache's layer i is the stage's i-th layer."""
 
     def __init__(
         self, config: PretrainedConfig, weights: ModelWeights, ops: Ops | None = None
@@ -52,7 +54,7 @@ class Qwen3:
         """`ops`: the device's (`select_ops`); None: the CPU's."""
         self.config = config
         self.embed = weights.embed
-        self.layers = weights.layers
+        self.layers, self.first_layer = weights.layers, weights.first_layer
         self.final_norm = weights.final_norm
         self.lm_head = weights.lm_head
         self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(config)
@@ -66,18 +68,27 @@ class Qwen3:
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        return self.final_norm.dtype
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.lm_head is not None
 
     def weight_bytes(self) -> int:
         """Bytes of every weight once (a tied embedding counts once): a dense decode step reads
         them all; an MoE step reads only the experts it routes to."""
         tensors = {id(t): t for layer in self.layers for t in layer.tensors()}
         for t in (self.embed, self.final_norm, self.lm_head):
-            tensors[id(t)] = t
+            if t is not None:
+                tensors[id(t)] = t
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def active_params(self) -> int:
@@ -86,11 +97,23 @@ class Qwen3:
 
     def forward(self, batch: Batch, cache: KVLayers) -> Tensor:
         """Hidden states [T, hidden] after the final norm; writes this batch's K/V to `cache`."""
+        return self.forward_stage(batch, cache)[1]
+
+    def forward_stage(
+        self, batch: Batch, cache: KVLayers, entering: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(residual, normed) [T, hidden] after this stage's layers, writing their K/V to
+        `cache`: the first stage starts from the embedding, a later one from `entering`, the
+        pair the stage before it returned."""
         ops, layer_ops, layers = self.ops, self.layer_ops, self.layers
         decode = batch.paged is not None
-        h, x = layer_ops.add_rms_norm(
-            F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
-        )
+        if entering is None:
+            assert self.embed is not None, "a later stage continues from the previous one's pair"
+            h, x = layer_ops.add_rms_norm(
+                F.embedding(batch.input_ids, self.embed), None, layers[0].input_norm
+            )
+        else:
+            h, x = entering
         for index, w in enumerate(layers):
             kv = cache.layer(index)
             q, k, v = layer_ops.rope_store(
@@ -105,7 +128,7 @@ class Qwen3:
             h, x = layer_ops.add_rms_norm(h, attended, w.post_norm)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
             h, x = layer_ops.add_rms_norm(h, self._feed_forward(x, w.mlp, decode), next_norm)
-        return x
+        return h, x
 
     def _feed_forward(self, x: Tensor, mlp: DenseMLP | SparseMoE, decode: bool) -> Tensor:
         """The MLP's output, or the MoE's ([T * top_k, hidden] from the fused experts)."""
@@ -114,4 +137,5 @@ class Qwen3:
         return self.ops.mlp(x, mlp)
 
     def logits(self, hidden: Tensor) -> Tensor:
+        assert self.lm_head is not None, "only the last stage has the LM head"
         return F.linear(hidden, self.lm_head)

@@ -38,7 +38,14 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: Tensor
+    """The whole model's tensors, or one pipeline stage's: a contiguous range of its layers, the
+    embedding only on the first stage and the LM head only on the last. `final_norm` is the norm
+    after the stage's last layer: the model's final norm on the last stage, else the next
+    stage's first input norm (so a stage hands on the same residual and normed pair the whole
+    model holds at that point, and two stages compute exactly what one does)."""
+
+    embed: Tensor | None
     layers: list[LayerWeights]
     final_norm: Tensor
-    lm_head: Tensor
+    lm_head: Tensor | None
+    first_layer: int = 0  # the model's index of layers[0]

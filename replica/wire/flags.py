@@ -19,6 +19,7 @@ from replica.wire.spec import (
     EngineConfig,
     ReplicaSpec,
 )
+from replica.wire.stages import group_gpus
 
 DEFAULT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
@@ -34,7 +35,18 @@ def positive_int(text: str) -> int:
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help="HF id, checkpoint dir or tiny-random")
-    add("--gpus", default="0", help="comma-separated GPU ids, one replica each")
+    add(
+        "--gpus",
+        default="0",
+        help="comma-separated GPU ids: one replica each, or each --pipeline-parallel-size in turn "
+        "one replica of that many stages (an id may repeat: 0,0 puts two stages on GPU 0)",
+    )
+    add(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages a replica's layers split into, one GPU (or CPU) each",
+    )
     add("--cpu-replicas", type=int, default=1, help="replicas when there is no GPU")
     add("--random-weights", action="store_true", help="config only, random weights")
     add(
@@ -83,17 +95,23 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefix_caching=args.prefix_caching,
         attention=args.attention,
         quantize=args.quantize,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 
 def replica_specs(args: argparse.Namespace, cuda: bool) -> list[ReplicaSpec]:
-    """One spec a GPU of --gpus when `cuda`, else --cpu-replicas CPU replicas sharing the cores."""
+    """One spec a group of --pipeline-parallel-size GPUs of --gpus when `cuda`, else
+    --cpu-replicas CPU replicas sharing the cores. A bad layout (fewer than one stage, a GPU
+    count that is not a multiple of it) is a ValueError of one line."""
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else []
-    config = engine_config(args)
+    config = engine_config(args)  # refuses a stage count below 1
     if gpus and cuda:
-        return [ReplicaSpec(args.model, gpu, args.random_weights, engine=config) for gpu in gpus]
+        groups = group_gpus(gpus, config.pipeline_parallel_size)
+        return [
+            ReplicaSpec(args.model, group, args.random_weights, engine=config) for group in groups
+        ]
     threads = max(1, (os.cpu_count() or 1) // args.cpu_replicas)
     return [
-        ReplicaSpec(args.model, None, args.random_weights, threads, config)
+        ReplicaSpec(args.model, (), args.random_weights, threads, config)
         for _ in range(args.cpu_replicas)
     ]

@@ -35,6 +35,8 @@ class EngineConfig:
     warm_up: bool | None = None  # compile the prefill kernels at start-up (default: on CUDA)
     quantize: str | None = None  # QUANTIZE_CHOICES: a 16-bit checkpoint made 4-bit at load
     seed: int = 0  # random weights' seed
+    pipeline_parallel_size: int = 1  # stages a replica's layers split into, one device each
+    micro_batches: int = 2  # in flight between a pipeline's stages (1: none; one stage: 1)
 
     POLICY_FIELDS = ("refill", "min_refill", "prefix_caching", "prefill_tokens")
 
@@ -42,6 +44,12 @@ class EngineConfig:
         for name in ("max_model_len", "max_batch", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"--pipeline-parallel-size must be at least 1, not {self.pipeline_parallel_size}"
+            )
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches is 1 or 2, not {self.micro_batches}")
         if self.attention not in (None, *ATTENTION_CHOICES):
             raise ValueError(f"attention {self.attention!r}: choose from {ATTENTION_CHOICES}")
         if self.quantize not in (None, *QUANTIZE_CHOICES):
@@ -50,11 +58,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """Everything a replica needs to start: which model, on which GPU (None: the CPU), with
-    how many CPU threads, and its engine's configuration."""
+    """Everything a replica needs to start: which model, on which GPUs (one a pipeline stage, a
+    GPU may repeat; none: the CPU), with how many CPU threads, and its engine's configuration."""
 
     model: str
-    gpu: int | None = None
+    gpus: tuple[int, ...] = ()
     random_weights: bool = False
     cpu_threads: int = 1
     engine: EngineConfig = field(default_factory=EngineConfig)
