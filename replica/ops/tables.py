@@ -11,9 +11,9 @@ the benchmark named, then change an entry and its citation together.
 - `MOE_16BIT`, `MOE_PACKED_DECODE`, `MOE_PACKED_PREFILL`: the fused experts by mean (token,
   expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
   copy, whose scratch would stay in the graph's pool.
-- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED`: the second design's candidates (issue 36), not
-  served until the GPU sweep (benchmarks.bench_int4_v2) measures them; the benchmark passes them
-  in. torch's int4 matmul needs no table: it owns the layout of the weights converted for it
+- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED`: the second design's candidates (issue 36), their
+  tiles chosen by the kernels' sweep on an H100 (benchmarks.bench_int4_v2); not served until the
+  same benchmark's engine step measures them against today's tables, which it passes them in for. torch's int4 matmul needs no table: it owns the layout of the weights converted for it
   (replica.ops.tinygemm) and serves them at every count.
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
 
@@ -38,10 +38,7 @@ ISSUE_12 = "PERF.md 'Qwen3-30B-A3B (MoE) in our engine (issue 12)'"
 ISSUE_4 = "PERF.md 'Replica engine: own Qwen3 forward, slot KV cache, CUDA-graph decode (issue 4)'"
 THIRD_PASS = f"{ISSUE_24} > 'Third pass'"
 FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
-NOT_MEASURED = (
-    "not measured: PERF.md '4-bit weights, second design (issue 36)'; "
-    "docs/perf/int4-v2-<device>.json"
-)
+V2_SWEEP = "PERF.md '4-bit weights, second design (issue 36)'; docs/perf/int4-v2-h100.json"
 
 
 @dataclass(frozen=True)
@@ -184,9 +181,9 @@ INT4_LINEAR_SPLITK: Table[Int4Linear] = Table(
     (
         Entry(1, GEMV_1, GEMV_1_SWEEP),
         Entry(2, GEMV_2, GEMV_SWEEP),
-        Entry(16, SplitK(SplitKTile(16, 64, 4, 4)), NOT_MEASURED),
-        Entry(32, SplitK(SplitKTile(32, 64, 4, 4)), NOT_MEASURED),
-        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), NOT_MEASURED),
+        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
+        Entry(32, SplitK(SplitKTile(32, 64, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
+        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
@@ -245,14 +242,17 @@ MOE_PACKED_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
 
 
 MoeChoice = ExpertGemv | ExpertTiles | FusedExperts
-FUSED_16 = FusedTile(16, 64, 64, 4, 3)
-FUSED_32 = FusedTile(32, 64, 64, 4, 3)
+FUSED_16 = FusedTile(16, 64, 128, 4, 3)
+FUSED_32 = FusedTile(32, 64, 128, 4, 3)
+FUSED_SWEEP = f"{V2_SWEEP} (sweep.moe_us)"
 MOE_PACKED_FUSED: Table[MoeChoice] = Table(
     "4-bit experts, decode, fused (candidate; groups of 128 or more)",
     "pairs an expert",
     (
-        Entry(4, FusedExperts(FUSED_16), NOT_MEASURED),
-        Entry(math.inf, FusedExperts(FUSED_32), NOT_MEASURED),
+        # below a quarter pair an expert (1 and 2 tokens of the 30B) a program a pair wins
+        Entry(0.25, _EXPERT_GEMV[0].choice, FUSED_SWEEP, inclusive=False),
+        Entry(8, FusedExperts(FUSED_16), FUSED_SWEEP),
+        Entry(math.inf, FusedExperts(FUSED_32), FUSED_SWEEP),
     ),
 )
 
