@@ -96,9 +96,13 @@ def flags(*argv: str) -> argparse.Namespace:
 
 def test_gpus_group_into_replicas_of_p_stages_and_bad_layouts_are_refused(capsys):
     args = flags("--gpus", "0,1,2,3", "--pipeline-parallel-size", "2")
-    assert [spec.gpus for spec in replica_specs(args, cuda=True)] == [(0, 1), (2, 3)]
+    specs = replica_specs(args, cuda=True)
+    assert [(spec.gpus, spec.engine.micro_batches) for spec in specs] == [((0, 1), 2), ((2, 3), 2)]
     same = flags("--gpus", "0,0", "--pipeline-parallel-size", "2")
-    assert [spec.gpus for spec in replica_specs(same, cuda=True)] == [(0, 0)]
+    # stages that share a GPU cannot overlap: no micro-batches there
+    assert [(s.gpus, s.engine.micro_batches) for s in replica_specs(same, cuda=True)] == [
+        ((0, 0), 1)
+    ]
     cpu = replica_specs(flags("--pipeline-parallel-size", "2"), cuda=False)
     assert [(s.gpus, s.engine.pipeline_parallel_size) for s in cpu] == [((), 2)]
     with pytest.raises(ValueError, match="not a multiple of --pipeline-parallel-size 2"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 from replica.wire.spec import (
     ATTENTION_CHOICES,
@@ -99,6 +100,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def _overlap(config: EngineConfig, gpus: tuple[int, ...]) -> EngineConfig:
+    """Micro-batches only where the stages have GPUs of their own to overlap on: stages that
+    share one GPU run one after the other, and split batches there only cost (1.6-1.7x a step
+    at 64 rows, docs/PERF.md 'Pipeline stages')."""
+    return config if len(set(gpus)) > 1 else replace(config, micro_batches=1)
+
+
 def replica_specs(args: argparse.Namespace, cuda: bool) -> list[ReplicaSpec]:
     """One spec a group of --pipeline-parallel-size GPUs of --gpus when `cuda`, else
     --cpu-replicas CPU replicas sharing the cores. A bad layout (fewer than one stage, a GPU
@@ -108,7 +116,8 @@ def replica_specs(args: argparse.Namespace, cuda: bool) -> list[ReplicaSpec]:
     if gpus and cuda:
         groups = group_gpus(gpus, config.pipeline_parallel_size)
         return [
-            ReplicaSpec(args.model, group, args.random_weights, engine=config) for group in groups
+            ReplicaSpec(args.model, group, args.random_weights, engine=_overlap(config, group))
+            for group in groups
         ]
     threads = max(1, (os.cpu_count() or 1) // args.cpu_replicas)
     return [
