@@ -11,7 +11,8 @@ the benchmark named, then change an entry and its citation together.
 - `MOE_16BIT`, `MOE_PACKED_DECODE`, `MOE_PACKED_PREFILL`: the fused experts by mean (token,
   expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
   copy, whose scratch would stay in the graph's pool.
-- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED`: the second design's candidates (issue 36), their
+- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED` (decode), `MOE_PACKED_FUSED_PREFILL`: the second
+  design's candidates (issue 36), their
   tiles chosen by the kernels' sweep on an H100 (benchmarks.bench_int4_v2); not served until the
   same benchmark's engine step measures them against today's tables, which it passes them in for. torch's int4 matmul needs no table: it owns the layout of the weights converted for it
   (replica.ops.tinygemm) and serves them at every count.
@@ -263,9 +264,23 @@ def moe_table(packed: bool, decode: bool) -> Table[MoeChoice]:
     return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
 
 
+MOE_PACKED_FUSED_PREFILL: Table[MoeChoice] = Table(
+    "4-bit experts, prefill, fused (candidate; groups of 128 or more)",
+    "pairs an expert",
+    (
+        *MOE_PACKED_FUSED.entries[:2],
+        # 2.2x today's dequantized tiles at 64 pairs, even at 256, behind at 1,024
+        Entry(256, FusedExperts(FUSED_32), FUSED_SWEEP),
+        Entry(math.inf, ExpertTiles(PREFILL_TILES.up, PREFILL_TILES.down, True), FUSED_SWEEP),
+    ),
+)
+
+
 def moe_fused_table(packed: bool, decode: bool) -> Table[MoeChoice]:
-    """The fused candidate for packed decode steps, today's tables elsewhere."""
-    return MOE_PACKED_FUSED if packed and decode else moe_table(packed, decode)
+    """The fused candidates for packed experts, today's 16-bit table elsewhere."""
+    if not packed:
+        return MOE_16BIT
+    return MOE_PACKED_FUSED if decode else MOE_PACKED_FUSED_PREFILL
 
 
 # The layer's elementwise kernels.
