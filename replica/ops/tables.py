@@ -12,10 +12,10 @@ the benchmark named, then change an entry and its citation together.
   expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
   copy, whose scratch would stay in the graph's pool.
 - `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED` (decode), `MOE_PACKED_FUSED_PREFILL`: the second
-  design's candidates (issue 36), their
-  tiles chosen by the kernels' sweep on an H100 (benchmarks.bench_int4_v2); not served until the
-  same benchmark's engine step measures them against today's tables, which it passes them in for. torch's int4 matmul needs no table: it owns the layout of the weights converted for it
-  (replica.ops.tinygemm) and serves them at every count.
+  design's candidates (issue 36), their tiles chosen by the kernels' sweep on an H100
+  (benchmarks.bench_int4_v2); not served until that benchmark's engine step measures them against
+  today's tables. torch's int4 matmul (replica.ops.tinygemm) has no entry: it would own the
+  layout of a weight converted for it, and its prefill is 17x the dequantized copy's (PERF.md).
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
 
 Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
