@@ -3,33 +3,24 @@ deploy/systems.py's settings. Standard library only, like systems.py.
 
 A model whose weights (and the assumed overhead) overflow one GPU spans the container's GPUs as
 pipeline stages of one replica (`systems.Deployment.pipeline_parallel_size`, server.py's
-`--pipeline-parallel-size`). The layers split as replica/wire/stages.py splits them: weights
-as even as whole layers allow, the embedding on the first stage and the LM head on the last
-(tests/test_deploy.py holds the two rules equal). Every stage holds the same KV blocks, each for
-its own layers: as many as the fullest GPU's memory left after its weights holds.
+`--pipeline-parallel-size`). The layers split by the engine's own rule, imported from
+replica/wire/stages.py (standard library only too): weights as even as whole layers allow, the
+embedding on the first stage and the LM head on the last. Every stage holds the same KV blocks,
+each for its own layers: as many as the fullest GPU's memory left after its weights holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
-from itertools import pairwise
+from pathlib import Path
 
 import systems  # beside this file, like deploy/timeline.py's import
 
-
-def split_layers(
-    layers: int, stages: int, layer_bytes: float, embed_bytes: float, head_bytes: float
-) -> list[range]:
-    """replica/wire/stages.py's split_layers (see its docstring)."""
-    total = embed_bytes + layers * layer_bytes + head_bytes
-    bounds = [0]
-    for stage in range(1, stages):
-        ideal = round((stage * total / stages - embed_bytes) / layer_bytes)
-        bounds.append(min(max(ideal, bounds[-1] + 1), layers - (stages - stage)))
-    bounds.append(layers)
-    return [range(a, b) for a, b in pairwise(bounds)]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root
+from replica.wire.stages import split_layers  # torch-free, stdlib only
 
 
 @dataclass(frozen=True)

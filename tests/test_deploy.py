@@ -375,22 +375,6 @@ def test_the_4bit_235b_plans_two_pipeline_stages(grader: Grader) -> None:
     assert moe["pipeline_parallel_size"] == "1" and "--pipeline-parallel-size" not in moe["server"]
 
 
-def test_the_deploy_split_is_the_engines() -> None:
-    from replica.wire.stages import split_layers
-
-    spec = importlib.util.spec_from_file_location("deploy_stages", DEPLOY / "stages.py")
-    stages = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_stages"] = stages  # dataclasses look their module up
-    spec.loader.exec_module(stages)  # imports `systems`, loaded above as deploy/ would
-    for case in [
-        (94, 2, 1.0, 3.0, 3.0),
-        (36, 2, 5.0, 60.0, 60.0),
-        (3, 3, 1.0, 9.0, 0.0),
-        (10, 4, 2.0, 7.0, 1.0),
-    ]:
-        assert stages.split_layers(*case) == split_layers(*case), case
-
-
 # --- id and system discovery ---------------------------------------------------------------------
 
 
