@@ -12,6 +12,7 @@ from replica.engine.model_runner import batch_sizes
 from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk
 from replica.engine.sequence import Placement, Sequence
+from replica.engine.warm_up import warm_up_prefill, warm_up_sizes
 from replica.loading.reference import build_reference_model
 from replica.loading.source import resolve
 from replica.startup import load_engine
@@ -174,6 +175,25 @@ def test_prefill_warm_up_fits_a_short_context_and_leaves_nothing_behind(source):
     assert idle(engine)
     assert engine.stats.prefill_calls == 0
     assert engine.blocks.num_cached == 0 and engine.blocks.lookup_tokens == 0
+
+
+def test_the_warm_up_prefills_every_ladder_size_whole(source):
+    """Each size of the ladder is computed in full (no cached prefix shortens it): both sides
+    of 16-divisibility at every power of two the context takes."""
+    assert warm_up_sizes(255) == [1, 2, 8, 16, 24, 32, 40, 64, 72, 128, 136]
+    assert warm_up_sizes(10_000)[-2:] == [512, 520]
+    engine = load_engine(source, EngineConfig(max_batch=4, max_model_len=256))
+    computed, prefill = [], engine.runner.prefill
+
+    def counted(chunks):
+        computed.append([chunk.end - chunk.start for chunk in chunks])
+        return prefill(chunks)
+
+    engine.runner.prefill = counted
+    warm_up_prefill(engine)
+    ladder = warm_up_sizes(engine.max_context - 1)
+    assert computed[: len(ladder)] == [[size] for size in ladder]
+    assert idle(engine)
 
 
 def idle(engine: Engine) -> bool:

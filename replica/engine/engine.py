@@ -29,6 +29,7 @@ from replica.engine.request import EngineRequest, EngineResult
 from replica.engine.scheduler import Chunk, Scheduler
 from replica.engine.sequence import SampleKey, Sequence
 from replica.engine.thinking import Thought, scoring_request
+from replica.engine.warm_up import warm_up_prefill
 from replica.model.qwen3 import Qwen3
 from replica.wire.messages import FinishReason, KVUsage, SamplingParams
 from replica.wire.spec import EngineConfig
@@ -128,7 +129,9 @@ class Engine:
         self._seeds = random.Random(os.urandom(16))  # for sampled requests that bring none
         with clock.phase("warmup"):
             if on_cuda if config.warm_up is None else config.warm_up:
-                self._warm_up_prefill()
+                warm_up_prefill(self)  # what it leaves (counts, cached blocks) is dropped
+                self.reset_stats()
+                self.clear_prefix_cache()
         self.info = self._describe(attention.name, clock)
         log.info(
             "%s on %s: weights %.1f GiB, KV cache %d blocks x %d = %d tokens, max context %d, "
@@ -214,22 +217,6 @@ class Engine:
             **clock.phases,
             "startup_s": clock.total(),
         }
-
-    def _warm_up_prefill(self) -> None:
-        """Compile the prefill kernels' variants now rather than on the first requests: scoring
-        prefills of 512 and 520 packed tokens (Triton specialises on sizes divisible by 16, and
-        the rope kernel blocks tokens past 256), made of as many prompts as the context needs.
-        They leave nothing behind: not their blocks in the prefix cache, nor their counts."""
-        length = min(512, self.max_context - 1)
-        for total in (512, 520):
-            count = min(self.max_rows, -(-total // length))
-            for i in range(count):
-                size = min(length, total - i * length)
-                self.add(EngineRequest(-1 - i, [0] * size, choice_ids=[0]))
-            while self.has_work():
-                self.step()
-        self.reset_stats()
-        self.clear_prefix_cache()
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached block and the cache's hit counts (nothing may be running)."""
