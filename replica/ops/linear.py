@@ -3,7 +3,8 @@
 `TorchLinear` is the CPU path and the oracle (a packed weight dequantized, then the matmul).
 `TritonLinear` runs a packed weight through the kernel its table names for the token count
 (replica.ops.tables), a weight in torch's int4 layout through torch's int4 matmul at every count
-(it owns that weight's layout: `serving_layout`), a 16-bit weight through cuBLAS.
+(it owns that weight's layout: `serving_layout`; only the benchmark's tinygemm variant converts
+weights, the loader does not: PERF.md, issue 36), a 16-bit weight through cuBLAS.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class TritonLinear:
 def serving_layout(weight: PackedInt4, to_tinygemm: bool) -> PackedInt4 | TinyGemmInt4:
     """A packed projection as it is stored to be served: converted for torch's int4 matmul
     (which then owns it: no copy in our layout stays) when `to_tinygemm` and it can take it,
-    else as is. Called once at load; the choice is the sweep's (PERF.md, issue 36)."""
+    else as is. benchmarks.bench_int4_v2 calls it once after load for its tinygemm variant; the
+    server does not (tinygemm's prefill measured 17x the dequantized copy's: PERF.md, issue 36)."""
     return tinygemm.convert(weight) if to_tinygemm and tinygemm.servable(weight) else weight
 
 
