@@ -263,7 +263,7 @@ def tinygemm_layouts():
     from replica.ops.mlp import DenseMLP
     from replica.ops.packed import PackedInt4
 
-    load = startup.load_model
+    load = startup.load_stages
 
     def convert(owner: object, names: tuple[str, ...]) -> None:
         for name in names:
@@ -272,37 +272,44 @@ def tinygemm_layouts():
                 setattr(owner, name, serving_layout(weight, to_tinygemm=True))
 
     def load_converted(*args, **kwargs):
-        model = load(*args, **kwargs)
-        for layer in model.layers:
+        stages = load(*args, **kwargs)
+        for layer in (layer for model in stages for layer in model.layers):
             convert(layer, ("qkv", "o_proj"))
             if isinstance(layer.mlp, DenseMLP):
                 convert(layer.mlp, ("gate_up", "down"))
-        return model
+        return stages
 
-    with mock.patch.object(startup, "load_model", load_converted):
+    with mock.patch.object(startup, "load_stages", load_converted):
         yield
 
 
-def engines(args: argparse.Namespace, bandwidth: float, flops: float) -> dict:
+def engines(
+    args: argparse.Namespace, bandwidth: float, flops: float, report: dict, save: Callable
+) -> None:
     """bf16; int4 through today's tables, through the candidates, and through the candidates
-    with torch's int4 matmul owning every 2-D projection; for the 4B and the 30B."""
+    with torch's int4 matmul owning every 2-D projection; for the 4B and the 30B. Into
+    `report`, saved after each engine (a run cut short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
-    report: dict = {}
     for name in ("dense", "moe"):
-        runs = {"bf16": measure(name, None, bandwidth, flops, args)}
-        runs["int4_today"] = measure(name, "int4", bandwidth, flops, args)
+        runs = report[name] = {}
+
+        def run(variant: str, quantize: str | None, runs: dict = runs, name: str = name) -> None:
+            runs[variant] = measure(name, quantize, bandwidth, flops, args)
+            save()
+
+        run("bf16", None)
+        run("int4_today", "int4")
         with candidate_ops():
-            runs["int4_candidate"] = measure(name, "int4", bandwidth, flops, args)
+            run("int4_candidate", "int4")
             with tinygemm_layouts():
-                runs["int4_tinygemm"] = measure(name, "int4", bandwidth, flops, args)
+                run("int4_tinygemm", "int4")
         report.update(ratios(runs["bf16"], runs["int4_candidate"], name))
         for variant in ("today", "tinygemm"):
             variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
             report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
-        report[name] = runs
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
-    return report
+        save()
 
 
 def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
@@ -376,8 +383,7 @@ def main() -> None:
     if "engines" in parts and not args.smoke:
         from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
-        report.update(engines(args, copy_bandwidth(device), matmul_flops(device)))
-        save()
+        engines(args, copy_bandwidth(device), matmul_flops(device), report, save)
     if args.with_235b and not args.smoke:
         report.update(big_moe(args, clock, device, sizes))
         save()
