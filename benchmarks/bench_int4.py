@@ -151,7 +151,7 @@ def kernel_sweep(bandwidth: float) -> dict:
             row = {"shape": shape, "tokens": tokens, "floor_us": floor}
             row["bf16"] = round(graph_us(lambda x=x, w=w: x @ w.t()), 2)
             row["tile16"] = round(
-                graph_us(lambda x=x, p=packed: w4a16_tiled(x, p, tables.TILE_16, slabs=True)), 2
+                graph_us(lambda x=x, p=packed: w4a16_tiled(x, p, tables.TILE_16)), 2
             )
             for t in sweep_gemv(tokens):
                 name = f"n{t.features}g{t.groups}w{t.warps}"
@@ -164,7 +164,7 @@ def kernel_sweep(bandwidth: float) -> dict:
             row["bf16"] = round(1e3 * time_ms(lambda x=x, w=w: x @ w.t(), 20), 1)
             tile = prefill_tile(tokens, packed.group_size)
             row["tile"] = round(
-                1e3 * time_ms(lambda x=x, p=packed, t=tile: w4a16_tiled(x, p, t, True), 20), 1
+                1e3 * time_ms(lambda x=x, p=packed, t=tile: w4a16_tiled(x, p, t), 20), 1
             )
             row["dequantized"] = round(1e3 * time_ms(
                 lambda x=x, p=packed: x @ dequantized(p, torch.bfloat16).t(), 20), 1)  # fmt: skip
@@ -196,7 +196,7 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
             tiles = tables.MOE_16BIT.choose(pairs / experts)
             row["tiles"] = round(graph_us(partial(fused_moe.run, x, moe, tiles)), 1)
             if pairs <= experts:
-                gemv = tables.MOE_PACKED_DECODE.choose(1)
+                gemv = tables.MOE_NARROW_DECODE.choose(1)
                 row["pairs"] = round(graph_us(partial(fused_moe.run, x, moe, gemv)), 1)
             bucket_tiles = sweep_gemv(pairs // experts) if pairs > experts else []
             for t in bucket_tiles:

@@ -9,14 +9,14 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `checks`: every new path against the dequantize oracle, 1 to 16,384 tokens
   (benchmarks.int4_checks);
 - `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
-  prefill sizes eager): bf16, today's table (`default`), the split-K candidate table
-  (`candidate`) and each split-K tile, torch's int4 matmul (`tinygemm`), GemLite; the 30B's
-  experts: today's table against the fused kernel's tiles;
-- `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our candidate table over the
+  prefill sizes eager): bf16, the served table (`served`) and each split-K tile, torch's int4
+  matmul (`tinygemm`), GemLite; the 30B's experts: the served table against the fused kernel's
+  tiles;
+- `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served table over the
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
-  with the candidate tables (`*_today`: today's tables; `*_tinygemm`: the candidates with torch's
-  int4 matmul owning every 2-D projection), via benchmarks.bench_int4's `measure`.
+  with the served tables (`*_tinygemm`: with torch's int4 matmul owning every 2-D projection),
+  via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--with-235b` adds the 235B's experts and engine (an H200).
@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -46,7 +46,7 @@ from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.ops import tables, tinygemm
-from replica.ops.feed_forward import TritonMLP, TritonMoE
+from replica.ops.feed_forward import TritonMoE
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE
 from replica.ops.packed import random_packed
@@ -155,7 +155,7 @@ def dense_sweep(
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     rows, peer_note = [], ""
-    today, candidate = TritonLinear(), TritonLinear(tables.int4_linear_splitk)
+    served = TritonLinear()
     for shape, (n, k) in shapes.items():
         packed = random_packed((n, k), 0.02, dtype, gen)
         weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
@@ -168,8 +168,7 @@ def dense_sweep(
             row = {"shape": shape, "tokens": tokens}
             paths = {
                 "bf16": partial(torch.matmul, x, weight.t()),
-                "default": partial(today, x, packed),
-                "candidate": partial(candidate, x, packed),
+                "served": partial(served, x, packed),
                 "tinygemm": partial(tinygemm.matmul, x.to(torch.bfloat16), converted),
             }
             if gemlite is not None:
@@ -194,7 +193,7 @@ FUSED_TILES = [
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
-    """The 30B's experts by token count: today's table against the fused kernel's tiles."""
+    """An expert layer by token count: the served table against each fused kernel tile."""
     experts, hidden, inter, top_k = shape
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if clock.cuda else torch.float32
@@ -211,7 +210,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         decode = tokens in sizes.decode
         time_us = clock.graphed if decode else clock.eager
         row: dict = {"tokens": tokens, "pairs_an_expert": tokens * top_k / experts}
-        row["default"] = time_us(partial(moe, x, layer, decode))
+        row["served"] = time_us(partial(moe, x, layer, decode))
         for t in FUSED_TILES:
             name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
@@ -221,13 +220,13 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
 
 
 def peer_ratio(dense_rows: list) -> dict:
-    """Our candidate table's summed time of the four projections over the faster peer's."""
+    """Our served table's summed time of the four projections over the faster peer's."""
     ratios = {}
     for tokens in RATIO_TOKENS:
         rows = [r for r in dense_rows if r["tokens"] == int(tokens)]
         if not rows:  # a smoke run's sizes
             continue
-        ours = sum(r["candidate"] for r in rows)
+        ours = sum(r["served"] for r in rows)
         peers = [
             sum(r[p] for r in rows)
             for p in ("tinygemm", "gemlite")
@@ -235,23 +234,6 @@ def peer_ratio(dense_rows: list) -> dict:
         ]
         ratios[tokens] = round(ours / min(peers), 3)
     return ratios
-
-
-@contextmanager
-def candidate_ops():
-    """Engines built inside use the candidate tables (today's tables stay the default)."""
-    from replica import startup
-
-    select = startup.select_ops
-
-    def with_candidates(device: torch.device, attention: str | None = None):
-        ops = select(device, attention)
-        linear = TritonLinear(tables.int4_linear_splitk)
-        moe = TritonMoE(tables.moe_fused_table)
-        return replace(ops, linear=linear, mlp=TritonMLP(linear), moe=moe)
-
-    with mock.patch.object(startup, "select_ops", with_candidates):
-        yield
 
 
 @contextmanager
@@ -286,9 +268,9 @@ def tinygemm_layouts():
 def engines(
     args: argparse.Namespace, bandwidth: float, flops: float, report: dict, save: Callable
 ) -> None:
-    """bf16; int4 through today's tables, through the candidates, and through the candidates
-    with torch's int4 matmul owning every 2-D projection; for the 4B and the 30B. Into
-    `report`, saved after each engine (a run cut short keeps them)."""
+    """bf16; int4 through the served tables, and through them with torch's int4 matmul owning
+    every 2-D projection; for the 4B and the 30B. Into `report`, saved after each engine (a run
+    cut short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
     for name in ("dense", "moe"):
@@ -299,28 +281,23 @@ def engines(
             save()
 
         run("bf16", None)
-        run("int4_today", "int4")
-        with candidate_ops():
-            run("int4_candidate", "int4")
-            with tinygemm_layouts():
-                run("int4_tinygemm", "int4")
-        report.update(ratios(runs["bf16"], runs["int4_candidate"], name))
-        for variant in ("today", "tinygemm"):
-            variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
-            report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
+        run("int4", "int4")
+        with tinygemm_layouts():
+            run("int4_tinygemm", "int4")
+        report.update(ratios(runs["bf16"], runs["int4"], name))
+        tinygemm_ratios = ratios(runs["bf16"], runs["int4_tinygemm"], name)
+        report.update({f"{k}_tinygemm": v for k, v in tinygemm_ratios.items()})
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
         save()
 
 
 def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
-    """The 235B's experts swept, and its engine with the candidate tables (int4 alone: its
-    bf16 weights fit no card)."""
+    """The 235B's experts swept, and its engine (int4 alone: its bf16 weights fit no card)."""
     from benchmarks.bench_int4 import measure
     from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
     sweep = moe_sweep(moe_shape("qwen3-235b-a22b-instruct-2507"), clock, device, sizes)
-    with candidate_ops():
-        big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
+    big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
     return {
         "step_ms_235b": big["step_ms"],
         "floor_fraction_235b": big["floor_fraction"],

@@ -3,7 +3,6 @@
     python -m benchmarks.bench_pipeline --out $OUT --gpu-memory-gb 79   # one H100/H200, < 6 min
     python -m benchmarks.bench_pipeline --smoke --out /tmp/pipeline.json  # tiny models, CPU
     python -m benchmarks.bench_pipeline --out $OUT --with-235b   # on an H200: the 4-bit 235B too
-    python -m benchmarks.bench_pipeline --out $OUT --models "" --with-235b --tables candidate
 
 Random weights of the real shapes (Qwen3-4B dense, Qwen3-30B-A3B MoE), each built three times in
 turn: one stage, two stages on GPU 0 without micro-batches, and two stages with two micro-batches.
@@ -13,7 +12,7 @@ the other, so their step over one stage's is the hand-off's cost alone (the issu
 micro-batches there cost the smaller batches' efficiency (their gain needs two GPUs). Writes
 `pipeline-<device>.json` under --out (a directory) or to --out (a .json path). `--with-235b`
 adds Qwen3-235B-A22B with random 4-bit weights as two stages on the one GPU (141 GB: an H200);
-`--tables candidate` builds every engine with issue 36's candidate 4-bit tables.
+`--models ""` skips the 4B and the 30B.
 """
 
 from __future__ import annotations
@@ -176,17 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--with-235b", action="store_true", help="then the 4-bit 235B as two stages (an H200)"
     )
-    parser.add_argument("--tables", choices=("served", "candidate"), default="served")
     args = parser.parse_args(argv)
-    if args.tables == "candidate":
-        from benchmarks.bench_int4_v2 import candidate_ops
-
-        with candidate_ops():
-            return measure_all(args)
-    return measure_all(args)
-
-
-def measure_all(args: argparse.Namespace) -> dict:
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     sources = {
         kind: smoke_source(kind) if args.smoke else resolve(str(path), random_weights=True)

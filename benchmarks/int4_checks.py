@@ -30,7 +30,7 @@ def errors(ours: Tensor, oracle: Tensor) -> dict:
 
 
 def splitk_tile(tokens: int) -> SplitKTile:
-    choice = tables.INT4_LINEAR_SPLITK.choose(tokens)
+    choice = tables.INT4_LINEAR_WIDE.choose(tokens)
     return choice.tile if isinstance(choice, tables.SplitK) else PREFILL_SPLITK
 
 

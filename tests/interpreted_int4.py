@@ -25,7 +25,7 @@ def int4_splitk() -> None:
     short), split-K of several lengths and none, groups of 128 and 256, a strided x."""
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
     from replica.ops.linear import TritonLinear
-    from replica.ops.tables import SplitK, int4_linear_splitk
+    from replica.ops.tables import SplitK
 
     assert splits(3, 3, 2, torch.device("cpu")) == 3  # 8 "SMs": 16 programs wanted, 3 groups
     assert splits(3, 20, 2, torch.device("cpu")) == 5  # 6 slices of 4 would leave one empty
@@ -35,7 +35,7 @@ def int4_splitk() -> None:
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
-    served = TritonLinear(int4_linear_splitk)  # the candidate table through the ops layer
+    served = TritonLinear()  # the served table through the ops layer
     for tokens in (3, 20, 64):
         assert isinstance(served.choose(tokens, weight), SplitK)
         x = torch.randn(tokens, 512)
@@ -50,7 +50,6 @@ def moe_fused() -> None:
     from replica.kernels.moe_route import route_pairs
     from replica.ops.feed_forward import TritonMoE
     from replica.ops.mlp import SparseMoE, moe_reference
-    from replica.ops.tables import moe_fused_table
 
     experts, hidden, inter = 8, 256, 128
     tile = FusedTile(16, 32, 64, 4, 2)
@@ -74,5 +73,5 @@ def moe_fused() -> None:
         expected = moe_reference(x, layer)
         ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
         close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
-        served = TritonMoE(moe_fused_table)(x, layer, True)  # the candidate table, a decode step
+        served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)

@@ -151,12 +151,12 @@ def moe(packed: bool = False) -> None:
                 layer.gate_up, layer.down, torch.float32, 3 * 3 * inter * hidden * 4
             )
             assert len(chunks) == 3
-            gemv = tables.MOE_PACKED_PREFILL.choose(1)
+            gemv = tables.MOE_NARROW_PREFILL.choose(1)
             choices = (
                 gemv,
-                tables.MOE_PACKED_PREFILL.choose(4),
-                tables.MOE_PACKED_DECODE.choose(60 * top_k / experts),
-                tables.MOE_PACKED_PREFILL.choose(60 * top_k / experts),
+                tables.MOE_NARROW_PREFILL.choose(4),
+                tables.MOE_NARROW_DECODE.choose(60 * top_k / experts),
+                tables.MOE_NARROW_PREFILL.choose(60 * top_k / experts),
             )
             assert [type(c).__name__ for c in choices] == ["ExpertGemv"] * 2 + ["ExpertTiles"] * 2
             assert not choices[0].bucketed and choices[1].bucketed
@@ -169,9 +169,9 @@ def moe(packed: bool = False) -> None:
 
 def int4_linear() -> None:
     """w4a16 against dequantize-then-matmul, by the tables' choices (the GEMV for 1 to 4 tokens,
-    the slabs, the decode tile, the dequantizing copy) and each kernel explicitly: the GEMV
-    gated, the tile kernel (slabs for groups of 128) with and without split-K at the middle and
-    prefill tiles; output widths that end mid-block; groups of 32 to 128."""
+    the split-K tile or the decode tile, the dequantizing copy) and each kernel explicitly: the
+    GEMV gated, the tile kernel with and without split-K at the middle and prefill tiles; output
+    widths that end mid-block; groups of 32 to 128."""
     from replica.kernels.int4_dequantize import dequantized
     from replica.kernels.int4_gemv import w4a16_gemv
     from replica.kernels.int4_matmul import w4a16_tiled
@@ -190,7 +190,7 @@ def int4_linear() -> None:
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
             close_in_scale(ours(x, weight), linear(x, weight))
             if tokens in tiles:
-                tiled = w4a16_tiled(x, weight, tiles[tokens], slabs=group >= 128)
+                tiled = w4a16_tiled(x, weight, tiles[tokens])
                 close_in_scale(tiled, linear(x, weight))
             gate, up = linear(x, weight).chunk(2, dim=-1)
             if tokens <= 4:

@@ -43,7 +43,7 @@ def test_w4a16_linear_matches_dequantized_matmul(shape: str):
         x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=torch.bfloat16)
         expected = x @ dense.t()
         assert rel_error(TritonLinear()(x, weight), expected) < 1e-2, tokens
-        choice = tables.INT4_LINEAR_SPLITK.choose(tokens)
+        choice = tables.INT4_LINEAR_WIDE.choose(tokens)
         tile = choice.tile if isinstance(choice, tables.SplitK) else SplitKTile(64, 64, 4, 3)
         assert rel_error(w4a16_splitk(x, weight, tile), expected) < 1e-2, tokens
     assert torch.equal(dequantized(weight, torch.bfloat16), dense)  # bf16 scales: exact
@@ -102,7 +102,7 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
         top_k=top_k,
         norm_topk_prob=True,
     )
-    # 16 tokens: a pair an expert; 17 and 64: the buckets; 2048: dequantized (prefill)
+    # groups of 128: the fused kernel to 64 tokens (a program a pair at 1), 2048: dequantized
     fused_moe = TritonMoE()
     for tokens in (1, 8, 16, 17, 64, 2048):
         x = randn(tokens, hidden)
@@ -110,12 +110,12 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
         assert rel_error(fused, moe_reference(x, moe)) < 2e-2, tokens
     x = randn(64, hidden)
     choices = {
-        "pairs": tables.MOE_PACKED_DECODE.choose(1),
-        "buckets": tables.MOE_PACKED_DECODE.choose(4),
-        "tiles": tables.MOE_PACKED_DECODE.choose(8),
-        "dequantized": tables.MOE_PACKED_PREFILL.choose(8),
-        "fused": tables.MOE_PACKED_FUSED.choose(1),
-        "fused wide": tables.MOE_PACKED_FUSED.choose(8),
+        "pairs": tables.MOE_NARROW_DECODE.choose(1),
+        "buckets": tables.MOE_NARROW_DECODE.choose(4),
+        "tiles": tables.MOE_NARROW_DECODE.choose(8),
+        "dequantized": tables.MOE_NARROW_PREFILL.choose(8),
+        "fused": tables.MOE_PACKED_DECODE.choose(1),
+        "fused wide": tables.MOE_PACKED_DECODE.choose(8),
     }
     for path, choice in choices.items():
         fused = fused_moe.run(x, moe, choice).unflatten(0, (64, top_k)).float().sum(1)

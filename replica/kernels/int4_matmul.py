@@ -3,9 +3,9 @@ units, each weight tile dequantized in registers exactly as the PyTorch oracle d
 in fp32, split over K when the output has too few blocks to keep every SM reading (fp32 partial
 sums added in a fixed order: deterministic).
 
-Two ways through K: a tile of BLOCK_K columns at a time through `int4_tile`, or (`slabs`, groups
-of 128 or more) a group at a time in nibble slabs (`_slab_dots`). Which serves which token count
-is replica.ops.tables' to say.
+It serves groups smaller than 128 (replica.kernels.int4_splitk takes 128 or more): a tile of
+BLOCK_K columns at a time through `int4_tile`. Which serves which token count is
+replica.ops.tables' to say.
 """
 
 from __future__ import annotations
@@ -18,36 +18,7 @@ from torch import Tensor
 from replica.kernels.int4_dequantize import Int4Weight, block_depth, int4_tile
 from replica.kernels.launch import Tile, split_k
 
-SLAB_GROUP = 128  # the smallest group whose words (16) make a dot's K
 SPLIT_K_TOKENS = 64  # more tokens than this fill the GPU without splitting K
-
-
-@triton.jit
-def _slab_dots(
-    acc, x_tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features, feature_live, g,
-    depth, GROUP: tl.constexpr, dtype: tl.constexpr,
-):  # fmt: skip
-    """acc plus group g's product. Nibble j of the group's W words is its columns jW..jW+W-1
-    (our layout), contiguous: each nibble is a [features, W] weight slab dequantized in the
-    layout it was loaded in (as the oracle: (q - zero) * scale in fp32, rounded once) and one dot
-    with K = W, no reshape (PERF.md, issue 24's fourth pass: the slab experiment)."""
-    words_per_group: tl.constexpr = GROUP // 8
-    word = tl.arange(0, words_per_group)
-    words = tl.load(
-        qweight_ptr + features[:, None] * (depth // 8) + g * words_per_group + word[None, :],
-        mask=feature_live[:, None],
-        other=0,
-    )
-    group = features * (depth // GROUP) + g
-    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
-    zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
-    for j in tl.static_range(8):
-        q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        w = (q * scale - zero * scale).to(dtype)
-        columns = g * GROUP + j * words_per_group + word[None, :]
-        x = tl.load(x_tokens + columns, mask=token_live[:, None], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    return acc
 
 
 @triton.jit
@@ -66,7 +37,6 @@ def _w4a16_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SLABS: tl.constexpr,  # a group at a time in nibble slabs (`_slab_dots`); else int4_tile
 ):
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,22 +46,13 @@ def _w4a16_kernel(
     span = depth // SPLIT_K
     x_tokens = x_ptr + tokens[:, None] * stride_x
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if SLABS:  # a group a step, a dot of K = GROUP / 8 a nibble
-        for g in range(split * span // GROUP, (split + 1) * span // GROUP):
-            acc = _slab_dots(
-                acc, x_tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-                feature_live, g, depth, GROUP, dtype,
-            )  # fmt: skip
-    else:
-        for k in range(split * span, (split + 1) * span, BLOCK_K):
-            x = tl.load(
-                x_tokens + k + tl.arange(0, BLOCK_K)[None, :], token_live[:, None], other=0.0
-            )
-            w = int4_tile(
-                qweight_ptr, scales_ptr, zeros_ptr, features, feature_live, k, depth,
-                GROUP, BLOCK_K, BLOCK_N, dtype,
-            )  # fmt: skip
-            acc += tl.dot(x, tl.trans(w))
+    for k in range(split * span, (split + 1) * span, BLOCK_K):
+        x = tl.load(x_tokens + k + tl.arange(0, BLOCK_K)[None, :], token_live[:, None], other=0.0)
+        w = int4_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, features, feature_live, k, depth,
+            GROUP, BLOCK_K, BLOCK_N, dtype,
+        )  # fmt: skip
+        acc += tl.dot(x, tl.trans(w))
     dst = out_ptr + (split * m + tokens[:, None]) * n + features[None, :]
     live = token_live[:, None] & feature_live[None, :]
     if SPLIT_K == 1:
@@ -100,17 +61,15 @@ def _w4a16_kernel(
         tl.store(dst, acc, mask=live)
 
 
-def w4a16_tiled(x: Tensor, weight: Int4Weight, tile: Tile, slabs: bool) -> Tensor:
-    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype, through the tile kernel: in
-    nibble slabs (groups of SLAB_GROUP or more), else BLOCK_K columns a step."""
+def w4a16_tiled(x: Tensor, weight: Int4Weight, tile: Tile) -> Tensor:
+    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype, through the tile kernel, BLOCK_K
+    columns a step."""
     m, depth = x.shape
     n = weight.shape[-2]
     if x.stride(-1) != 1:
         x = x.contiguous()
     group = weight.group_size
-    if slabs and group < SLAB_GROUP:
-        raise ValueError(f"group {group}: nibble slabs need groups of {SLAB_GROUP} or more")
-    block_k = group if slabs else block_depth(tile.depth, depth, group)
+    block_k = block_depth(tile.depth, depth, group)
     grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
     split = 1 if m > SPLIT_K_TOKENS else split_k(grid_n * grid_m, depth // block_k, x.device)
     dtype = x.dtype if split == 1 else torch.float32
@@ -130,7 +89,6 @@ def w4a16_tiled(x: Tensor, weight: Int4Weight, tile: Tile, slabs: bool) -> Tenso
         BLOCK_M=tile.tokens,
         BLOCK_N=tile.features,
         BLOCK_K=block_k,
-        SLABS=slabs,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )

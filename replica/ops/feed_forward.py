@@ -77,7 +77,7 @@ class TritonMoE(TorchMoE):
 
     def __init__(
         self,
-        tables: Callable[[bool, bool], Table[MoeChoice]] = moe_table,
+        tables: Callable[[int | None, bool], Table[MoeChoice]] = moe_table,
         dequantized_bytes: int = DEQUANTIZED_BYTES,
     ) -> None:
         self.tables = tables
@@ -87,7 +87,7 @@ class TritonMoE(TorchMoE):
     def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
         """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
         `decode`: a decode step (in a CUDA graph: no dequantized copy)."""
-        table = self.tables(isinstance(moe.gate_up, PackedInt4), decode)
+        table = self.tables(packed_group(moe), decode)
         return self.run(x, moe, table.choose(x.shape[0] * moe.top_k / moe.num_experts))
 
     def run(self, x: Tensor, moe: SparseMoE, choice: MoeChoice) -> Tensor:
@@ -118,3 +118,10 @@ class TritonMoE(TorchMoE):
             counts = torch.zeros(moe.num_experts, dtype=torch.int32, device=moe.router.device)
             held = self._counts[id(moe)] = (moe, counts)  # the layer held: its id stays its own
         return held[1]
+
+
+def packed_group(moe: SparseMoE) -> int | None:
+    """The packed experts' smaller group size (None: 16-bit experts)."""
+    if isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4):
+        return min(moe.gate_up.group_size, moe.down.group_size)
+    return None

@@ -61,7 +61,7 @@ def run_int4(x: Tensor, weight: PackedInt4, choice: Int4Linear) -> Tensor:
     if isinstance(choice, Gemv):
         return w4a16_gemv(x, weight, choice.tile)
     if isinstance(choice, Tiled):
-        return w4a16_tiled(x, weight, choice.tile, choice.slabs)
+        return w4a16_tiled(x, weight, choice.tile)
     if isinstance(choice, SplitK):
         return w4a16_splitk(x, weight, choice.tile)
     return F.linear(x, dequantized(weight, x.dtype))

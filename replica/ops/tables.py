@@ -8,14 +8,12 @@ the benchmark named, then change an entry and its citation together.
 - `INT4_LINEAR_WIDE` / `INT4_LINEAR_NARROW`: a packed projection by token count, for groups of
   128 or more and for smaller ones (`int4_linear_table`); a `Gemv` entry also serves a dense
   MLP's gate_up with SiLU * up fused (its `gated` tile).
-- `MOE_16BIT`, `MOE_PACKED_DECODE`, `MOE_PACKED_PREFILL`: the fused experts by mean (token,
-  expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the dequantized
-  copy, whose scratch would stay in the graph's pool.
-- `INT4_LINEAR_SPLITK`, `MOE_PACKED_FUSED` (decode), `MOE_PACKED_FUSED_PREFILL`: the second
-  design's candidates (issue 36), their tiles chosen by the kernels' sweep on an H100
-  (benchmarks.bench_int4_v2); not served until that benchmark's engine step measures them against
-  today's tables. torch's int4 matmul (replica.ops.tinygemm) has no entry: it would own the
-  layout of a weight converted for it, and its prefill is 17x the dequantized copy's (PERF.md).
+- `MOE_16BIT`, `MOE_PACKED_DECODE` / `MOE_PACKED_PREFILL` (groups of 128 or more: the fused 4-bit
+  experts), `MOE_NARROW_DECODE` / `MOE_NARROW_PREFILL` (smaller groups): the experts by mean
+  (token, expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the
+  dequantized copy, whose scratch would stay in the graph's pool.
+- torch's int4 matmul (replica.ops.tinygemm) has no entry: it would own the layout of a weight
+  converted for it, and its prefill is 17x the dequantized copy's (PERF.md, issue 36).
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
 
 Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
@@ -28,7 +26,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from replica.kernels.int4_gemv import GemvTile
-from replica.kernels.int4_splitk import SplitKTile
+from replica.kernels.int4_splitk import MIN_GROUP, SplitKTile
 from replica.kernels.launch import Tile
 from replica.kernels.moe_fused import FusedTile
 
@@ -39,7 +37,9 @@ ISSUE_12 = "PERF.md 'Qwen3-30B-A3B (MoE) in our engine (issue 12)'"
 ISSUE_4 = "PERF.md 'Replica engine: own Qwen3 forward, slot KV cache, CUDA-graph decode (issue 4)'"
 THIRD_PASS = f"{ISSUE_24} > 'Third pass'"
 FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
-V2_SWEEP = "PERF.md '4-bit weights, second design (issue 36)'; docs/perf/int4-v2-h100.json"
+V2 = "PERF.md '4-bit weights, second design (issue 36)'"
+V2_SWEEP = f"{V2}; docs/perf/int4-v2-h100.json"
+V2_ENGINES = f"{V2} > 'Served'; docs/perf/int4-v2-h100-engines.json"
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,9 @@ class Gemv:
 
 @dataclass(frozen=True)
 class Tiled:
-    """`replica.kernels.int4_matmul.w4a16_tiled`: in nibble slabs, or `int4_tile`'s tiles."""
+    """`replica.kernels.int4_matmul.w4a16_tiled` (groups under 128)."""
 
     tile: Tile
-    slabs: bool  # groups of 128 or more only
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,10 @@ GEMV_2 = Gemv(GemvTile(32, 1, 4, 2), gated=GemvTile(32, 2, 4, 2))
 GEMV_4 = Gemv(GemvTile(32, 1, 4, 4), gated=GemvTile(32, 1, 4, 4))
 GEMV_1_SWEEP = f"{THIRD_PASS}; docs/perf/int4-h200/kernel-sweep-rows-in-registers.json"
 GEMV_SWEEP = f"{FOURTH_PASS}; docs/perf/int4-h200/kernel-sweep-multi-token-gemv.json"
-SLAB_SWEEP = f"{FOURTH_PASS}, the slabs; docs/perf/int4-h200/slab-tile-experiment.json"
 DEQUANTIZED_SWEEP = (
     f"{THIRD_PASS}, prefill; docs/perf/int4-h200/dense-moe-gemv-4-pairs-an-expert.json"
 )
+SPLITK_SWEEP = f"{V2_SWEEP} (sweep.dense_us); {V2_ENGINES}"
 TILE_16 = Tile(16, 32, 128, 4, 4)
 
 Int4Linear = Gemv | Tiled | SplitK | Dequantized
@@ -153,9 +152,9 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
     (
         Entry(1, GEMV_1, GEMV_1_SWEEP),
         Entry(2, GEMV_2, GEMV_SWEEP),
-        Entry(16, Tiled(TILE_16, slabs=True), SLAB_SWEEP),
-        Entry(32, Tiled(Tile(32, 128, 128, 4, 2), slabs=True), SLAB_SWEEP),
-        Entry(64, Tiled(Tile(64, 128, 128, 4, 2), slabs=True), SLAB_SWEEP),
+        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SPLITK_SWEEP),
+        Entry(32, SplitK(SplitKTile(32, 64, 4, 3)), SPLITK_SWEEP),
+        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SPLITK_SWEEP),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
@@ -168,7 +167,7 @@ INT4_LINEAR_NARROW: Table[Int4Linear] = Table(
         Entry(4, GEMV_4, GEMV_SWEEP),
         Entry(
             15,
-            Tiled(TILE_16, slabs=False),
+            Tiled(TILE_16),
             f"{ISSUE_24} > 'Second pass'; docs/perf/int4-h200/gemv-tiles-in-graph.json",
         ),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
@@ -176,28 +175,9 @@ INT4_LINEAR_NARROW: Table[Int4Linear] = Table(
 )
 
 
-INT4_LINEAR_SPLITK: Table[Int4Linear] = Table(
-    "4-bit linear, groups of 128 or more, split-K tile (candidate)",
-    "tokens",
-    (
-        Entry(1, GEMV_1, GEMV_1_SWEEP),
-        Entry(2, GEMV_2, GEMV_SWEEP),
-        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
-        Entry(32, SplitK(SplitKTile(32, 64, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
-        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), f"{V2_SWEEP} (sweep.dense_us)"),
-        Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
-    ),
-)
-
-
 def int4_linear_table(group_size: int) -> Table[Int4Linear]:
-    """Groups of 128 or more have words enough (16) for the slabs' K."""
-    return INT4_LINEAR_WIDE if group_size >= 128 else INT4_LINEAR_NARROW
-
-
-def int4_linear_splitk(group_size: int) -> Table[Int4Linear]:
-    """The split-K candidate where its groups allow, today's table elsewhere."""
-    return INT4_LINEAR_SPLITK if group_size >= 128 else INT4_LINEAR_NARROW
+    """The split-K tile needs groups of 128 or more (MIN_GROUP: 16 words, a dot's K)."""
+    return INT4_LINEAR_WIDE if group_size >= MIN_GROUP else INT4_LINEAR_NARROW
 
 
 # Fused experts, by mean pairs an expert.
@@ -228,11 +208,13 @@ _EXPERT_GEMV = (
     Entry(2, ExpertGemv(GEMV_2.gated, GEMV_2.tile, bucketed=True), EXPERT_GEMV),
     Entry(4, ExpertGemv(GEMV_4.gated, GEMV_4.tile, bucketed=True), EXPERT_GEMV),
 )
-MOE_PACKED_DECODE: Table[ExpertGemv | ExpertTiles] = Table(
-    "4-bit experts, decode", "pairs an expert", _EXPERT_GEMV + _tiles(dequantized=False)
+MOE_NARROW_DECODE: Table[ExpertGemv | ExpertTiles] = Table(
+    "4-bit experts, groups under 128, decode",
+    "pairs an expert",
+    _EXPERT_GEMV + _tiles(dequantized=False),
 )
-MOE_PACKED_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
-    "4-bit experts, prefill",
+MOE_NARROW_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
+    "4-bit experts, groups under 128, prefill",
     "pairs an expert",
     (
         *_EXPERT_GEMV,
@@ -245,9 +227,9 @@ MOE_PACKED_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
 MoeChoice = ExpertGemv | ExpertTiles | FusedExperts
 FUSED_16 = FusedTile(16, 64, 128, 4, 3)
 FUSED_32 = FusedTile(32, 64, 128, 4, 3)
-FUSED_SWEEP = f"{V2_SWEEP} (sweep.moe_us)"
-MOE_PACKED_FUSED: Table[MoeChoice] = Table(
-    "4-bit experts, decode, fused (candidate; groups of 128 or more)",
+FUSED_SWEEP = f"{V2_SWEEP} (sweep.moe_us); {V2_ENGINES}"
+MOE_PACKED_DECODE: Table[MoeChoice] = Table(
+    "4-bit experts, groups of 128 or more, decode",
     "pairs an expert",
     (
         # below a quarter pair an expert (1 and 2 tokens of the 30B) a program a pair wins
@@ -256,31 +238,25 @@ MOE_PACKED_FUSED: Table[MoeChoice] = Table(
         Entry(math.inf, FusedExperts(FUSED_32), FUSED_SWEEP),
     ),
 )
-
-
-def moe_table(packed: bool, decode: bool) -> Table[MoeChoice]:
-    if not packed:
-        return MOE_16BIT
-    return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
-
-
-MOE_PACKED_FUSED_PREFILL: Table[MoeChoice] = Table(
-    "4-bit experts, prefill, fused (candidate; groups of 128 or more)",
+MOE_PACKED_PREFILL: Table[MoeChoice] = Table(
+    "4-bit experts, groups of 128 or more, prefill",
     "pairs an expert",
     (
-        *MOE_PACKED_FUSED.entries[:2],
-        # 2.2x today's dequantized tiles at 64 pairs, even at 256, behind at 1,024
+        *MOE_PACKED_DECODE.entries[:2],
+        # 2.2x the dequantized tiles at 64 pairs, even at 256, behind at 1,024
         Entry(256, FusedExperts(FUSED_32), FUSED_SWEEP),
         Entry(math.inf, ExpertTiles(PREFILL_TILES.up, PREFILL_TILES.down, True), FUSED_SWEEP),
     ),
 )
 
 
-def moe_fused_table(packed: bool, decode: bool) -> Table[MoeChoice]:
-    """The fused candidates for packed experts, today's 16-bit table elsewhere."""
-    if not packed:
+def moe_table(group_size: int | None, decode: bool) -> Table[MoeChoice]:
+    """`group_size`: the packed experts' (None: 16-bit); the fused kernel needs 128 or more."""
+    if group_size is None:
         return MOE_16BIT
-    return MOE_PACKED_FUSED if decode else MOE_PACKED_FUSED_PREFILL
+    if group_size >= MIN_GROUP:
+        return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
+    return MOE_NARROW_DECODE if decode else MOE_NARROW_PREFILL
 
 
 # The layer's elementwise kernels.
