@@ -12,6 +12,7 @@ the other, so their step over one stage's is the hand-off's cost alone (the issu
 micro-batches there cost the smaller batches' efficiency (their gain needs two GPUs). Writes
 `pipeline-<device>.json` under --out (a directory) or to --out (a .json path). `--with-235b`
 adds Qwen3-235B-A22B with random 4-bit weights as two stages on the one GPU (141 GB: an H200);
+`--half-235b` measures one stage's share of it alone on an 80 GB card (an H100: no H200 lent);
 `--models ""` skips the 4B and the 30B.
 """
 
@@ -121,6 +122,25 @@ def measure_big(source: ModelSource, device: str) -> dict:
     }
 
 
+def measure_half_big(source: ModelSource, device: str, gpu_memory_gb: float | None) -> dict:
+    """Where no H200 is lent: one stage's share of the 235B on one 80 GB card, as a model of its
+    first 47 layers with the embedding and the LM head (a real stage has one of the two, 1.2 GiB
+    less). Two stages without micro-batches take about twice its step."""
+    config = source.config.__class__(**source.config.to_dict())
+    config.num_hidden_layers = (config.num_hidden_layers + 1) // 2
+    engine_config = EngineConfig(
+        max_batch=max(BIG_ROWS), max_model_len=1024, gpu_memory_gb=gpu_memory_gb, quantize="int4"
+    )
+    engine = load_engine(replace(source, config=config), engine_config, device, eos_ids=())
+    return {
+        "layers_235b_half": config.num_hidden_layers,
+        "weights_gib_235b_half": engine.info["weights_gib"],
+        "startup_s_235b_half": engine.info["startup_s"],
+        "step_ms_235b_half": {str(n): round(step_ms(engine, n, seed=n), 3) for n in BIG_ROWS},
+        "rows_of_1000_tokens_235b_half": engine.info["kv_tokens"] // 1000,
+    }
+
+
 def summarize(runs: dict[str, dict], device: str, rows: list[int]) -> dict:
     """The JSON's headline keys (the dense model's ratios, the MoE's beside them)."""
 
@@ -175,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--with-235b", action="store_true", help="then the 4-bit 235B as two stages (an H200)"
     )
+    parser.add_argument(
+        "--half-235b", action="store_true", help="then one stage's share of it (an 80 GB card)"
+    )
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     sources = {
@@ -187,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.with_235b:
         big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
         report |= measure_big(big, "cpu" if args.smoke else "cuda")
+    if args.half_235b:
+        big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
+        report |= measure_half_big(big, "cpu" if args.smoke else "cuda", args.gpu_memory_gb)
     path = out_path(args.out, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
