@@ -47,21 +47,23 @@ def step_ms(engine: Engine, rows: int, seed: int) -> float:
 
 
 def step_floor_bytes(engine: Engine, rows: int) -> tuple[int, float]:
-    """Bytes the step just replayed had to read, and the mean experts it touched per layer.
-    The embedding table is left out: a step reads only its rows' embeddings."""
-    model = engine.model
-    total = model.weight_bytes() - model.embed.numel() * model.embed.element_size()
-    if model.lm_head is model.embed:
-        total += model.lm_head.numel() * model.lm_head.element_size()
-    touched = []
-    for layer in model.layers:
-        moe = layer.mlp
-        if isinstance(moe, SparseMoE):
-            used = int((model.ops.moe.expert_counts(moe) > 0).sum())
-            per_expert = sum(t.numel() * t.element_size() for t in moe.tensors()[1:])
-            total -= (moe.num_experts - used) * per_expert // moe.num_experts
-            touched.append(used)
-    total += rows * LIVE * bytes_per_token(model.config, model.dtype)
+    """Bytes the step just replayed had to read (every stage's), and the mean experts it
+    touched per layer. The embedding table is left out: a step reads only its rows' embeddings."""
+    total, touched = 0, []
+    for model in engine.stages:
+        total += model.weight_bytes()
+        if model.embed is not None:
+            total -= model.embed.numel() * model.embed.element_size()
+            if model.lm_head is model.embed:
+                total += model.lm_head.numel() * model.lm_head.element_size()
+        for layer in model.layers:
+            moe = layer.mlp
+            if isinstance(moe, SparseMoE):
+                used = int((model.ops.moe.expert_counts(moe) > 0).sum())
+                per_expert = sum(t.numel() * t.element_size() for t in moe.tensors()[1:])
+                total -= (moe.num_experts - used) * per_expert // moe.num_experts
+                touched.append(used)
+    total += rows * LIVE * bytes_per_token(engine.model.config, engine.model.dtype)
     return total, sum(touched) / max(len(touched), 1)
 
 

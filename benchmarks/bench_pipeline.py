@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_moe import step_ms
+from benchmarks.bench_moe import step_floor_bytes, step_ms
+from benchmarks.yardsticks import copy_bandwidth
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
 from replica.loading.source import VENDORED_CONFIGS, ModelSource, resolve
@@ -102,6 +103,23 @@ def measure(source: ModelSource, args: argparse.Namespace) -> dict:
     return result
 
 
+def big_steps(engine: Engine, device: str) -> dict:
+    """Decode steps at BIG_ROWS: ms, the experts a layer they touched (random routers spread
+    pairs less evenly than trained ones) and the bytes floor's fraction (benchmarks.bench_moe:
+    the experts touched, as counted by the step's last replay, over the measured copy
+    bandwidth). The CPU's expert loop counts no experts: ms alone there."""
+    bandwidth = copy_bandwidth(torch.device(device)) if device == "cuda" else None
+    result: dict = {"step_ms": {}, "experts_touched": {}, "floor_fraction": {}}
+    for n in BIG_ROWS:
+        ms = step_ms(engine, n, seed=n)
+        result["step_ms"][str(n)] = round(ms, 3)
+        if bandwidth is not None:
+            floor_bytes, touched = step_floor_bytes(engine, n)
+            result["experts_touched"][str(n)] = round(touched, 1)
+            result["floor_fraction"][str(n)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
+    return result
+
+
 def measure_big(source: ModelSource, device: str) -> dict:
     """The 235B, random 4-bit weights, as two stages on one GPU (an H200 holds it): start-up,
     decode steps, and the rows of 1,000 tokens its KV holds (the A100 pair's plan:
@@ -116,7 +134,7 @@ def measure_big(source: ModelSource, device: str) -> dict:
     engine = load_engine(source, config, device, eos_ids=())
     return {
         "startup_s_235b": engine.info["startup_s"],
-        "step_ms_235b": {str(n): round(step_ms(engine, n, seed=n), 3) for n in BIG_ROWS},
+        **{f"{key}_235b": value for key, value in big_steps(engine, device).items()},
         "rows_of_1000_tokens_235b": engine.info["kv_tokens"] // 1000,
         "engine_235b": engine.info,
     }
@@ -136,7 +154,7 @@ def measure_half_big(source: ModelSource, device: str, gpu_memory_gb: float | No
         "layers_235b_half": config.num_hidden_layers,
         "weights_gib_235b_half": engine.info["weights_gib"],
         "startup_s_235b_half": engine.info["startup_s"],
-        "step_ms_235b_half": {str(n): round(step_ms(engine, n, seed=n), 3) for n in BIG_ROWS},
+        **{f"{key}_235b_half": value for key, value in big_steps(engine, device).items()},
         "rows_of_1000_tokens_235b_half": engine.info["kv_tokens"] // 1000,
     }
 
