@@ -76,8 +76,9 @@ def transfer(size_gb: float, rate: Assumption) -> tuple[float, float]:
     return size_gb / rate.high / 60, size_gb / rate.low / 60
 
 
-def steps(size_gb: float, fresh: bool) -> list[Step]:
-    """The deploy's steps and what each waits for; the rest runs side by side."""
+def steps(size_gb: float, fresh: bool, stages: int = 1) -> list[Step]:
+    """The deploy's steps and what each waits for; the rest runs side by side. `stages`: a
+    replica's pipeline stages (2: one replica over both GPUs, each stage reading its half)."""
     a = ASSUMPTIONS
     gb = f"{size_gb:.1f} GB"
     if fresh:
@@ -118,7 +119,10 @@ def steps(size_gb: float, fresh: bool) -> list[Step]:
         ),
         Step(
             "load",
-            f"the marker is in: both replicas load {gb} each from the volume",
+            f"the marker is in: both replicas load {gb} each from the volume"
+            if stages == 1
+            else f"the marker is in: the replica's {stages} stages load {gb} in all, each its "
+            "own layers, from the volume",
             *load,
             load_after,
         ),
@@ -142,12 +146,12 @@ def schedule(plan: list[Step]) -> dict[str, tuple[float, float, float, float]]:
     return times
 
 
-def lines(model: str, size_gb: float) -> list[str]:
+def lines(model: str, size_gb: float, stages: int = 1) -> list[str]:
     """The timeline as `key: value` lines, like the rest of the dry run."""
     out = [f"timeline: minutes after deploy.sh starts, low-high, for {model} ({size_gb:.1f} GB)"]
     out += [f"assumed {name}: {value}" for name, value in ASSUMPTIONS.items()]
     for workspace, fresh in (("fresh", True), ("warm", False)):
-        plan = steps(size_gb, fresh)
+        plan = steps(size_gb, fresh, stages)
         times = schedule(plan)
         for number, step in enumerate(plan, 1):
             start_low, start_high, end_low, end_high = times[step.name]
@@ -172,4 +176,5 @@ if __name__ == "__main__":
     if found is None:
         print(f"timeline: not estimated (no vendored config for {deployment.model}: size unknown)")
     else:
-        print("\n".join(lines(deployment.model, found[0].weight_bytes / 1e9)))
+        size_gb = found[0].weight_bytes / 1e9
+        print("\n".join(lines(deployment.model, size_gb, deployment.pipeline_parallel_size)))

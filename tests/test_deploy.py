@@ -368,11 +368,17 @@ def test_the_4bit_235b_plans_two_pipeline_stages(grader: Grader) -> None:
         "QuantTrio/Qwen3-235B-A22B-Instruct-2507-AWQ",
         "--dry-run",
     )
-    published = settings(grader.run(grader.copy("awq"), *awq).stdout)  # a 4-bit build's name
+    published_run = grader.run(grader.copy("awq"), *awq).stdout  # a 4-bit build's name
+    published = settings(published_run)
     assert published["stage_1"] == out["stage_1"] and published["pipeline_parallel_size"] == "2"
     assert "(126.8 GB)" in published["timeline"]  # its own 4-bit size, not the 470 GB bf16
-    moe = settings(grader.run(grader.copy("moe"), "3", "--id", "abc", "--dry-run").stdout)
+    [load] = [step["what"] for step in timeline(published_run, "fresh") if "load" in step["what"]]
+    assert "the replica's 2 stages load 126.8 GB in all" in load  # one replica, not two copies
+    moe_run = grader.run(grader.copy("moe"), "3", "--id", "abc", "--dry-run").stdout
+    moe = settings(moe_run)
     assert moe["pipeline_parallel_size"] == "1" and "--pipeline-parallel-size" not in moe["server"]
+    [load] = [step["what"] for step in timeline(moe_run, "fresh") if "load" in step["what"]]
+    assert "both replicas load" in load
 
 
 # --- id and system discovery ---------------------------------------------------------------------
