@@ -111,9 +111,8 @@ def scoring(engine: Engine, count: int, vocab: int, flops: float, seed: int = 3)
         EngineRequest(i, [rng.randrange(vocab) for _ in range(rng.randint(100, 600))], 1, [32, 33])
         for i in range(count)
     ]
-    tokens_before, calls_before = engine.stats.prefill_tokens, engine.stats.prefill_calls
-    wall, _ = run_requests(engine, requests)
-    model, tokens = engine.model, engine.stats.prefill_tokens - tokens_before
+    wall, _ = run_requests(engine, requests)  # resets the engine's counts first
+    model, tokens = engine.model, engine.stats.prefill_tokens
     floor_s = 2 * (model.active_params() * tokens + model.lm_head.numel() * count) / flops
     return {
         "requests": count,
@@ -121,7 +120,7 @@ def scoring(engine: Engine, count: int, vocab: int, flops: float, seed: int = 3)
         "wall_s": round(wall, 2),
         "prompts_per_s": round(count / wall, 1),
         "prefill_tok_s": round(tokens / wall),
-        "prefill_calls": engine.stats.prefill_calls - calls_before,
+        "prefill_calls": engine.stats.prefill_calls,
         "compute_floor_fraction": round(floor_s / wall, 3),
     }
 
