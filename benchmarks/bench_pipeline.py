@@ -108,7 +108,7 @@ def big_steps(engine: Engine, device: str) -> dict:
     pairs less evenly than trained ones) and the bytes floor's fraction (benchmarks.bench_moe:
     the experts touched, as counted by the step's last replay, over the measured copy
     bandwidth). The CPU's expert loop counts no experts: ms alone there."""
-    bandwidth = copy_bandwidth(torch.device(device)) if device == "cuda" else None
+    bandwidth = copy_bandwidth(torch.device(device), gib=0.5) if device == "cuda" else None
     result: dict = {"step_ms": {}, "experts_touched": {}, "floor_fraction": {}}
     for n in BIG_ROWS:
         ms = step_ms(engine, n, seed=n)
