@@ -19,6 +19,7 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
   via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
+`--parts moe` sweeps the 30B's experts alone;
 `--with-235b` adds the 235B's experts and engine (an H200).
 
 `--smoke` re-runs itself under TRITON_INTERPRET=1 and times single eager calls: a typo check.
@@ -190,6 +191,8 @@ FUSED_TILES = [
     FusedTile(m, up, down, w, 3) for m in (16, 32) for up, down in ((32, 64), (64, 64), (64, 128))
     for w in (4,)
 ]  # fmt: skip
+# Prefill: an expert's weights are read once a segment block, so larger blocks read them less
+FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, w, 3) for m in (64, 128) for w in (4, 8)]
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
@@ -211,7 +214,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         time_us = clock.graphed if decode else clock.eager
         row: dict = {"tokens": tokens, "pairs_an_expert": tokens * top_k / experts}
         row["served"] = time_us(partial(moe, x, layer, decode))
-        for t in FUSED_TILES:
+        for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
             name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
@@ -356,6 +359,9 @@ def main() -> None:
         sweep = dense_sweep(dense, clock, device, sizes, not args.no_gemlite)
         report["peer_ratio"] = peer_ratio(sweep["dense_us"])
         report["sweep"] = {**sweep, "moe_us": moe_sweep(moe, clock, device, sizes)}
+        save()
+    if "moe" in parts:  # the experts' sweep alone
+        report["sweep"] = {"moe_us": moe_sweep(moe, clock, device, sizes)}
         save()
     if "engines" in parts and not args.smoke:
         from benchmarks.yardsticks import copy_bandwidth, matmul_flops
