@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from replica.ops import tables
 
@@ -37,3 +38,33 @@ def test_each_entry_cites_a_perf_section_and_its_json(table, measured):
     assert paths, f"{table}: {measured!r} names no JSON"
     for path in paths:
         assert (ROOT / path).exists(), f"{table}: {path} does not exist"
+
+
+def test_groups_of_128_take_the_second_design_and_smaller_groups_the_first():
+    """The split-K tile and the fused 4-bit MoE serve groups of 128 or more (their kernels need
+    a group of 16 words); smaller groups keep the GEMV, the tile kernel and the bucketed experts."""
+    assert isinstance(tables.int4_linear_table(128).choose(8), tables.SplitK)
+    assert isinstance(tables.int4_linear_table(64).choose(8), tables.Tiled)
+    assert isinstance(tables.moe_table(128, decode=True).choose(4.0), tables.FusedExperts)
+    assert isinstance(tables.moe_table(128, decode=False).choose(64.0), tables.FusedExperts)
+    assert tables.moe_table(128, decode=False).choose(1024.0).dequantized
+    assert tables.moe_table(32, decode=True).choose(4.0).bucketed
+    assert tables.moe_table(None, decode=True) is tables.MOE_16BIT
+
+
+def test_packed_experts_are_looked_up_by_their_smaller_group():
+    from replica.ops.feed_forward import packed_group
+    from replica.ops.mlp import SparseMoE
+    from replica.ops.packed import quantize
+
+    def layer(up_group: int | None, down_group: int | None) -> SparseMoE:
+        def stacked(group: int | None, *shape: int):
+            weights = torch.randn(*shape)
+            return weights if group is None else quantize(weights, group_size=group)
+
+        gate_up, down = stacked(up_group, 4, 256, 256), stacked(down_group, 4, 256, 128)
+        return SparseMoE(torch.randn(4, 256), gate_up, down, 2, True)
+
+    assert packed_group(layer(None, None)) is None
+    assert packed_group(layer(128, 128)) == 128
+    assert packed_group(layer(128, 32)) == 32  # the narrower one decides: the fused kernel
