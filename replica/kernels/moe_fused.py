@@ -1,6 +1,6 @@
-"""The fused 4-bit MoE for decode steps on CUDA: packed experts (groups of 128 or more) at any
-decode size through one gate-up and one down kernel, shapes fixed by the token count (a decode
-step stays one CUDA-graph replay).
+"""The fused 4-bit MoE on CUDA: packed experts (groups of 128 or more) through one gate-up and
+one down kernel, shapes fixed by the token count (a decode step stays one CUDA-graph replay); it
+serves every decode size and the smaller prefills (replica.ops.tables says which).
 
 1. `segments`: the routed (token, expert) pairs, already filed in per-expert buckets
    (replica.kernels.moe_route), laid out as per-expert segments padded to BLOCK_M, a program per
