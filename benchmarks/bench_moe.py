@@ -15,7 +15,10 @@ import argparse
 import gc
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,6 +34,26 @@ from replica.wire.spec import EngineConfig
 
 ROWS = (1, 8, 64, 256)
 LIVE = 500
+
+
+@contextmanager
+def spread_routing() -> Iterator[None]:
+    """MoE layers run inside route each token by its hidden state less the batch's mean (its
+    experts still compute on the state itself). With random weights the tokens' states share
+    one large component, so the router sends a whole batch to a few experts: 18.7 of 128 a layer
+    at 64 rows in the 235B (PERF.md, "Pipeline stages"), where a uniform router would touch about
+    126. A trained model's tokens differ, and its step reads many more experts. Centering removes
+    the shared component, so a random model's step reads about as many experts as a trained
+    one's. For benchmarks only; the step's `experts_touched` shows what it did."""
+    from replica.ops import feed_forward
+
+    route = feed_forward.route_pairs
+
+    def centered(x: torch.Tensor, *args, **kwargs):
+        return route(x - x.mean(0, keepdim=True), *args, **kwargs)
+
+    with mock.patch.object(feed_forward, "route_pairs", centered):
+        yield
 
 
 def step_ms(engine: Engine, rows: int, seed: int) -> float:

@@ -13,6 +13,8 @@ micro-batches there cost the smaller batches' efficiency (their gain needs two G
 `pipeline-<device>.json` under --out (a directory) or to --out (a .json path). `--with-235b`
 adds Qwen3-235B-A22B with random 4-bit weights as two stages on the one GPU (141 GB: an H200);
 `--half-235b` measures one stage's share of it alone on an 80 GB card (an H100: no H200 lent);
+`--spread-routing` routes the 235B's tokens as a trained model would, about (its random router
+sends a batch to a few experts: benchmarks.bench_moe.spread_routing);
 `--models ""` skips the 4B and the 30B.
 """
 
@@ -23,12 +25,13 @@ import datetime
 import gc
 import json
 import random
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_moe import step_floor_bytes, step_ms
+from benchmarks.bench_moe import spread_routing, step_floor_bytes, step_ms
 from benchmarks.yardsticks import copy_bandwidth
 from replica.engine.engine import Engine
 from replica.engine.request import EngineRequest
@@ -159,6 +162,19 @@ def measure_half_big(source: ModelSource, device: str, gpu_memory_gb: float | No
     }
 
 
+def measure_235b(args: argparse.Namespace) -> dict:
+    """--with-235b and --half-235b (a tiny MoE on the CPU smoke run)."""
+    big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
+    where = "cpu" if args.smoke else "cuda"
+    report = {"routing_235b": "spread" if args.spread_routing else "the random router's"}
+    with spread_routing() if args.spread_routing else nullcontext():
+        if args.with_235b:
+            report |= measure_big(big, where)
+        if args.half_235b:
+            report |= measure_half_big(big, where, args.gpu_memory_gb)
+    return report
+
+
 def summarize(runs: dict[str, dict], device: str, rows: list[int]) -> dict:
     """The JSON's headline keys (the dense model's ratios, the MoE's beside them)."""
 
@@ -216,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--half-235b", action="store_true", help="then one stage's share of it (an 80 GB card)"
     )
+    parser.add_argument(
+        "--spread-routing",
+        action="store_true",
+        help="the 235B routes as a trained model would, about (bench_moe.spread_routing)",
+    )
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     sources = {
@@ -225,12 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     runs = {kind: measure(source, args) for kind, source in sources.items()}
     report = summarize(runs, device, args.rows)
-    if args.with_235b:
-        big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
-        report |= measure_big(big, "cpu" if args.smoke else "cuda")
-    if args.half_235b:
-        big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
-        report |= measure_half_big(big, "cpu" if args.smoke else "cuda", args.gpu_memory_gb)
+    if args.with_235b or args.half_235b:
+        report |= measure_235b(args)
     path = out_path(args.out, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

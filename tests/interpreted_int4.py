@@ -75,3 +75,36 @@ def moe_fused() -> None:
         close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
+
+
+def spread_routing() -> None:
+    """benchmarks.bench_moe.spread_routing: tokens that share one large component go to a few
+    experts; inside it the same batch spreads over many, routed by the centered states, while
+    the experts still compute on the states themselves (the reference routed the same way)."""
+    from unittest import mock
+
+    from benchmarks.bench_moe import spread_routing
+    from replica.ops import mlp
+    from replica.ops.feed_forward import TritonMoE
+    from replica.ops.mlp import SparseMoE, moe_reference
+
+    experts, hidden, inter, top_k, tokens = 64, 128, 32, 4, 64
+    layer = SparseMoE(
+        router=torch.randn(experts, hidden),
+        gate_up=torch.randn(experts, 2 * inter, hidden) / hidden**0.5,
+        down=torch.randn(experts, hidden, inter) / inter**0.5,
+        top_k=top_k,
+        norm_topk_prob=True,
+    )
+    x = 10 * torch.randn(hidden) + 0.3 * torch.randn(tokens, hidden)
+    moe = TritonMoE()
+    moe(x, layer, True)
+    few = int((moe.expert_counts(layer) > 0).sum())
+    with spread_routing():
+        out = moe(x, layer, True)
+    many = int((moe.expert_counts(layer) > 0).sum())
+    assert few <= 2 * top_k and many >= experts // 2, (few, many)
+    route = mlp.route
+    with mock.patch.object(mlp, "route", lambda x, moe: route(x - x.mean(0, keepdim=True), moe)):
+        expected = moe_reference(x, layer)
+    close_in_scale(out.view(tokens, top_k, hidden).sum(1), expected)

@@ -247,6 +247,7 @@ CHECKS = {
     "sampling": sampling,
     "int4_splitk": interpreted_int4.int4_splitk,
     "moe_fused": interpreted_int4.moe_fused,
+    "spread_routing": interpreted_int4.spread_routing,
 }
 
 if __name__ == "__main__":

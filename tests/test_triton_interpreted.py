@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
         "sampling",
         "int4_splitk",
         "moe_fused",
+        "spread_routing",
     ],
 )
 def test_kernel_matches_its_reference_in_the_interpreter(check: str):
