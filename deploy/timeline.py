@@ -108,6 +108,11 @@ def steps(size_gb: float, fresh: bool, stages: int = 1) -> list[Step]:
             *a["fill_start"].span,
         )
     load = transfer(size_gb, a["volume_read"])
+    who_loads = (
+        f"both replicas load {gb} each"
+        if stages == 1
+        else f"the replica's {stages} stages load {gb} in all, each its own layers,"
+    )
     return [
         deploy,
         fill,
@@ -119,10 +124,7 @@ def steps(size_gb: float, fresh: bool, stages: int = 1) -> list[Step]:
         ),
         Step(
             "load",
-            f"the marker is in: both replicas load {gb} each from the volume"
-            if stages == 1
-            else f"the marker is in: the replica's {stages} stages load {gb} in all, each its "
-            "own layers, from the volume",
+            f"the marker is in: {who_loads} from the volume",
             *load,
             load_after,
         ),
