@@ -70,10 +70,12 @@ def measure(
         "rows_of_1000_tokens": engine.info["kv_tokens"] // ROW_TOKENS,
         "step_ms": {},
         "floor_fraction": {},
+        "experts_touched": {},  # a layer, mean (0 for a dense model)
     }
     for rows in ROWS:
         ms = step_ms(engine, rows, seed=rows)
-        floor_bytes, _ = step_floor_bytes(engine, rows)
+        floor_bytes, touched = step_floor_bytes(engine, rows)
+        result["experts_touched"][str(rows)] = round(touched, 1)
         result["step_ms"][str(rows)] = round(ms, 3)
         result["floor_fraction"][str(rows)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
     vocab = source.config.vocab_size

@@ -20,7 +20,7 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
-`--with-235b` adds the 235B's experts and engine (an H200).
+`--with-235b` adds the 235B's engine, routing spread (an H200), and its experts with `moe`.
 
 `--smoke` re-runs itself under TRITON_INTERPRET=1 and times single eager calls: a typo check.
 """
@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -43,6 +43,7 @@ from unittest import mock
 import torch
 
 from benchmarks.int4_checks import run_checks
+from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -111,10 +112,18 @@ class Clock:
         return round(1e6 * (time.perf_counter() - start), 1)
 
 
+DEFER = (False, True)  # group_dots' DEFER_SCALE, both swept
+
+
+def deferred(tile: SplitKTile | FusedTile) -> str:
+    """A tile's name suffix: "_deferred" where the scale is applied after the dots."""
+    return "_deferred" if tile.defer_scale else ""
+
+
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [SplitKTile(block_m, f, 4, s) for f in (32, 64, 128) for s in (3, 4)]
+    return [SplitKTile(block_m, f, 4, 3, defer_scale=d) for f in (32, 64, 128) for d in DEFER]
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -176,7 +185,7 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    paths[f"splitk_m{t.tokens}n{t.features}s{t.stages}"] = partial(
+                    paths[f"splitk_m{t.tokens}n{t.features}{deferred(t)}"] = partial(
                         w4a16_splitk, x, packed, t
                     )
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
@@ -188,11 +197,11 @@ def dense_sweep(
 
 
 FUSED_TILES = [
-    FusedTile(m, up, down, w, 3) for m in (16, 32) for up, down in ((32, 64), (64, 64), (64, 128))
-    for w in (4,)
+    FusedTile(m, up, down, 4, 3, defer_scale=d)
+    for m in (16, 32) for up, down in ((64, 64), (64, 128)) for d in DEFER
 ]  # fmt: skip
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
-FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, w, 3) for m in (64, 128) for w in (4, 8)]
+FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3, defer_scale=d) for m in (64, 128) for d in DEFER]
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
@@ -207,6 +216,13 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         top_k=top_k,
         norm_topk_prob=True,
     )
+
+    # Prefill beside the 16-bit experts it is measured against, and the 16-bit copy's share
+    def copy() -> tuple:
+        return dequantized(layer.gate_up, dtype), dequantized(layer.down, dtype)
+
+    gate_up, down = copy()
+    wide = replace(layer, gate_up=gate_up, down=down)
     rows, moe = [], TritonMoE()
     for tokens in sizes.decode + sizes.prefill:
         x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
@@ -214,8 +230,11 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         time_us = clock.graphed if decode else clock.eager
         row: dict = {"tokens": tokens, "pairs_an_expert": tokens * top_k / experts}
         row["served"] = time_us(partial(moe, x, layer, decode))
+        if not decode:
+            row["bf16"] = time_us(partial(moe, x, wide, decode))
+            row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
-            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}"
+            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{deferred(t)}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
         print(row, flush=True)
@@ -295,17 +314,25 @@ def engines(
 
 
 def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes: Sizes) -> dict:
-    """The 235B's experts swept, and its engine (int4 alone: its bf16 weights fit no card)."""
+    """The 235B's engine, int4 alone (its bf16 weights fit no card), routed as a trained model
+    would, about (bench_moe.spread_routing: a random router sends a batch to a few experts and
+    its step would read a fraction of the bytes); with `moe` in --parts, its experts swept."""
     from benchmarks.bench_int4 import measure
+    from benchmarks.bench_moe import spread_routing
     from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
-    sweep = moe_sweep(moe_shape("qwen3-235b-a22b-instruct-2507"), clock, device, sizes)
-    big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
+    report: dict = {}
+    if "moe" in args.parts.split(","):
+        shape = moe_shape("qwen3-235b-a22b-instruct-2507")
+        report["moe_235b_us"] = moe_sweep(shape, clock, device, sizes)
+    with spread_routing():
+        big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
     return {
+        **report,
+        "routing_235b": "spread",
         "step_ms_235b": big["step_ms"],
         "floor_fraction_235b": big["floor_fraction"],
         "235b": big,
-        "moe_235b_us": sweep,
     }
 
 
@@ -333,7 +360,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
     parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
-    parser.add_argument("--with-235b", action="store_true", help="its experts too (an H200)")
+    parser.add_argument("--with-235b", action="store_true", help="its engine too (an H200)")
     args = parser.parse_args()
     if args.smoke:
         smoke_reexec()
