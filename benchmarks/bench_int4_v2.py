@@ -304,11 +304,12 @@ def engines(
 
         run("bf16", None)
         run("int4", "int4")
-        with tinygemm_layouts():
-            run("int4_tinygemm", "int4")
         report.update(ratios(runs["bf16"], runs["int4"], name))
-        tinygemm_ratios = ratios(runs["bf16"], runs["int4_tinygemm"], name)
-        report.update({f"{k}_tinygemm": v for k, v in tinygemm_ratios.items()})
+        if not args.no_tinygemm:
+            with tinygemm_layouts():
+                run("int4_tinygemm", "int4")
+            tinygemm_ratios = ratios(runs["bf16"], runs["int4_tinygemm"], name)
+            report.update({f"{k}_tinygemm": v for k, v in tinygemm_ratios.items()})
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
         save()
 
@@ -360,6 +361,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
     parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
+    parser.add_argument("--no-tinygemm", action="store_true", help="engines: skip its variant")
     parser.add_argument("--with-235b", action="store_true", help="its engine too (an H200)")
     args = parser.parse_args()
     if args.smoke:
