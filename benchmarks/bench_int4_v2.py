@@ -15,8 +15,9 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served table over the
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
-  with the served tables (`*_tinygemm`: with torch's int4 matmul owning every 2-D projection),
-  via benchmarks.bench_int4's `measure`.
+  with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
+  projection; `*_deferred`: the tables' tiles applying the scale after the dots), via
+  benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from unittest import mock
 
@@ -115,7 +116,7 @@ class Clock:
 DEFER = (False, True)  # group_dots' DEFER_SCALE, both swept
 
 
-def deferred(tile: SplitKTile | FusedTile) -> str:
+def suffix(tile: SplitKTile | FusedTile) -> str:
     """A tile's name suffix: "_deferred" where the scale is applied after the dots."""
     return "_deferred" if tile.defer_scale else ""
 
@@ -185,7 +186,7 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    paths[f"splitk_m{t.tokens}n{t.features}{deferred(t)}"] = partial(
+                    paths[f"splitk_m{t.tokens}n{t.features}{suffix(t)}"] = partial(
                         w4a16_splitk, x, packed, t
                     )
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
@@ -234,7 +235,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
             row["bf16"] = time_us(partial(moe, x, wide, decode))
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
-            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{deferred(t)}"
+            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{suffix(t)}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
         print(row, flush=True)
@@ -287,12 +288,49 @@ def tinygemm_layouts():
         yield
 
 
+def deferring(table: tables.Table) -> tables.Table:
+    """`table` with every split-K and fused tile applying the scale after the dots."""
+
+    def defer(choice: object) -> object:
+        if isinstance(choice, tables.SplitK | tables.FusedExperts):
+            return replace(choice, tile=replace(choice.tile, defer_scale=True))
+        return choice
+
+    entries = tuple(replace(e, choice=defer(e.choice)) for e in table.entries)
+    return replace(table, entries=entries)
+
+
+@contextmanager
+def deferred_tables():
+    """Engines built inside serve the tables' tiles with the scale applied after the dots
+    (int4_splitk.group_dots' DEFER_SCALE)."""
+    from replica.ops import select
+
+    def linear_table(group: int) -> tables.Table:
+        return deferring(tables.int4_linear_table(group))
+
+    def moe_table(group: int | None, decode: bool) -> tables.Table:
+        return deferring(tables.moe_table(group, decode))
+
+    linear = partial(TritonLinear, cache(linear_table))
+    moe = partial(TritonMoE, cache(moe_table))
+    with (
+        mock.patch.object(select, "TritonLinear", linear),
+        mock.patch.object(select, "TritonMoE", moe),
+    ):
+        yield
+
+
+VARIANTS = {"tinygemm": tinygemm_layouts, "deferred": deferred_tables}
+
+
 def engines(
     args: argparse.Namespace, bandwidth: float, flops: float, report: dict, save: Callable
 ) -> None:
-    """bf16; int4 through the served tables, and through them with torch's int4 matmul owning
-    every 2-D projection; for the 4B and the 30B. Into `report`, saved after each engine (a run
-    cut short keeps them)."""
+    """bf16; int4 through the served tables, and through each of `--variants`: torch's int4
+    matmul owning every 2-D projection (`tinygemm`), the scale applied after the dots
+    (`deferred`); for the 4B and the 30B. Into `report`, saved after each engine (a run cut
+    short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
     for name in ("dense", "moe"):
@@ -305,11 +343,11 @@ def engines(
         run("bf16", None)
         run("int4", "int4")
         report.update(ratios(runs["bf16"], runs["int4"], name))
-        if not args.no_tinygemm:
-            with tinygemm_layouts():
-                run("int4_tinygemm", "int4")
-            tinygemm_ratios = ratios(runs["bf16"], runs["int4_tinygemm"], name)
-            report.update({f"{k}_tinygemm": v for k, v in tinygemm_ratios.items()})
+        for variant in filter(None, args.variants.split(",")):
+            with VARIANTS[variant]():
+                run(f"int4_{variant}", "int4")
+            variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
+            report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
         save()
 
@@ -361,7 +399,9 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
     parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
-    parser.add_argument("--no-tinygemm", action="store_true", help="engines: skip its variant")
+    parser.add_argument(
+        "--variants", default="tinygemm", help=f"engines beside the served: of {list(VARIANTS)}"
+    )
     parser.add_argument("--with-235b", action="store_true", help="its engine too (an H200)")
     args = parser.parse_args()
     if args.smoke:
