@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from pathlib import Path
@@ -333,7 +333,7 @@ def engines(
     short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
-    for name in ("dense", "moe"):
+    for name in args.engines.split(","):
         runs = report[name] = {}
 
         def run(variant: str, quantize: str | None, runs: dict = runs, name: str = name) -> None:
@@ -399,6 +399,12 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it
     parser.add_argument("--no-gemlite", action="store_true", help="skip the GemLite peer")
+    parser.add_argument("--engines", default="dense,moe", help="engines: which models")
+    parser.add_argument(
+        "--spread-routing",
+        action="store_true",
+        help="engines: route as a trained model would, about (bench_moe.spread_routing)",
+    )
     parser.add_argument(
         "--variants", default="tinygemm", help=f"engines beside the served: of {list(VARIANTS)}"
     )
@@ -433,9 +439,12 @@ def main() -> None:
         report["sweep"] = {"moe_us": moe_sweep(moe, clock, device, sizes)}
         save()
     if "engines" in parts and not args.smoke:
+        from benchmarks.bench_moe import spread_routing
         from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
-        engines(args, copy_bandwidth(device), matmul_flops(device), report, save)
+        report["routing"] = "spread" if args.spread_routing else "the random router's"
+        with spread_routing() if args.spread_routing else nullcontext():
+            engines(args, copy_bandwidth(device), matmul_flops(device), report, save)
     if args.with_235b and not args.smoke:
         report.update(big_moe(args, clock, device, sizes))
         save()
