@@ -36,23 +36,33 @@ ROWS = (1, 8, 64, 256)
 LIVE = 500
 
 
+def routing_rows(x: torch.Tensor) -> torch.Tensor:
+    """[T, hidden] in x's dtype: a fixed pseudo-random vector for each batch position, the same
+    every step (arithmetic on the positions: no generator, so a CUDA graph captures it)."""
+    rows = torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.float32)[:, None]
+    cols = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :]
+    hashed = torch.sin(rows * 12.9898 + cols * 78.233) * 43758.5453
+    return (torch.remainder(hashed, 1.0) - 0.5).to(x.dtype)
+
+
 @contextmanager
 def spread_routing() -> Iterator[None]:
-    """MoE layers run inside route each token by its hidden state less the batch's mean (its
-    experts still compute on the state itself). With random weights the tokens' states share
-    one large component, so the router sends a whole batch to a few experts: 18.7 of 128 a layer
-    at 64 rows in the 235B (PERF.md, "Pipeline stages"), where a uniform router would touch about
-    126. A trained model's tokens differ, and its step reads many more experts. Centering removes
-    the shared component, so a random model's step reads about as many experts as a trained
-    one's. For benchmarks only; the step's `experts_touched` shows what it did."""
+    """MoE layers run inside route each token by `routing_rows` instead of its hidden state (its
+    experts still compute on the state itself), so a batch spreads over the experts about
+    uniformly, as a trained model's many distinct tokens do, about. With random weights the
+    router sends a whole batch to a few experts: 18.7 of 128 a layer at 64 rows in the 235B
+    (PERF.md, "Pipeline stages"), where a uniform router would touch about 126, and the random
+    int4 30B touched 19.6 even with the batch's mean taken out of the states first (this
+    context's first design; PERF.md, issue 36, fourth session). For benchmarks only; the step's
+    `experts_touched` shows what it did."""
     from replica.ops import feed_forward
 
     route = feed_forward.route_pairs
 
-    def centered(x: torch.Tensor, *args, **kwargs):
-        return route(x - x.mean(0, keepdim=True), *args, **kwargs)
+    def spread(x: torch.Tensor, *args, **kwargs):
+        return route(routing_rows(x), *args, **kwargs)
 
-    with mock.patch.object(feed_forward, "route_pairs", centered):
+    with mock.patch.object(feed_forward, "route_pairs", spread):
         yield
 
 

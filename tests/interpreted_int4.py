@@ -82,11 +82,11 @@ def moe_fused() -> None:
 
 def spread_routing() -> None:
     """benchmarks.bench_moe.spread_routing: tokens that share one large component go to a few
-    experts; inside it the same batch spreads over many, routed by the centered states, while
-    the experts still compute on the states themselves (the reference routed the same way)."""
+    experts; inside it the same batch spreads over many, routed by `routing_rows`, while the
+    experts still compute on the states themselves (the reference routed the same way)."""
     from unittest import mock
 
-    from benchmarks.bench_moe import spread_routing
+    from benchmarks.bench_moe import routing_rows, spread_routing
     from replica.ops import mlp
     from replica.ops.feed_forward import TritonMoE
     from replica.ops.mlp import SparseMoE, moe_reference
@@ -108,6 +108,6 @@ def spread_routing() -> None:
     many = int((moe.expert_counts(layer) > 0).sum())
     assert few <= 2 * top_k and many >= experts // 2, (few, many)
     route = mlp.route
-    with mock.patch.object(mlp, "route", lambda x, moe: route(x - x.mean(0, keepdim=True), moe)):
+    with mock.patch.object(mlp, "route", lambda x, moe: route(routing_rows(x), moe)):
         expected = moe_reference(x, layer)
     close_in_scale(out.view(tokens, top_k, hidden).sum(1), expected)
