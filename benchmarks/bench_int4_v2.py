@@ -16,8 +16,7 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection; `*_deferred`: the tables' tiles applying the scale after the dots), via
-  benchmarks.bench_int4's `measure`.
+  projection), via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -37,7 +36,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -113,18 +112,10 @@ class Clock:
         return round(1e6 * (time.perf_counter() - start), 1)
 
 
-DEFER = (False, True)  # group_dots' DEFER_SCALE, both swept
-
-
-def suffix(tile: SplitKTile | FusedTile) -> str:
-    """A tile's name suffix: "_deferred" where the scale is applied after the dots."""
-    return "_deferred" if tile.defer_scale else ""
-
-
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [SplitKTile(block_m, f, 4, 3, defer_scale=d) for f in (32, 64, 128) for d in DEFER]
+    return [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -186,9 +177,7 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    paths[f"splitk_m{t.tokens}n{t.features}{suffix(t)}"] = partial(
-                        w4a16_splitk, x, packed, t
-                    )
+                    paths[f"splitk_m{t.tokens}n{t.features}"] = partial(w4a16_splitk, x, packed, t)
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
             if gemlite is not None:  # a peer we do not control: eager if a graph fails
                 row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
@@ -198,11 +187,10 @@ def dense_sweep(
 
 
 FUSED_TILES = [
-    FusedTile(m, up, down, 4, 3, defer_scale=d)
-    for m in (16, 32) for up, down in ((64, 64), (64, 128)) for d in DEFER
+    FusedTile(m, up, down, 4, 3) for m in (16, 32) for up, down in ((64, 64), (64, 128))
 ]  # fmt: skip
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
-FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3, defer_scale=d) for m in (64, 128) for d in DEFER]
+FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
@@ -235,7 +223,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
             row["bf16"] = time_us(partial(moe, x, wide, decode))
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
-            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{suffix(t)}"
+            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
         print(row, flush=True)
@@ -288,49 +276,15 @@ def tinygemm_layouts():
         yield
 
 
-def deferring(table: tables.Table) -> tables.Table:
-    """`table` with every split-K and fused tile applying the scale after the dots."""
-
-    def defer(choice: object) -> object:
-        if isinstance(choice, tables.SplitK | tables.FusedExperts):
-            return replace(choice, tile=replace(choice.tile, defer_scale=True))
-        return choice
-
-    entries = tuple(replace(e, choice=defer(e.choice)) for e in table.entries)
-    return replace(table, entries=entries)
-
-
-@contextmanager
-def deferred_tables():
-    """Engines built inside serve the tables' tiles with the scale applied after the dots
-    (int4_splitk.group_dots' DEFER_SCALE)."""
-    from replica.ops import select
-
-    def linear_table(group: int) -> tables.Table:
-        return deferring(tables.int4_linear_table(group))
-
-    def moe_table(group: int | None, decode: bool) -> tables.Table:
-        return deferring(tables.moe_table(group, decode))
-
-    linear = partial(TritonLinear, cache(linear_table))
-    moe = partial(TritonMoE, cache(moe_table))
-    with (
-        mock.patch.object(select, "TritonLinear", linear),
-        mock.patch.object(select, "TritonMoE", moe),
-    ):
-        yield
-
-
-VARIANTS = {"tinygemm": tinygemm_layouts, "deferred": deferred_tables}
+VARIANTS = {"tinygemm": tinygemm_layouts}
 
 
 def engines(
     args: argparse.Namespace, bandwidth: float, flops: float, report: dict, save: Callable
 ) -> None:
-    """bf16; int4 through the served tables, and through each of `--variants`: torch's int4
-    matmul owning every 2-D projection (`tinygemm`), the scale applied after the dots
-    (`deferred`); for the 4B and the 30B. Into `report`, saved after each engine (a run cut
-    short keeps them)."""
+    """bf16; int4 through the served tables, and through each of `--variants` (`tinygemm`:
+    torch's int4 matmul owning every 2-D projection); for the models of `--engines`. Into
+    `report`, saved after each engine (a run cut short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
     for name in args.engines.split(","):

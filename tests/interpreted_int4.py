@@ -22,8 +22,7 @@ def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> Packed
 
 def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
-    short), split-K of several lengths and none, groups of 128 and 256, a strided x; the scale
-    applied after the dots (DEFER_SCALE) too."""
+    short), split-K of several lengths and none, groups of 128 and 256, a strided x."""
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
     from replica.ops.linear import TritonLinear
     from replica.ops.tables import SplitK
@@ -33,8 +32,7 @@ def int4_splitk() -> None:
     for depth, group in ((384, 128), (1280, 128), (512, 256)):
         weight = asymmetric(72, depth, group)
         for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
-                             (40, SplitKTile(32, 32, 4, 2, waves=0)),
-                             (17, SplitKTile(16, 64, 4, 2, defer_scale=True))):  # fmt: skip
+                             (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
     served = TritonLinear()  # the served table through the ops layer
@@ -47,7 +45,7 @@ def int4_splitk() -> None:
 def moe_fused() -> None:
     """The fused 4-bit experts against the expert loop: 1 token (segments of one pair), 5 and
     40 (segments of several blocks, blocks past the last segment), top-2 and top-3, asymmetric
-    zeros, groups of 128; the scale applied after the dots too."""
+    zeros, groups of 128."""
     from replica.kernels.moe_fused import FusedTile, experts_fused, max_blocks, segments
     from replica.kernels.moe_route import route_pairs
     from replica.ops.feed_forward import TritonMoE
@@ -73,9 +71,8 @@ def moe_fused() -> None:
         filed = seg.pairs[seg.pairs < tokens * top_k]
         assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
         expected = moe_reference(x, layer)
-        for fused in (tile, FusedTile(16, 32, 64, 4, 2, defer_scale=True)):
-            ours = experts_fused(x, layer.gate_up, layer.down, routing, fused)
-            close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
+        ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
+        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
 

@@ -38,20 +38,14 @@ class SplitKTile:
     warps: int
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
-    defer_scale: bool = False  # group_dots' DEFER_SCALE
 
 
 @triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-    feature_live, g, depth, GROUP: tl.constexpr, DEFER_SCALE: tl.constexpr = False,
+    feature_live, g, depth, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each.
-
-    DEFER_SCALE: the dots take 128 + q as it is (each half of `pair` is already that bf16, so a
-    weight costs no arithmetic), and the group's scale and zero are applied once to the sum:
-    s sum((128 + q) x) - (128 + z) s sum(x), as the one-token GEMV does (not bit for bit the
-    oracle's rounded weight: exact (q - z) s, summed in fp32)."""
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -67,27 +61,14 @@ def group_dots(
     offset = scale * (zero + 128.0)
     dtype = x_ptr.dtype.element_ty
     x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
-    codes = tl.zeros_like(acc)  # DEFER_SCALE: sum((128 + q) x)
-    x_sum = tl.sum(codes, axis=0)  # DEFER_SCALE: sum(x), a token
     for p in tl.static_range(4):
         pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+        low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
+        high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
         x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
         x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
-        if DEFER_SCALE and dtype == tl.bfloat16:
-            low = (pair & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + nibble p
-            high = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + nibble p + 4
-        else:
-            low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
-            high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
-        if DEFER_SCALE:
-            codes = tl.dot(low.to(dtype), x_low, codes)
-            codes = tl.dot(high.to(dtype), x_high, codes)
-            x_sum += tl.sum(x_low.to(tl.float32), axis=0) + tl.sum(x_high.to(tl.float32), axis=0)
-        else:
-            acc += tl.dot((low * scale - offset).to(dtype), x_low)
-            acc += tl.dot((high * scale - offset).to(dtype), x_high)
-    if DEFER_SCALE:
-        acc += scale * codes - offset * x_sum[None, :]
+        acc += tl.dot((low * scale - offset).to(dtype), x_low)
+        acc += tl.dot((high * scale - offset).to(dtype), x_high)
     return acc
 
 
@@ -107,7 +88,6 @@ def _splitk_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DEFER_SCALE: tl.constexpr,
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +99,7 @@ def _splitk_kernel(
     for g in range(g_lo, g_hi):
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g, depth, GROUP, DEFER_SCALE,
+            features, feature_live, g, depth, GROUP,
         )  # fmt: skip
     dst = out_ptr + (split * m + tokens[None, :]) * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
@@ -154,6 +134,6 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     _splitk_kernel[(grid_n, grid_m, split)](
         x, weight.qweight, weight.scales, weight.zeros, out, m, n, depth, x.stride(0), span,
         GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens, BLOCK_N=tile.features,
-        DEFER_SCALE=tile.defer_scale, num_warps=tile.warps, num_stages=tile.stages,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
