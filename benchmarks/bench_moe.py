@@ -58,9 +58,19 @@ def spread_routing() -> Iterator[None]:
     from replica.ops import feed_forward
 
     route = feed_forward.route_pairs
+    # Made once for the widest batch so far (a power of two) and sliced, so a step adds no
+    # kernels a layer; every table is kept, as CUDA graphs captured earlier read theirs.
+    tables: list[torch.Tensor] = []
+
+    def fits(table: torch.Tensor, x: torch.Tensor) -> bool:
+        wide_enough = table.shape[0] >= x.shape[0] and table.shape[1:] == x.shape[1:]
+        return wide_enough and table.dtype == x.dtype and table.device == x.device
 
     def spread(x: torch.Tensor, *args, **kwargs):
-        return route(routing_rows(x), *args, **kwargs)
+        rows = x.shape[0]
+        if not tables or not fits(tables[-1], x):
+            tables.append(routing_rows(x.new_empty(1 << (rows - 1).bit_length(), x.shape[1])))
+        return route(tables[-1][:rows], *args, **kwargs)
 
     with mock.patch.object(feed_forward, "route_pairs", spread):
         yield
