@@ -34,15 +34,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from benchmarks.int4_checks import run_checks
+from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
@@ -247,38 +247,6 @@ def peer_ratio(dense_rows: list) -> dict:
     return ratios
 
 
-@contextmanager
-def tinygemm_layouts():
-    """Engines built inside serve every 2-D packed projection (attention, dense MLP) through
-    torch's int4 matmul, converted once at load, before the CUDA graphs are captured."""
-    from replica import startup
-    from replica.ops.linear import serving_layout
-    from replica.ops.mlp import DenseMLP
-    from replica.ops.packed import PackedInt4
-
-    load = startup.load_stages
-
-    def convert(owner: object, names: tuple[str, ...]) -> None:
-        for name in names:
-            weight = getattr(owner, name)
-            if isinstance(weight, PackedInt4):
-                setattr(owner, name, serving_layout(weight, to_tinygemm=True))
-
-    def load_converted(*args, **kwargs):
-        stages = load(*args, **kwargs)
-        for layer in (layer for model in stages for layer in model.layers):
-            convert(layer, ("qkv", "o_proj"))
-            if isinstance(layer.mlp, DenseMLP):
-                convert(layer.mlp, ("gate_up", "down"))
-        return stages
-
-    with mock.patch.object(startup, "load_stages", load_converted):
-        yield
-
-
-VARIANTS = {"tinygemm": tinygemm_layouts}
-
-
 def engines(
     args: argparse.Namespace, bandwidth: float, flops: float, report: dict, save: Callable
 ) -> None:
@@ -343,7 +311,7 @@ def device_slug(name: str) -> str:
     return next((w.split("-")[0].lower() for w in name.split() if w[1:4].isdigit()), "gpu")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/perf"), help="a directory")
     parser.add_argument("--parts", default=ALL_PARTS, help="a subset names the file after it")
@@ -363,7 +331,11 @@ def main() -> None:
         "--variants", default="tinygemm", help=f"engines beside the served: of {list(VARIANTS)}"
     )
     parser.add_argument("--with-235b", action="store_true", help="its engine too (an H200)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.smoke:
         smoke_reexec()
     device = torch.device("cpu" if args.smoke else "cuda")
