@@ -34,7 +34,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -286,11 +285,11 @@ def big_moe(args: argparse.Namespace, clock: Clock, device: torch.device, sizes:
     if "moe" in args.parts.split(","):
         shape = moe_shape("qwen3-235b-a22b-instruct-2507")
         report["moe_235b_us"] = moe_sweep(shape, clock, device, sizes)
-    with spread_routing():
+    with spread_routing() as routing:
         big = measure("235b", "int4", copy_bandwidth(device), matmul_flops(device), args)
     return {
         **report,
-        "routing_235b": "spread",
+        "routing_235b": routing,
         "step_ms_235b": big["step_ms"],
         "floor_fraction_235b": big["floor_fraction"],
         "235b": big,
@@ -368,8 +367,8 @@ def main() -> None:
         from benchmarks.bench_moe import spread_routing
         from benchmarks.yardsticks import copy_bandwidth, matmul_flops
 
-        report["routing"] = "spread" if args.spread_routing else "the random router's"
-        with spread_routing() if args.spread_routing else nullcontext():
+        with spread_routing(args.spread_routing) as routing:
+            report["routing"] = routing
             engines(args, copy_bandwidth(device), matmul_flops(device), report, save)
     if args.with_235b and not args.smoke:
         report.update(big_moe(args, clock, device, sizes))

@@ -25,7 +25,6 @@ import datetime
 import gc
 import json
 import random
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,8 +165,8 @@ def measure_235b(args: argparse.Namespace) -> dict:
     """--with-235b and --half-235b (a tiny MoE on the CPU smoke run)."""
     big = smoke_source("moe") if args.smoke else resolve(str(BIG), random_weights=True)
     where = "cpu" if args.smoke else "cuda"
-    report = {"routing_235b": "spread" if args.spread_routing else "the random router's"}
-    with spread_routing() if args.spread_routing else nullcontext():
+    with spread_routing(args.spread_routing) as routing:
+        report = {"routing_235b": routing}
         if args.with_235b:
             report |= measure_big(big, where)
         if args.half_235b:
