@@ -114,7 +114,7 @@ class Clock:
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
+    return [SplitKTile(block_m, f, 4, 3, one_dot=one) for f in (32, 64, 128) for one in (0, 1)]
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -176,7 +176,8 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    paths[f"splitk_m{t.tokens}n{t.features}"] = partial(w4a16_splitk, x, packed, t)
+                    name = f"splitk_m{t.tokens}n{t.features}{'_one_dot' * t.one_dot}"
+                    paths[name] = partial(w4a16_splitk, x, packed, t)
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
             if gemlite is not None:  # a peer we do not control: eager if a graph fails
                 row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
@@ -186,10 +187,11 @@ def dense_sweep(
 
 
 FUSED_TILES = [
-    FusedTile(m, up, down, 4, 3) for m in (16, 32) for up, down in ((64, 64), (64, 128))
+    FusedTile(m, up, down, 4, 3, one_dot=one)
+    for m in (16, 32) for up, down in ((64, 64), (64, 128)) for one in (False, True)
 ]  # fmt: skip
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
-FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
+FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3, one_dot=True) for m in (64, 128)]
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
@@ -223,6 +225,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
             name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
+            name += "_one_dot" * t.one_dot
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
         print(row, flush=True)

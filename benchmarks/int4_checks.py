@@ -10,6 +10,8 @@ router logits nearly tie may pick another expert under another GEMM's rounding.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -62,7 +64,10 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
                 x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
                 oracle = x @ weight.t()
                 row = {**base, "tokens": tokens}
-                row["splitk"] = errors(w4a16_splitk(x, packed, splitk_tile(tokens)), oracle)
+                tile = splitk_tile(tokens)
+                row["splitk"] = errors(w4a16_splitk(x, packed, tile), oracle)
+                one_dot = replace(tile, one_dot=True)
+                row["splitk_one_dot"] = errors(w4a16_splitk(x, packed, one_dot), oracle)
                 row["default"] = errors(TritonLinear()(x, packed), oracle)
                 if converted is not None:
                     row["tinygemm"] = errors(
@@ -99,7 +104,11 @@ def moe_checks(
         x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
         oracle = moe_reference(x, layer).float()
         row: dict = {"tokens": tokens}
-        for name, tile in (("fused16", tables.FUSED_16), ("fused32", tables.FUSED_32)):
+        for name, tile in (
+            ("fused16", tables.FUSED_16),
+            ("fused32", tables.FUSED_32),
+            ("fused32_one_dot", replace(tables.FUSED_32, one_dot=True)),
+        ):
             out = fused.run(x, layer, tables.FusedExperts(tile)).float()
             row[name] = {
                 **errors(out.view(tokens, top_k, hidden).sum(1), oracle),

@@ -3,8 +3,12 @@ each variant is a context inside which an engine is built another way."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from unittest import mock
+
+from replica.ops import tables
+from replica.ops.tables import FusedExperts, SplitK, Table
 
 
 @contextmanager
@@ -36,4 +40,27 @@ def tinygemm_layouts():
         yield
 
 
-VARIANTS = {"tinygemm": tinygemm_layouts}
+def _one_dot(table: Table) -> Table:
+    """The table with each split-K and fused-experts tile taking one dot a group."""
+
+    def tile_of(choice: object) -> object:
+        if isinstance(choice, SplitK | FusedExperts):
+            return type(choice)(replace(choice.tile, one_dot=True))
+        return choice
+
+    entries = tuple(replace(entry, choice=tile_of(entry.choice)) for entry in table.entries)
+    return replace(table, entries=entries)
+
+
+@contextmanager
+def one_dot_tiles():
+    """Engines built inside serve the split-K and fused-experts entries with ONE_DOT
+    (replica.kernels.int4_splitk.group_dots): the same tables, one dot a group."""
+    names = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(tables, name, _one_dot(getattr(tables, name))))
+        yield
+
+
+VARIANTS = {"tinygemm": tinygemm_layouts, "one_dot": one_dot_tiles}

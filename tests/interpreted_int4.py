@@ -3,6 +3,8 @@ interpreter, at shapes that straddle their tiles: run through tests/interpreted_
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from replica.ops.packed import PackedInt4, linear, quantize
@@ -34,7 +36,8 @@ def int4_splitk() -> None:
         for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
-            close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+            for variant in (tile, replace(tile, one_dot=True)):
+                close_in_scale(w4a16_splitk(x, weight, variant), linear(x, weight))
     served = TritonLinear()  # the served table through the ops layer
     for tokens in (3, 20, 64):
         assert isinstance(served.choose(tokens, weight), SplitK)
@@ -71,8 +74,9 @@ def moe_fused() -> None:
         filed = seg.pairs[seg.pairs < tokens * top_k]
         assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
         expected = moe_reference(x, layer)
-        ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
-        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
+        for variant in (tile, replace(tile, one_dot=True)):
+            ours = experts_fused(x, layer.gate_up, layer.down, routing, variant)
+            close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
 

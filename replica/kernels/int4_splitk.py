@@ -38,14 +38,27 @@ class SplitKTile:
     warps: int
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
+    one_dot: bool = False  # group_dots' ONE_DOT
+
+
+@triton.jit
+def _slabs(words, p: tl.constexpr, scale, offset, dtype: tl.constexpr):
+    """Nibbles p and p + 4 of every word, dequantized: two [BLOCK_N, W] slabs in `dtype`."""
+    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+    low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
+    high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
+    return (low * scale - offset).to(dtype), (high * scale - offset).to(dtype)
 
 
 @triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-    feature_live, g, depth, GROUP: tl.constexpr,
+    feature_live, g, depth, GROUP: tl.constexpr, ONE_DOT: tl.constexpr = False,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each.
+
+    ONE_DOT: the slabs joined into one [BLOCK_N, GROUP] operand, nibble j of word w at k = 8w +
+    j (the joins' order), and x's rows read in that order: one dot of K = GROUP."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -60,15 +73,28 @@ def group_dots(
     zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
     offset = scale * (zero + 128.0)
     dtype = x_ptr.dtype.element_ty
-    x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
+    x_tokens = x_ptr + tokens[None, :] * stride_x + g * GROUP
+    if ONE_DOT:
+        w0, w4 = _slabs(words, 0, scale, offset, dtype)
+        w1, w5 = _slabs(words, 1, scale, offset, dtype)
+        w2, w6 = _slabs(words, 2, scale, offset, dtype)
+        w3, w7 = _slabs(words, 3, scale, offset, dtype)
+        # [BLOCK_N, W, 2, 2, 2], index (w, h, e, o) holding nibble 4h + 2e + o
+        joined = tl.join(
+            tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7))
+        )
+        k = tl.arange(0, GROUP)
+        x = tl.load(
+            x_tokens + ((k % 8) * words_per_group + k // 8)[:, None], token_live[None, :], 0.0
+        )
+        return tl.dot(tl.reshape(joined, (joined.shape[0], GROUP)), x, acc)
+    x_group = x_tokens + word[:, None]  # [W, BLOCK_M]
     for p in tl.static_range(4):
-        pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-        low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
-        high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
+        low, high = _slabs(words, p, scale, offset, dtype)
         x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
         x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
-        acc += tl.dot((low * scale - offset).to(dtype), x_low)
-        acc += tl.dot((high * scale - offset).to(dtype), x_high)
+        acc += tl.dot(low, x_low)
+        acc += tl.dot(high, x_high)
     return acc
 
 
@@ -88,6 +114,7 @@ def _splitk_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_DOT: tl.constexpr,
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,7 +126,7 @@ def _splitk_kernel(
     for g in range(g_lo, g_hi):
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g, depth, GROUP,
+            features, feature_live, g, depth, GROUP, ONE_DOT,
         )  # fmt: skip
     dst = out_ptr + (split * m + tokens[None, :]) * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
@@ -134,6 +161,6 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     _splitk_kernel[(grid_n, grid_m, split)](
         x, weight.qweight, weight.scales, weight.zeros, out, m, n, depth, x.stride(0), span,
         GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens, BLOCK_N=tile.features,
-        num_warps=tile.warps, num_stages=tile.stages,
+        ONE_DOT=tile.one_dot, num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
