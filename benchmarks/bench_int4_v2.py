@@ -114,7 +114,10 @@ class Clock:
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [SplitKTile(block_m, f, 4, 3, one_dot=one) for f in (32, 64, 128) for one in (0, 1)]
+    return [
+        SplitKTile(block_m, f, 4, 3, one_dot=one_dot, serial=serial)
+        for f in (64, 128) for one_dot in (False, True) for serial in (False, True)
+    ]  # fmt: skip
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -176,7 +179,8 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    name = f"splitk_m{t.tokens}n{t.features}{'_one_dot' * t.one_dot}"
+                    flags = "_one_dot" * t.one_dot + "_serial" * t.serial
+                    name = f"splitk_m{t.tokens}n{t.features}{flags}"
                     paths[name] = partial(w4a16_splitk, x, packed, t)
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
             if gemlite is not None:  # a peer we do not control: eager if a graph fails

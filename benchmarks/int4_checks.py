@@ -66,8 +66,9 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
                 row = {**base, "tokens": tokens}
                 tile = splitk_tile(tokens)
                 row["splitk"] = errors(w4a16_splitk(x, packed, tile), oracle)
-                one_dot = replace(tile, one_dot=True)
-                row["splitk_one_dot"] = errors(w4a16_splitk(x, packed, one_dot), oracle)
+                for flag in ("one_dot", "serial"):
+                    flagged = replace(tile, **{flag: True})
+                    row[f"splitk_{flag}"] = errors(w4a16_splitk(x, packed, flagged), oracle)
                 row["default"] = errors(TritonLinear()(x, packed), oracle)
                 if converted is not None:
                     row["tinygemm"] = errors(

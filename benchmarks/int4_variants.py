@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from functools import partial
 from unittest import mock
 
 from replica.ops import tables
@@ -40,12 +41,15 @@ def tinygemm_layouts():
         yield
 
 
-def _one_dot(table: Table) -> Table:
-    """The table with each split-K and fused-experts tile taking one dot a group."""
+def _with_flags(table: Table, one_dot: bool, serial: bool) -> Table:
+    """The table with its split-K tiles taking `one_dot` and `serial`, its fused-experts tiles
+    `one_dot`."""
 
     def tile_of(choice: object) -> object:
-        if isinstance(choice, SplitK | FusedExperts):
-            return type(choice)(replace(choice.tile, one_dot=True))
+        if isinstance(choice, SplitK):
+            return SplitK(replace(choice.tile, one_dot=one_dot, serial=serial))
+        if isinstance(choice, FusedExperts):
+            return FusedExperts(replace(choice.tile, one_dot=one_dot))
         return choice
 
     entries = tuple(replace(entry, choice=tile_of(entry.choice)) for entry in table.entries)
@@ -53,14 +57,20 @@ def _one_dot(table: Table) -> Table:
 
 
 @contextmanager
-def one_dot_tiles():
-    """Engines built inside serve the split-K and fused-experts entries with ONE_DOT
-    (replica.kernels.int4_splitk.group_dots): the same tables, one dot a group."""
+def flagged_tiles(one_dot: bool = False, serial: bool = False):
+    """Engines built inside serve the same tables with ONE_DOT (one dot a group:
+    replica.kernels.int4_splitk.group_dots) and/or the serial split-K sum."""
     names = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
     with ExitStack() as stack:
         for name in names:
-            stack.enter_context(mock.patch.object(tables, name, _one_dot(getattr(tables, name))))
+            table = _with_flags(getattr(tables, name), one_dot, serial)
+            stack.enter_context(mock.patch.object(tables, name, table))
         yield
 
 
-VARIANTS = {"tinygemm": tinygemm_layouts, "one_dot": one_dot_tiles}
+VARIANTS = {
+    "tinygemm": tinygemm_layouts,
+    "one_dot": partial(flagged_tiles, one_dot=True),
+    "serial": partial(flagged_tiles, serial=True),
+    "one_dot_serial": partial(flagged_tiles, one_dot=True, serial=True),
+}

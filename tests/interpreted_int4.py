@@ -36,7 +36,7 @@ def int4_splitk() -> None:
         for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
-            for variant in (tile, replace(tile, one_dot=True)):
+            for variant in (tile, replace(tile, one_dot=True), replace(tile, serial=True)):
                 close_in_scale(w4a16_splitk(x, weight, variant), linear(x, weight))
     served = TritonLinear()  # the served table through the ops layer
     for tokens in (3, 20, 64):

@@ -39,6 +39,7 @@ class SplitKTile:
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
     one_dot: bool = False  # group_dots' ONE_DOT
+    serial: bool = False  # split K summed by the last split of a tile (_last_split_sums)
 
 
 @triton.jit
@@ -104,7 +105,9 @@ def _splitk_kernel(
     qweight_ptr,
     scales_ptr,
     zeros_ptr,
-    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums, or [M, N] in x's dtype when SPLIT_K is 1
+    out_ptr,  # [M, N] in x's dtype (SPLIT_K 1 or SERIAL), else [SPLIT_K, M, N] fp32 partials
+    partial_ptr,  # SERIAL: [SPLIT_K, M, N] fp32
+    counts_ptr,  # SERIAL: [tiles] int32 zeros, splits of each tile done
     m,
     n,
     depth,
@@ -115,6 +118,7 @@ def _splitk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_DOT: tl.constexpr,
+    SERIAL: tl.constexpr,
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,12 +132,32 @@ def _splitk_kernel(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
             features, feature_live, g, depth, GROUP, ONE_DOT,
         )  # fmt: skip
-    dst = out_ptr + (split * m + tokens[None, :]) * n + features[:, None]
+    at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
     if SPLIT_K == 1:
-        tl.store(dst, acc.to(x_ptr.dtype.element_ty), mask=live)
+        tl.store(out_ptr + at, acc.to(x_ptr.dtype.element_ty), mask=live)
+    elif SERIAL:
+        _last_split_sums(acc, partial_ptr, out_ptr, counts_ptr, split, m * n, at, live, SPLIT_K)
     else:
-        tl.store(dst, acc, mask=live)
+        tl.store(out_ptr + split * m * n + at, acc, mask=live)
+
+
+@triton.jit
+def _last_split_sums(
+    acc, partial_ptr, out_ptr, counts_ptr, split, size, at, live, SPLIT_K: tl.constexpr
+):
+    """CUTLASS's serial split-K: the tile's split that finishes last adds every split's partial
+    in order (deterministic) and writes the output, instead of two more kernels."""
+    tl.store(partial_ptr + split * size + at, acc, mask=live)
+    tl.debug_barrier()  # every thread's partial stored before the count says so
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    if tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for s in tl.static_range(SPLIT_K):  # past L1: other multiprocessors wrote them
+            total += tl.load(
+                partial_ptr + s * size + at, mask=live, other=0.0, cache_modifier=".cg"
+            )
+        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def splits(programs: int, groups: int, waves: int, device: torch.device) -> int:
@@ -156,11 +180,19 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
     split = splits(grid_n * grid_m, groups, tile.waves, x.device)
     span = triton.cdiv(groups, split)
-    dtype = x.dtype if split == 1 else torch.float32
-    out = torch.empty(split, m, n, dtype=dtype, device=x.device)
+    serial = tile.serial and split > 1
+    if split == 1 or serial:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    partials, counts = out, out  # unused unless serial
+    if serial:
+        partials = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        counts = torch.zeros(grid_n * grid_m, dtype=torch.int32, device=x.device)
     _splitk_kernel[(grid_n, grid_m, split)](
-        x, weight.qweight, weight.scales, weight.zeros, out, m, n, depth, x.stride(0), span,
-        GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens, BLOCK_N=tile.features,
-        ONE_DOT=tile.one_dot, num_warps=tile.warps, num_stages=tile.stages,
+        x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
+        x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
+        BLOCK_N=tile.features, ONE_DOT=tile.one_dot, SERIAL=serial, num_warps=tile.warps,
+        num_stages=tile.stages,
     )  # fmt: skip
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return out if split == 1 or serial else out.sum(0).to(x.dtype)
