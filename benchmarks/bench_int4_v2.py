@@ -9,14 +9,16 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `checks`: every new path against the dequantize oracle, 1 to 16,384 tokens
   (benchmarks.int4_checks);
 - `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
-  prefill sizes eager): bf16, the served table (`served`) and each split-K tile, torch's int4
+  prefill sizes eager): bf16, the served table (`served`; `served_serial`: its split K summed
+  by the last split), each split-K tile (`_one_dot`: one dot a group; `_serial`), torch's int4
   matmul (`tinygemm`), GemLite; the 30B's experts: the served table against the fused kernel's
-  tiles;
+  tiles (`_one_dot`);
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served table over the
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection), via benchmarks.bench_int4's `measure`.
+  projection; `one_dot`, `serial`, `one_dot_serial`: the tables' tiles so flagged), via
+  benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.int4_checks import run_checks
-from benchmarks.int4_variants import VARIANTS
+from benchmarks.int4_variants import VARIANTS, with_flags
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
@@ -160,6 +162,7 @@ def dense_sweep(
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     rows, peer_note = [], ""
     served = TritonLinear()
+    serial = TritonLinear(lambda group: with_flags(tables.int4_linear_table(group), False, True))
     for shape, (n, k) in shapes.items():
         packed = random_packed((n, k), 0.02, dtype, gen)
         weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
@@ -173,6 +176,7 @@ def dense_sweep(
             paths = {
                 "bf16": partial(torch.matmul, x, weight.t()),
                 "served": partial(served, x, packed),
+                "served_serial": partial(serial, x, packed),
                 "tinygemm": partial(tinygemm.matmul, x.to(torch.bfloat16), converted),
             }
             if gemlite is not None:

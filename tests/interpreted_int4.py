@@ -24,10 +24,13 @@ def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> Packed
 
 def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
-    short), split-K of several lengths and none, groups of 128 and 256, a strided x."""
+    short), split-K of several lengths and none, groups of 128 and 256, a strided x; each tile
+    as served, with one dot a group and with the serial split-K sum (the GEMV's too)."""
+    from replica.kernels.int4_gemv import w4a16_gemv
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
+    from replica.kernels.launch import split_k
     from replica.ops.linear import TritonLinear
-    from replica.ops.tables import SplitK
+    from replica.ops.tables import GEMV_2, SplitK
 
     assert splits(3, 3, 2, torch.device("cpu")) == 3  # 8 "SMs": 16 programs wanted, 3 groups
     assert splits(3, 20, 2, torch.device("cpu")) == 5  # 6 slices of 4 would leave one empty
@@ -38,6 +41,12 @@ def int4_splitk() -> None:
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             for variant in (tile, replace(tile, one_dot=True), replace(tile, serial=True)):
                 close_in_scale(w4a16_splitk(x, weight, variant), linear(x, weight))
+    gemv = replace(GEMV_2.tile, serial=True)  # the GEMV's serial split-K sum
+    deep = asymmetric(72, 1280, 128)
+    assert split_k(3, 10, torch.device("cpu")) == 2  # 3 feature blocks: K split in two
+    for tokens in (1, 2, 3):
+        x = torch.randn(tokens, 1280)
+        close_in_scale(w4a16_gemv(x, deep, gemv), linear(x, deep))
     served = TritonLinear()  # the served table through the ops layer
     for tokens in (3, 20, 64):
         assert isinstance(served.choose(tokens, weight), SplitK)

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.kernels.int4_dequantize import Int4Weight
+from replica.kernels.int4_splitk import sum_if_last
 from replica.kernels.launch import split_k
 
 
@@ -28,6 +29,7 @@ class GemvTile:
     warps: int
     tokens: int = 1  # tokens of x a program (a power of two)
     stages: int = 3
+    serial: bool = False  # a split K summed by its last split (int4_splitk.sum_if_last)
 
 
 @triton.jit
@@ -101,6 +103,8 @@ def _w4a16_gemv_kernel(
     bucket_ptr,  # [experts, bucket_stride] int32: each expert's pairs (BUCKETED); else unused
     route_ptr,  # [outputs] fp32 routing weights (ROUTED); else unused
     out_ptr,  # [SPLIT_K, outputs, N] fp32 partial sums, or [outputs, N] in x's dtype
+    final_ptr,  # SERIAL: [outputs, N] in x's dtype, out_ptr's sum
+    done_ptr,  # SERIAL: [tiles] int32 zeros, splits of each tile done
     outputs,
     n,  # output width (GATED: the gate's, half the weight's rows)
     depth,
@@ -116,6 +120,7 @@ def _w4a16_gemv_kernel(
     BUCKETED: tl.constexpr,
     GATED: tl.constexpr,
     ROUTED: tl.constexpr,
+    SERIAL: tl.constexpr,  # not BUCKETED: the last split sums (int4_splitk.sum_if_last)
 ):
     """out[o, c] = x[o // OUTPUTS_PER_TOKEN] . w[c] without matrix units (`_gemv_dots`), a
     program per feature block and TOKENS outputs: consecutive outputs through one matrix;
@@ -149,6 +154,11 @@ def _w4a16_gemv_kernel(
             outputs, n, depth, stride_x, g_lo, g_hi,
             OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
         )  # fmt: skip
+        if SERIAL:
+            tile = tl.program_id(0) * tl.num_programs(2) + block
+            live = (out < outputs)[:, None] & (cols < n)[None, :]
+            at = out[:, None] * n + cols[None, :]
+            sum_if_last(out_ptr, final_ptr, done_ptr, tile, outputs * n, at, live, SPLIT_K)
 
 
 @triton.jit
@@ -230,6 +240,9 @@ def w4a16_gemv(
     out = torch.empty(
         split, outputs, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device
     )
+    serial = tile.serial and split > 1 and buckets is None
+    final = torch.empty(outputs, n, dtype=x.dtype, device=x.device) if serial else out
+    done = torch.zeros(blocks * programs if serial else 1, dtype=torch.int32, device=x.device)
     counts, bucket = buckets if buckets is not None else (x, x)
     _w4a16_gemv_kernel[(blocks, split, programs)](
         x,
@@ -241,6 +254,8 @@ def w4a16_gemv(
         bucket,
         x if route is None else route,
         out,
+        final,
+        done,
         outputs,
         n,
         depth,
@@ -256,7 +271,10 @@ def w4a16_gemv(
         BUCKETED=buckets is not None,
         GATED=gated,
         ROUTED=route is not None,
+        SERIAL=serial,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )
+    if serial:
+        return final
     return out[0] if split == 1 else out.sum(0).to(x.dtype)

@@ -39,7 +39,7 @@ class SplitKTile:
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
     one_dot: bool = False  # group_dots' ONE_DOT
-    serial: bool = False  # split K summed by the last split of a tile (_last_split_sums)
+    serial: bool = False  # split K summed by the last split of a tile (sum_if_last)
 
 
 @triton.jit
@@ -137,22 +137,21 @@ def _splitk_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptr + at, acc.to(x_ptr.dtype.element_ty), mask=live)
     elif SERIAL:
-        _last_split_sums(acc, partial_ptr, out_ptr, counts_ptr, split, m * n, at, live, SPLIT_K)
+        tl.store(partial_ptr + split * m * n + at, acc, mask=live)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        sum_if_last(partial_ptr, out_ptr, counts_ptr, tile, m * n, at, live, SPLIT_K)
     else:
         tl.store(out_ptr + split * m * n + at, acc, mask=live)
 
 
 @triton.jit
-def _last_split_sums(
-    acc, partial_ptr, out_ptr, counts_ptr, split, size, at, live, SPLIT_K: tl.constexpr
-):
-    """CUTLASS's serial split-K: the tile's split that finishes last adds every split's partial
-    in order (deterministic) and writes the output, instead of two more kernels."""
-    tl.store(partial_ptr + split * size + at, acc, mask=live)
+def sum_if_last(partial_ptr, out_ptr, counts_ptr, tile, size, at, live, SPLIT_K: tl.constexpr):
+    """CUTLASS's serial split-K, once every split of `tile` stored its fp32 partial at
+    partial_ptr + split * size + at: the split that finishes last adds them all in order
+    (deterministic) and writes the output, instead of two more kernels."""
     tl.debug_barrier()  # every thread's partial stored before the count says so
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     if tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-        total = tl.zeros_like(acc)
+        total = tl.zeros(at.shape, tl.float32)
         for s in tl.static_range(SPLIT_K):  # past L1: other multiprocessors wrote them
             total += tl.load(
                 partial_ptr + s * size + at, mask=live, other=0.0, cache_modifier=".cg"
