@@ -9,16 +9,14 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `checks`: every new path against the dequantize oracle, 1 to 16,384 tokens
   (benchmarks.int4_checks);
 - `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
-  prefill sizes eager): bf16, the served table (`served`; `served_serial`: its split K summed
-  by the last split), each split-K tile (`_one_dot`: one dot a group; `_serial`), torch's int4
+  prefill sizes eager): bf16, the served table (`served`) and each split-K tile, torch's int4
   matmul (`tinygemm`), GemLite; the 30B's experts: the served table against the fused kernel's
-  tiles (`_one_dot`);
+  tiles;
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served table over the
   faster peer (tinygemm, GemLite);
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection; `one_dot`, `serial`, `one_dot_serial`: the tables' tiles so flagged), via
-  benchmarks.bench_int4's `measure`.
+  projection), via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -43,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.int4_checks import run_checks
-from benchmarks.int4_variants import VARIANTS, with_flags
+from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
@@ -116,10 +114,7 @@ class Clock:
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [
-        SplitKTile(block_m, f, 4, 3, one_dot=one_dot, serial=serial)
-        for f in (64, 128) for one_dot in (False, True) for serial in (False, True)
-    ]  # fmt: skip
+    return [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -162,7 +157,6 @@ def dense_sweep(
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     rows, peer_note = [], ""
     served = TritonLinear()
-    serial = TritonLinear(lambda group: with_flags(tables.int4_linear_table(group), False, True))
     for shape, (n, k) in shapes.items():
         packed = random_packed((n, k), 0.02, dtype, gen)
         weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
@@ -176,16 +170,13 @@ def dense_sweep(
             paths = {
                 "bf16": partial(torch.matmul, x, weight.t()),
                 "served": partial(served, x, packed),
-                "served_serial": partial(serial, x, packed),
                 "tinygemm": partial(tinygemm.matmul, x.to(torch.bfloat16), converted),
             }
             if gemlite is not None:
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    flags = "_one_dot" * t.one_dot + "_serial" * t.serial
-                    name = f"splitk_m{t.tokens}n{t.features}{flags}"
-                    paths[name] = partial(w4a16_splitk, x, packed, t)
+                    paths[f"splitk_m{t.tokens}n{t.features}"] = partial(w4a16_splitk, x, packed, t)
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
             if gemlite is not None:  # a peer we do not control: eager if a graph fails
                 row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
@@ -195,11 +186,10 @@ def dense_sweep(
 
 
 FUSED_TILES = [
-    FusedTile(m, up, down, 4, 3, one_dot=one)
-    for m in (16, 32) for up, down in ((64, 64), (64, 128)) for one in (False, True)
+    FusedTile(m, up, down, 4, 3) for m in (16, 32) for up, down in ((64, 64), (64, 128))
 ]  # fmt: skip
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
-FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3, one_dot=True) for m in (64, 128)]
+FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
@@ -233,7 +223,6 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
             name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
-            name += "_one_dot" * t.one_dot
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         rows.append(row)
         print(row, flush=True)

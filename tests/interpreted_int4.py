@@ -3,8 +3,6 @@ interpreter, at shapes that straddle their tiles: run through tests/interpreted_
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from replica.ops.packed import PackedInt4, linear, quantize
@@ -24,8 +22,8 @@ def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> Packed
 
 def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
-    short), split-K of several lengths and none, groups of 128 and 256, a strided x; each tile
-    as served, with one dot a group and with the serial split-K sum (the GEMV's too)."""
+    short), split-K of several lengths and none (the GEMV's too), groups of 128 and 256, a
+    strided x."""
     from replica.kernels.int4_gemv import w4a16_gemv
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
     from replica.kernels.launch import split_k
@@ -39,14 +37,12 @@ def int4_splitk() -> None:
         for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
                              (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
-            for variant in (tile, replace(tile, one_dot=True), replace(tile, serial=True)):
-                close_in_scale(w4a16_splitk(x, weight, variant), linear(x, weight))
-    gemv = replace(GEMV_2.tile, serial=True)  # the GEMV's serial split-K sum
-    deep = asymmetric(72, 1280, 128)
+            close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+    deep = asymmetric(72, 1280, 128)  # the GEMV's split K
     assert split_k(3, 10, torch.device("cpu")) == 2  # 3 feature blocks: K split in two
     for tokens in (1, 2, 3):
         x = torch.randn(tokens, 1280)
-        close_in_scale(w4a16_gemv(x, deep, gemv), linear(x, deep))
+        close_in_scale(w4a16_gemv(x, deep, GEMV_2.tile), linear(x, deep))
     served = TritonLinear()  # the served table through the ops layer
     for tokens in (3, 20, 64):
         assert isinstance(served.choose(tokens, weight), SplitK)
@@ -83,9 +79,8 @@ def moe_fused() -> None:
         filed = seg.pairs[seg.pairs < tokens * top_k]
         assert torch.equal(filed.sort().values, torch.arange(tokens * top_k, dtype=torch.int32))
         expected = moe_reference(x, layer)
-        for variant in (tile, replace(tile, one_dot=True)):
-            ours = experts_fused(x, layer.gate_up, layer.down, routing, variant)
-            close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
+        ours = experts_fused(x, layer.gate_up, layer.down, routing, tile)
+        close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
 

@@ -29,7 +29,6 @@ class GemvTile:
     warps: int
     tokens: int = 1  # tokens of x a program (a power of two)
     stages: int = 3
-    serial: bool = False  # a split K summed by its last split (int4_splitk.sum_if_last)
 
 
 @triton.jit
@@ -103,8 +102,8 @@ def _w4a16_gemv_kernel(
     bucket_ptr,  # [experts, bucket_stride] int32: each expert's pairs (BUCKETED); else unused
     route_ptr,  # [outputs] fp32 routing weights (ROUTED); else unused
     out_ptr,  # [SPLIT_K, outputs, N] fp32 partial sums, or [outputs, N] in x's dtype
-    final_ptr,  # SERIAL: [outputs, N] in x's dtype, out_ptr's sum
-    done_ptr,  # SERIAL: [tiles] int32 zeros, splits of each tile done
+    final_ptr,  # SPLIT_K > 1: [outputs, N] in x's dtype, out_ptr's sum
+    done_ptr,  # SPLIT_K > 1: [tiles] int32 zeros, splits of each tile done
     outputs,
     n,  # output width (GATED: the gate's, half the weight's rows)
     depth,
@@ -120,12 +119,12 @@ def _w4a16_gemv_kernel(
     BUCKETED: tl.constexpr,
     GATED: tl.constexpr,
     ROUTED: tl.constexpr,
-    SERIAL: tl.constexpr,  # not BUCKETED: the last split sums (int4_splitk.sum_if_last)
 ):
     """out[o, c] = x[o // OUTPUTS_PER_TOKEN] . w[c] without matrix units (`_gemv_dots`), a
     program per feature block and TOKENS outputs: consecutive outputs through one matrix;
     PER_OUTPUT_EXPERT (TOKENS 1): each output through its own expert's matrix; BUCKETED: a
-    program per expert, its bucketed pairs TOKENS at a time."""
+    program per expert, its bucketed pairs TOKENS at a time (K never split). A split K: the
+    tile's last split adds the partials (int4_splitk.sum_if_last)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     block = tl.program_id(2)
@@ -154,7 +153,7 @@ def _w4a16_gemv_kernel(
             outputs, n, depth, stride_x, g_lo, g_hi,
             OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
         )  # fmt: skip
-        if SERIAL:
+        if SPLIT_K > 1:
             tile = tl.program_id(0) * tl.num_programs(2) + block
             live = (out < outputs)[:, None] & (cols < n)[None, :]
             at = out[:, None] * n + cols[None, :]
@@ -234,15 +233,17 @@ def w4a16_gemv(
     else:
         programs = triton.cdiv(outputs, tile.tokens)
     blocks = triton.cdiv(n, tile.features)
-    fused = gated or route is not None  # their epilogue needs the whole sum
+    # K whole: the epilogues need the whole sum, and a bucket's loop would count its tile twice
+    whole = gated or route is not None or buckets is not None
     groups = depth // weight.group_size
-    split = 1 if fused else split_k(blocks * programs, groups // tile.groups, x.device)
+    split = 1 if whole else split_k(blocks * programs, groups // tile.groups, x.device)
     out = torch.empty(
         split, outputs, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device
     )
-    serial = tile.serial and split > 1 and buckets is None
-    final = torch.empty(outputs, n, dtype=x.dtype, device=x.device) if serial else out
-    done = torch.zeros(blocks * programs if serial else 1, dtype=torch.int32, device=x.device)
+    final, done = out, out  # unused unless K is split
+    if split > 1:
+        final = torch.empty(outputs, n, dtype=x.dtype, device=x.device)
+        done = torch.zeros(blocks * programs, dtype=torch.int32, device=x.device)
     counts, bucket = buckets if buckets is not None else (x, x)
     _w4a16_gemv_kernel[(blocks, split, programs)](
         x,
@@ -271,10 +272,7 @@ def w4a16_gemv(
         BUCKETED=buckets is not None,
         GATED=gated,
         ROUTED=route is not None,
-        SERIAL=serial,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )
-    if serial:
-        return final
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return out[0] if split == 1 else final

@@ -13,7 +13,8 @@ times a packed 4-bit weight [N, K] (groups of 128 or more) with matrix units.
   weight, rounded once). Nibble p of a group's word w is its column pW + w, so nibbles p and
   p + 4 are two slabs of W contiguous columns: a dot of K = W each.
 - K split so that the grid holds at least two programs per multiprocessor (a 4B projection
-  has 20 to 80 feature blocks); fp32 partial sums added in a fixed order (deterministic).
+  has 20 to 80 feature blocks); the split of a tile that finishes last adds the fp32 partial
+  sums in a fixed order (deterministic) and writes the output: no kernels after it.
 """
 
 from __future__ import annotations
@@ -38,28 +39,14 @@ class SplitKTile:
     warps: int
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
-    one_dot: bool = False  # group_dots' ONE_DOT
-    serial: bool = False  # split K summed by the last split of a tile (sum_if_last)
-
-
-@triton.jit
-def _slabs(words, p: tl.constexpr, scale, offset, dtype: tl.constexpr):
-    """Nibbles p and p + 4 of every word, dequantized: two [BLOCK_N, W] slabs in `dtype`."""
-    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-    low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
-    high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
-    return (low * scale - offset).to(dtype), (high * scale - offset).to(dtype)
 
 
 @triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-    feature_live, g, depth, GROUP: tl.constexpr, ONE_DOT: tl.constexpr = False,
+    feature_live, g, depth, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each.
-
-    ONE_DOT: the slabs joined into one [BLOCK_N, GROUP] operand, nibble j of word w at k = 8w +
-    j (the joins' order), and x's rows read in that order: one dot of K = GROUP."""
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -74,28 +61,15 @@ def group_dots(
     zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
     offset = scale * (zero + 128.0)
     dtype = x_ptr.dtype.element_ty
-    x_tokens = x_ptr + tokens[None, :] * stride_x + g * GROUP
-    if ONE_DOT:
-        w0, w4 = _slabs(words, 0, scale, offset, dtype)
-        w1, w5 = _slabs(words, 1, scale, offset, dtype)
-        w2, w6 = _slabs(words, 2, scale, offset, dtype)
-        w3, w7 = _slabs(words, 3, scale, offset, dtype)
-        # [BLOCK_N, W, 2, 2, 2], index (w, h, e, o) holding nibble 4h + 2e + o
-        joined = tl.join(
-            tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7))
-        )
-        k = tl.arange(0, GROUP)
-        x = tl.load(
-            x_tokens + ((k % 8) * words_per_group + k // 8)[:, None], token_live[None, :], 0.0
-        )
-        return tl.dot(tl.reshape(joined, (joined.shape[0], GROUP)), x, acc)
-    x_group = x_tokens + word[:, None]  # [W, BLOCK_M]
+    x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
     for p in tl.static_range(4):
-        low, high = _slabs(words, p, scale, offset, dtype)
+        pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+        low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
+        high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
         x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
         x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
-        acc += tl.dot(low, x_low)
-        acc += tl.dot(high, x_high)
+        acc += tl.dot((low * scale - offset).to(dtype), x_low)
+        acc += tl.dot((high * scale - offset).to(dtype), x_high)
     return acc
 
 
@@ -105,9 +79,9 @@ def _splitk_kernel(
     qweight_ptr,
     scales_ptr,
     zeros_ptr,
-    out_ptr,  # [M, N] in x's dtype (SPLIT_K 1 or SERIAL), else [SPLIT_K, M, N] fp32 partials
-    partial_ptr,  # SERIAL: [SPLIT_K, M, N] fp32
-    counts_ptr,  # SERIAL: [tiles] int32 zeros, splits of each tile done
+    out_ptr,  # [M, N] in x's dtype
+    partial_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] fp32
+    counts_ptr,  # SPLIT_K > 1: [tiles] int32 zeros, splits of each tile done
     m,
     n,
     depth,
@@ -117,8 +91,6 @@ def _splitk_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ONE_DOT: tl.constexpr,
-    SERIAL: tl.constexpr,
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -130,18 +102,16 @@ def _splitk_kernel(
     for g in range(g_lo, g_hi):
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g, depth, GROUP, ONE_DOT,
+            features, feature_live, g, depth, GROUP,
         )  # fmt: skip
     at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptr + at, acc.to(x_ptr.dtype.element_ty), mask=live)
-    elif SERIAL:
+    else:
         tl.store(partial_ptr + split * m * n + at, acc, mask=live)
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         sum_if_last(partial_ptr, out_ptr, counts_ptr, tile, m * n, at, live, SPLIT_K)
-    else:
-        tl.store(out_ptr + split * m * n + at, acc, mask=live)
 
 
 @triton.jit
@@ -179,19 +149,14 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
     split = splits(grid_n * grid_m, groups, tile.waves, x.device)
     span = triton.cdiv(groups, split)
-    serial = tile.serial and split > 1
-    if split == 1 or serial:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    partials, counts = out, out  # unused unless serial
-    if serial:
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    partials, counts = out, out  # unused unless K is split
+    if split > 1:
         partials = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counts = torch.zeros(grid_n * grid_m, dtype=torch.int32, device=x.device)
     _splitk_kernel[(grid_n, grid_m, split)](
         x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
         x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.features, ONE_DOT=tile.one_dot, SERIAL=serial, num_warps=tile.warps,
-        num_stages=tile.stages,
+        BLOCK_N=tile.features, num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
-    return out if split == 1 or serial else out.sum(0).to(x.dtype)
+    return out

@@ -37,7 +37,6 @@ class FusedTile:
     down_features: int  # BLOCK_N of the down kernel (hidden columns)
     warps: int
     stages: int
-    one_dot: bool = False  # replica.kernels.int4_splitk.group_dots' ONE_DOT
 
 
 @dataclass(frozen=True)
@@ -106,14 +105,13 @@ def _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M: tl.constexpr):
 def _expert_dots(
     x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features, feature_live,
     depth, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    ONE_DOT: tl.constexpr,
 ):  # fmt: skip
     """out.T [BLOCK_N, BLOCK_M] fp32: x rows `rows` times weight rows `features` over all K."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g in range(0, depth // GROUP):
         acc = group_dots(
             acc, x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features,
-            feature_live, g, depth, GROUP, ONE_DOT,
+            feature_live, g, depth, GROUP,
         )  # fmt: skip
     return acc
 
@@ -122,7 +120,7 @@ def _expert_dots(
 def _fused_up_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pairs_ptr, experts_ptr, act_ptr, hidden, inter,
     total, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, ONE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -132,11 +130,11 @@ def _fused_up_kernel(
         tokens = pairs // TOP_K
         gate = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, ONE_DOT,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M,
         )  # fmt: skip
         up = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows + inter,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, ONE_DOT,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M,
         )  # fmt: skip
         dtype = x_ptr.dtype.element_ty
         g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
@@ -150,7 +148,6 @@ def _fused_up_kernel(
 def _fused_down_kernel(
     act_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, pairs_ptr, experts_ptr, out_ptr,
     hidden, inter, total, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ONE_DOT: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -159,7 +156,6 @@ def _fused_down_kernel(
         acc = _expert_dots(
             act_ptr, inter, pairs, live, qweight_ptr, scales_ptr, zeros_ptr,
             expert.to(tl.int64) * hidden + cols, col_live, inter, GROUP, BLOCK_N, BLOCK_M,
-            ONE_DOT,
         )  # fmt: skip
         dtype = act_ptr.dtype.element_ty
         route = tl.load(route_ptr + pairs, mask=live, other=0.0)
@@ -180,7 +176,7 @@ def experts_fused(
     act = torch.empty(seg.total, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(seg.total, hidden, dtype=x.dtype, device=x.device)
     blocks = seg.experts.numel()
-    launch = {"num_warps": tile.warps, "num_stages": tile.stages, "ONE_DOT": tile.one_dot}
+    launch = {"num_warps": tile.warps, "num_stages": tile.stages}
     _fused_up_kernel[(triton.cdiv(inter, tile.up_features), blocks)](
         x, gate_up.qweight, gate_up.scales, gate_up.zeros, seg.pairs, seg.experts, act, hidden,
         inter, seg.total, TOP_K=routing.top_k, GROUP=gate_up.group_size, BLOCK_M=tile.tokens,

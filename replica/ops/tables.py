@@ -40,6 +40,8 @@ FOURTH_PASS = f"{ISSUE_24} > 'Fourth pass'"
 V2 = "PERF.md '4-bit weights, second design (issue 36)'"
 V2_SWEEP = f"{V2}; docs/perf/int4-v2-h100.json"
 V2_ENGINES = f"{V2} > 'Served'; docs/perf/int4-v2-h100-engines.json"
+SERIAL = f"{V2} > 'The serial split-K sum'"
+SERIAL_SWEEP = f"{SERIAL}; docs/perf/int4-v2-h100-serial-sweep.json (sweep.dense_us)"
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,8 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
     "tokens",
     (
         Entry(1, GEMV_1, GEMV_1_SWEEP),
-        Entry(2, GEMV_2, GEMV_SWEEP),
-        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SPLITK_SWEEP),
-        Entry(32, SplitK(SplitKTile(32, 64, 4, 3)), SPLITK_SWEEP),
+        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SERIAL_SWEEP),
+        Entry(32, SplitK(SplitKTile(32, 128, 4, 3)), SERIAL_SWEEP),
         Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SPLITK_SWEEP),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
