@@ -112,9 +112,19 @@ class Clock:
 
 
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
-    """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up."""
+    """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up; 4 warps
+    aiming at 2 programs a multiprocessor, and (ncu saw 14% of the warp slots resident at 64
+    tokens: PERF.md) 8 warps, or a K split aiming at 4."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
-    return [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
+    plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
+    wider = [SplitKTile(block_m, f, 8, 3) for f in (64, 128)]
+    return plain + wider + [SplitKTile(block_m, f, 4, 3, waves=4) for f in (64, 128)]
+
+
+def tile_name(t: SplitKTile) -> str:
+    """splitk_m<tokens>n<features>, then w<warps> and v<waves> where not 4 and 2."""
+    warps, waves = f"w{t.warps}" * (t.warps != 4), f"v{t.waves}" * (t.waves != 2)
+    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}"
 
 
 def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
@@ -176,7 +186,7 @@ def dense_sweep(
                 paths["gemlite"] = partial(gemlite, x)
             if decode:
                 for t in splitk_tiles(tokens):
-                    paths[f"splitk_m{t.tokens}n{t.features}"] = partial(w4a16_splitk, x, packed, t)
+                    paths[tile_name(t)] = partial(w4a16_splitk, x, packed, t)
             row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
             if gemlite is not None:  # a peer we do not control: eager if a graph fails
                 row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
