@@ -264,7 +264,7 @@ def engines(
     `report`, saved after each engine (a run cut short keeps them)."""
     from benchmarks.bench_int4 import measure, ratios
 
-    for name in args.engines.split(","):
+    for name in filter(None, args.engines.split(",")):
         runs = report[name] = {}
 
         def run(variant: str, quantize: str | None, runs: dict = runs, name: str = name) -> None:
