@@ -41,7 +41,10 @@ V2 = "PERF.md '4-bit weights, second design (issue 36)'"
 V2_SWEEP = f"{V2}; docs/perf/int4-v2-h100.json"
 V2_ENGINES = f"{V2} > 'Served'; docs/perf/int4-v2-h100-engines.json"
 SERIAL = f"{V2} > 'The serial split-K sum'"
-SERIAL_SWEEP = f"{SERIAL}; docs/perf/int4-v2-h100-serial-sweep.json (sweep.dense_us)"
+SERIAL_SWEEP = (
+    f"{SERIAL}; docs/perf/int4-v2-h100-serial-sweep.json (sweep.dense_us),"
+    " docs/perf/int4-v2-h100-served-serial-engines.json"
+)
 
 
 @dataclass(frozen=True)
