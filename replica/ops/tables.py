@@ -146,7 +146,6 @@ GEMV_SWEEP = f"{FOURTH_PASS}; docs/perf/int4-h200/kernel-sweep-multi-token-gemv.
 DEQUANTIZED_SWEEP = (
     f"{THIRD_PASS}, prefill; docs/perf/int4-h200/dense-moe-gemv-4-pairs-an-expert.json"
 )
-SPLITK_SWEEP = f"{V2_SWEEP} (sweep.dense_us); {V2_ENGINES}"
 TILE_16 = Tile(16, 32, 128, 4, 4)
 
 Int4Linear = Gemv | Tiled | SplitK | Dequantized
@@ -158,7 +157,7 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
         Entry(1, GEMV_1, GEMV_1_SWEEP),
         Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SERIAL_SWEEP),
         Entry(32, SplitK(SplitKTile(32, 128, 4, 3)), SERIAL_SWEEP),
-        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SPLITK_SWEEP),
+        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SERIAL_SWEEP),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
