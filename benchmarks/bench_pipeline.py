@@ -119,6 +119,7 @@ def big_steps(engine: Engine, device: str) -> dict:
             floor_bytes, touched = step_floor_bytes(engine, n)
             result["experts_touched"][str(n)] = round(touched, 1)
             result["floor_fraction"][str(n)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
+        print(f"rows {n}: {ms:.3f} ms a step", flush=True)  # a run cut short still tells
     return result
 
 
@@ -134,6 +135,7 @@ def measure_big(source: ModelSource, device: str) -> dict:
         pipeline_parallel_size=2,
     )
     engine = load_engine(source, config, device, eos_ids=())
+    print(f"235B as two stages: started in {engine.info['startup_s']} s", flush=True)
     return {
         "startup_s_235b": engine.info["startup_s"],
         **{f"{key}_235b": value for key, value in big_steps(engine, device).items()},
