@@ -47,12 +47,12 @@ def routing_rows(x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def spread_routing(wanted: bool = True) -> Iterator[str]:
-    """Where `wanted`, MoE layers run inside route each token by `routing_rows` instead of its hidden state (its
-    experts still compute on the state itself), so a batch spreads over the experts about
-    uniformly, as a trained model's many distinct tokens do, about. With random weights the
-    router sends a whole batch to a few experts: 18.7 of 128 a layer at 64 rows in the 235B
-    (PERF.md, "Pipeline stages"), where a uniform router would touch about 126, and the random
-    int4 30B touched 19.6 even with the batch's mean taken out of the states first (this
+    """Where `wanted`, MoE layers run inside route each token by `routing_rows` instead of its
+    hidden state (its experts still compute on the state itself), so a batch spreads over the
+    experts about uniformly, as a trained model's many distinct tokens do, about. With random
+    weights the router sends a whole batch to a few experts: 18.7 of 128 a layer at 64 rows in
+    the 235B (PERF.md, "Pipeline stages"), where a uniform router would touch about 126, and the
+    random int4 30B touched 19.6 even with the batch's mean taken out of the states first (this
     context's first design; PERF.md, issue 36, fourth session). For benchmarks only; the step's
     `experts_touched` shows what it did. Yields how tokens are routed, for the report."""
     if not wanted:
