@@ -41,19 +41,19 @@ from pathlib import Path
 import torch
 
 from benchmarks.int4_checks import run_checks
+from benchmarks.int4_peers import gemlite_peer, guarded, peer_ratio, silu_after
 from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.ops import tables, tinygemm
-from replica.ops.feed_forward import TritonMoE
+from replica.ops.feed_forward import TritonMLP, TritonMoE
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE
 from replica.ops.packed import random_packed
 
 ALL_PARTS = "checks,sweep,engines"
-RATIO_TOKENS = ("1", "8", "64")
 SMOKE_DENSE = {"qkv": (96, 256), "o": (64, 128), "gate_up": (160, 256), "down": (64, 256)}
 SMOKE_MOE = (8, 256, 128, 2)
 
@@ -127,37 +127,6 @@ def tile_name(t: SplitKTile) -> str:
     return f"splitk_m{t.tokens}n{t.features}{warps}{waves}"
 
 
-def gemlite_peer(packed, dtype: torch.dtype) -> tuple[Callable | None, str]:
-    """GemLite's 4-bit layer for this weight, or None and why (it is optional)."""
-    try:
-        import gemlite
-
-        layer_class = getattr(gemlite, "GemLiteLinearTriton", None) or gemlite.GemLiteLinear
-        n, k = packed.shape
-        layer = layer_class(
-            4, group_size=packed.group_size, in_features=k, out_features=n,
-            input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16,
-        )  # fmt: skip
-        values = tinygemm.values(packed).to(torch.uint8)
-        layer.pack(values, packed.scales.to(dtype), packed.zeros.to(dtype), bias=None)
-        layer(torch.zeros(1, k, dtype=dtype, device=packed.device))  # fails here, not in a graph
-        return layer, f"gemlite {getattr(gemlite, '__version__', '?')}"
-    except Exception as error:  # any failure: the peer is optional
-        return None, f"not available: {type(error).__name__}: {error}"[:200]
-
-
-def guarded(time_us: Callable, fallback: Callable, fn: Callable) -> float | str:
-    """A peer's time; eager where its CUDA graph fails (noted), or why neither ran."""
-    try:
-        return time_us(fn)
-    except Exception as error:  # any failure: the peer is optional
-        torch.cuda.synchronize()
-        try:
-            return fallback(fn)
-        except Exception:  # still the peer's failure: recorded, not fatal
-            return f"failed: {type(error).__name__}: {error}"[:200]
-
-
 def dense_sweep(
     shapes: dict, clock: Clock, device: torch.device, sizes: Sizes, gemlite_wanted: bool
 ) -> dict:
@@ -167,6 +136,7 @@ def dense_sweep(
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     rows, peer_note = [], ""
     served = TritonLinear()
+    mlp = TritonMLP(served)
     for shape, (n, k) in shapes.items():
         packed = random_packed((n, k), 0.02, dtype, gen)
         weight = tinygemm.dequantize(packed, dtype)  # the same weights in 16 bits
@@ -184,12 +154,18 @@ def dense_sweep(
             }
             if gemlite is not None:
                 paths["gemlite"] = partial(gemlite, x)
+            if shape == "gate_up":  # SiLU(gate) * up too, as the MLP runs it: fused, or after
+                paths["served_mlp"] = partial(mlp.gated, x, packed)
+                paths["tinygemm_mlp"] = partial(silu_after, paths["tinygemm"])
+                if gemlite is not None:
+                    paths["gemlite_mlp"] = partial(silu_after, paths["gemlite"])
             if decode:
                 for t in splitk_tiles(tokens):
                     paths[tile_name(t)] = partial(w4a16_splitk, x, packed, t)
-            row.update({name: time_us(fn) for name, fn in paths.items() if name != "gemlite"})
-            if gemlite is not None:  # a peer we do not control: eager if a graph fails
-                row["gemlite"] = guarded(time_us, clock.eager, paths["gemlite"])
+            ours = {name: fn for name, fn in paths.items() if not name.startswith("gemlite")}
+            row.update({name: time_us(fn) for name, fn in ours.items()})
+            for name in paths.keys() - ours.keys():  # a peer we do not control: eager if need be
+                row[name] = guarded(time_us, clock.eager, paths[name])
             rows.append(row)
             print(row, flush=True)
     return {"dense_us": rows, "gemlite": peer_note}
@@ -237,23 +213,6 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         rows.append(row)
         print(row, flush=True)
     return rows
-
-
-def peer_ratio(dense_rows: list) -> dict:
-    """Our served table's summed time of the four projections over the faster peer's."""
-    ratios = {}
-    for tokens in RATIO_TOKENS:
-        rows = [r for r in dense_rows if r["tokens"] == int(tokens)]
-        if not rows:  # a smoke run's sizes
-            continue
-        ours = sum(r["served"] for r in rows)
-        peers = [
-            sum(r[p] for r in rows)
-            for p in ("tinygemm", "gemlite")
-            if all(isinstance(r.get(p), float) for r in rows)
-        ]
-        ratios[tokens] = round(ours / min(peers), 3)
-    return ratios
 
 
 def engines(

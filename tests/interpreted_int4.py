@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from replica.ops.packed import PackedInt4, linear, quantize
+from replica.ops.packed import PackedInt4, linear, quantize, unpack
 
 
 def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
@@ -18,6 +18,40 @@ def close_in_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
 def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> PackedInt4:
     """Zero points spread over 0..15 (not 8 everywhere): a wrong zero shows."""
     return quantize(torch.randn(*lead, n, k) + torch.rand(*lead, n, 1) * 3, group_size=group)
+
+
+def one_token_weights(weight: PackedInt4) -> torch.Tensor:
+    """The weights the one-token GEMV computes with, fp32 [..., N, K]: in each group the second
+    half's columns (nibbles 4 to 7 of its words) read 1/2^16 of the first half's nibble over
+    (replica.kernels.int4_gemv._one_token_nibbles), everything else exact."""
+    half = weight.group_size // 2
+    q = unpack(weight.qweight, weight.group_size).double().unflatten(-1, (-1, 2, half))
+    q[..., 1, :] += q[..., 0, :] / 65536
+    w = (q.flatten(-2) - weight.zeros.double()[..., None]) * weight.scales.double()[..., None]
+    return w.flatten(-2).float()
+
+
+def one_token_gemv() -> None:
+    """The one-token GEMV (four sets of rows sharing x) against the weights it computes with,
+    and those within 15 / 2^16 of a step of the oracle's: widths that end mid-set and mid-block
+    (70 rows: row 69 of the second set live, row 71 of the fourth not; a gate of 35), tiles of 2
+    to 8 rows a set, a K split, loop steps that do not divide K (halved until they do), groups
+    of 128 and 256, a strided x."""
+    from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
+
+    tiles = (GemvTile(8, 8, 4), GemvTile(16, 4, 4), GemvTile(32, 2, 4), GemvTile(8, 16, 4))
+    for depth, group in ((384, 128), (1280, 128), (768, 256)):
+        x = torch.randn(1, 2 * depth)[:, :depth]
+        weight = asymmetric(70, depth, group)
+        modelled = x @ one_token_weights(weight).t()  # within the bound of the oracle's
+        steps = weight.scales.repeat_interleave(group, dim=-1)
+        bound = 15 / 65536 * (x.abs() @ steps.t()) + 1e-4
+        assert ((modelled - linear(x, weight)).abs() <= bound).all()
+        gate, up = modelled.chunk(2, dim=-1)
+        for tile in tiles:
+            close_in_scale(w4a16_gemv(x, weight, tile), modelled)
+            ours = w4a16_gemv(x, weight, tile, gated=True)
+            close_in_scale(ours, torch.nn.functional.silu(gate) * up)
 
 
 def int4_splitk() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -110,9 +111,17 @@ def moe(packed: bool = False) -> None:
     from replica.ops.layer import TritonLayerOps
     from replica.ops.mlp import SparseMoE
     from replica.ops.packed import quantize
+    from tests.interpreted_int4 import one_token_weights
 
     def stacked(weights: torch.Tensor):
         return quantize(weights, group_size=16) if packed else weights
+
+    def one_token_gemv(choice: object) -> bool:  # a program a pair: the one-token GEMV
+        return isinstance(choice, tables.ExpertGemv) and not choice.bucketed
+
+    def one_token(layer: SparseMoE) -> SparseMoE:  # the weights that GEMV computes with
+        gate_up, down = one_token_weights(layer.gate_up), one_token_weights(layer.down)
+        return replace(layer, gate_up=gate_up, down=down)
 
     experts, hidden, inter = 8, 32, 16
     norms = [
@@ -138,7 +147,9 @@ def moe(packed: bool = False) -> None:
                 torch.randn(tokens, hidden),
                 torch.randn(hidden),
             )
-            expected = norms[0].add_rms_norm(h, TorchMoE()(x, layer, True), weight)
+            choice = tables.moe_table(16 if packed else None, True).choose(tokens * top_k / experts)
+            truth = one_token(layer) if one_token_gemv(choice) else layer
+            expected = norms[0].add_rms_norm(h, TorchMoE()(x, truth, True), weight)
             fused = fused_moe(x, layer, True)
             assert fused.shape == (tokens * top_k, hidden)
             for a, b in zip(expected, norms[1].add_rms_norm(h, fused, weight), strict=True):
@@ -161,9 +172,12 @@ def moe(packed: bool = False) -> None:
             assert [type(c).__name__ for c in choices] == ["ExpertGemv"] * 2 + ["ExpertTiles"] * 2
             assert not choices[0].bucketed and choices[1].bucketed
             assert not choices[2].dequantized and choices[3].dequantized
+            modelled = norms[0].add_rms_norm(h, TorchMoE()(x, one_token(layer), False), weight)
             for choice in choices:
                 ours = norms[1].add_rms_norm(h, fused_moe.run(x, layer, choice), weight)
-                for a, b in zip(expected, ours, strict=True):
+                for a, b in zip(
+                    modelled if one_token_gemv(choice) else expected, ours, strict=True
+                ):
                     close(b, a)
 
 
@@ -179,6 +193,7 @@ def int4_linear() -> None:
     from replica.ops.linear import TritonLinear
     from replica.ops.packed import dequantize, linear, quantize
     from replica.ops.tables import INT4_LINEAR_NARROW
+    from tests.interpreted_int4 import one_token_weights
 
     assert split_k(2, 8, torch.device("cpu")) == 8  # 8 "SMs": 16 programs wanted
     ours = TritonLinear()
@@ -188,11 +203,13 @@ def int4_linear() -> None:
         close(dequantized(weight, torch.float32), dequantize(weight, torch.float32))
         for tokens in (1, 3, 4, 8, 40, 130):
             x = torch.randn(tokens + 3, depth)[3:]  # a view that does not start at row 0
-            close_in_scale(ours(x, weight), linear(x, weight))
+            # one token: the GEMV's own weights (interpreted_int4.one_token_weights)
+            reference = x @ one_token_weights(weight).t() if tokens == 1 else linear(x, weight)
+            close_in_scale(ours(x, weight), reference)
             if tokens in tiles:
                 tiled = w4a16_tiled(x, weight, tiles[tokens])
                 close_in_scale(tiled, linear(x, weight))
-            gate, up = linear(x, weight).chunk(2, dim=-1)
+            gate, up = reference.chunk(2, dim=-1)
             if tokens <= 4:
                 gated = w4a16_gemv(x, weight, INT4_LINEAR_NARROW.choose(tokens).gated, gated=True)
                 close_in_scale(gated, torch.nn.functional.silu(gate) * up)
@@ -246,6 +263,7 @@ CHECKS = {
     "int4_linear": int4_linear,
     "sampling": sampling,
     "int4_splitk": interpreted_int4.int4_splitk,
+    "one_token_gemv": interpreted_int4.one_token_gemv,
     "moe_fused": interpreted_int4.moe_fused,
     "spread_routing": interpreted_int4.spread_routing,
 }

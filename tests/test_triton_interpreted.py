@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
         "int4_linear",
         "sampling",
         "int4_splitk",
+        "one_token_gemv",
         "moe_fused",
         "spread_routing",
     ],

@@ -3,8 +3,9 @@
 
 Each program reads a block of output features, several groups per loop step (bytes in flight
 hide the memory latency), takes the words two nibbles at a time as bf16 128 + q, and multiplies
-them into every token it holds, so a weight is read and dequantized once for all of them. It
-fuses SiLU(gate) * up and the MoE routing weight when asked, and takes an expert's bucketed
+them into every token it holds, so a weight is read and dequantized once for all of them. One
+token (`int4_gemv_rows`): the block's rows in four sets that share x's loads, conversions and sums.
+It fuses SiLU(gate) * up and the MoE routing weight when asked, and takes an expert's bucketed
 pairs together. Which tile serves which token count is replica.ops.tables' to say.
 """
 
@@ -18,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.kernels.int4_dequantize import Int4Weight
+from replica.kernels.int4_gemv_rows import group_words, one_token
 from replica.kernels.int4_splitk import sum_if_last
 from replica.kernels.launch import split_k
 
@@ -32,24 +34,24 @@ class GemvTile:
 
 
 @triton.jit
+def _nibble_pair(words, p: tl.constexpr):
+    """Nibbles p and p + 4 of each word as fp32 128 + q: (word >> 4p) & 0x000F000F | 0x43004300
+    is two bf16 values 128 + q (q in the mantissa), each half a float by a shift or a mask."""
+    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_dots(
     qweight_ptr, scales_ptr, zeros_ptr, features, feature_live, x_tokens, x_live, depth, g_lo,
     g_hi, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, TOKENS: tl.constexpr,
 ):  # fmt: skip
-    """[TOKENS, BLOCK_N] fp32: TOKENS activations (pointers `x_tokens`) times weight rows
-    `features` (int64, experts' offsets included) over groups g_lo..g_hi - 1, GROUPS groups a
-    step ([features, groups, words] loaded at once: the bytes in flight hide the memory's
-    latency).
-
-    (word >> 4p) & 0x000F000F | 0x43004300 is two bf16 values 128 + q (nibbles p and p + 4, q
-    in the mantissa), each half a float by a shift or a mask. One token sums (128 + q) x and
-    scales once a word (the 128s folded into the zero: an fma a weight); several dequantize each
-    weight once, by one fma (128 + q) s - (128 + z) s, exactly (q - z) s in fp32 for 16-bit
-    scales, then take an fma a token. Nibble j of a group's word w is column jW + w (our
-    layout), so the 8 activations a word needs are 8 loads of [tokens, groups, words], shared by
-    every feature a thread holds."""
+    """[TOKENS, BLOCK_N] fp32: TOKENS (2 or more) activations (pointers `x_tokens`) times weight
+    rows `features` over groups g_lo..g_hi - 1, GROUPS groups a step ([features, groups, words]
+    loaded at once: the bytes in flight hide the memory's latency). Each weight is dequantized
+    once for all tokens, by one fma (128 + q) s - (128 + z) s, exactly (q - z) s in fp32 for
+    16-bit scales, then takes an fma a token; x is loaded once for all features."""
     words_per_group: tl.constexpr = GROUP // 8
-    groups = depth // GROUP
     group = tl.arange(0, GROUPS)[None, None, :, None]
     word = tl.arange(0, words_per_group)[None, None, None, :]
     features4 = features[None, :, None, None]
@@ -60,34 +62,18 @@ def _gemv_dots(
     for g0 in range(g_lo, g_hi, GROUPS):
         g = g0 + group
         groups_live = g < g_hi
-        live = groups_live & features_live
-        words = tl.load(
-            qweight_ptr + features4 * (depth // 8) + g * words_per_group + word, mask=live, other=0
-        )
-        scale = tl.load(scales_ptr + features4 * groups + g, mask=live, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + features4 * groups + g, mask=live, other=0.0).to(tl.float32)
-        offset = scale * (zero + 128.0)
+        words, scale, offset = group_words(
+            qweight_ptr, scales_ptr, zeros_ptr, features4, groups_live & features_live, g, depth,
+            GROUP, 128.0,
+        )  # fmt: skip
         x_group = columns + g * GROUP
-        # One token: x loaded in the words' shape (one load a feature, from L1) multiplies
-        # without a layout conversion; several: loaded once for all features (PERF.md, issue
-        # 24's fourth pass)
-        x_mask = (live if TOKENS == 1 else groups_live) & tokens_live
-        codes = tl.zeros([TOKENS, BLOCK_N, GROUPS, words_per_group], dtype=tl.float32)
-        x_sum = tl.zeros([TOKENS, 1, GROUPS, words_per_group], dtype=tl.float32)
+        x_mask = groups_live & tokens_live
         for p in tl.static_range(4):
-            pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-            low = (pair << 16).to(tl.float32, bitcast=True)
-            high = (pair & -65536).to(tl.float32, bitcast=True)
+            low, high = _nibble_pair(words, p)
             x_low = tl.load(x_group + p * words_per_group, mask=x_mask, other=0.0)
             x_high = tl.load(x_group + (p + 4) * words_per_group, mask=x_mask, other=0.0)
             x_low, x_high = x_low.to(tl.float32), x_high.to(tl.float32)
-            if TOKENS == 1:  # sum (128 + q) x, scaled below: one fma a weight
-                codes += low * x_low + high * x_high
-                x_sum += x_low + x_high
-            else:  # each weight dequantized once for all tokens, then one fma a token
-                acc += (low * scale - offset) * x_low + (high * scale - offset) * x_high
-        if TOKENS == 1:  # sum (q - z) s x = s sum((128 + q) x) - (128 + z) s sum(x)
-            acc += scale * codes - offset * x_sum
+            acc += (low * scale - offset) * x_low + (high * scale - offset) * x_high
     return tl.sum(tl.sum(acc, axis=3), axis=2)
 
 
@@ -174,15 +160,22 @@ def _gemv_outputs(
     col_live = cols < n
     dtype = x_ptr.dtype.element_ty
     x_tokens = x_ptr + (out // OUTPUTS_PER_TOKEN) * stride_x
-    total = _gemv_dots(
-        qweight_ptr, scales_ptr, zeros_ptr, features, col_live, x_tokens, live, depth, g_lo,
-        g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
-    )  # fmt: skip
-    if GATED:
-        up = _gemv_dots(
-            qweight_ptr, scales_ptr, zeros_ptr, features + n, col_live, x_tokens, live, depth,
-            g_lo, g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
+    if TOKENS == 1:
+        total, up = one_token(
+            qweight_ptr, scales_ptr, zeros_ptr, features, cols, n, x_tokens, live, depth, g_lo,
+            g_hi, GROUP, BLOCK_N, GROUPS, GATED,
         )  # fmt: skip
+    else:
+        total = _gemv_dots(
+            qweight_ptr, scales_ptr, zeros_ptr, features, col_live, x_tokens, live, depth, g_lo,
+            g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
+        )  # fmt: skip
+        if GATED:
+            up = _gemv_dots(
+                qweight_ptr, scales_ptr, zeros_ptr, features + n, col_live, x_tokens, live, depth,
+                g_lo, g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
+            )  # fmt: skip
+    if GATED:
         gate = total.to(dtype).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         total = silu * up.to(dtype).to(tl.float32)

@@ -44,7 +44,11 @@ class TorchMLP:
         self.linear = linear
 
     def __call__(self, x: Tensor, mlp: DenseMLP) -> Tensor:
-        return self.linear(self.silu_mul(self.linear(x, mlp.gate_up)), mlp.down)
+        return self.linear(self.gated(x, mlp.gate_up), mlp.down)
+
+    def gated(self, x: Tensor, gate_up: Tensor | PackedInt4) -> Tensor:
+        """SiLU(gate) * up, [T, inter]."""
+        return self.silu_mul(self.linear(x, gate_up))
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         return silu_mul(gate_up)
@@ -53,13 +57,13 @@ class TorchMLP:
 class TritonMLP(TorchMLP):
     linear: TritonLinear
 
-    def __call__(self, x: Tensor, mlp: DenseMLP) -> Tensor:
-        """A packed MLP at a few tokens: SiLU(gate) * up fused into the gate-up GEMV."""
-        if isinstance(mlp.gate_up, PackedInt4):
-            choice = self.linear.choose(x.shape[0], mlp.gate_up)
+    def gated(self, x: Tensor, gate_up: Tensor | PackedInt4) -> Tensor:
+        """A packed gate-up at a few tokens: SiLU(gate) * up fused into its GEMV."""
+        if isinstance(gate_up, PackedInt4):
+            choice = self.linear.choose(x.shape[0], gate_up)
             if isinstance(choice, Gemv):
-                return self.linear(w4a16_gemv(x, mlp.gate_up, choice.gated, gated=True), mlp.down)
-        return super().__call__(x, mlp)
+                return w4a16_gemv(x, gate_up, choice.gated, gated=True)
+        return super().gated(x, gate_up)
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:
         return silu_mul_triton(gate_up)

@@ -142,6 +142,13 @@ GEMV_1 = Gemv(GemvTile(8, 8, 4), gated=GemvTile(16, 4, 4))
 GEMV_2 = Gemv(GemvTile(32, 1, 4, 2), gated=GemvTile(32, 2, 4, 2))
 GEMV_4 = Gemv(GemvTile(32, 1, 4, 4), gated=GemvTile(32, 1, 4, 4))
 GEMV_1_SWEEP = f"{THIRD_PASS}; docs/perf/int4-h200/kernel-sweep-rows-in-registers.json"
+# One token, groups of 128 or more: four sets of rows sharing x; 16 groups a step (the 4B's o
+# and down, whose K holds 32 and 76 groups, gain most)
+GEMV_1_WIDE = Gemv(GemvTile(8, 16, 4), gated=GemvTile(16, 4, 4))
+ONE_TOKEN_SWEEP = (
+    f"{V2} > 'One token: four sets of rows'; docs/perf/int4-v2-h100-gemv-rows4.json,"
+    " docs/perf/int4-v2-h100-gemv-step.json"
+)
 GEMV_SWEEP = f"{FOURTH_PASS}; docs/perf/int4-h200/kernel-sweep-multi-token-gemv.json"
 DEQUANTIZED_SWEEP = (
     f"{THIRD_PASS}, prefill; docs/perf/int4-h200/dense-moe-gemv-4-pairs-an-expert.json"
@@ -154,7 +161,7 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
     "4-bit linear, groups of 128 or more",
     "tokens",
     (
-        Entry(1, GEMV_1, GEMV_1_SWEEP),
+        Entry(1, GEMV_1_WIDE, ONE_TOKEN_SWEEP),
         Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SERIAL_SWEEP),
         Entry(32, SplitK(SplitKTile(32, 128, 4, 3)), SERIAL_SWEEP),
         Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SERIAL_SWEEP),

@@ -1,0 +1,162 @@
+"""The one-token w4a16 GEMV's sums (replica.kernels.int4_gemv runs them): a GEMV is bound by its
+instructions (PERF.md, issue 36), so a program's rows form four sets that share every load,
+conversion and sum of x, and each word's high nibbles are read from the bf16 pair whole.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# _one_token_nibbles' C + q: the bf16 pair's 128 + q, and 0x4300 / 2^16 in the bits below it
+ONE_TOKEN_C: tl.constexpr = tl.constexpr(128.0 + 0x4300 / 65536)
+
+
+@triton.jit
+def group_words(
+    qweight_ptr, scales_ptr, zeros_ptr, rows, live, g, depth, GROUP: tl.constexpr,
+    C: tl.constexpr,
+):  # fmt: skip
+    """Rows `rows` [1, N, 1, 1] of groups g [1, 1, G, 1], masked by `live`: their words
+    [1, N, G, W], scale and (C + zero) * scale [1, N, G, 1] in fp32 (exact for 16-bit scales:
+    C + zero has at most 16 significant bits)."""
+    words_per_group: tl.constexpr = GROUP // 8
+    word = tl.arange(0, words_per_group)[None, None, None, :]
+    groups = depth // GROUP
+    row_words = tl.multiple_of(depth // 8, words_per_group)  # K is whole groups: 16-byte loads
+    words = tl.load(qweight_ptr + rows * row_words + g * words_per_group + word, live, other=0)
+    scale = tl.load(scales_ptr + rows * groups + g, mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + rows * groups + g, mask=live, other=0.0).to(tl.float32)
+    return words, scale, scale * (zero + C)
+
+
+@triton.jit
+def _one_token_nibbles(words, p: tl.constexpr):
+    """Nibbles p and p + 4 of each word as fp32 C + q (C = 128 + 0x4300 / 2^16), the second up to
+    q_p / 2^16 over: the bf16 pair (int4_gemv._nibble_pair) read whole as an fp32 is
+    C + q_{p+4} with q_p in its lowest mantissa bits, and the pair times 2^16 plus 0x4300 (one
+    integer multiply-add) is C + q_p: one instruction a pair instead of a shift and a mask."""
+    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+    return (pair * 65536 + 0x4300).to(tl.float32, bitcast=True), pair.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes(codes, words, p: tl.constexpr, x_low, x_high):
+    low, high = _one_token_nibbles(words, p)
+    codes += low * x_low
+    codes += high * x_high
+    return codes
+
+
+@triton.jit
+def _set(
+    qweight_ptr, scales_ptr, zeros_ptr, rows, live, groups_live, g, depth, GROUP: tl.constexpr
+):  # fmt: skip
+    """_group_words of one set of rows [BLOCK] (live [BLOCK]) for the one-token sums."""
+    return group_words(
+        qweight_ptr, scales_ptr, zeros_ptr, rows[None, :, None, None],
+        live[None, :, None, None] & groups_live, g, depth, GROUP, ONE_TOKEN_C,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gemv_rows4(
+    qweight_ptr, scales_ptr, zeros_ptr, rows_a, rows_b, rows_c, rows_d, live_a, live_b, live_c,
+    live_d, x_token, x_live, depth, g_lo, g_hi, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
+):  # fmt: skip
+    """One token through four sets of BLOCK weight rows (int64, experts' offsets included),
+    groups g_lo..g_hi - 1: four [1, BLOCK] fp32. The sets share every load, conversion and sum
+    of x, the work a weight does not own (a GEMV is bound by its instructions, PERF.md).
+
+    Each sums (C + q) x and scales once a word: s sum((C + q) x) - (C + z) s sum(x) is
+    sum((q - z) s x), an fma a weight (_one_token_nibbles: within q_p s / 2^16 a weight, far
+    under the bf16 weight's own rounding). Nibble j of a group's word w is column jW + w (our
+    layout), so x is read as 8 slabs [groups, words], in the words' own layout (x's pointers
+    broadcast over the rows: no layout conversion)."""
+    words_per_group: tl.constexpr = GROUP // 8
+    group = tl.arange(0, GROUPS)[None, None, :, None]
+    word = tl.arange(0, words_per_group)[None, None, None, :]
+    x_cols = x_token[:, None, None, None] + word + rows_a[None, :, None, None] * 0
+    shape: tl.constexpr = [1, BLOCK, GROUPS, words_per_group]
+    acc_a, acc_b = tl.zeros(shape, dtype=tl.float32), tl.zeros(shape, dtype=tl.float32)
+    acc_c, acc_d = tl.zeros(shape, dtype=tl.float32), tl.zeros(shape, dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, GROUPS):
+        g = g0 + group
+        groups_live = g < g_hi
+        words_a, scale_a, offset_a = _set(
+            qweight_ptr, scales_ptr, zeros_ptr, rows_a, live_a, groups_live, g, depth, GROUP
+        )
+        words_b, scale_b, offset_b = _set(
+            qweight_ptr, scales_ptr, zeros_ptr, rows_b, live_b, groups_live, g, depth, GROUP
+        )
+        words_c, scale_c, offset_c = _set(
+            qweight_ptr, scales_ptr, zeros_ptr, rows_c, live_c, groups_live, g, depth, GROUP
+        )
+        words_d, scale_d, offset_d = _set(
+            qweight_ptr, scales_ptr, zeros_ptr, rows_d, live_d, groups_live, g, depth, GROUP
+        )
+        x_at = x_cols + g * GROUP
+        x_mask = groups_live & x_live[:, None, None, None]
+        codes_a, codes_b = tl.zeros(shape, dtype=tl.float32), tl.zeros(shape, dtype=tl.float32)
+        codes_c, codes_d = tl.zeros(shape, dtype=tl.float32), tl.zeros(shape, dtype=tl.float32)
+        x_sum = tl.zeros(shape, dtype=tl.float32)
+        for p in tl.static_range(4):
+            x_low = tl.load(x_at + p * words_per_group, mask=x_mask, other=0.0).to(tl.float32)
+            x_high = tl.load(x_at + (p + 4) * words_per_group, mask=x_mask, other=0.0)
+            x_high = x_high.to(tl.float32)
+            x_sum += x_low
+            x_sum += x_high
+            codes_a = _codes(codes_a, words_a, p, x_low, x_high)
+            codes_b = _codes(codes_b, words_b, p, x_low, x_high)
+            codes_c = _codes(codes_c, words_c, p, x_low, x_high)
+            codes_d = _codes(codes_d, words_d, p, x_low, x_high)
+        acc_a += scale_a * codes_a - offset_a * x_sum
+        acc_b += scale_b * codes_b - offset_b * x_sum
+        acc_c += scale_c * codes_c - offset_c * x_sum
+        acc_d += scale_d * codes_d - offset_d * x_sum
+    return (
+        tl.sum(tl.sum(acc_a, axis=3), axis=2), tl.sum(tl.sum(acc_b, axis=3), axis=2),
+        tl.sum(tl.sum(acc_c, axis=3), axis=2), tl.sum(tl.sum(acc_d, axis=3), axis=2),
+    )  # fmt: skip
+
+
+@triton.jit
+def _halves(v):
+    """v[0::2], v[1::2] of a [BLOCK] vector."""
+    return tl.split(tl.reshape(v, [v.shape[0] // 2, 2]))
+
+
+@triton.jit
+def _interleaved(even, odd):
+    """[1, 2 BLOCK] of two [1, BLOCK]: _halves undone."""
+    return tl.reshape(tl.join(even, odd), [1, 2 * even.shape[1]])
+
+
+@triton.jit
+def one_token(
+    qweight_ptr, scales_ptr, zeros_ptr, features, cols, n, x_token, live, depth, g_lo, g_hi,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GATED: tl.constexpr,
+):  # fmt: skip
+    """One token through weight rows `features` (columns `cols`, those under n live): [1, BLOCK_N]
+    fp32, and GATED the up rows' too (features + n); else the first again. The rows form four
+    sets that share x (_gemv_rows4): gate and up each even and odd, or rows 4i + 0..3."""
+    even, odd = _halves(features)
+    even_cols, odd_cols = _halves(cols)
+    if GATED:
+        a, b, c, d = even, odd, even + n, odd + n
+        cols_a, cols_b, cols_c, cols_d = even_cols, odd_cols, even_cols, odd_cols
+    else:
+        a, c = _halves(even)
+        b, d = _halves(odd)
+        cols_a, cols_c = _halves(even_cols)
+        cols_b, cols_d = _halves(odd_cols)
+    block: tl.constexpr = BLOCK_N // (2 if GATED else 4)
+    out_a, out_b, out_c, out_d = _gemv_rows4(
+        qweight_ptr, scales_ptr, zeros_ptr, a, b, c, d, cols_a < n, cols_b < n, cols_c < n,
+        cols_d < n, x_token, live, depth, g_lo, g_hi, GROUP, block, GROUPS,
+    )  # fmt: skip
+    if GATED:
+        return _interleaved(out_a, out_b), _interleaved(out_c, out_d)
+    total = _interleaved(_interleaved(out_a, out_c), _interleaved(out_b, out_d))
+    return total, total
