@@ -10,13 +10,14 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
   (benchmarks.int4_checks);
 - `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
   prefill sizes eager): bf16, the served table (`served`) and each split-K tile, torch's int4
-  matmul (`tinygemm`), GemLite; the 30B's experts: the served table against the fused kernel's
-  tiles;
-- `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served table over the
-  faster peer (tinygemm, GemLite);
+  matmul (`tinygemm`), GemLite; gate_up also with SiLU(gate) * up as the MLP runs it (`*_mlp`);
+  the 30B's experts: the served table against the fused kernel's tiles;
+- `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served paths over the
+  faster peer (tinygemm, GemLite), gate_up with SiLU(gate) * up on both sides;
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection), via benchmarks.bench_int4's `measure`.
+  projection; `*_deep_only`: one token without the shallow-K tile), via benchmarks.bench_int4's
+  `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;

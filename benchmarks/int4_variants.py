@@ -36,4 +36,19 @@ def tinygemm_layouts():
         yield
 
 
-VARIANTS = {"tinygemm": tinygemm_layouts}
+@contextmanager
+def deep_only():
+    """Engines built inside serve one token with the deep-K tile everywhere: the shallow-K tile
+    (tables.SHALLOW_GROUPS: the 4B's and the 30B's qkv) measured against it."""
+    from dataclasses import replace
+
+    from replica.ops import tables
+
+    table = tables.INT4_LINEAR_WIDE
+    one_token = replace(table.entries[0], choice=replace(table.entries[0].choice, shallow=None))
+    deep = replace(table, entries=(one_token, *table.entries[1:]))
+    with mock.patch.object(tables, "INT4_LINEAR_WIDE", deep):
+        yield
+
+
+VARIANTS = {"tinygemm": tinygemm_layouts, "deep_only": deep_only}

@@ -68,3 +68,25 @@ def test_packed_experts_are_looked_up_by_their_smaller_group():
     assert packed_group(layer(None, None)) is None
     assert packed_group(layer(128, 128)) == 128
     assert packed_group(layer(128, 32)) == 32  # the narrower one decides: the fused kernel
+
+
+def test_one_token_takes_the_shallow_tile_where_k_holds_few_groups(monkeypatch):
+    """The 4B's qkv (K of 20 groups) and its o (32): the tile the GEMV is launched with."""
+    from replica.ops import linear
+    from replica.ops.packed import quantize
+
+    launched = []
+    monkeypatch.setattr(linear, "w4a16_gemv", lambda x, w, tile: launched.append(tile))
+    choice = tables.INT4_LINEAR_WIDE.choose(1)
+    for groups in (tables.SHALLOW_GROUPS, tables.SHALLOW_GROUPS + 12):
+        weight = quantize(torch.randn(8, 128 * groups), group_size=128)
+        linear.run_int4(torch.randn(1, 128 * groups), weight, choice)
+    assert launched == [choice.shallow, choice.tile] and choice.shallow != choice.tile
+
+
+def test_the_deep_only_variant_serves_the_deep_tile_inside_and_restores_it():
+    from benchmarks.int4_variants import VARIANTS
+
+    with VARIANTS["deep_only"]():
+        assert tables.INT4_LINEAR_WIDE.choose(1).plain(tables.SHALLOW_GROUPS).groups == 16
+    assert tables.INT4_LINEAR_WIDE.choose(1).plain(tables.SHALLOW_GROUPS).groups == 4

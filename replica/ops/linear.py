@@ -59,7 +59,7 @@ def serving_layout(weight: PackedInt4, to_tinygemm: bool) -> PackedInt4 | TinyGe
 def run_int4(x: Tensor, weight: PackedInt4, choice: Int4Linear) -> Tensor:
     """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype, through the kernel `choice`."""
     if isinstance(choice, Gemv):
-        return w4a16_gemv(x, weight, choice.tile)
+        return w4a16_gemv(x, weight, choice.plain(x.shape[1] // weight.group_size))
     if isinstance(choice, Tiled):
         return w4a16_tiled(x, weight, choice.tile)
     if isinstance(choice, SplitK):

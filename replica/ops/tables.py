@@ -80,6 +80,11 @@ class Gemv:
 
     tile: GemvTile  # x @ w.T
     gated: GemvTile  # SiLU(gate) * up
+    shallow: GemvTile | None = None  # x @ w.T where K holds SHALLOW_GROUPS groups or fewer
+
+    def plain(self, groups: int) -> GemvTile:
+        """The tile for x @ w.T whose K holds `groups` quantization groups."""
+        return self.shallow if self.shallow and groups <= SHALLOW_GROUPS else self.tile
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,11 @@ GEMV_1 = Gemv(GemvTile(8, 8, 4), gated=GemvTile(16, 4, 4))
 GEMV_2 = Gemv(GemvTile(32, 1, 4, 2), gated=GemvTile(32, 2, 4, 2))
 GEMV_4 = Gemv(GemvTile(32, 1, 4, 4), gated=GemvTile(32, 1, 4, 4))
 GEMV_1_SWEEP = f"{THIRD_PASS}; docs/perf/int4-h200/kernel-sweep-rows-in-registers.json"
-# One token, groups of 128 or more: four sets of rows sharing x; 16 groups a step (the 4B's o
-# and down, whose K holds 32 and 76 groups, gain most)
-GEMV_1_WIDE = Gemv(GemvTile(8, 16, 4), gated=GemvTile(16, 4, 4))
+# One token, groups of 128 or more: four sets of rows sharing x; 16 groups a step where K is
+# deep (the 4B's o and down: 32 and 76 groups), 4 with twice the rows where it is shallow (its
+# qkv: 20 groups, which 16 a step would cover in 2 steps, 12 of their 32 groups masked)
+SHALLOW_GROUPS = 20
+GEMV_1_WIDE = Gemv(GemvTile(8, 16, 4), gated=GemvTile(16, 4, 4), shallow=GemvTile(16, 4, 4))
 ONE_TOKEN_SWEEP = (
     f"{V2} > 'One token: four sets of rows'; docs/perf/int4-v2-h100-gemv-rows4.json,"
     " docs/perf/int4-v2-h100-gemv-step.json"
