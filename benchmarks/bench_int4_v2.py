@@ -45,6 +45,7 @@ from benchmarks.int4_checks import run_checks
 from benchmarks.int4_peers import gemlite_peer, guarded, peer_ratio, silu_after
 from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
+from replica.kernels.int4_gemv import GemvTile
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -56,7 +57,7 @@ from replica.ops.packed import random_packed
 
 ALL_PARTS = "checks,sweep,engines"
 SMOKE_DENSE = {"qkv": (96, 256), "o": (64, 128), "gate_up": (160, 256), "down": (64, 256)}
-SMOKE_MOE = (8, 256, 128, 2)
+SMOKE_MOE = (16, 256, 128, 2)  # 1 token: 1/8 pair an expert, a program a pair
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,17 @@ FUSED_TILES = [
 FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 
 
+# A program a pair (1 and 2 tokens of the 30B): its gate-up (gated) and down tiles, one varied
+EXPERT_GEMV_TILES = [(GemvTile(f, g, 4), GemvTile(8, 8, 4)) for f, g in ((16, 4), (8, 4), (32, 4))]
+EXPERT_GEMV_TILES += [
+    (GemvTile(16, 4, 4), GemvTile(f, g, 4)) for f, g in ((16, 8), (32, 8), (8, 16))
+]
+
+
+def gemv_name(t: GemvTile) -> str:
+    return f"f{t.features}g{t.groups}w{t.warps}"
+
+
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
     """An expert layer by token count: the served table against each fused kernel tile."""
     experts, hidden, inter, top_k = shape
@@ -205,12 +217,18 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         time_us = clock.graphed if decode else clock.eager
         row: dict = {"tokens": tokens, "pairs_an_expert": tokens * top_k / experts}
         row["served"] = time_us(partial(moe, x, layer, decode))
+        row["bf16"] = time_us(partial(moe, x, wide, decode))
         if not decode:
-            row["bf16"] = time_us(partial(moe, x, wide, decode))
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
             name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
             row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
+        if tokens * top_k / experts < 0.25:  # a program a pair: its tiles
+            for up, down in EXPERT_GEMV_TILES:
+                choice = tables.ExpertGemv(up, down, bucketed=False)
+                row[f"gemv_u{gemv_name(up)}d{gemv_name(down)}"] = time_us(
+                    partial(moe.run, x, layer, choice)
+                )
         rows.append(row)
         print(row, flush=True)
     return rows
