@@ -52,6 +52,12 @@ def one_token_gemv() -> None:
             close_in_scale(w4a16_gemv(x, weight, tile), modelled)
             ours = w4a16_gemv(x, weight, tile, gated=True)
             close_in_scale(ours, torch.nn.functional.silu(gate) * up)
+    try:  # a block's rows in four sets: 6 rows are not
+        w4a16_gemv(x, weight, GemvTile(6, 4, 4))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a one-token tile of 6 rows was launched")
 
 
 def int4_splitk() -> None:

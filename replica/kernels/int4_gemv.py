@@ -225,6 +225,8 @@ def w4a16_gemv(
         programs = buckets[0].numel()
     else:
         programs = triton.cdiv(outputs, tile.tokens)
+    if tile.tokens == 1 and tile.features % (2 if gated else 4):
+        raise ValueError(f"{tile}: one token splits a block's rows in four sets (gated: two)")
     blocks = triton.cdiv(n, tile.features)
     # K whole: the epilogues need the whole sum, and a bucket's loop would count its tile twice
     whole = gated or route is not None or buckets is not None

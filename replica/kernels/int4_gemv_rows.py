@@ -52,7 +52,7 @@ def _codes(codes, words, p: tl.constexpr, x_low, x_high):
 def _set(
     qweight_ptr, scales_ptr, zeros_ptr, rows, live, groups_live, g, depth, GROUP: tl.constexpr
 ):  # fmt: skip
-    """_group_words of one set of rows [BLOCK] (live [BLOCK]) for the one-token sums."""
+    """group_words of one set of rows [BLOCK] (live [BLOCK]) for the one-token sums."""
     return group_words(
         qweight_ptr, scales_ptr, zeros_ptr, rows[None, :, None, None],
         live[None, :, None, None] & groups_live, g, depth, GROUP, ONE_TOKEN_C,
