@@ -115,12 +115,14 @@ class Clock:
 
 def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up; 4 warps
-    aiming at 2 programs a multiprocessor, and (ncu saw 14% of the warp slots resident at 64
-    tokens: PERF.md) 8 warps, or a K split aiming at 4."""
+    aiming at 2 programs a multiprocessor, and 2 warps. On a Hopper 4 warps make a warp group:
+    Triton then issues wgmma, and waits for each of a group's eight dots before the next (SASS:
+    WARPGROUP.DEPBAR.LE gsb0, 0x0), where 2 warps issue the A100's mma.sync without waits
+    (PERF.md, issue 36's sixth session; 8 warps and a K split aiming at 4 programs a
+    multiprocessor measured slower at every size in the fifth)."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
     plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
-    wider = [SplitKTile(block_m, f, 8, 3) for f in (64, 128)]
-    return plain + wider + [SplitKTile(block_m, f, 4, 3, waves=4) for f in (64, 128)]
+    return plain + [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
 
 
 def tile_name(t: SplitKTile) -> str:
