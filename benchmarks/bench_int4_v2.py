@@ -177,7 +177,7 @@ def dense_sweep(
 
 FUSED_TILES = [
     FusedTile(m, up, down, 4, 3) for m in (16, 32) for up, down in ((64, 64), (64, 128))
-]  # fmt: skip
+] + [FusedTile(m, 64, 128, 2, 3) for m in (16, 32)]  # 2 warps: mma.sync (splitk_tiles says why)
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
 FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 
