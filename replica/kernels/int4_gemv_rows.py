@@ -70,8 +70,8 @@ def _gemv_rows4(
     of x, the work a weight does not own (a GEMV is bound by its instructions, PERF.md).
 
     Each sums (C + q) x and scales once a word: s sum((C + q) x) - (C + z) s sum(x) is
-    sum((q - z) s x), an fma a weight (_one_token_nibbles: within q_p s / 2^16 a weight, far
-    under the bf16 weight's own rounding). Nibble j of a group's word w is column jW + w (our
+    sum((q - z) s x), an fma a weight (_one_token_nibbles: within q_p s / 2^16 a weight, where
+    a bf16 weight rounds by up to 2^-9 of itself). Nibble j of a group's word w is column jW + w (our
     layout), so x is read as 8 slabs [groups, words], in the words' own layout (x's pointers
     broadcast over the rows: no layout conversion)."""
     words_per_group: tl.constexpr = GROUP // 8
