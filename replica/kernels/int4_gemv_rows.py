@@ -157,6 +157,8 @@ def one_token(
         cols_d < n, x_token, live, depth, g_lo, g_hi, GROUP, block, GROUPS,
     )  # fmt: skip
     if GATED:
-        return _interleaved(out_a, out_b), _interleaved(out_c, out_d)
-    total = _interleaved(_interleaved(out_a, out_c), _interleaved(out_b, out_d))
-    return total, total
+        total, up = _interleaved(out_a, out_b), _interleaved(out_c, out_d)
+    else:
+        total = _interleaved(_interleaved(out_a, out_c), _interleaved(out_b, out_d))
+        up = total
+    return total, up

@@ -1,0 +1,131 @@
+"""The 4-bit kernels' instructions a weight, counted without a GPU: Triton compiles each for a
+Hopper (sm_90) on the CPU, `cuobjdump -sass` lists the machine code, and the main loop's
+instructions over the weights a thread takes a loop step give the figure (PERF.md, issue 36's
+sixth session: the one-token GEMV is bound by its instructions).
+
+    python -m benchmarks.int4_sass            # a line a kernel and tile
+    python -m benchmarks.int4_sass --json F   # and the rows as JSON
+
+Ints and pointers are marked divisible by 16, as the launcher specializes them at run time.
+The count is static (one pass of the loop), not what a GPU issues; Triton's version matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
+from replica.kernels.int4_splitk import SplitKTile, _splitk_kernel
+
+GROUP = 128
+BINARIES = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+POINTERS = {"qweight_ptr": "*i32", "counts_ptr": "*i32", "bucket_ptr": "*i32"}
+POINTERS |= {"experts_ptr": "*i32", "done_ptr": "*i32", "route_ptr": "*fp32"}
+POINTERS |= {"partial_ptr": "*fp32"}
+DIVISIBLE = ("n", "depth", "stride_x")  # the projections' widths and depths: multiples of 16
+
+
+def sass(kernel, constants: dict, warps: int, stages: int, arch: int = 90) -> str:
+    """The kernel's machine code for sm_<arch> (other pointers bf16, other ints i32)."""
+    names = kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constants else POINTERS.get(name, "*bf16")
+        if name.endswith("_ptr") else "i32"
+        for name in names
+    }  # fmt: skip
+    aligned = [n for n in names if signature[n].startswith("*") or n in DIVISIBLE]
+    source = ASTSource(
+        kernel,
+        signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(
+        source,
+        target=target,
+        options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run(
+            [str(BINARIES / "cuobjdump"), "-sass", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+
+
+def loop_opcodes(code: str) -> Counter:
+    """The opcodes of the longest loop (a backward branch's span) in cuobjdump's listing."""
+    lines = re.findall(r"/\*([0-9a-f]{4,5})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", code)
+    at = [(int(a, 16), op, rest) for a, _, op, rest in lines]
+    spans = [
+        (int(rest.split("0x")[-1], 16), a) for a, op, rest in at if op == "BRA" and "0x" in rest
+    ]
+    start, end = max(((s, e) for s, e in spans if s < e), key=lambda span: span[1] - span[0])
+    return Counter(op for a, op, _ in at if start <= a <= end)
+
+
+def gemv_row(tile: GemvTile, gated: bool) -> dict:
+    """The one-token GEMV (as a decode step's projection or gate-up launches it)."""
+    constants = dict(OUTPUTS_PER_TOKEN=1, GROUP=GROUP, SPLIT_K=1, BLOCK_N=tile.features)
+    constants |= dict(GROUPS=tile.groups, TOKENS=1, PER_OUTPUT_EXPERT=False, BUCKETED=False)
+    constants |= dict(GATED=gated, ROUTED=False)
+    ops = loop_opcodes(sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages))
+    rows = tile.features * (2 if gated else 1)
+    weights = rows * tile.groups * GROUP / (32 * tile.warps)  # a thread's, a loop step
+    name = f"gemv{'_gated' * gated} f{tile.features}g{tile.groups}w{tile.warps}"
+    return row(name, ops, weights)
+
+
+def splitk_row(tile: SplitKTile) -> dict:
+    """The split-K tile, K split (the serial sum after the loop)."""
+    constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
+    ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages))
+    weights = tile.features * GROUP / (32 * tile.warps)
+    return row(f"splitk m{tile.tokens}n{tile.features}w{tile.warps}", ops, weights)
+
+
+def row(name: str, ops: Counter, weights: float) -> dict:
+    total = sum(ops.values())
+    return {
+        "kernel": name,
+        "loop_instructions": total,
+        "per_weight": round(total / weights, 2),
+        "top": dict(ops.most_common(6)),
+    }
+
+
+def rows() -> list[dict]:
+    from replica.ops import tables
+
+    one_token = tables.INT4_LINEAR_WIDE.choose(1)
+    gemv = [gemv_row(one_token.tile, False), gemv_row(one_token.gated, True)]
+    gemv += [gemv_row(one_token.shallow, False)] if one_token.shallow else []
+    tiles = [SplitKTile(16, 128, w, 3) for w in (4, 2)] + [SplitKTile(64, 64, w, 3) for w in (4, 2)]
+    return gemv + [splitk_row(t) for t in tiles]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    args = parser.parse_args()
+    found = rows()
+    for r in found:
+        print(f"{r['kernel']:<28} {r['loop_instructions']:>5} {r['per_weight']:>6}  {r['top']}")
+    if args.json:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": found}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
