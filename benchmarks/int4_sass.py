@@ -31,8 +31,8 @@ GROUP = 128
 BINARIES = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTERS = {"qweight_ptr": "*i32", "counts_ptr": "*i32", "bucket_ptr": "*i32"}
 POINTERS |= {"experts_ptr": "*i32", "done_ptr": "*i32", "route_ptr": "*fp32"}
-POINTERS |= {"partial_ptr": "*fp32"}
-DIVISIBLE = ("n", "depth", "stride_x")  # the projections' widths and depths: multiples of 16
+POINTERS |= {"partial_ptr": "*fp32", "pairs_ptr": "*i32"}
+DIVISIBLE = ("n", "depth", "stride_x", "hidden", "inter")  # widths and depths: multiples of 16
 
 
 def sass(kernel, constants: dict, warps: int, stages: int, arch: int = 90) -> str:

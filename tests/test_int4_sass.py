@@ -1,7 +1,8 @@
-"""The 4-bit GEMV compiled for the A100 (sm_80) and the H100 (sm_90) on the CPU, in every way a
-decode step launches it: Triton's interpreter runs what a GPU compile may refuse (a one-token
-path once returned differently shaped values from a constexpr branch and compiled only in the
-interpreter). And the one-token loop's instructions a weight, counted from the machine code."""
+"""The 4-bit kernels compiled for the A100 (sm_80) and the H100 (sm_90) on the CPU: the GEMV in
+every way a decode step launches it, the split-K tile and the fused experts on the matrix units.
+Triton's interpreter runs what a GPU compile may refuse (a one-token path once returned
+differently shaped values from a constexpr branch and compiled only in the interpreter). And the
+one-token loop's instructions a weight, counted from the machine code."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ pytest.importorskip("triton")
 
 from benchmarks import int4_sass
 from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
+from replica.kernels.int4_splitk import _splitk_kernel
+from replica.kernels.moe_fused import _fused_down_kernel, _fused_up_kernel
 from replica.ops import tables
 
 if not (int4_sass.BINARIES / "cuobjdump").exists():
@@ -35,6 +38,24 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
     constants |= dict(GATED=False, ROUTED=False) | LAUNCHES[launch]
     code = int4_sass.sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages, arch)
     assert sum(int4_sass.loop_opcodes(code).values()) > 50
+
+
+TILES = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take wgmma on sm_90
+    "splitk": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128), 4),
+    "splitk_whole_k": (_splitk_kernel, dict(GROUP=128, SPLIT_K=1, BLOCK_M=64, BLOCK_N=64), 4),
+    "splitk_2_warps": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=64), 2),
+    "fused_up": (_fused_up_kernel, dict(TOP_K=8, GROUP=128, BLOCK_M=16, BLOCK_N=64), 4),
+    "fused_down": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 4),
+}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", TILES)
+def test_the_4bit_tiles_compile_for_the_gpu(name: str, arch: int):
+    kernel, constants, warps = TILES[name]
+    code = int4_sass.sass(kernel, constants, warps, 3, arch)
+    mma = "HGMMA" if arch == 90 and warps == 4 else "HMMA"
+    assert mma in code  # the dots run on the matrix units
 
 
 def test_the_served_one_token_gemv_stays_lean():
