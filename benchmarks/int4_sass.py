@@ -24,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from benchmarks.bench_int4_v2 import gemv_name, tile_name
 from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
 from replica.kernels.int4_splitk import SplitKTile, _splitk_kernel
 
@@ -84,7 +85,7 @@ def gemv_row(tile: GemvTile, gated: bool) -> dict:
     ops = loop_opcodes(sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages))
     rows = tile.features * (2 if gated else 1)
     weights = rows * tile.groups * GROUP / (32 * tile.warps)  # a thread's, a loop step
-    name = f"gemv{'_gated' * gated} f{tile.features}g{tile.groups}w{tile.warps}"
+    name = f"gemv{'_gated' * gated}_{gemv_name(tile)}"
     return row(name, ops, weights)
 
 
@@ -93,7 +94,7 @@ def splitk_row(tile: SplitKTile) -> dict:
     constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
     ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages))
     weights = tile.features * GROUP / (32 * tile.warps)
-    return row(f"splitk m{tile.tokens}n{tile.features}w{tile.warps}", ops, weights)
+    return row(tile_name(tile), ops, weights)
 
 
 def row(name: str, ops: Counter, weights: float) -> dict:

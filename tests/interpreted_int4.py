@@ -23,7 +23,7 @@ def asymmetric(n: int, k: int, group: int, lead: tuple[int, ...] = ()) -> Packed
 def one_token_weights(weight: PackedInt4) -> torch.Tensor:
     """The weights the one-token GEMV computes with, fp32 [..., N, K]: in each group the second
     half's columns (nibbles 4 to 7 of its words) read 1/2^16 of the first half's nibble over
-    (replica.kernels.int4_gemv._one_token_nibbles), everything else exact."""
+    (replica.kernels.int4_gemv_rows._one_token_nibbles), everything else exact."""
     half = weight.group_size // 2
     q = unpack(weight.qweight, weight.group_size).double().unflatten(-1, (-1, 2, half))
     q[..., 1, :] += q[..., 0, :] / 65536
@@ -35,8 +35,8 @@ def one_token_gemv() -> None:
     """The one-token GEMV (four sets of rows sharing x) against the weights it computes with,
     and those within 15 / 2^16 of a step of the oracle's: widths that end mid-set and mid-block
     (70 rows: row 69 of the second set live, row 71 of the fourth not; a gate of 35), tiles of 2
-    to 8 rows a set, a K split, loop steps that do not divide K (halved until they do), groups
-    of 128 and 256, a strided x."""
+    to 8 rows a set, a K split, loop steps that do not divide K (the last one masked), groups of
+    128 and 256, a strided x; a tile whose rows do not split in four, refused."""
     from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
 
     tiles = (GemvTile(8, 8, 4), GemvTile(16, 4, 4), GemvTile(32, 2, 4), GemvTile(8, 16, 4))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from replica.kernels.int4_dequantize import Int4Weight
 from replica.kernels.int4_gemv_rows import group_words, one_token
-from replica.kernels.int4_splitk import sum_if_last
+from replica.kernels.int4_splitk import nibble_pair, sum_if_last
 from replica.kernels.launch import split_k
 
 
@@ -31,14 +31,6 @@ class GemvTile:
     warps: int
     tokens: int = 1  # tokens of x a program (a power of two)
     stages: int = 3
-
-
-@triton.jit
-def _nibble_pair(words, p: tl.constexpr):
-    """Nibbles p and p + 4 of each word as fp32 128 + q: (word >> 4p) & 0x000F000F | 0x43004300
-    is two bf16 values 128 + q (q in the mantissa), each half a float by a shift or a mask."""
-    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -69,7 +61,7 @@ def _gemv_dots(
         x_group = columns + g * GROUP
         x_mask = groups_live & tokens_live
         for p in tl.static_range(4):
-            low, high = _nibble_pair(words, p)
+            low, high = nibble_pair(words, p)
             x_low = tl.load(x_group + p * words_per_group, mask=x_mask, other=0.0)
             x_high = tl.load(x_group + (p + 4) * words_per_group, mask=x_mask, other=0.0)
             x_low, x_high = x_low.to(tl.float32), x_high.to(tl.float32)

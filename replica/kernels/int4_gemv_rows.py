@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from replica.kernels.int4_splitk import bf16_pair
+
 # _one_token_nibbles' C + q: the bf16 pair's 128 + q, and 0x4300 / 2^16 in the bits below it
 ONE_TOKEN_C: tl.constexpr = tl.constexpr(128.0 + 0x4300 / 65536)
 
@@ -33,10 +35,10 @@ def group_words(
 @triton.jit
 def _one_token_nibbles(words, p: tl.constexpr):
     """Nibbles p and p + 4 of each word as fp32 C + q (C = 128 + 0x4300 / 2^16), the second up to
-    q_p / 2^16 over: the bf16 pair (int4_gemv._nibble_pair) read whole as an fp32 is
+    q_p / 2^16 over: the bf16 pair (int4_splitk.bf16_pair) read whole as an fp32 is
     C + q_{p+4} with q_p in its lowest mantissa bits, and the pair times 2^16 plus 0x4300 (one
     integer multiply-add) is C + q_p: one instruction a pair instead of a shift and a mask."""
-    pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+    pair = bf16_pair(words, p)
     return (pair * 65536 + 0x4300).to(tl.float32, bitcast=True), pair.to(tl.float32, bitcast=True)
 
 

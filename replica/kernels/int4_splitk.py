@@ -42,6 +42,21 @@ class SplitKTile:
 
 
 @triton.jit
+def bf16_pair(words, p: tl.constexpr):
+    """Nibbles p and p + 4 of each word as two bf16 values 128 + q in its halves (q in the
+    mantissa): (word >> 4p) & 0x000F000F | 0x43004300."""
+    return ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+
+
+@triton.jit
+def nibble_pair(words, p: tl.constexpr):
+    """Nibbles p and p + 4 of each word as fp32 128 + q: each half of bf16_pair a float by a
+    shift or a mask."""
+    pair = bf16_pair(words, p)
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
     feature_live, g, depth, GROUP: tl.constexpr,
@@ -63,9 +78,7 @@ def group_dots(
     dtype = x_ptr.dtype.element_ty
     x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
     for p in tl.static_range(4):
-        pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
-        low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + nibble p
-        high = (pair & -65536).to(tl.float32, bitcast=True)  # 128 + nibble p + 4
+        low, high = nibble_pair(words, p)  # 128 + nibble p, 128 + nibble p + 4
         x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
         x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
         acc += tl.dot((low * scale - offset).to(dtype), x_low)
