@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.int4_checks import run_checks
+from benchmarks.int4_names import expert_gemv_name, fused_name, tile_name
 from benchmarks.int4_peers import gemlite_peer, guarded, peer_ratio, silu_after
 from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
@@ -125,12 +126,6 @@ def splitk_tiles(tokens: int) -> list[SplitKTile]:
     return plain + [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
 
 
-def tile_name(t: SplitKTile) -> str:
-    """splitk_m<tokens>n<features>, then w<warps> and v<waves> where not 4 and 2."""
-    warps, waves = f"w{t.warps}" * (t.warps != 4), f"v{t.waves}" * (t.waves != 2)
-    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}"
-
-
 def dense_sweep(
     shapes: dict, clock: Clock, device: torch.device, sizes: Sizes, gemlite_wanted: bool
 ) -> dict:
@@ -189,10 +184,6 @@ EXPERT_GEMV_TILES += [
 ]
 
 
-def gemv_name(t: GemvTile) -> str:
-    return f"f{t.features}g{t.groups}w{t.warps}"
-
-
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
     """An expert layer by token count: the served table against each fused kernel tile."""
     experts, hidden, inter, top_k = shape
@@ -223,14 +214,11 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         if not decode:
             row["dequantize_alone"] = time_us(copy)
         for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
-            name = f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
-            row[name] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
+            row[fused_name(t)] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         if tokens * top_k / experts < 0.25:  # a program a pair: its tiles
             for up, down in EXPERT_GEMV_TILES:
                 choice = tables.ExpertGemv(up, down, bucketed=False)
-                row[f"gemv_u{gemv_name(up)}d{gemv_name(down)}"] = time_us(
-                    partial(moe.run, x, layer, choice)
-                )
+                row[expert_gemv_name(up, down)] = time_us(partial(moe.run, x, layer, choice))
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -350,7 +338,7 @@ def main() -> None:
         report["peer_ratio"] = peer_ratio(sweep["dense_us"])
         report["sweep"] = {**sweep, "moe_us": moe_sweep(moe, clock, device, sizes)}
         save()
-    if "moe" in parts:  # the experts' sweep alone
+    if "moe" in parts and "sweep" not in parts:  # the experts' sweep alone (`sweep` has it)
         report["sweep"] = {"moe_us": moe_sweep(moe, clock, device, sizes)}
         save()
     if "engines" in parts and not args.smoke:

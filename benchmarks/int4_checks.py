@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from benchmarks.int4_names import expert_gemv_name, fused_name
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.ops import tables, tinygemm
@@ -80,7 +81,8 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
 def moe_checks(
     shape: tuple[int, int, int, int], token_counts: tuple[int, ...], device: torch.device
 ) -> list:
-    """The fused experts (both decode tiles) against the expert loop, per token."""
+    """Every packed-expert path the tables serve (a program a pair, each fused tile) against the
+    expert loop, per token."""
     experts, hidden, inter, top_k = shape
     gen = torch.Generator(device=device).manual_seed(2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,8 +104,8 @@ def moe_checks(
         x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
         oracle = moe_reference(x, layer).float()
         row: dict = {"tokens": tokens}
-        for name, tile in (("fused16", tables.FUSED_16), ("fused32", tables.FUSED_32)):
-            out = fused.run(x, layer, tables.FusedExperts(tile)).float()
+        for name, choice in served_experts().items():
+            out = fused.run(x, layer, choice).float()
             row[name] = {
                 **errors(out.view(tokens, top_k, hidden).sum(1), oracle),
                 **_off(out, oracle, top_k),
@@ -111,6 +113,18 @@ def moe_checks(
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def served_experts() -> dict[str, tables.MoeChoice]:
+    """The packed tables' GEMV and fused choices, named as the moe sweep names them."""
+    entries = tables.MOE_PACKED_DECODE.entries + tables.MOE_PACKED_PREFILL.entries
+    named = {}
+    for choice in (entry.choice for entry in entries):
+        if isinstance(choice, tables.FusedExperts):
+            named[fused_name(choice.tile)] = choice
+        elif isinstance(choice, tables.ExpertGemv):
+            named[expert_gemv_name(choice.up, choice.down)] = choice
+    return named
 
 
 def _off(out: Tensor, oracle: Tensor, top_k: int) -> dict:

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.bench_int4_v2 import gemv_name, tile_name
+from benchmarks.int4_names import gemv_name, tile_name
 from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
 from replica.kernels.int4_splitk import SplitKTile, _splitk_kernel
 

@@ -123,6 +123,32 @@ def moe_fused() -> None:
         close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
+    served_pairs(hidden, inter)
+
+
+def served_pairs(hidden: int, inter: int) -> None:
+    """Under a quarter pair an expert (one token, top-2 of 16) the served table runs a program a
+    pair (the one-token GEMV, its down tile deeper than the 128 columns K holds)."""
+    from dataclasses import replace
+
+    from replica.ops import tables
+    from replica.ops.feed_forward import TritonMoE
+    from replica.ops.mlp import SparseMoE, moe_reference
+
+    experts, top_k = 16, 2
+    assert isinstance(tables.moe_table(128, True).choose(top_k / experts), tables.ExpertGemv)
+    layer = SparseMoE(
+        router=torch.randn(experts, hidden),
+        gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
+        down=asymmetric(hidden, inter, 128, (experts,)),
+        top_k=top_k,
+        norm_topk_prob=True,
+    )
+    gate_up, down = one_token_weights(layer.gate_up), one_token_weights(layer.down)
+    x = torch.randn(1, hidden)
+    expected = moe_reference(x, replace(layer, gate_up=gate_up, down=down))
+    served = TritonMoE()(x, layer, True)
+    close_in_scale(served.view(1, top_k, hidden).sum(1), expected)
 
 
 def spread_routing() -> None:

@@ -243,25 +243,34 @@ MOE_NARROW_PREFILL: Table[ExpertGemv | ExpertTiles] = Table(
 
 MoeChoice = ExpertGemv | ExpertTiles | FusedExperts
 FUSED_16 = FusedTile(16, 64, 128, 4, 3)
-FUSED_32 = FusedTile(32, 64, 128, 4, 3)
 FUSED_SWEEP = f"{V2_SWEEP} (sweep.moe_us); {V2_ENGINES}"
+# A program a pair takes 16-row down tiles; beyond half a pair an expert, 2 warps (mma.sync,
+# without the waits Triton puts after each wgmma) beat 4
+EXPERT_TILES = (
+    f"{V2} > 'Expert tiles: 16-row down, 2 warps'; docs/perf/int4-v2-h100-expert-tiles.json"
+)
+EXPERT_PAIRS = ExpertGemv(GemvTile(16, 4, 4), GemvTile(16, 8, 4), bucketed=False)
+FUSED_16_W2 = FusedTile(16, 64, 128, 2, 3)
+FUSED_32_W2 = FusedTile(32, 64, 128, 2, 3)
 MOE_PACKED_DECODE: Table[MoeChoice] = Table(
     "4-bit experts, groups of 128 or more, decode",
     "pairs an expert",
     (
         # below a quarter pair an expert (1 and 2 tokens of the 30B) a program a pair wins
-        Entry(0.25, _EXPERT_GEMV[0].choice, FUSED_SWEEP, inclusive=False),
-        Entry(8, FusedExperts(FUSED_16), FUSED_SWEEP),
-        Entry(math.inf, FusedExperts(FUSED_32), FUSED_SWEEP),
+        Entry(0.25, EXPERT_PAIRS, EXPERT_TILES, inclusive=False),
+        Entry(0.5, FusedExperts(FUSED_16), FUSED_SWEEP),
+        Entry(8, FusedExperts(FUSED_16_W2), EXPERT_TILES),
+        Entry(math.inf, FusedExperts(FUSED_32_W2), EXPERT_TILES),
     ),
 )
 MOE_PACKED_PREFILL: Table[MoeChoice] = Table(
     "4-bit experts, groups of 128 or more, prefill",
     "pairs an expert",
     (
-        *MOE_PACKED_DECODE.entries[:2],
-        # 2.2x the dequantized tiles at 64 pairs, even at 256, behind at 1,024
-        Entry(256, FusedExperts(FUSED_32), FUSED_SWEEP),
+        *MOE_PACKED_DECODE.entries[:3],
+        # at 64 pairs 0.45 of the dequantized copy + the 16-bit GEMM (the copy alone takes 1.2x
+        # the fused kernel), 0.96 at 256, 1.5x it at 1,024
+        Entry(256, FusedExperts(FUSED_32_W2), EXPERT_TILES),
         Entry(math.inf, ExpertTiles(PREFILL_TILES.up, PREFILL_TILES.down, True), FUSED_SWEEP),
     ),
 )
