@@ -31,9 +31,9 @@ def errors(ours: Tensor, oracle: Tensor) -> dict:
     return {"max_abs": float(f"{diff:.3g}"), "max_rel": float(f"{diff / max(scale, 1e-30):.3g}")}
 
 
-def splitk_tile(tokens: int) -> SplitKTile:
+def splitk_tile(tokens: int, rows: int) -> SplitKTile:
     choice = tables.INT4_LINEAR_WIDE.choose(tokens)
-    return choice.tile if isinstance(choice, tables.SplitK) else PREFILL_SPLITK
+    return choice.for_rows(rows) if isinstance(choice, tables.SplitK) else PREFILL_SPLITK
 
 
 def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.device) -> list:
@@ -64,7 +64,7 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
                 x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
                 oracle = x @ weight.t()
                 row = {**base, "tokens": tokens}
-                row["splitk"] = errors(w4a16_splitk(x, packed, splitk_tile(tokens)), oracle)
+                row["splitk"] = errors(w4a16_splitk(x, packed, splitk_tile(tokens, n)), oracle)
                 row["default"] = errors(TritonLinear()(x, packed), oracle)
                 if tokens <= 2:  # a GEMV tile whose K splits on these shapes (the serial sum)
                     row["gemv_split"] = errors(w4a16_gemv(x, packed, tables.GEMV_2.tile), oracle)

@@ -44,7 +44,7 @@ def test_w4a16_linear_matches_dequantized_matmul(shape: str):
         expected = x @ dense.t()
         assert rel_error(TritonLinear()(x, weight), expected) < 1e-2, tokens
         choice = tables.INT4_LINEAR_WIDE.choose(tokens)
-        tile = choice.tile if isinstance(choice, tables.SplitK) else SplitKTile(64, 64, 4, 3)
+        tile = choice.for_rows(n) if isinstance(choice, tables.SplitK) else SplitKTile(64, 64, 4, 3)
         assert rel_error(w4a16_splitk(x, weight, tile), expected) < 1e-2, tokens
     assert torch.equal(dequantized(weight, torch.bfloat16), dense)  # bf16 scales: exact
 

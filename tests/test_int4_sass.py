@@ -44,6 +44,7 @@ TILES = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take 
     "splitk": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128), 4),
     "splitk_whole_k": (_splitk_kernel, dict(GROUP=128, SPLIT_K=1, BLOCK_M=64, BLOCK_N=64), 4),
     "splitk_2_warps": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=64), 2),
+    "splitk_wide": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=128), 4),
     "fused_up": (_fused_up_kernel, dict(TOP_K=8, GROUP=128, BLOCK_M=16, BLOCK_N=64), 4),
     "fused_down": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 4),
     "fused_up_2_warps": (_fused_up_kernel, dict(TOP_K=8, GROUP=128, BLOCK_M=16, BLOCK_N=64), 2),

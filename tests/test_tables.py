@@ -84,6 +84,22 @@ def test_one_token_takes_the_shallow_tile_where_k_holds_few_groups(monkeypatch):
     assert launched == [choice.shallow, choice.tile] and choice.shallow != choice.tile
 
 
+def test_64_tokens_take_wider_split_k_blocks_for_wide_weights(monkeypatch):
+    """The 4B's gate_up (19,456 rows) against its o (2,560): the tile the split-K kernel gets;
+    fewer tokens keep one tile for every width."""
+    from replica.ops import linear
+    from replica.ops.packed import quantize
+
+    launched = []
+    monkeypatch.setattr(linear, "w4a16_splitk", lambda x, w, tile: launched.append(tile))
+    choice = tables.INT4_LINEAR_WIDE.choose(64)
+    for rows in (tables.WIDE_ROWS, tables.WIDE_ROWS - 64):
+        linear.run_int4(torch.randn(64, 128), quantize(torch.randn(rows, 128)), choice)
+    assert launched == [choice.wide, choice.tile] and choice.wide.features > choice.tile.features
+    assert tables.INT4_LINEAR_WIDE.choose(32).for_rows(tables.WIDE_ROWS).features == 128
+    assert tables.INT4_LINEAR_WIDE.choose(32).wide is None
+
+
 def test_the_deep_only_variant_serves_the_deep_tile_inside_and_restores_it():
     from benchmarks.int4_variants import VARIANTS
 

@@ -63,5 +63,5 @@ def run_int4(x: Tensor, weight: PackedInt4, choice: Int4Linear) -> Tensor:
     if isinstance(choice, Tiled):
         return w4a16_tiled(x, weight, choice.tile)
     if isinstance(choice, SplitK):
-        return w4a16_splitk(x, weight, choice.tile)
+        return w4a16_splitk(x, weight, choice.for_rows(weight.shape[-2]))
     return F.linear(x, dequantized(weight, x.dtype))

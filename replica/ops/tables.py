@@ -99,6 +99,11 @@ class SplitK:
     """`replica.kernels.int4_splitk.w4a16_splitk` (groups of 128 or more)."""
 
     tile: SplitKTile
+    wide: SplitKTile | None = None  # where the weight has WIDE_ROWS rows or more
+
+    def for_rows(self, rows: int) -> SplitKTile:
+        """The tile for a weight of `rows` output features."""
+        return self.wide if self.wide and rows >= WIDE_ROWS else self.tile
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,14 @@ DEQUANTIZED_SWEEP = (
     f"{THIRD_PASS}, prefill; docs/perf/int4-h200/dense-moe-gemv-4-pairs-an-expert.json"
 )
 TILE_16 = Tile(16, 32, 128, 4, 4)
+# At 64 tokens a weight this wide (the 4B's gate_up: 19,456 rows) fills the card with 64-row
+# blocks and K whole; 128-row blocks and K split in two measured 17-21% faster there, and slower
+# on the narrower projections (o: 2,560 rows, where K is then split 11 ways)
+WIDE_ROWS = 16384
+WIDE_SWEEP = (
+    f"{V2} > '128-row split-K blocks for wide weights'; docs/perf/int4-v2-h100-splitk-joined.json,"
+    " docs/perf/int4-v2-h100-one-token.json (sweep.dense_us)"
+)
 
 Int4Linear = Gemv | Tiled | SplitK | Dequantized
 
@@ -171,7 +184,7 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
         Entry(1, GEMV_1_WIDE, ONE_TOKEN_SWEEP),
         Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SERIAL_SWEEP),
         Entry(32, SplitK(SplitKTile(32, 128, 4, 3)), SERIAL_SWEEP),
-        Entry(64, SplitK(SplitKTile(64, 64, 4, 3)), SERIAL_SWEEP),
+        Entry(64, SplitK(SplitKTile(64, 64, 4, 3), wide=SplitKTile(64, 128, 4, 3)), WIDE_SWEEP),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
