@@ -90,6 +90,19 @@ def int4_splitk() -> None:
         close_in_scale(served(x, weight), linear(x, weight))
 
 
+def packed_experts(experts: int, hidden: int, inter: int, top_k: int):
+    """A random MoE layer, its experts packed in groups of 128 with asymmetric zeros."""
+    from replica.ops.mlp import SparseMoE
+
+    return SparseMoE(
+        router=torch.randn(experts, hidden),
+        gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
+        down=asymmetric(hidden, inter, 128, (experts,)),
+        top_k=top_k,
+        norm_topk_prob=True,
+    )
+
+
 def moe_fused() -> None:
     """The fused 4-bit experts against the expert loop: 1 token (segments of one pair), 5 and
     40 (segments of several blocks, blocks past the last segment), top-2 and top-3, asymmetric
@@ -97,19 +110,13 @@ def moe_fused() -> None:
     from replica.kernels.moe_fused import FusedTile, experts_fused, max_blocks, segments
     from replica.kernels.moe_route import route_pairs
     from replica.ops.feed_forward import TritonMoE
-    from replica.ops.mlp import SparseMoE, moe_reference
+    from replica.ops.mlp import moe_reference
 
     experts, hidden, inter = 8, 256, 128
     tile = FusedTile(16, 32, 64, 4, 2)
     assert max_blocks(2, 8, 16) == 2 and max_blocks(80, 8, 16) == 12
     for top_k, tokens in ((2, 1), (3, 5), (2, 40)):
-        layer = SparseMoE(
-            router=torch.randn(experts, hidden),
-            gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
-            down=asymmetric(hidden, inter, 128, (experts,)),
-            top_k=top_k,
-            norm_topk_prob=True,
-        )
+        layer = packed_experts(experts, hidden, inter, top_k)
         x = torch.randn(tokens, hidden)
         counts = torch.zeros(experts, dtype=torch.int32)
         routing = route_pairs(x, layer.router, top_k, True, counts)
@@ -133,17 +140,11 @@ def served_pairs(hidden: int, inter: int) -> None:
 
     from replica.ops import tables
     from replica.ops.feed_forward import TritonMoE
-    from replica.ops.mlp import SparseMoE, moe_reference
+    from replica.ops.mlp import moe_reference
 
     experts, top_k = 16, 2
     assert isinstance(tables.moe_table(128, True).choose(top_k / experts), tables.ExpertGemv)
-    layer = SparseMoE(
-        router=torch.randn(experts, hidden),
-        gate_up=asymmetric(2 * inter, hidden, 128, (experts,)),
-        down=asymmetric(hidden, inter, 128, (experts,)),
-        top_k=top_k,
-        norm_topk_prob=True,
-    )
+    layer = packed_experts(experts, hidden, inter, top_k)
     gate_up, down = one_token_weights(layer.gate_up), one_token_weights(layer.down)
     x = torch.randn(1, hidden)
     expected = moe_reference(x, replace(layer, gate_up=gate_up, down=down))
