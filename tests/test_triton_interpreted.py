@@ -1,28 +1,22 @@
 """The Triton kernels on a machine without a GPU: each check of `tests/interpreted_kernels.py`
-in a child process under TRITON_INTERPRET=1 (skipped where triton is not installed)."""
+in a child process under TRITON_INTERPRET=1 (skipped where triton is not installed), started
+in the background when collection ends (tests/interpreted_runs.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.parametrize(
     "check",
     [
+        "moe_int4",  # the longest first: it starts the background's work
         "prefill",
         "decode",
         "elementwise",
         "moe",
-        "moe_int4",
         "int4_linear",
         "sampling",
         "int4_splitk",
@@ -31,10 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
         "spread_routing",
     ],
 )
-def test_kernel_matches_its_reference_in_the_interpreter(check: str):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    script = ROOT / "tests" / "interpreted_kernels.py"
-    result = subprocess.run(
-        [sys.executable, str(script), check], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_kernel_matches_its_reference_in_the_interpreter(check: str, interpreted_runs):
+    returncode, stderr = interpreted_runs.result(check)
+    assert returncode == 0, stderr[-3000:]
