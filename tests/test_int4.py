@@ -258,3 +258,18 @@ def test_server_serves_tiny_random_quantized_end_to_end():
         )  # fmt: skip
     assert status == 200
     assert body["usage"]["completion_tokens"] == 8
+
+
+def test_a_gemv_grid_past_cuda_limit_is_refused_before_launch():
+    """A program a pair: 65,536 pairs would not fit a grid's third axis (CUDA: invalid argument
+    at launch); the launcher says so instead. The served tables take it under a quarter pair an
+    expert only."""
+    pytest.importorskip("triton")
+    from replica.kernels.int4_gemv import MAX_GRID_Z, GemvTile, w4a16_gemv
+
+    pairs = MAX_GRID_Z + 1
+    experts = torch.zeros(pairs, dtype=torch.int32)
+    weight = quantize(torch.randn(8, 128))
+    with pytest.raises(ValueError, match="at most 65535"):
+        w4a16_gemv(torch.zeros(1, 128), weight, GemvTile(8, 8, 4), experts=experts,
+                   outputs_per_token=pairs)  # fmt: skip

@@ -23,6 +23,8 @@ from replica.kernels.int4_gemv_rows import group_words, one_token
 from replica.kernels.int4_splitk import nibble_pair, sum_if_last
 from replica.kernels.launch import split_k
 
+MAX_GRID_Z = 65535  # CUDA's limit on a grid's third axis: the GEMV's programs (pairs, experts)
+
 
 @dataclass(frozen=True)
 class GemvTile:
@@ -217,6 +219,8 @@ def w4a16_gemv(
         programs = buckets[0].numel()
     else:
         programs = triton.cdiv(outputs, tile.tokens)
+    if programs > MAX_GRID_Z:
+        raise ValueError(f"{programs} programs: the GEMV's grid holds at most {MAX_GRID_Z}")
     if tile.tokens == 1 and tile.features % (2 if gated else 4):
         raise ValueError(f"{tile}: one token splits a block's rows in four sets (gated: two)")
     blocks = triton.cdiv(n, tile.features)
