@@ -118,9 +118,10 @@ def splitk_tiles(tokens: int) -> list[SplitKTile]:
     """The split-K tiles worth timing at this many tokens: BLOCK_M the tokens rounded up; 4 warps
     aiming at 2 programs a multiprocessor, and 2 warps. On a Hopper 4 warps make a warp group:
     Triton then issues wgmma, and waits for each of a group's eight dots before the next (SASS:
-    WARPGROUP.DEPBAR.LE gsb0, 0x0), where 2 warps issue the A100's mma.sync without waits
-    (PERF.md, issue 36's sixth session; 8 warps and a K split aiming at 4 programs a
-    multiprocessor measured slower at every size in the fifth)."""
+    WARPGROUP.DEPBAR.LE gsb0, 0x0), where 2 warps issue the A100's mma.sync without waits; the
+    H100 still ran 2 warps slower nearly everywhere (PERF.md, issue 36's seventh session), and
+    they stay in the sweep for the A100. 8 warps and a K split aiming at 4 programs a
+    multiprocessor measured slower at every size in the fifth."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
     plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
     return plain + [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
@@ -185,7 +186,8 @@ EXPERT_GEMV_TILES += [
 
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
-    """An expert layer by token count: the served table against each fused kernel tile."""
+    """An expert layer by token count: the served table against the 16-bit experts, each fused
+    kernel tile and, under a quarter pair an expert, each program-a-pair tile pair."""
     experts, hidden, inter, top_k = shape
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if clock.cuda else torch.float32
