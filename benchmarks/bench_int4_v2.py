@@ -16,8 +16,9 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
   faster peer (tinygemm, GemLite), gate_up with SiLU(gate) * up on both sides;
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection; `*_deep_only`: one token without the shallow-K tile), via benchmarks.bench_int4's
-  `measure`.
+  projection; `*_deep_only`: one token without the shallow-K tile; `*_ptx`: every split-K and
+  fused tile's weights made in packed 16-bit PTX, `*_ptx_one_token` one token too, through
+  them), via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -121,10 +122,12 @@ def splitk_tiles(tokens: int) -> list[SplitKTile]:
     WARPGROUP.DEPBAR.LE gsb0, 0x0), where 2 warps issue the A100's mma.sync without waits; the
     H100 still ran 2 warps slower nearly everywhere (PERF.md, issue 36's seventh session), and
     they stay in the sweep for the A100. 8 warps and a K split aiming at 4 programs a
-    multiprocessor measured slower at every size in the fifth."""
+    multiprocessor measured slower at every size in the fifth. Each also with its weights made
+    in packed 16-bit PTX (replica.kernels.int4_ptx)."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
     plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
-    return plain + [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
+    plain += [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
+    return plain + [replace(t, ptx=True) for t in plain]  # weights in packed 16-bit PTX
 
 
 def dense_sweep(
@@ -174,6 +177,9 @@ def dense_sweep(
 FUSED_TILES = [
     FusedTile(m, up, down, 4, 3) for m in (16, 32) for up, down in ((64, 64), (64, 128))
 ] + [FusedTile(m, 64, 128, 2, 3) for m in (16, 32)]  # 2 warps: mma.sync (splitk_tiles says why)
+# The served tiles with their weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
+FUSED_TILES += [replace(t, ptx=True) for t in (tables.FUSED_16, tables.FUSED_16_W2)]
+FUSED_TILES += [replace(tables.FUSED_32_W2, ptx=True)]
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
 FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 

@@ -1,5 +1,5 @@
 """Issue 36's kernels against the dequantize oracle at the real shapes, 1 to 16,384 tokens: the
-split-K tile, today's linear table, torch's int4 matmul (symmetric and asymmetric weights: its
+split-K tile (and its PTX weights', which must equal it bit for bit), today's linear table, torch's int4 matmul (symmetric and asymmetric weights: its
 bf16 float zero is the one lossy step) and the fused 4-bit experts. Run by
 benchmarks.bench_int4_v2; on the CPU (`--smoke`) with tiny shapes in Triton's interpreter.
 
@@ -9,6 +9,8 @@ router logits nearly tie may pick another expert under another GEMM's rounding.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -64,7 +66,11 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
                 x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
                 oracle = x @ weight.t()
                 row = {**base, "tokens": tokens}
-                row["splitk"] = errors(w4a16_splitk(x, packed, splitk_tile(tokens, n)), oracle)
+                tile = splitk_tile(tokens, n)
+                plain = w4a16_splitk(x, packed, tile)
+                ptx = w4a16_splitk(x, packed, replace(tile, ptx=True))
+                row["splitk"] = errors(plain, oracle)
+                row["splitk_ptx"] = {**errors(ptx, oracle), "equal": torch.equal(ptx, plain)}
                 row["default"] = errors(TritonLinear()(x, packed), oracle)
                 if tokens <= 2:  # a GEMV tile whose K splits on these shapes (the serial sum)
                     row["gemv_split"] = errors(w4a16_gemv(x, packed, tables.GEMV_2.tile), oracle)
@@ -118,12 +124,15 @@ def moe_checks(
 
 
 def served_experts() -> dict[str, tables.MoeChoice]:
-    """The packed tables' GEMV and fused choices, named as the moe sweep names them."""
+    """The packed tables' GEMV and fused choices, named as the moe sweep names them; each fused
+    one also with its weights made in packed 16-bit PTX."""
     entries = tables.MOE_PACKED_DECODE.entries + tables.MOE_PACKED_PREFILL.entries
     named = {}
     for choice in (entry.choice for entry in entries):
         if isinstance(choice, tables.FusedExperts):
             named[fused_name(choice.tile)] = choice
+            ptx = replace(choice.tile, ptx=True)
+            named[fused_name(ptx)] = tables.FusedExperts(ptx)
         elif isinstance(choice, tables.ExpertGemv):
             named[expert_gemv_name(choice.up, choice.down)] = choice
     return named

@@ -9,9 +9,9 @@ from replica.kernels.moe_fused import FusedTile
 
 
 def tile_name(t: SplitKTile) -> str:
-    """splitk_m<tokens>n<features>, then w<warps> and v<waves> where not 4 and 2."""
+    """splitk_m<tokens>n<features>, then w<warps> and v<waves> where not 4 and 2, and _ptx."""
     warps, waves = f"w{t.warps}" * (t.warps != 4), f"v{t.waves}" * (t.waves != 2)
-    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}"
+    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}{'_ptx' * t.ptx}"
 
 
 def gemv_name(t: GemvTile) -> str:
@@ -24,4 +24,4 @@ def expert_gemv_name(up: GemvTile, down: GemvTile) -> str:
 
 
 def fused_name(t: FusedTile) -> str:
-    return f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}"
+    return f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{'_ptx' * t.ptx}"

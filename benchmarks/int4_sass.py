@@ -18,6 +18,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import triton
@@ -89,10 +90,11 @@ def gemv_row(tile: GemvTile, gated: bool) -> dict:
     return row(name, ops, weights)
 
 
-def splitk_row(tile: SplitKTile) -> dict:
+def splitk_row(tile: SplitKTile, arch: int = 90) -> dict:
     """The split-K tile, K split (the serial sum after the loop)."""
     constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
-    ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages))
+    constants |= dict(PTX=tile.ptx)
+    ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages, arch))
     weights = tile.features * GROUP / (32 * tile.warps)
     return row(tile_name(tile), ops, weights)
 
@@ -113,7 +115,8 @@ def rows() -> list[dict]:
     one_token = tables.INT4_LINEAR_WIDE.choose(1)
     gemv = [gemv_row(one_token.tile, False), gemv_row(one_token.gated, True)]
     gemv += [gemv_row(one_token.shallow, False)] if one_token.shallow else []
-    tiles = [SplitKTile(16, 128, w, 3) for w in (4, 2)] + [SplitKTile(64, 64, w, 3) for w in (4, 2)]
+    tiles = [SplitKTile(m, n, w, 3) for m, n in ((16, 128), (64, 64)) for w in (4, 2)]
+    tiles += [replace(t, ptx=True) for t in tiles]
     return gemv + [splitk_row(t) for t in tiles]
 
 

@@ -3,7 +3,8 @@ each variant is a context inside which an engine is built another way."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from unittest import mock
 
 
@@ -51,4 +52,47 @@ def deep_only():
         yield
 
 
-VARIANTS = {"tinygemm": tinygemm_layouts, "deep_only": deep_only}
+def with_ptx(choice: object) -> object:
+    """A table's split-K or fused choice with its weights made in packed 16-bit PTX
+    (replica.kernels.int4_ptx); any other choice as it is."""
+    from dataclasses import replace
+
+    from replica.ops import tables
+
+    if isinstance(choice, tables.SplitK):
+        wide = choice.wide and replace(choice.wide, ptx=True)
+        return tables.SplitK(replace(choice.tile, ptx=True), wide=wide)
+    if isinstance(choice, tables.FusedExperts):
+        return tables.FusedExperts(replace(choice.tile, ptx=True))
+    return choice
+
+
+@contextmanager
+def ptx_weights(one_token: bool = False):
+    """Engines built inside make every split-K and fused tile's weights in packed 16-bit PTX.
+    `one_token`: the smallest sizes too, through the tiles that serve the next ones (a token
+    through the 16-token split-K tile, the 30B's first experts through the 16-row fused tile)
+    instead of the GEMV."""
+    from dataclasses import replace
+
+    from replica.ops import tables
+
+    def patched(table: tables.Table, first: int) -> tables.Table:
+        entries = [replace(e, choice=with_ptx(e.choice)) for e in table.entries]
+        if one_token:  # the first entry served by the second's choice
+            entries[0] = replace(entries[0], choice=entries[first].choice)
+        return replace(table, entries=tuple(entries))
+
+    names = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(tables, name, patched(getattr(tables, name), 1)))
+        yield
+
+
+VARIANTS = {
+    "tinygemm": tinygemm_layouts,
+    "deep_only": deep_only,
+    "ptx": ptx_weights,
+    "ptx_one_token": partial(ptx_weights, one_token=True),
+}

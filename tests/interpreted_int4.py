@@ -63,7 +63,7 @@ def one_token_gemv() -> None:
 def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
     short), split-K of several lengths and none (the GEMV's too), groups of 128 and 256, a
-    strided x."""
+    strided x; a PTX tile takes the plain path here (the interpreter runs no PTX)."""
     from replica.kernels.int4_gemv import w4a16_gemv
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
     from replica.kernels.launch import split_k
@@ -75,7 +75,7 @@ def int4_splitk() -> None:
     for depth, group in ((384, 128), (1280, 128), (512, 256)):
         weight = asymmetric(72, depth, group)
         for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(16, 64, 4, 2)),
-                             (40, SplitKTile(32, 32, 4, 2, waves=0))):  # fmt: skip
+                             (40, SplitKTile(32, 32, 4, 2, waves=0, ptx=True))):  # fmt: skip
             x = torch.randn(tokens, 2 * depth)[:, :depth]
             close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
     deep = asymmetric(72, 1280, 128)  # the GEMV's split K
@@ -113,7 +113,7 @@ def moe_fused() -> None:
     from replica.ops.mlp import moe_reference
 
     experts, hidden, inter = 8, 256, 128
-    tile = FusedTile(16, 32, 64, 4, 2)
+    tile = FusedTile(16, 32, 64, 4, 2, ptx=True)  # the plain path here: no PTX in the interpreter
     assert max_blocks(2, 8, 16) == 2 and max_blocks(80, 8, 16) == 12
     for top_k, tokens in ((2, 1), (3, 5), (2, 40)):
         layer = packed_experts(experts, hidden, inter, top_k)

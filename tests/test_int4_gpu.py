@@ -3,12 +3,15 @@ token counts from 1 to 16,384 (skipped without a GPU)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.kernels.moe_fused import FusedTile
 from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMoE
 from replica.ops.linear import TritonLinear
@@ -120,3 +123,31 @@ def test_packed_fused_experts_match_the_expert_loop(experts, hidden, inter, top_
     for path, choice in choices.items():
         fused = fused_moe.run(x, moe, choice).unflatten(0, (64, top_k)).float().sum(1)
         assert rel_error(fused, moe_reference(x, moe)) < 2e-2, path
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ptx_weights_give_the_plain_tiles_outputs_bit_for_bit(dtype: torch.dtype):
+    """The PTX path makes the oracle's weights, as the plain one does, and feeds the same dots:
+    the outputs are equal (tests/test_int4_ptx.py checks the PTX's weights on the CPU)."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    weight = quantize(torch.randn(2560, 4096, device="cuda", generator=gen, dtype=dtype))
+    for tokens, tile in ((1, SplitKTile(16, 128, 4, 3)), (64, SplitKTile(64, 64, 2, 3))):
+        x = torch.randn(tokens, 4096, device="cuda", generator=gen, dtype=dtype)
+        plain = w4a16_splitk(x, weight, tile)
+        assert torch.equal(w4a16_splitk(x, weight, replace(tile, ptx=True)), plain), tokens
+        assert rel_error(plain, x @ dequantize(weight, dtype).t()) < 1e-2, tokens
+    experts, hidden, inter = 16, 512, 256
+    moe = SparseMoE(
+        router=torch.randn(experts, hidden, device="cuda", generator=gen, dtype=dtype),
+        gate_up=quantize(torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype)),
+        down=quantize(torch.randn(experts, hidden, inter, device="cuda", dtype=dtype)),
+        top_k=4,
+        norm_topk_prob=True,
+    )
+    x = torch.randn(40, hidden, device="cuda", generator=gen, dtype=dtype) / hidden**0.5
+    tile = FusedTile(16, 64, 128, 4, 3)
+    plain = TritonMoE().run(x, moe, tables.FusedExperts(tile))
+    ptx = TritonMoE().run(x, moe, tables.FusedExperts(replace(tile, ptx=True)))
+    assert torch.equal(ptx, plain)

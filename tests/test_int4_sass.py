@@ -6,13 +6,15 @@ one-token loop's instructions a weight, counted from the machine code."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 pytest.importorskip("triton")
 
 from benchmarks import int4_sass
 from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
-from replica.kernels.int4_splitk import _splitk_kernel
+from replica.kernels.int4_splitk import SplitKTile, _splitk_kernel
 from replica.kernels.moe_fused import _fused_down_kernel, _fused_up_kernel
 from replica.ops import tables
 
@@ -40,7 +42,7 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
     assert sum(int4_sass.loop_opcodes(code).values()) > 50
 
 
-TILES = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take wgmma on sm_90
+PLAIN = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take wgmma on sm_90
     "splitk": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128), 4),
     "splitk_whole_k": (_splitk_kernel, dict(GROUP=128, SPLIT_K=1, BLOCK_M=64, BLOCK_N=64), 4),
     "splitk_2_warps": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=64), 2),
@@ -49,6 +51,11 @@ TILES = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take 
     "fused_down": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 4),
     "fused_up_2_warps": (_fused_up_kernel, dict(TOP_K=8, GROUP=128, BLOCK_M=16, BLOCK_N=64), 2),
     "fused_down_2_warps": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 2),
+}
+TILES = {  # each plain, and with its weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
+    f"{name}{'_ptx' * ptx}": (kernel, constants | {"PTX": ptx}, warps)
+    for name, (kernel, constants, warps) in PLAIN.items()
+    for ptx in (False, True)
 }
 
 
@@ -59,6 +66,22 @@ def test_the_4bit_tiles_compile_for_the_gpu(name: str, arch: int):
     code = int4_sass.sass(kernel, constants, warps, 3, arch)
     mma = "HGMMA" if arch == 90 and warps == 4 else "HMMA"
     assert mma in code  # the dots run on the matrix units
+    loop = int4_sass.loop_opcodes(code)
+    packed = sum(n for op, n in loop.items() if op.startswith(("HFMA2", "HADD2", "HMUL2")))
+    if constants["PTX"]:  # the weights in packed 16-bit arithmetic, none through fp32
+        assert packed > 0 and not any(op.startswith("F2FP") for op in loop), loop
+    else:
+        assert packed == 0 and any(op.startswith("F2FP") for op in loop), loop
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_ptx_weights_take_a_third_fewer_instructions(arch: int):
+    """Per weight in the split-K tile's loop (PERF.md, issue 36's eighth session: sm_90 5.48 ->
+    3.56 at 16 x 128, 4 warps)."""
+    for tokens, features in ((16, 128), (64, 64)):
+        plain = SplitKTile(tokens, features, 4, 3)
+        rows = [int4_sass.splitk_row(t, arch) for t in (plain, replace(plain, ptx=True))]
+        assert rows[1]["per_weight"] < 0.8 * rows[0]["per_weight"], rows
 
 
 def test_the_served_one_token_gemv_stays_lean():

@@ -106,3 +106,29 @@ def test_the_deep_only_variant_serves_the_deep_tile_inside_and_restores_it():
     with VARIANTS["deep_only"]():
         assert tables.INT4_LINEAR_WIDE.choose(1).plain(tables.SHALLOW_GROUPS).groups == 16
     assert tables.INT4_LINEAR_WIDE.choose(1).plain(tables.SHALLOW_GROUPS).groups == 4
+
+
+def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
+    from benchmarks.int4_variants import VARIANTS
+
+    def ptx_tiles(table: tables.Table) -> list[bool]:
+        found = []
+        for choice in (entry.choice for entry in table.entries):
+            if isinstance(choice, tables.SplitK):
+                found += [choice.tile.ptx] + ([choice.wide.ptx] if choice.wide else [])
+            elif isinstance(choice, tables.FusedExperts):
+                found.append(choice.tile.ptx)
+        return found
+
+    served = (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
+    with VARIANTS["ptx"]():
+        inside = (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
+        assert all(all(ptx_tiles(t)) and ptx_tiles(t) for t in inside)
+        assert isinstance(tables.INT4_LINEAR_WIDE.choose(1), tables.Gemv)
+        assert isinstance(tables.moe_table(128, True).choose(1 / 16), tables.ExpertGemv)
+    with VARIANTS["ptx_one_token"]():
+        assert tables.INT4_LINEAR_WIDE.choose(1) == tables.INT4_LINEAR_WIDE.choose(16)
+        assert tables.INT4_LINEAR_WIDE.choose(1).tile.ptx
+        assert tables.moe_table(128, True).choose(1 / 16).tile.ptx
+    assert not any(any(ptx_tiles(t)) for t in served)
+    assert (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE) == served[:2]

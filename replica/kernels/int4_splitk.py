@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.kernels.int4_dequantize import Int4Weight
+from replica.kernels.int4_ptx import packed_math, ptx_slabs
 from replica.kernels.launch import multiprocessors
 
 MIN_GROUP = 128  # W = 16 words: the smallest K of a bf16 dot
@@ -39,6 +40,7 @@ class SplitKTile:
     warps: int
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
+    ptx: bool = False  # nibbles to weights in packed 16-bit PTX (replica.kernels.int4_ptx)
 
 
 @triton.jit
@@ -59,9 +61,10 @@ def nibble_pair(words, p: tl.constexpr):
 @triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-    feature_live, g, depth, GROUP: tl.constexpr,
+    feature_live, g, depth, GROUP: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each."""
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each; PTX:
+    the weights made by int4_ptx.ptx_slabs."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -72,18 +75,32 @@ def group_dots(
         other=0,
     )
     group = features * (depth // GROUP) + g
-    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
+    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0)[:, None]
     zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
-    offset = scale * (zero + 128.0)
     dtype = x_ptr.dtype.element_ty
     x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
+    if PTX:
+        slabs = ptx_slabs(words, scale, zero, dtype)
     for p in tl.static_range(4):
-        low, high = nibble_pair(words, p)  # 128 + nibble p, 128 + nibble p + 4
+        if PTX:
+            low, high = slabs[2 * p], slabs[2 * p + 1]
+        else:
+            low, high = _slab_weights(words, scale, zero, p, dtype)
         x_low = tl.load(x_group + p * words_per_group, mask=token_live[None, :], other=0.0)
         x_high = tl.load(x_group + (p + 4) * words_per_group, mask=token_live[None, :], other=0.0)
-        acc += tl.dot((low * scale - offset).to(dtype), x_low)
-        acc += tl.dot((high * scale - offset).to(dtype), x_high)
+        acc += tl.dot(low, x_low)
+        acc += tl.dot(high, x_high)
     return acc
+
+
+@triton.jit
+def _slab_weights(words, scale, zero, p: tl.constexpr, dtype: tl.constexpr):
+    """Slabs p and p + 4 of a group as `dtype` weights [N, W]: (128 + q) s - (128 + z) s in
+    fp32, exactly (q - z) s for 16-bit scales, rounded once."""
+    scale = scale.to(tl.float32)
+    offset = scale * (zero + 128.0)
+    low, high = nibble_pair(words, p)  # 128 + nibble p, 128 + nibble p + 4
+    return (low * scale - offset).to(dtype), (high * scale - offset).to(dtype)
 
 
 @triton.jit
@@ -104,6 +121,7 @@ def _splitk_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PTX: tl.constexpr,
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +133,7 @@ def _splitk_kernel(
     for g in range(g_lo, g_hi):
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g, depth, GROUP,
+            features, feature_live, g, depth, GROUP, PTX,
         )  # fmt: skip
     at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
@@ -170,6 +188,7 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     _splitk_kernel[(grid_n, grid_m, split)](
         x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
         x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.features, num_warps=tile.warps, num_stages=tile.stages,
+        BLOCK_N=tile.features, PTX=tile.ptx and packed_math(x, weight), num_warps=tile.warps,
+        num_stages=tile.stages,
     )  # fmt: skip
     return out

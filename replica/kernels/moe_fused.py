@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from replica.kernels.int4_dequantize import Int4Weight
+from replica.kernels.int4_ptx import packed_math
 from replica.kernels.int4_splitk import MIN_GROUP, group_dots
 from replica.kernels.moe_route import Routing
 
@@ -37,6 +38,7 @@ class FusedTile:
     down_features: int  # BLOCK_N of the down kernel (hidden columns)
     warps: int
     stages: int
+    ptx: bool = False  # nibbles to weights in packed 16-bit PTX (replica.kernels.int4_ptx)
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,14 @@ def _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M: tl.constexpr):
 @triton.jit
 def _expert_dots(
     x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features, feature_live,
-    depth, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    depth, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
     """out.T [BLOCK_N, BLOCK_M] fp32: x rows `rows` times weight rows `features` over all K."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g in range(0, depth // GROUP):
         acc = group_dots(
             acc, x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features,
-            feature_live, g, depth, GROUP,
+            feature_live, g, depth, GROUP, PTX,
         )  # fmt: skip
     return acc
 
@@ -120,7 +122,7 @@ def _expert_dots(
 def _fused_up_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pairs_ptr, experts_ptr, act_ptr, hidden, inter,
     total, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -130,11 +132,11 @@ def _fused_up_kernel(
         tokens = pairs // TOP_K
         gate = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
         )  # fmt: skip
         up = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows + inter,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
         )  # fmt: skip
         dtype = x_ptr.dtype.element_ty
         g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
@@ -148,6 +150,7 @@ def _fused_up_kernel(
 def _fused_down_kernel(
     act_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, pairs_ptr, experts_ptr, out_ptr,
     hidden, inter, total, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PTX: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -155,7 +158,7 @@ def _fused_down_kernel(
         col_live = cols < hidden
         acc = _expert_dots(
             act_ptr, inter, pairs, live, qweight_ptr, scales_ptr, zeros_ptr,
-            expert.to(tl.int64) * hidden + cols, col_live, inter, GROUP, BLOCK_N, BLOCK_M,
+            expert.to(tl.int64) * hidden + cols, col_live, inter, GROUP, BLOCK_N, BLOCK_M, PTX,
         )  # fmt: skip
         dtype = act_ptr.dtype.element_ty
         route = tl.load(route_ptr + pairs, mask=live, other=0.0)
@@ -177,14 +180,15 @@ def experts_fused(
     out = torch.empty(seg.total, hidden, dtype=x.dtype, device=x.device)
     blocks = seg.experts.numel()
     launch = {"num_warps": tile.warps, "num_stages": tile.stages}
+    ptx = tile.ptx and packed_math(x, gate_up) and packed_math(x, down)
     _fused_up_kernel[(triton.cdiv(inter, tile.up_features), blocks)](
         x, gate_up.qweight, gate_up.scales, gate_up.zeros, seg.pairs, seg.experts, act, hidden,
         inter, seg.total, TOP_K=routing.top_k, GROUP=gate_up.group_size, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.up_features, **launch,
+        BLOCK_N=tile.up_features, PTX=ptx, **launch,
     )  # fmt: skip
     _fused_down_kernel[(triton.cdiv(hidden, tile.down_features), blocks)](
         act, down.qweight, down.scales, down.zeros, routing.weights, seg.pairs, seg.experts, out,
         hidden, inter, seg.total, GROUP=down.group_size, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.down_features, **launch,
+        BLOCK_N=tile.down_features, PTX=ptx, **launch,
     )  # fmt: skip
     return out
