@@ -37,11 +37,13 @@ POINTERS |= {"partial_ptr": "*fp32", "pairs_ptr": "*i32"}
 DIVISIBLE = ("n", "depth", "stride_x", "hidden", "inter")  # widths and depths: multiples of 16
 
 
-def sass(kernel, constants: dict, warps: int, stages: int, arch: int = 90) -> str:
-    """The kernel's machine code for sm_<arch> (other pointers bf16, other ints i32)."""
+def sass(
+    kernel, constants: dict, warps: int, stages: int, arch: int = 90, half: str = "bf16"
+) -> str:
+    """The kernel's machine code for sm_<arch> (other pointers `half`, other ints i32)."""
     names = kernel.arg_names
     signature = {
-        name: "constexpr" if name in constants else POINTERS.get(name, "*bf16")
+        name: "constexpr" if name in constants else POINTERS.get(name, f"*{half}")
         if name.endswith("_ptr") else "i32"
         for name in names
     }  # fmt: skip

@@ -75,6 +75,14 @@ def test_the_4bit_tiles_compile_for_the_gpu(name: str, arch: int):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
+def test_the_ptx_weights_compile_for_fp16_activations(arch: int):
+    constants = dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128, PTX=True)
+    code = int4_sass.sass(_splitk_kernel, constants, 4, 3, arch, half="fp16")
+    loop = int4_sass.loop_opcodes(code)
+    assert loop["HMUL2"] + loop["HFMA2"] > 0 and "BF16" not in " ".join(loop), loop
+
+
+@pytest.mark.parametrize("arch", [80, 90])
 def test_the_ptx_weights_take_a_third_fewer_instructions(arch: int):
     """Per weight in the split-K tile's loop (PERF.md, issue 36's eighth session: sm_90 5.48 ->
     3.56 at 16 x 128, 4 warps)."""

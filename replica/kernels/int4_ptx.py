@@ -64,15 +64,17 @@ def ptx_slabs(words, scale, zero, dtype: tl.constexpr):
     """A group's words [N, W] (int32) as `dtype` weights (q - zero) * scale, scale and zero
     [N, 1] (the scale in `dtype`, the zero any float): 8 slabs [N, W] in the order nibble 0,
     4, 1, 5, 2, 6, 3, 7 (nibble j of word w is the group's column jW + w)."""
+    f16: tl.constexpr = dtype == tl.float16
     scale = tl.broadcast_to(scale.to(dtype), words.shape)
-    if dtype == tl.float16:
-        negzero = tl.broadcast_to((-1024.0 - zero.to(tl.float32)).to(dtype), words.shape)
-        return tl.inline_asm_elementwise(
-            F16_SLABS, SLAB_CONSTRAINTS, [words, negzero, scale], F16_X8, True, 2
-        )
-    negzero = tl.broadcast_to((-128.0 - zero.to(tl.float32)).to(dtype), words.shape)
+    negzero = ((-1024.0 if f16 else -128.0) - zero.to(tl.float32)).to(dtype)
+    negzero = tl.broadcast_to(negzero, words.shape)
     return tl.inline_asm_elementwise(
-        BF16_SLABS, SLAB_CONSTRAINTS, [words, negzero, scale], BF16_X8, True, 2
+        F16_SLABS if f16 else BF16_SLABS,
+        SLAB_CONSTRAINTS,
+        [words, negzero, scale],
+        F16_X8 if f16 else BF16_X8,
+        True,
+        2,
     )
 
 
