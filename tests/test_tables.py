@@ -131,4 +131,4 @@ def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
         assert tables.INT4_LINEAR_WIDE.choose(1).tile.ptx
         assert tables.moe_table(128, True).choose(1 / 16).tile.ptx
     assert not any(any(ptx_tiles(t)) for t in served)
-    assert (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE) == served[:2]
+    assert served[:2] == (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE)
