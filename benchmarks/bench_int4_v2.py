@@ -180,6 +180,8 @@ FUSED_TILES = [
 # The served tiles with their weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
 FUSED_TILES += [replace(t, ptx=True) for t in (tables.FUSED_16, tables.FUSED_16_W2)]
 FUSED_TILES += [replace(tables.FUSED_32_W2, ptx=True)]
+# Where an expert has a pair or less: narrower PTX tiles, more programs (1 warp: one mma.sync wide)
+FUSED_NARROW_TILES = [FusedTile(16, 32, 64, 2, 3, ptx=True), FusedTile(16, 16, 32, 1, 3, ptx=True)]
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less
 FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 
@@ -193,7 +195,8 @@ EXPERT_GEMV_TILES += [
 
 def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) -> list:
     """An expert layer by token count: the served table against the 16-bit experts, each fused
-    kernel tile and, under a quarter pair an expert, each program-a-pair tile pair."""
+    kernel tile (to a pair an expert, narrower ones too) and, under a quarter pair an expert,
+    each program-a-pair tile pair."""
     experts, hidden, inter, top_k = shape
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if clock.cuda else torch.float32
@@ -221,7 +224,8 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         row["bf16"] = time_us(partial(moe, x, wide, decode))
         if not decode:
             row["dequantize_alone"] = time_us(copy)
-        for t in FUSED_TILES + ([] if decode else FUSED_PREFILL_TILES):
+        narrow = FUSED_NARROW_TILES if tokens * top_k <= experts else []
+        for t in FUSED_TILES + narrow + ([] if decode else FUSED_PREFILL_TILES):
             row[fused_name(t)] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
         if tokens * top_k / experts < 0.25:  # a program a pair: its tiles
             for up, down in EXPERT_GEMV_TILES:
