@@ -4,7 +4,7 @@ instructions over the weights a thread takes a loop step give the figure (PERF.m
 sixth session: the one-token GEMV is bound by its instructions).
 
     python -m benchmarks.int4_sass            # a line a kernel and tile
-    python -m benchmarks.int4_sass --json F   # and the rows as JSON
+    python -m benchmarks.int4_sass --json F   # and the rows as JSON (--arch 80: the A100's)
 
 Ints and pointers are marked divisible by 16, as the launcher specializes them at run time.
 The count is static (one pass of the loop), not what a GPU issues; Triton's version matters.
@@ -25,9 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.int4_names import gemv_name, tile_name
+from benchmarks.int4_names import fused_name, gemv_name, tile_name
 from replica.kernels.int4_gemv import GemvTile, _w4a16_gemv_kernel
 from replica.kernels.int4_splitk import SplitKTile, _splitk_kernel
+from replica.kernels.moe_fused import FusedTile, _fused_down_kernel
 
 GROUP = 128
 BINARIES = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -80,12 +81,12 @@ def loop_opcodes(code: str) -> Counter:
     return Counter(op for a, op, _ in at if start <= a <= end)
 
 
-def gemv_row(tile: GemvTile, gated: bool) -> dict:
+def gemv_row(tile: GemvTile, gated: bool, arch: int = 90) -> dict:
     """The one-token GEMV (as a decode step's projection or gate-up launches it)."""
     constants = dict(OUTPUTS_PER_TOKEN=1, GROUP=GROUP, SPLIT_K=1, BLOCK_N=tile.features)
     constants |= dict(GROUPS=tile.groups, TOKENS=1, PER_OUTPUT_EXPERT=False, BUCKETED=False)
     constants |= dict(GATED=gated, ROUTED=False)
-    ops = loop_opcodes(sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages))
+    ops = loop_opcodes(sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages, arch))
     rows = tile.features * (2 if gated else 1)
     weights = rows * tile.groups * GROUP / (32 * tile.warps)  # a thread's, a loop step
     name = f"gemv{'_gated' * gated}_{gemv_name(tile)}"
@@ -101,6 +102,14 @@ def splitk_row(tile: SplitKTile, arch: int = 90) -> dict:
     return row(tile_name(tile), ops, weights)
 
 
+def fused_row(tile: FusedTile, arch: int = 90) -> dict:
+    """The fused experts' down kernel (its loop is the up kernel's, once for gate and up)."""
+    constants = dict(GROUP=GROUP, BLOCK_M=tile.tokens, BLOCK_N=tile.down_features, PTX=tile.ptx)
+    ops = loop_opcodes(sass(_fused_down_kernel, constants, tile.warps, tile.stages, arch))
+    weights = tile.down_features * GROUP / (32 * tile.warps)
+    return row(fused_name(tile), ops, weights)
+
+
 def row(name: str, ops: Counter, weights: float) -> dict:
     total = sum(ops.values())
     return {
@@ -111,26 +120,32 @@ def row(name: str, ops: Counter, weights: float) -> dict:
     }
 
 
-def rows() -> list[dict]:
+def rows(arch: int = 90) -> list[dict]:
+    """The served one-token GEMV tiles; split-K and fused tiles, plain and with PTX weights."""
     from replica.ops import tables
 
     one_token = tables.INT4_LINEAR_WIDE.choose(1)
-    gemv = [gemv_row(one_token.tile, False), gemv_row(one_token.gated, True)]
-    gemv += [gemv_row(one_token.shallow, False)] if one_token.shallow else []
+    gemv = [gemv_row(one_token.tile, False, arch), gemv_row(one_token.gated, True, arch)]
+    gemv += [gemv_row(one_token.shallow, False, arch)] if one_token.shallow else []
     tiles = [SplitKTile(m, n, w, 3) for m, n in ((16, 128), (64, 64)) for w in (4, 2)]
-    tiles += [replace(t, ptx=True) for t in tiles]
-    return gemv + [splitk_row(t) for t in tiles]
+    fused = [tables.FUSED_16, tables.FUSED_16_W2, tables.FUSED_32_W2]
+    splitk = [splitk_row(t, arch) for t in tiles + [replace(t, ptx=True) for t in tiles]]
+    return (
+        gemv + splitk + [fused_row(t, arch) for t in fused + [replace(t, ptx=True) for t in fused]]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--arch", type=int, default=90, help="sm_<arch>: 90 (H100), 80 (A100)")
     args = parser.parse_args()
-    found = rows()
+    found = rows(args.arch)
     for r in found:
         print(f"{r['kernel']:<28} {r['loop_instructions']:>5} {r['per_weight']:>6}  {r['top']}")
     if args.json:
-        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": found}, indent=1))
+        report = {"triton": triton.__version__, "arch": f"sm_{args.arch}", "rows": found}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
