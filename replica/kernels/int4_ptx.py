@@ -1,8 +1,10 @@
 """4-bit nibbles to 16-bit weights in packed half-precision arithmetic (inline PTX), for the dots of
 the split-K tile and the fused experts (replica.kernels.int4_splitk.group_dots): two words make
-four weights in two lop3, two prmt and four packed fmas, where the plain path takes each weight
-through fp32 and back (the shift or mask, an fma, half a pack). On the H100 the tiles' loops
-then issue about 30% fewer instructions (PERF.md, issue 36's eighth session).
+their 16 weights in two prmt and, each pair of weights, a shift, a lop3 and two packed fmas,
+where the plain path takes each weight through fp32 and back (a shift or mask, an fma, half a
+pack). Compiled for sm_90 or sm_80,
+the tiles' loops issue about a third fewer instructions a weight (a static count; not yet
+timed: PERF.md, issue 36's eighth session), so the tables serve no PTX tile yet.
 
 Exact, as the plain path: each half of `lop3(word, 0x000F000F, MAGIC)` is the 16-bit C + q
 (C = 128 in bf16, 1024 in fp16, whose mantissas hold q whole), C + q - (C + z) is q - z exactly,
