@@ -9,8 +9,9 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `checks`: every new path against the dequantize oracle, 1 to 16,384 tokens
   (benchmarks.int4_checks);
 - `sweep`: each 4B projection by token count, microseconds a call (decode sizes in CUDA graphs,
-  prefill sizes eager): bf16, the served table (`served`) and each split-K tile, torch's int4
-  matmul (`tinygemm`), GemLite; gate_up also with SiLU(gate) * up as the MLP runs it (`*_mlp`);
+  prefill sizes eager): bf16, the served table (`served`) and each split-K tile, at one token
+  the served GEMV tile and its prefetching twin (`gemv_*p`), torch's int4 matmul
+  (`tinygemm`), GemLite; gate_up also with SiLU(gate) * up as the MLP runs it (`*_mlp`);
   the 30B's experts: the served table against the fused kernel's tiles;
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served paths over the
   faster peer (tinygemm, GemLite), gate_up with SiLU(gate) * up on both sides;
@@ -43,11 +44,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.int4_checks import run_checks
-from benchmarks.int4_names import expert_gemv_name, fused_name, tile_name
+from benchmarks.int4_names import expert_gemv_name, fused_name, gemv_name, tile_name
 from benchmarks.int4_peers import gemlite_peer, guarded, peer_ratio, silu_after
 from benchmarks.int4_variants import VARIANTS
 from replica.kernels.int4_dequantize import dequantized
-from replica.kernels.int4_gemv import GemvTile
+from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
 from replica.kernels.moe_fused import FusedTile
 from replica.loading.source import VENDORED_CONFIGS, resolve
@@ -55,7 +56,7 @@ from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMLP, TritonMoE
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import SparseMoE
-from replica.ops.packed import random_packed
+from replica.ops.packed import PackedInt4, random_packed
 
 ALL_PARTS = "checks,sweep,engines"
 SMOKE_DENSE = {"qkv": (96, 256), "o": (64, 128), "gate_up": (160, 256), "down": (64, 256)}
@@ -162,6 +163,8 @@ def dense_sweep(
                 paths["tinygemm_mlp"] = partial(silu_after, paths["tinygemm"])
                 if gemlite is not None:
                     paths["gemlite_mlp"] = partial(silu_after, paths["gemlite"])
+            if tokens == 1:  # the served one-token GEMV tile, and with loads a step ahead
+                paths.update(one_token_gemvs(x, packed, shape == "gate_up"))
             if decode:
                 for t in splitk_tiles(tokens):
                     paths[tile_name(t)] = partial(w4a16_splitk, x, packed, t)
@@ -172,6 +175,17 @@ def dense_sweep(
             rows.append(row)
             print(row, flush=True)
     return {"dense_us": rows, "gemlite": peer_note}
+
+
+def one_token_gemvs(x: torch.Tensor, packed: PackedInt4, gated: bool) -> dict:
+    """The served one-token tile of this weight (`gated`: SiLU(gate) * up fused) as it is and
+    with each step's weights loaded during the step before (`prefetch`)."""
+    choice = tables.INT4_LINEAR_WIDE.choose(1)
+    tile = choice.gated if gated else choice.plain(packed.shape[-1] // packed.group_size)
+    return {
+        f"gemv{'_mlp' * gated}_{gemv_name(t)}": partial(w4a16_gemv, x, packed, t, gated=gated)
+        for t in (tile, replace(tile, prefetch=True))
+    }
 
 
 FUSED_TILES = [
@@ -190,6 +204,13 @@ FUSED_PREFILL_TILES = [FusedTile(m, 64, 128, 8, 3) for m in (64, 128)]
 EXPERT_GEMV_TILES = [(GemvTile(f, g, 4), GemvTile(8, 8, 4)) for f, g in ((16, 4), (8, 4), (32, 4))]
 EXPERT_GEMV_TILES += [
     (GemvTile(16, 4, 4), GemvTile(f, g, 4)) for f, g in ((16, 8), (32, 8), (8, 16))
+]
+# The served pair with each step's weights loaded during the step before
+EXPERT_GEMV_TILES += [
+    (
+        replace(tables.EXPERT_PAIRS.up, prefetch=True),
+        replace(tables.EXPERT_PAIRS.down, prefetch=True),
+    )
 ]
 
 

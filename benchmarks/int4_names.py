@@ -15,7 +15,8 @@ def tile_name(t: SplitKTile) -> str:
 
 
 def gemv_name(t: GemvTile) -> str:
-    return f"f{t.features}g{t.groups}w{t.warps}"
+    """f<features>g<groups>w<warps>, then p where it prefetches."""
+    return f"f{t.features}g{t.groups}w{t.warps}{'p' * t.prefetch}"
 
 
 def expert_gemv_name(up: GemvTile, down: GemvTile) -> str:

@@ -85,7 +85,7 @@ def gemv_row(tile: GemvTile, gated: bool, arch: int = 90) -> dict:
     """The one-token GEMV (as a decode step's projection or gate-up launches it)."""
     constants = dict(OUTPUTS_PER_TOKEN=1, GROUP=GROUP, SPLIT_K=1, BLOCK_N=tile.features)
     constants |= dict(GROUPS=tile.groups, TOKENS=1, PER_OUTPUT_EXPERT=False, BUCKETED=False)
-    constants |= dict(GATED=gated, ROUTED=False)
+    constants |= dict(GATED=gated, ROUTED=False, PREFETCH=tile.prefetch)
     ops = loop_opcodes(sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages, arch))
     rows = tile.features * (2 if gated else 1)
     weights = rows * tile.groups * GROUP / (32 * tile.warps)  # a thread's, a loop step
@@ -127,6 +127,7 @@ def rows(arch: int = 90) -> list[dict]:
     one_token = tables.INT4_LINEAR_WIDE.choose(1)
     gemv = [gemv_row(one_token.tile, False, arch), gemv_row(one_token.gated, True, arch)]
     gemv += [gemv_row(one_token.shallow, False, arch)] if one_token.shallow else []
+    gemv += [gemv_row(replace(one_token.tile, prefetch=True), False, arch)]
     tiles = [SplitKTile(m, n, w, 3) for m, n in ((16, 128), (64, 64)) for w in (4, 2)]
     fused = [tables.FUSED_16, tables.FUSED_16_W2, tables.FUSED_32_W2]
     splitk = [splitk_row(t, arch) for t in tiles + [replace(t, ptx=True) for t in tiles]]

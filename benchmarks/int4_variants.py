@@ -4,8 +4,13 @@ each variant is a context inside which an engine is built another way."""
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from functools import partial
 from unittest import mock
+
+from replica.kernels.int4_gemv import GemvTile
+from replica.ops import tables
+from replica.ops.tables import Table
 
 
 @contextmanager
@@ -37,28 +42,32 @@ def tinygemm_layouts():
         yield
 
 
+def first_served_by(table: Table, choice: object) -> Table:
+    """`table` with its first entry's choice replaced."""
+    return replace(table, entries=(replace(table.entries[0], choice=choice), *table.entries[1:]))
+
+
 @contextmanager
+def serving(**replaced: Table):
+    """Engines built inside read these tables (replica.ops.tables' names) instead."""
+    with ExitStack() as stack:
+        for name, table in replaced.items():
+            stack.enter_context(mock.patch.object(tables, name, table))
+        yield
+
+
 def deep_only():
     """Engines built inside serve one token with the deep-K tile everywhere: the shallow-K tile
     (tables.SHALLOW_GROUPS: the 4B's and the 30B's qkv) measured against it."""
-    from dataclasses import replace
-
-    from replica.ops import tables
-
     table = tables.INT4_LINEAR_WIDE
-    one_token = replace(table.entries[0], choice=replace(table.entries[0].choice, shallow=None))
-    deep = replace(table, entries=(one_token, *table.entries[1:]))
-    with mock.patch.object(tables, "INT4_LINEAR_WIDE", deep):
-        yield
+    return serving(
+        INT4_LINEAR_WIDE=first_served_by(table, replace(table.entries[0].choice, shallow=None))
+    )
 
 
 def with_ptx(choice: object) -> object:
     """A table's split-K or fused choice with its weights made in packed 16-bit PTX
     (replica.kernels.int4_ptx); any other choice as it is."""
-    from dataclasses import replace
-
-    from replica.ops import tables
-
     if isinstance(choice, tables.SplitK):
         wide = choice.wide and replace(choice.wide, ptx=True)
         return tables.SplitK(replace(choice.tile, ptx=True), wide=wide)
@@ -67,30 +76,43 @@ def with_ptx(choice: object) -> object:
     return choice
 
 
-@contextmanager
 def ptx_weights(one_token: bool = False):
     """Engines built inside make every split-K and fused tile's weights in packed 16-bit PTX.
     `one_token`: the smallest sizes too, through the tiles that serve the next ones (a token
     through the 16-token split-K tile, the 30B's first experts through the 16-row fused tile)
     instead of the GEMV."""
-    from dataclasses import replace
 
-    from replica.ops import tables
-
-    def patched(table: tables.Table, first: int) -> tables.Table:
-        entries = [replace(e, choice=with_ptx(e.choice)) for e in table.entries]
-        if one_token:  # the first entry served by the second's choice
-            entries[0] = replace(entries[0], choice=entries[first].choice)
-        return replace(table, entries=tuple(entries))
+    def patched(table: Table) -> Table:
+        table = replace(
+            table, entries=tuple(replace(e, choice=with_ptx(e.choice)) for e in table.entries)
+        )
+        return first_served_by(table, table.entries[1].choice) if one_token else table
 
     names = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
-    with ExitStack() as stack:
-        for name in names:
-            stack.enter_context(mock.patch.object(tables, name, patched(getattr(tables, name), 1)))
-        yield
+    return serving(**{name: patched(getattr(tables, name)) for name in names})
+
+
+def prefetch():
+    """Engines built inside run one token's GEMV tiles (projections, gate-up, the experts'
+    pairs) with each step's weights loaded during the step before."""
+
+    def ahead(tile: GemvTile | None) -> GemvTile | None:
+        return tile and replace(tile, prefetch=True)
+
+    gemv = tables.INT4_LINEAR_WIDE.entries[0].choice
+    gemv = replace(
+        gemv, tile=ahead(gemv.tile), gated=ahead(gemv.gated), shallow=ahead(gemv.shallow)
+    )
+    pairs = tables.MOE_PACKED_DECODE.entries[0].choice
+    pairs = replace(pairs, up=ahead(pairs.up), down=ahead(pairs.down))
+    return serving(
+        INT4_LINEAR_WIDE=first_served_by(tables.INT4_LINEAR_WIDE, gemv),
+        MOE_PACKED_DECODE=first_served_by(tables.MOE_PACKED_DECODE, pairs),
+    )
 
 
 VARIANTS = {
+    "prefetch": prefetch,
     "tinygemm": tinygemm_layouts,
     "deep_only": deep_only,
     "ptx": ptx_weights,

@@ -36,10 +36,12 @@ def one_token_gemv() -> None:
     and those within 15 / 2^16 of a step of the oracle's: widths that end mid-set and mid-block
     (70 rows: row 69 of the second set live, row 71 of the fourth not; a gate of 35), tiles of 2
     to 8 rows a set, a K split, loop steps that do not divide K (the last one masked), groups of
-    128 and 256, a strided x; a tile whose rows do not split in four, refused."""
+    128 and 256, a strided x, loads a step ahead (`prefetch`); a tile whose rows do not split in
+    four, refused."""
     from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
 
     tiles = (GemvTile(8, 8, 4), GemvTile(16, 4, 4), GemvTile(32, 2, 4), GemvTile(8, 16, 4))
+    tiles += (GemvTile(16, 4, 4, prefetch=True), GemvTile(8, 16, 4, prefetch=True))
     for depth, group in ((384, 128), (1280, 128), (768, 256)):
         x = torch.randn(1, 2 * depth)[:, :depth]
         weight = asymmetric(70, depth, group)
@@ -135,7 +137,8 @@ def moe_fused() -> None:
 
 def served_pairs(hidden: int, inter: int) -> None:
     """Under a quarter pair an expert (one token, top-2 of 16) the served table runs a program a
-    pair (the one-token GEMV, its down tile deeper than the 128 columns K holds)."""
+    pair (the one-token GEMV, its down tile deeper than the 128 columns K holds); and its tiles
+    with loads a step ahead."""
     from dataclasses import replace
 
     from replica.ops import tables
@@ -150,6 +153,12 @@ def served_pairs(hidden: int, inter: int) -> None:
     expected = moe_reference(x, replace(layer, gate_up=gate_up, down=down))
     served = TritonMoE()(x, layer, True)
     close_in_scale(served.view(1, top_k, hidden).sum(1), expected)
+    pairs = tables.EXPERT_PAIRS
+    ahead = replace(
+        pairs, up=replace(pairs.up, prefetch=True), down=replace(pairs.down, prefetch=True)
+    )
+    prefetched = TritonMoE().run(x, layer, ahead)
+    close_in_scale(prefetched.view(1, top_k, hidden).sum(1), expected)
 
 
 def spread_routing() -> None:

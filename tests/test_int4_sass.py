@@ -28,6 +28,13 @@ LAUNCHES = {  # the constexprs a launch sets, beyond one token through one matri
     "expert_gate_up": {"PER_OUTPUT_EXPERT": True, "GATED": True, "OUTPUTS_PER_TOKEN": 8},
     "expert_down": {"PER_OUTPUT_EXPERT": True, "ROUTED": True},
     "bucketed_gate_up": {"BUCKETED": True, "GATED": True, "TOKENS": 2},
+    "prefetch": {"PREFETCH": True},
+    "expert_gate_up_prefetch": {
+        "PER_OUTPUT_EXPERT": True,
+        "GATED": True,
+        "OUTPUTS_PER_TOKEN": 8,
+        "PREFETCH": True,
+    },
 }
 
 
@@ -37,7 +44,7 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
     tile = GemvTile(16, 4, 4)
     constants = dict(OUTPUTS_PER_TOKEN=1, GROUP=128, SPLIT_K=1, BLOCK_N=tile.features)
     constants |= dict(GROUPS=tile.groups, TOKENS=1, PER_OUTPUT_EXPERT=False, BUCKETED=False)
-    constants |= dict(GATED=False, ROUTED=False) | LAUNCHES[launch]
+    constants |= dict(GATED=False, ROUTED=False, PREFETCH=False) | LAUNCHES[launch]
     code = int4_sass.sass(_w4a16_gemv_kernel, constants, tile.warps, tile.stages, arch)
     assert sum(int4_sass.loop_opcodes(code).values()) > 50
 

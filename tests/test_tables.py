@@ -132,3 +132,18 @@ def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
         assert tables.moe_table(128, True).choose(1 / 16).tile.ptx
     assert not any(any(ptx_tiles(t)) for t in served)
     assert served[:2] == (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE)
+
+
+def test_the_prefetch_variant_serves_prefetching_gemv_tiles_inside_and_restores_them():
+    from benchmarks.int4_variants import VARIANTS
+
+    def prefetching() -> list[bool]:
+        gemv = tables.INT4_LINEAR_WIDE.choose(1)
+        pairs = tables.moe_table(128, True).choose(1 / 16)
+        tiles = (gemv.tile, gemv.gated, gemv.shallow, pairs.up, pairs.down)
+        return [tile.prefetch for tile in tiles]
+
+    with VARIANTS["prefetch"]():
+        assert all(prefetching())
+        assert tables.INT4_LINEAR_WIDE.choose(16) == tables.INT4_LINEAR_WIDE.entries[1].choice
+    assert not any(prefetching())

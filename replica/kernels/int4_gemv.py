@@ -33,6 +33,7 @@ class GemvTile:
     warps: int
     tokens: int = 1  # tokens of x a program (a power of two)
     stages: int = 3
+    prefetch: bool = False  # one token: each step's weights loaded during the step before
 
 
 @triton.jit
@@ -99,6 +100,7 @@ def _w4a16_gemv_kernel(
     BUCKETED: tl.constexpr,
     GATED: tl.constexpr,
     ROUTED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """out[o, c] = x[o // OUTPUTS_PER_TOKEN] . w[c] without matrix units (`_gemv_dots`), a
     program per feature block and TOKENS outputs: consecutive outputs through one matrix;
@@ -122,7 +124,7 @@ def _w4a16_gemv_kernel(
                 x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
                 block.to(tl.int64) * width + cols, cols, out.to(tl.int64), live, split,
                 outputs, n, depth, stride_x, g_lo, g_hi,
-                OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
+                OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED, PREFETCH,
             )  # fmt: skip
     else:
         expert = tl.load(experts_ptr + block).to(tl.int64) if PER_OUTPUT_EXPERT else 0
@@ -131,7 +133,7 @@ def _w4a16_gemv_kernel(
             x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
             expert * width + cols, cols, out, out < outputs, split,
             outputs, n, depth, stride_x, g_lo, g_hi,
-            OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED,
+            OUTPUTS_PER_TOKEN, GROUP, SPLIT_K, BLOCK_N, GROUPS, TOKENS, GATED, ROUTED, PREFETCH,
         )  # fmt: skip
         if SPLIT_K > 1:
             tile = tl.program_id(0) * tl.num_programs(2) + block
@@ -146,7 +148,7 @@ def _gemv_outputs(
     features, cols, out, live, split, outputs, n, depth, stride_x, g_lo, g_hi,
     OUTPUTS_PER_TOKEN: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, TOKENS: tl.constexpr, GATED: tl.constexpr,
-    ROUTED: tl.constexpr,
+    ROUTED: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Outputs `out` (those `live`), columns `cols` of weight rows `features`. GATED: the
     weight is [gate; up] and the output SiLU(gate) * up, rounded where transformers' linear
@@ -157,7 +159,7 @@ def _gemv_outputs(
     if TOKENS == 1:
         total, up = one_token(
             qweight_ptr, scales_ptr, zeros_ptr, features, cols, n, x_tokens, live, depth, g_lo,
-            g_hi, GROUP, BLOCK_N, GROUPS, GATED,
+            g_hi, GROUP, BLOCK_N, GROUPS, GATED, PREFETCH,
         )  # fmt: skip
     else:
         total = _gemv_dots(
@@ -263,6 +265,7 @@ def w4a16_gemv(
         BUCKETED=buckets is not None,
         GATED=gated,
         ROUTED=route is not None,
+        PREFETCH=tile.prefetch,
         num_warps=tile.warps,
         num_stages=tile.stages,
     )
