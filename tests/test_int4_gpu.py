@@ -151,3 +151,31 @@ def test_ptx_weights_give_the_plain_tiles_outputs_bit_for_bit(dtype: torch.dtype
     plain = TritonMoE().run(x, moe, tables.FusedExperts(tile))
     ptx = TritonMoE().run(x, moe, tables.FusedExperts(replace(tile, ptx=True)))
     assert torch.equal(ptx, plain)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
+    """Prefetching moves the one-token GEMV's loads, not its arithmetic: a projection, the fused
+    gate-up and the experts' pairs equal the served tiles' outputs."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    weight = quantize(torch.randn(6144, 2560, device="cuda", generator=gen, dtype=torch.bfloat16))
+    x = torch.randn(1, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
+    gemv = tables.INT4_LINEAR_WIDE.choose(1)
+    for tile, gated in ((gemv.tile, False), (gemv.gated, True), (gemv.shallow, False)):
+        served = w4a16_gemv(x, weight, tile, gated=gated)
+        ahead = w4a16_gemv(x, weight, replace(tile, prefetch=True), gated=gated)
+        assert torch.equal(ahead, served), tile
+    moe = SparseMoE(
+        router=torch.randn(128, 2048, device="cuda", generator=gen, dtype=torch.bfloat16),
+        gate_up=quantize(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16)),
+        down=quantize(torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16)),
+        top_k=8,
+        norm_topk_prob=True,
+    )
+    x = torch.randn(1, 2048, device="cuda", generator=gen, dtype=torch.bfloat16) / 2048**0.5
+    pairs = tables.EXPERT_PAIRS
+    ahead = replace(
+        pairs, up=replace(pairs.up, prefetch=True), down=replace(pairs.down, prefetch=True)
+    )
+    assert torch.equal(TritonMoE().run(x, moe, ahead), TritonMoE().run(x, moe, pairs))
