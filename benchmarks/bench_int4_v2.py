@@ -205,12 +205,13 @@ EXPERT_GEMV_TILES = [(GemvTile(f, g, 4), GemvTile(8, 8, 4)) for f, g in ((16, 4)
 EXPERT_GEMV_TILES += [
     (GemvTile(16, 4, 4), GemvTile(f, g, 4)) for f, g in ((16, 8), (32, 8), (8, 16))
 ]
-# The served pair with each step's weights loaded during the step before
+# The served pair with each step's weights loaded during the step before; and so, a down of K
+# = 6 groups (the 30B's) in steps that divide it less wastefully than one step of 8
+_AHEAD_UP = replace(tables.EXPERT_PAIRS.up, prefetch=True)
 EXPERT_GEMV_TILES += [
-    (
-        replace(tables.EXPERT_PAIRS.up, prefetch=True),
-        replace(tables.EXPERT_PAIRS.down, prefetch=True),
-    )
+    (_AHEAD_UP, replace(tables.EXPERT_PAIRS.down, prefetch=True)),
+    (_AHEAD_UP, GemvTile(16, 2, 4, prefetch=True)),
+    (_AHEAD_UP, GemvTile(16, 4, 4, prefetch=True)),
 ]
 
 
