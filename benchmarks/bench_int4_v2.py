@@ -168,6 +168,8 @@ def dense_sweep(
             if decode:
                 for t in splitk_tiles(tokens):
                     paths[tile_name(t)] = partial(w4a16_splitk, x, packed, t)
+                if shape == "gate_up":  # SiLU(gate) * up fused into the tile
+                    paths.update(gated_splitk(x, packed, tokens))
             ours = {name: fn for name, fn in paths.items() if not name.startswith("gemlite")}
             row.update({name: time_us(fn) for name, fn in ours.items()})
             for name in paths.keys() - ours.keys():  # a peer we do not control: eager if need be
@@ -185,6 +187,20 @@ def one_token_gemvs(x: torch.Tensor, packed: PackedInt4, gated: bool) -> dict:
     return {
         f"gemv{'_mlp' * gated}_{gemv_name(t)}": partial(w4a16_gemv, x, packed, t, gated=gated)
         for t in (tile, replace(tile, prefetch=True))
+    }
+
+
+def gated_splitk(x: torch.Tensor, packed: PackedInt4, tokens: int) -> dict:
+    """The served split-K tile for this gate-up with SiLU(gate) * up fused (K whole), plain and
+    with PTX weights: against `served_mlp` (the tile, then the SiLU * up kernel; one token: the
+    fused GEMV, against the 2-token tile)."""
+    choice = tables.INT4_LINEAR_WIDE.choose(max(tokens, 2))
+    if not isinstance(choice, tables.SplitK):
+        return {}
+    tile = choice.for_rows(packed.shape[-2])
+    return {
+        f"splitk_mlp_{tile_name(t)}": partial(w4a16_splitk, x, packed, t, gated=True)
+        for t in (tile, replace(tile, ptx=True))
     }
 
 

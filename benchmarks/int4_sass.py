@@ -96,7 +96,7 @@ def gemv_row(tile: GemvTile, gated: bool, arch: int = 90) -> dict:
 def splitk_row(tile: SplitKTile, arch: int = 90) -> dict:
     """The split-K tile, K split (the serial sum after the loop)."""
     constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
-    constants |= dict(PTX=tile.ptx)
+    constants |= dict(PTX=tile.ptx, GATED=False)
     ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages, arch))
     weights = tile.features * GROUP / (32 * tile.warps)
     return row(tile_name(tile), ops, weights)

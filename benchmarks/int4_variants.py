@@ -70,7 +70,7 @@ def with_ptx(choice: object) -> object:
     (replica.kernels.int4_ptx); any other choice as it is."""
     if isinstance(choice, tables.SplitK):
         wide = choice.wide and replace(choice.wide, ptx=True)
-        return tables.SplitK(replace(choice.tile, ptx=True), wide=wide)
+        return replace(choice, tile=replace(choice.tile, ptx=True), wide=wide)
     if isinstance(choice, tables.FusedExperts):
         return tables.FusedExperts(replace(choice.tile, ptx=True))
     return choice
@@ -80,11 +80,17 @@ def ptx_weights(one_token: bool = False):
     """Engines built inside make every split-K and fused tile's weights in packed 16-bit PTX.
     `one_token`: the smallest sizes too, through the tiles that serve the next ones (a token
     through the 16-token split-K tile, the 30B's first experts through the 16-row fused tile)
-    instead of the GEMV."""
+    instead of the GEMV, and the MLP's SiLU * up fused into the split-K tile as the GEMV fuses
+    it."""
+
+    def choice(chosen: object) -> object:
+        chosen = with_ptx(chosen)
+        fused = one_token and isinstance(chosen, tables.SplitK)
+        return replace(chosen, gated=True) if fused else chosen
 
     def patched(table: Table) -> Table:
         table = replace(
-            table, entries=tuple(replace(e, choice=with_ptx(e.choice)) for e in table.entries)
+            table, entries=tuple(replace(e, choice=choice(e.choice)) for e in table.entries)
         )
         return first_served_by(table, table.entries[1].choice) if one_token else table
 

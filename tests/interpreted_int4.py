@@ -65,12 +65,17 @@ def one_token_gemv() -> None:
 def int4_splitk() -> None:
     """Tokens 1 to 40 (one and three token tiles, a tile cut short), 72 features (a block cut
     short), split-K of several lengths and none (the GEMV's too), groups of 128 and 256, a
-    strided x; a PTX tile takes the plain path here (the interpreter runs no PTX)."""
+    strided x; a PTX tile takes the plain path here (the interpreter runs no PTX); SiLU(gate) *
+    up fused into the tile, by the kernel and through the MLP op whose table asks for it."""
+    from dataclasses import replace
+
     from replica.kernels.int4_gemv import w4a16_gemv
     from replica.kernels.int4_splitk import SplitKTile, splits, w4a16_splitk
     from replica.kernels.launch import split_k
+    from replica.ops import tables
+    from replica.ops.feed_forward import TritonMLP, silu_mul
     from replica.ops.linear import TritonLinear
-    from replica.ops.tables import GEMV_2, SplitK
+    from replica.ops.tables import GEMV_2, Entry, SplitK, Table
 
     assert splits(3, 3, 2, torch.device("cpu")) == 3  # 8 "SMs": 16 programs wanted, 3 groups
     assert splits(3, 20, 2, torch.device("cpu")) == 5  # 6 slices of 4 would leave one empty
@@ -90,6 +95,14 @@ def int4_splitk() -> None:
         assert isinstance(served.choose(tokens, weight), SplitK)
         x = torch.randn(tokens, 512)
         close_in_scale(served(x, weight), linear(x, weight))
+    for tokens, tile in ((1, SplitKTile(16, 32, 4, 2)), (17, SplitKTile(32, 16, 4, 2, ptx=True))):
+        x = torch.randn(tokens, 512)  # SiLU(gate) * up fused: a gate of 36 rows, K whole
+        expected = silu_mul(linear(x, weight))
+        close_in_scale(w4a16_splitk(x, weight, tile, gated=True), expected)
+    fused = replace(tables.INT4_LINEAR_WIDE.choose(20), gated=True)
+    mlp = TritonMLP(TritonLinear(lambda group: Table("fused", "tokens", (Entry(64, fused, ""),))))
+    x = torch.randn(20, 512)
+    close_in_scale(mlp.gated(x, weight), silu_mul(linear(x, weight)))
 
 
 def packed_experts(experts: int, hidden: int, inter: int, top_k: int):

@@ -49,8 +49,18 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
     assert sum(int4_sass.loop_opcodes(code).values()) > 50
 
 
+def _split_k_gated(kernel, constants: dict) -> dict:
+    """The split-K kernel's GATED constexpr, False unless given."""
+    return {"GATED": False} | constants if kernel is _splitk_kernel else constants
+
+
 PLAIN = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take wgmma on sm_90
     "splitk": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128), 4),
+    "splitk_gated": (
+        _splitk_kernel,
+        dict(GROUP=128, SPLIT_K=1, BLOCK_M=16, BLOCK_N=128, GATED=True),
+        4,
+    ),
     "splitk_whole_k": (_splitk_kernel, dict(GROUP=128, SPLIT_K=1, BLOCK_M=64, BLOCK_N=64), 4),
     "splitk_2_warps": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=64), 2),
     "splitk_wide": (_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, BLOCK_N=128), 4),
@@ -60,7 +70,7 @@ PLAIN = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take 
     "fused_down_2_warps": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 2),
 }
 TILES = {  # each plain, and with its weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
-    f"{name}{'_ptx' * ptx}": (kernel, constants | {"PTX": ptx}, warps)
+    f"{name}{'_ptx' * ptx}": (kernel, _split_k_gated(kernel, constants) | {"PTX": ptx}, warps)
     for name, (kernel, constants, warps) in PLAIN.items()
     for ptx in (False, True)
 }

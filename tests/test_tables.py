@@ -147,3 +147,13 @@ def test_the_prefetch_variant_serves_prefetching_gemv_tiles_inside_and_restores_
         assert all(prefetching())
         assert tables.INT4_LINEAR_WIDE.choose(16) == tables.INT4_LINEAR_WIDE.entries[1].choice
     assert not any(prefetching())
+
+
+def test_the_one_token_ptx_variant_fuses_the_mlp_into_the_split_k_tile():
+    from benchmarks.int4_variants import VARIANTS
+
+    with VARIANTS["ptx_one_token"]():
+        assert all(tables.INT4_LINEAR_WIDE.choose(t).gated for t in (1, 16, 64))
+    with VARIANTS["ptx"]():
+        assert not tables.INT4_LINEAR_WIDE.choose(16).gated
+    assert not tables.INT4_LINEAR_WIDE.choose(16).gated

@@ -44,19 +44,23 @@ def _add_rms_norm_kernel(
 
 
 @triton.jit
+def rounded_silu_mul(gate, up, dtype: tl.constexpr):
+    """SiLU(gate) * up in fp32, rounded to `dtype` where transformers' MLP rounds: the gate and
+    up projections' outputs and SiLU's (the product: the caller's store)."""
+    g = gate.to(dtype).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return silu * up.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
     gate = tl.load(gate_up_ptr + token * 2 * inter + offs, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + token * 2 * inter + inter + offs, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(
-        out_ptr + token * inter + offs,
-        (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype),
-        mask=mask,
-    )
+    product = rounded_silu_mul(gate, up, gate.dtype)
+    tl.store(out_ptr + token * inter + offs, product.to(gate.dtype), mask=mask)
 
 
 @triton.jit

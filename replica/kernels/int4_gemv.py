@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.elementwise import rounded_silu_mul
 from replica.kernels.int4_dequantize import Int4Weight
 from replica.kernels.int4_gemv_rows import group_words, one_token
 from replica.kernels.int4_splitk import nibble_pair, sum_if_last
@@ -172,9 +173,7 @@ def _gemv_outputs(
                 g_lo, g_hi, GROUP, BLOCK_N, GROUPS, TOKENS,
             )  # fmt: skip
     if GATED:
-        gate = total.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        total = silu * up.to(dtype).to(tl.float32)
+        total = rounded_silu_mul(total, up, dtype)
     if ROUTED:
         route = tl.load(route_ptr + out, mask=live, other=0.0)
         total = total.to(dtype).to(tl.float32) * route[:, None]

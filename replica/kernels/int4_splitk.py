@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.elementwise import rounded_silu_mul
 from replica.kernels.int4_dequantize import Int4Weight
 from replica.kernels.int4_ptx import packed_math, ptx_slabs
 from replica.kernels.launch import multiprocessors
@@ -122,6 +123,7 @@ def _splitk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PTX: tl.constexpr,
+    GATED: tl.constexpr,  # rows [gate; up], n the gate's: SiLU(gate) * up (K whole)
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -130,11 +132,19 @@ def _splitk_kernel(
     g_lo = split * span
     g_hi = tl.minimum(g_lo + span, depth // GROUP)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    up = acc
     for g in range(g_lo, g_hi):
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
             features, feature_live, g, depth, GROUP, PTX,
         )  # fmt: skip
+        if GATED:
+            up = group_dots(
+                up, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
+                features + n, feature_live, g, depth, GROUP, PTX,
+            )  # fmt: skip
+    if GATED:
+        acc = rounded_silu_mul(acc, up, x_ptr.dtype.element_ty)
     at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
     if SPLIT_K == 1:
@@ -168,17 +178,19 @@ def splits(programs: int, groups: int, waves: int, device: torch.device) -> int:
     return triton.cdiv(groups, triton.cdiv(groups, split))  # every slice non-empty
 
 
-def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
-    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype (groups of MIN_GROUP or more)."""
+def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile, gated: bool = False) -> Tensor:
+    """x [M, K] @ dequantize(weight).T -> [M, N] in x's dtype (groups of MIN_GROUP or more);
+    `gated`: the weight is [gate; up] and the output SiLU(gate) * up, N half its rows (K then
+    never split: the epilogue needs the whole sums)."""
     m, depth = x.shape
-    n, group = weight.shape[-2], weight.group_size
+    n, group = weight.shape[-2] // (2 if gated else 1), weight.group_size
     if group < MIN_GROUP:
         raise ValueError(f"group {group}: the split-K tile needs groups of {MIN_GROUP} or more")
     if x.stride(-1) != 1:
         x = x.contiguous()
     groups = depth // group
     grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
-    split = splits(grid_n * grid_m, groups, tile.waves, x.device)
+    split = 1 if gated else splits(grid_n * grid_m, groups, tile.waves, x.device)
     span = triton.cdiv(groups, split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     partials, counts = out, out  # unused unless K is split
@@ -188,7 +200,7 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile) -> Tensor:
     _splitk_kernel[(grid_n, grid_m, split)](
         x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
         x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.features, PTX=tile.ptx and packed_math(x, weight), num_warps=tile.warps,
-        num_stages=tile.stages,
+        BLOCK_N=tile.features, PTX=tile.ptx and packed_math(x, weight), GATED=gated,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from replica.kernels.elementwise import rounded_silu_mul
 from replica.kernels.int4_dequantize import Int4Weight
 from replica.kernels.int4_ptx import packed_math
 from replica.kernels.int4_splitk import MIN_GROUP, group_dots
@@ -138,10 +139,7 @@ def _fused_up_kernel(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows + inter,
             col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
         )  # fmt: skip
-        dtype = x_ptr.dtype.element_ty
-        g = gate.to(dtype).to(tl.float32)  # rounded where transformers' linear rounds
-        silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        product = (silu * up.to(dtype).to(tl.float32)).to(dtype)
+        product = rounded_silu_mul(gate, up, x_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty)
         dst = act_ptr + pairs[None, :] * inter + cols[:, None]
         tl.store(dst, product, mask=col_live[:, None] & live[None, :])
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from replica.kernels.elementwise import silu_mul as silu_mul_triton
 from replica.kernels.int4_gemv import w4a16_gemv
+from replica.kernels.int4_splitk import w4a16_splitk
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
 from replica.kernels.moe_route import route_pairs
@@ -29,6 +30,7 @@ from replica.ops.tables import (
     FusedExperts,
     Gemv,
     MoeChoice,
+    SplitK,
     Table,
     moe_table,
 )
@@ -58,11 +60,15 @@ class TritonMLP(TorchMLP):
     linear: TritonLinear
 
     def gated(self, x: Tensor, gate_up: Tensor | PackedInt4) -> Tensor:
-        """A packed gate-up at a few tokens: SiLU(gate) * up fused into its GEMV."""
+        """A packed gate-up at a few tokens: SiLU(gate) * up fused into its GEMV, or into the
+        split-K tile where the table says so."""
         if isinstance(gate_up, PackedInt4):
             choice = self.linear.choose(x.shape[0], gate_up)
             if isinstance(choice, Gemv):
                 return w4a16_gemv(x, gate_up, choice.gated, gated=True)
+            if isinstance(choice, SplitK) and choice.gated:
+                tile = choice.for_rows(gate_up.shape[-2])
+                return w4a16_splitk(x, gate_up, tile, gated=True)
         return super().gated(x, gate_up)
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:

@@ -100,6 +100,7 @@ class SplitK:
 
     tile: SplitKTile
     wide: SplitKTile | None = None  # where the weight has WIDE_ROWS rows or more
+    gated: bool = False  # a dense MLP's gate-up with SiLU * up fused (K whole)
 
     def for_rows(self, rows: int) -> SplitKTile:
         """The tile for a weight of `rows` output features."""
