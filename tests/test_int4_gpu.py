@@ -87,6 +87,13 @@ def test_gated_gemv_fuses_silu_times_up():
         expected = torch.nn.functional.silu(gate) * up
         tile = tables.INT4_LINEAR_NARROW.choose(tokens).gated
         assert rel_error(w4a16_gemv(x, weight, tile, gated=True), expected) < 1e-2, tokens
+    for tokens in (1, 8, 16, 64):  # and fused into the split-K tile, plain and with PTX weights
+        x = torch.randn(tokens, 2560, device="cuda", generator=gen, dtype=torch.bfloat16)
+        gate, up = (x @ dense.t()).chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        for tile in (SplitKTile(16, 128, 4, 3), SplitKTile(64, 64, 4, 3, ptx=True)):
+            ours = w4a16_splitk(x, weight, tile, gated=True)
+            assert rel_error(ours, expected) < 1e-2, (tokens, tile)
 
 
 @gpu
