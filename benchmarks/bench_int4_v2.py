@@ -358,6 +358,9 @@ def parse_args() -> argparse.Namespace:
         "--variants", default="tinygemm", help=f"engines beside the served: of {list(VARIANTS)}"
     )
     parser.add_argument("--with-235b", action="store_true", help="its engine too (an H200)")
+    parser.add_argument(
+        "--decode-only", action="store_true", help="sweeps: decode sizes alone (no prefill)"
+    )
     return parser.parse_args()
 
 
@@ -380,6 +383,8 @@ def main() -> None:
     dense = SMOKE_DENSE if args.smoke else dense_shapes("qwen3-4b-instruct-2507")
     moe = SMOKE_MOE if args.smoke else moe_shape("qwen3-30b-a3b-instruct-2507")
     sizes = SMOKE_SIZES if args.smoke else Sizes()
+    if args.decode_only:
+        sizes = replace(sizes, prefill=())
     if "checks" in parts:
         report["checks"] = run_checks(dense, moe, sizes.checks, device)
         save()
