@@ -59,6 +59,8 @@ F16_SLABS: tl.constexpr = tl.constexpr(slabs_ptx("f16"))
 SLAB_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
 BF16_X8: tl.constexpr = tl.constexpr((tl.bfloat16,) * 8)  # the slabs' dtypes
 F16_X8: tl.constexpr = tl.constexpr((tl.float16,) * 8)
+BF16_C: tl.constexpr = tl.constexpr(HALVES["bf16"][2])
+F16_C: tl.constexpr = tl.constexpr(HALVES["f16"][2])
 
 
 @triton.jit
@@ -68,7 +70,7 @@ def ptx_slabs(words, scale, zero, dtype: tl.constexpr):
     4, 1, 5, 2, 6, 3, 7 (nibble j of word w is the group's column jW + w)."""
     f16: tl.constexpr = dtype == tl.float16
     scale = tl.broadcast_to(scale.to(dtype), words.shape)
-    negzero = ((-1024.0 if f16 else -128.0) - zero.to(tl.float32)).to(dtype)
+    negzero = (-(zero.to(tl.float32) + (F16_C if f16 else BF16_C))).to(dtype)
     negzero = tl.broadcast_to(negzero, words.shape)
     return tl.inline_asm_elementwise(
         F16_SLABS if f16 else BF16_SLABS,
