@@ -139,7 +139,8 @@ def _fused_up_kernel(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows + inter,
             col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
         )  # fmt: skip
-        product = rounded_silu_mul(gate, up, x_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty)
+        dtype = x_ptr.dtype.element_ty
+        product = rounded_silu_mul(gate, up, dtype).to(dtype)
         dst = act_ptr + pairs[None, :] * inter + cols[:, None]
         tl.store(dst, product, mask=col_live[:, None] & live[None, :])
 
