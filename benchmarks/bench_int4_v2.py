@@ -12,14 +12,17 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
   prefill sizes eager): bf16, the served table (`served`) and each split-K tile, at one token
   the served GEMV tile and its prefetching twin (`gemv_*p`), torch's int4 matmul
   (`tinygemm`), GemLite; gate_up also with SiLU(gate) * up as the MLP runs it (`*_mlp`);
-  the 30B's experts: the served table against the fused kernel's tiles;
+  the 30B's experts: the served table against the fused kernel's tiles, and at decode sizes
+  the layer routed in one launch (`served_fused_route`, `bf16_fused_route`) and each routing
+  alone (`route`, `route_fused`);
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served paths over the
   faster peer (tinygemm, GemLite), gate_up with SiLU(gate) * up on both sides;
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
   projection; `*_deep_only`: one token without the shallow-K tile; `*_ptx`: every split-K and
   fused tile's weights made in packed 16-bit PTX, `*_ptx_one_token` one token too, through
-  them), via benchmarks.bench_int4's `measure`.
+  them; `*_fused_route`: a decode step's MoE routing in one launch, bf16 rebuilt with it and
+  each ratio over that bf16), via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
@@ -55,9 +58,10 @@ from benchmarks.int4_tiles import (
     one_token_gemvs,
     splitk_tiles,
 )
-from benchmarks.int4_variants import VARIANTS
+from benchmarks.int4_variants import BOTH_DTYPES, VARIANTS, fused_routes
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_splitk import w4a16_splitk
+from replica.kernels.moe_route import FUSED_MAX_TOKENS
 from replica.loading.source import VENDORED_CONFIGS, resolve
 from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMLP, TritonMoE
@@ -193,6 +197,7 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
     gate_up, down = copy()
     wide = replace(layer, gate_up=gate_up, down=down)
     rows, moe = [], TritonMoE()
+    one_launch = TritonMoE(routes=fused_routes)
     for tokens in sizes.decode + sizes.prefill:
         x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
         decode = tokens in sizes.decode
@@ -202,6 +207,11 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
         row["bf16"] = time_us(partial(moe, x, wide, decode))
         if not decode:
             row["dequantize_alone"] = time_us(copy)
+        if decode and tokens <= FUSED_MAX_TOKENS:  # routing in one launch, and alone
+            row["served_fused_route"] = time_us(partial(one_launch, x, layer, decode))
+            row["bf16_fused_route"] = time_us(partial(one_launch, x, wide, decode))
+            row["route"] = time_us(partial(moe.route, x, layer))
+            row["route_fused"] = time_us(partial(one_launch.route, x, layer))
         narrow = FUSED_NARROW_TILES if tokens * top_k <= experts else []
         for t in FUSED_TILES + narrow + ([] if decode else FUSED_PREFILL_TILES):
             row[fused_name(t)] = time_us(partial(moe.run, x, layer, tables.FusedExperts(t)))
@@ -233,9 +243,12 @@ def engines(
         run("int4", "int4")
         report.update(ratios(runs["bf16"], runs["int4"], name))
         for variant in filter(None, args.variants.split(",")):
+            baseline = f"bf16_{variant}" if variant in BOTH_DTYPES else "bf16"
             with VARIANTS[variant]():
+                if variant in BOTH_DTYPES:
+                    run(baseline, None)
                 run(f"int4_{variant}", "int4")
-            variant_ratios = ratios(runs["bf16"], runs[f"int4_{variant}"], name)
+            variant_ratios = ratios(runs[baseline], runs[f"int4_{variant}"], name)
             report.update({f"{k}_{variant}": v for k, v in variant_ratios.items()})
         print({k: v for k, v in report.items() if k.startswith(name)}, flush=True)
         save()

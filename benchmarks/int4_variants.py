@@ -9,6 +9,7 @@ from functools import partial
 from unittest import mock
 
 from replica.kernels.int4_gemv import GemvTile
+from replica.kernels.moe_route import FUSED_MAX_TOKENS
 from replica.ops import tables
 from replica.ops.tables import Table
 
@@ -117,10 +118,25 @@ def prefetch():
     )
 
 
+def fused_routes() -> Table:
+    """The routing table with a decode step's tokens routed in one launch (replica.kernels.
+    moe_route)."""
+    entry = tables.Entry(FUSED_MAX_TOKENS, tables.Route(fused=True), "measured here")
+    return replace(tables.MOE_ROUTE, entries=(entry, *tables.MOE_ROUTE.entries))
+
+
+def fused_route():
+    """Engines built inside route in one launch: bf16's and int4's alike, so the benchmark
+    builds both inside."""
+    return serving(MOE_ROUTE=fused_routes())
+
+
 VARIANTS = {
     "prefetch": prefetch,
     "tinygemm": tinygemm_layouts,
     "deep_only": deep_only,
     "ptx": ptx_weights,
     "ptx_one_token": partial(ptx_weights, one_token=True),
+    "fused_route": fused_route,
 }
+BOTH_DTYPES = {"fused_route"}  # variants of kernels bf16 runs too: its engine rebuilt inside

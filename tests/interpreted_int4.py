@@ -205,3 +205,61 @@ def spread_routing() -> None:
     with mock.patch.object(mlp, "route", lambda x, moe: route(routing_rows(x), moe)):
         expected = moe_reference(x, layer)
     close_in_scale(out.view(tokens, top_k, hidden).sum(1), expected)
+
+
+def assert_same_routing(fused, plain) -> None:
+    """The one-launch routing's pairs are the plain routing's, filed in token order."""
+    assert torch.equal(fused.experts, plain.experts), (fused.experts, plain.experts)
+    torch.testing.assert_close(fused.weights, plain.weights, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fused.counts, plain.counts)
+    for e, count in enumerate(fused.counts.tolist()):
+        filed = fused.bucket[e, :count]
+        assert torch.equal(filed, plain.bucket[e, :count].sort().values), e
+        assert torch.equal(fused.experts[filed.long()], torch.full_like(filed, e))
+
+
+def fused_routing() -> None:
+    """The one-launch routing against the router's GEMM and a program a token: the same
+    weights and experts, every expert's pairs filed in token order, counts written without a
+    memset, the ticket back at zero so the next call (a graph's next replay) routes too.
+    Experts past a multiple of 16, a padded top-k, 1 to 40 tokens, 1 to 8 slices of hidden;
+    then TritonMoE through a table that asks for it, which routes 16-bit states alone so."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from replica.kernels.moe_route import fused_slices, route_pairs
+    from replica.ops import feed_forward, tables
+    from replica.ops.feed_forward import TritonMoE
+
+    for experts, hidden, top_k, tokens, dtype in (
+        (20, 64, 3, 1, torch.float32),
+        (20, 256, 2, 5, torch.float32),
+        (64, 512, 4, 40, torch.float32),
+    ):  # 16-bit states on the GPU alone (tests/test_int4_gpu.py): the interpreter's bf16 dot
+        router = torch.randn(experts, hidden).to(dtype)
+        counts = torch.full((experts,), 7, dtype=torch.int32)  # stale: the kernel writes them
+        ticket = torch.zeros(1, dtype=torch.int32)
+        assert fused_slices(hidden) == min(hidden // 64, 8)
+        for _ in range(2):
+            x = torch.randn(tokens, hidden).to(dtype)
+            plain = route_pairs(x, router, top_k, True, torch.empty_like(counts))
+            fused = route_pairs(x, router, top_k, True, counts, ticket)
+            assert ticket.item() == 0
+            assert_same_routing(fused, plain)
+
+    layer = packed_experts(16, 128, 32, 2)
+    layer = replace(layer, router=layer.router.bfloat16())
+    fused_table = tables.Table(
+        "fused", "tokens", (tables.Entry(float("inf"), tables.Route(True), "t"),)
+    )
+    moe, tickets = TritonMoE(routes=lambda: fused_table), []
+
+    def spy(*args):
+        tickets.append(args[5] is not None)
+        return route_pairs(*args)
+
+    with mock.patch.object(feed_forward, "route_pairs", spy):
+        for tokens, dtype in ((3, torch.bfloat16), (3, torch.float32), (65, torch.bfloat16)):
+            routing = moe.route(torch.randn(tokens, 128).to(dtype), layer)
+            assert moe.expert_counts(layer).sum().item() == tokens * 2 == routing.experts.numel()
+    assert tickets == [True, False, False]  # fp32 states and 65 tokens: three launches

@@ -266,6 +266,7 @@ CHECKS = {
     "one_token_gemv": interpreted_int4.one_token_gemv,
     "moe_fused": interpreted_int4.moe_fused,
     "spread_routing": interpreted_int4.spread_routing,
+    "fused_routing": interpreted_int4.fused_routing,
 }
 
 if __name__ == "__main__":

@@ -186,3 +186,31 @@ def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
         pairs, up=replace(pairs.up, prefetch=True), down=replace(pairs.down, prefetch=True)
     )
     assert torch.equal(TritonMoE().run(x, moe, ahead), TritonMoE().run(x, moe, pairs))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_launch_routing_routes_as_the_plain_one_in_a_graph(dtype: torch.dtype):
+    """The 30B's and the 235B's routers, 1 to 64 tokens, the routing captured in a CUDA graph
+    and replayed on new states: each replay's pairs are the plain routing's."""
+    from replica.kernels.moe_route import route_pairs
+    from tests.interpreted_int4 import assert_same_routing
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for hidden in (2048, 4096):
+        router = torch.randn(128, hidden, device="cuda", generator=gen).to(dtype)
+        counts = torch.zeros(128, dtype=torch.int32, device="cuda")
+        ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for tokens in (1, 8, 16, 64):
+            x = torch.empty(tokens, hidden, device="cuda", dtype=dtype)
+            route_pairs(x.normal_(generator=gen), router, 8, True, counts, ticket)  # compiled
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fused = route_pairs(x, router, 8, True, counts, ticket)
+            for _ in range(2):
+                x.normal_(generator=gen)
+                graph.replay()
+                plain = route_pairs(x, router, 8, True, torch.empty_like(counts))
+                assert_same_routing(fused, plain)
+            assert ticket.item() == 0

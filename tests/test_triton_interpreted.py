@@ -23,6 +23,7 @@ pytest.importorskip("triton")
         "one_token_gemv",
         "moe_fused",
         "spread_routing",
+        "fused_routing",
     ],
 )
 def test_kernel_matches_its_reference_in_the_interpreter(check: str, interpreted_runs):

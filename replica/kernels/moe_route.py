@@ -1,5 +1,13 @@
-"""The fused MoE's routing on CUDA: a program per token files its top-k (token, expert) pairs
-in per-expert buckets, for the expert kernels of replica.kernels.moe."""
+"""The fused MoE's routing on CUDA: each token's top-k (token, expert) pairs, filed in
+per-expert buckets for the expert kernels of replica.kernels.moe. Two ways (`route_pairs`):
+
+- without a ticket: the router's GEMM (cuBLAS), counts zeroed, then a program a token that
+  files its pairs by atomics on the counts: three launches;
+- with a ticket (at most `FUSED_MAX_TOKENS` tokens, a decode step's): one launch. Each program
+  takes `ROUTER_ROWS` experts' logits over a slice of the hidden size; the program that
+  finishes last (it draws the last ticket) sums the slices in a fixed order, takes every
+  token's top-k and files the pairs in token order, so the counts need no memset and the
+  buckets no atomics."""
 
 from __future__ import annotations
 
@@ -9,6 +17,39 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+FUSED_MAX_TOKENS = 64
+ROUTER_ROWS = 16  # experts a program of the fused routing takes (tl.dot's least width)
+HIDDEN_STEP = 64
+MAX_SLICES = 8  # of the hidden size: 8 x 8 programs for 128 experts
+
+
+@triton.jit
+def _softmax_top_k(
+    logits,  # [ROWS, BLOCK_E] fp32, -inf past the experts
+    experts,  # [BLOCK_E]
+    num_experts,
+    ROWS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """([ROWS, BLOCK_K] routing weights, [ROWS, BLOCK_K] experts): each row's softmax, its
+    TOP_K most probable experts in order, renormalised when NORMALIZE."""
+    probs = tl.exp(logits - tl.max(logits, 1)[:, None])
+    probs = probs / tl.sum(probs, 1)[:, None]
+    choices = tl.arange(0, BLOCK_K)[None, :]
+    top_ids = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
+    top_probs = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    remaining = tl.where(experts[None, :] < num_experts, probs, -1.0)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, 1)
+        top_ids = tl.where(choices == j, best[:, None], top_ids)
+        top_probs = tl.where(choices == j, tl.max(remaining, 1)[:, None], top_probs)
+        remaining = tl.where(experts[None, :] == best[:, None], -1.0, remaining)
+    if NORMALIZE:
+        top_probs = top_probs / tl.sum(top_probs, 1)[:, None]
+    return top_probs, top_ids
 
 
 @triton.jit
@@ -28,29 +69,111 @@ def _route_kernel(
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     logits = tl.load(
-        logits_ptr + token * num_experts + experts,
-        mask=experts < num_experts,
+        logits_ptr + token * num_experts + experts[None, :],
+        mask=experts[None, :] < num_experts,
         other=-float("inf"),
     )
-    probs = tl.exp(logits - tl.max(logits, 0))
-    probs = probs / tl.sum(probs, 0)
-    choices = tl.arange(0, BLOCK_K)
-    top_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    top_probs = tl.zeros([BLOCK_K], dtype=tl.float32)
-    remaining = tl.where(experts < num_experts, probs, -1.0)
-    for j in tl.static_range(TOP_K):
-        best = tl.argmax(remaining, 0)
-        top_ids = tl.where(choices == j, best, top_ids)
-        top_probs = tl.where(choices == j, tl.max(remaining, 0), top_probs)
-        remaining = tl.where(experts == best, -1.0, remaining)
-    if NORMALIZE:
-        top_probs = top_probs / tl.sum(top_probs, 0)
+    top_probs, top_ids = _softmax_top_k(logits, experts, num_experts, 1, TOP_K, NORMALIZE, BLOCK_K)
+    choices = tl.arange(0, BLOCK_K)[None, :]
     live = choices < TOP_K
     pairs = token * TOP_K + choices
     tl.store(weights_ptr + pairs, top_probs, mask=live)
     tl.store(experts_ptr + pairs, top_ids, mask=live)
     place = tl.atomic_add(counts_ptr + top_ids, 1, mask=live)
     tl.store(bucket_ptr + top_ids.to(tl.int64) * bucket_stride + place, pairs, mask=live)
+
+
+@triton.jit
+def _fused_route_kernel(
+    x_ptr,  # [tokens, hidden], 16-bit
+    router_ptr,  # [experts, hidden]
+    slices_ptr,  # [SLICES, BLOCK_T, BLOCK_E] fp32 scratch: each slice's logits
+    ticket_ptr,  # [1] int32, zero between calls
+    weights_ptr,
+    experts_ptr,
+    counts_ptr,
+    bucket_ptr,
+    tokens,
+    num_experts,
+    hidden,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SLICES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    STEP: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    part = tl.program_id(1)
+    toks = tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, STEP)
+    width = hidden // SLICES
+    x_rows = x_ptr + toks[:, None] * hidden + part * width + ks[None, :]
+    w_rows = router_ptr + rows[:, None].to(tl.int64) * hidden + part * width + ks[None, :]
+    acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
+    for k in range(0, width, STEP):
+        x = tl.load(x_rows + k, mask=toks[:, None] < tokens, other=0.0)
+        w = tl.load(w_rows + k, mask=rows[:, None] < num_experts, other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :], acc)
+    tl.debug_barrier()  # every thread's logits stored before the ticket releases them
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        tl.store(ticket_ptr, 0)
+        _file_pairs(
+            slices_ptr, weights_ptr, experts_ptr, counts_ptr, bucket_ptr, tokens, num_experts,
+            TOP_K, NORMALIZE, SLICES, BLOCK_T, BLOCK_E, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _file_pairs(
+    slices_ptr,
+    weights_ptr,
+    experts_ptr,
+    counts_ptr,
+    bucket_ptr,
+    tokens,
+    num_experts,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SLICES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The last program: every token's top-k from the slices' logits, its pairs filed in token
+    order (a pair's place is the pairs of earlier tokens its expert took), and the counts."""
+    toks = tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for part in tl.static_range(SLICES):  # L2 reads (.cg): other programs wrote them
+        src = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + experts[None, :]
+        logits += tl.load(src, cache_modifier=".cg")
+    logits = tl.where(experts[None, :] < num_experts, logits, -float("inf"))
+    top_probs, top_ids = _softmax_top_k(
+        logits, experts, num_experts, BLOCK_T, TOP_K, NORMALIZE, BLOCK_K
+    )
+    choices = tl.arange(0, BLOCK_K)[None, :]
+    live = (toks[:, None] < tokens) & (choices < TOP_K)
+    taken = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)  # 1 where a token took an expert
+    for j in tl.static_range(TOP_K):
+        chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
+        taken += (experts[None, :] == chosen[:, None]).to(tl.int32)
+    taken = tl.where(toks[:, None] < tokens, taken, 0)
+    earlier = tl.cumsum(taken, 0) - taken
+    places = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
+        place = tl.sum(tl.where(experts[None, :] == chosen[:, None], earlier, 0), 1)
+        places = tl.where(choices == j, place[:, None], places)
+    pairs = toks[:, None] * TOP_K + choices
+    tl.store(weights_ptr + pairs, top_probs, mask=live)
+    tl.store(experts_ptr + pairs, top_ids, mask=live)
+    tl.store(bucket_ptr + top_ids * tokens + places, pairs, mask=live)
+    tl.store(counts_ptr + experts, tl.sum(taken, 0), mask=experts < num_experts)
 
 
 @dataclass(frozen=True)
@@ -73,29 +196,58 @@ def router_logits(x: Tensor, router: Tensor) -> Tensor:
     return torch.nn.functional.linear(x.float(), router.float())
 
 
-def route_pairs(x: Tensor, router: Tensor, top_k: int, normalize: bool, counts: Tensor) -> Routing:
+def fused_slices(hidden: int) -> int:
+    """The hidden size's slices in the fused routing (0: it cannot take this size)."""
+    for slices in (MAX_SLICES, 4, 2, 1):
+        if hidden % (slices * HIDDEN_STEP) == 0:
+            return slices
+    return 0
+
+
+def route_pairs(
+    x: Tensor,
+    router: Tensor,
+    top_k: int,
+    normalize: bool,
+    counts: Tensor,
+    ticket: Tensor | None = None,
+) -> Routing:
     """Routes x [T, hidden] over the router [experts, hidden]: softmax, top-k (renormalised when
-    `normalize`), each pair filed in its expert's bucket. `counts` [experts] int32 is zeroed and
-    written (the caller's buffer: a CUDA graph writes the same one every replay)."""
+    `normalize`), each pair filed in its expert's bucket. `counts` [experts] int32 is written
+    (the caller's buffer: a CUDA graph writes the same one every replay). A `ticket` ([1] int32,
+    zero, the caller's too) routes in one launch: the caller checks `fused_slices` and
+    `FUSED_MAX_TOKENS` first."""
     tokens = x.shape[0]
     experts = router.shape[0]
     pairs = tokens * top_k
-    counts.zero_()
     bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
     weights = torch.empty(pairs, dtype=torch.float32, device=x.device)
     pair_experts = torch.empty(pairs, dtype=torch.int32, device=x.device)
-    _route_kernel[(tokens,)](
-        router_logits(x, router),
-        weights,
-        pair_experts,
-        counts,
-        bucket,
-        experts,
-        tokens,
-        TOP_K=top_k,
-        NORMALIZE=normalize,
-        BLOCK_E=triton.next_power_of_2(experts),
-        BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=4,
-    )
+    outputs = (weights, pair_experts, counts, bucket)
+    shape = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_K=triton.next_power_of_2(top_k))
+    if ticket is None:
+        counts.zero_()
+        logits = router_logits(x, router)
+        block_e = triton.next_power_of_2(experts)
+        _route_kernel[(tokens,)](
+            logits, *outputs, experts, tokens, BLOCK_E=block_e, **shape, num_warps=4
+        )
+    else:
+        _fused_route(x, router, ticket, outputs, shape)
     return Routing(weights, pair_experts, counts, bucket, top_k)
+
+
+def _fused_route(
+    x: Tensor, router: Tensor, ticket: Tensor, outputs: tuple[Tensor, ...], shape: dict
+) -> None:
+    tokens, hidden = x.shape
+    experts = router.shape[0]
+    slices = fused_slices(hidden)
+    block_t = max(16, triton.next_power_of_2(tokens))
+    block_e = max(ROUTER_ROWS, triton.next_power_of_2(experts))
+    scratch = torch.empty(slices, block_t, block_e, dtype=torch.float32, device=x.device)
+    _fused_route_kernel[(triton.cdiv(experts, ROUTER_ROWS), slices)](
+        x, router, scratch, ticket, *outputs, tokens, experts, hidden,
+        SLICES=slices, BLOCK_T=block_t, BLOCK_E=block_e, ROWS=ROUTER_ROWS, STEP=HIDDEN_STEP,
+        **shape, num_warps=4,
+    )  # fmt: skip

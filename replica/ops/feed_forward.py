@@ -20,7 +20,7 @@ from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import w4a16_splitk
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
-from replica.kernels.moe_route import route_pairs
+from replica.kernels.moe_route import FUSED_MAX_TOKENS, Routing, fused_slices, route_pairs
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
 from replica.ops.packed import PackedInt4
@@ -30,9 +30,11 @@ from replica.ops.tables import (
     FusedExperts,
     Gemv,
     MoeChoice,
+    Route,
     SplitK,
     Table,
     moe_table,
+    route_table,
 )
 
 
@@ -89,10 +91,12 @@ class TritonMoE(TorchMoE):
         self,
         tables: Callable[[int | None, bool], Table[MoeChoice]] = moe_table,
         dequantized_bytes: int = DEQUANTIZED_BYTES,
+        routes: Callable[[], Table[Route]] = route_table,
     ) -> None:
         self.tables = tables
         self.dequantized_bytes = dequantized_bytes
-        self._counts: dict[int, tuple[SparseMoE, Tensor]] = {}
+        self.routes = routes
+        self._buffers: dict[int, tuple[SparseMoE, Tensor, Tensor]] = {}
 
     def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
         """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
@@ -102,8 +106,7 @@ class TritonMoE(TorchMoE):
 
     def run(self, x: Tensor, moe: SparseMoE, choice: MoeChoice) -> Tensor:
         """The layer through the kernels `choice` names."""
-        counts = self.expert_counts(moe)
-        routing = route_pairs(x, moe.router, moe.top_k, moe.norm_topk_prob, counts)
+        routing = self.route(x, moe)
         if isinstance(choice, FusedExperts):
             assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
             return experts_fused(x, moe.gate_up, moe.down, routing, choice.tile)
@@ -119,15 +122,31 @@ class TritonMoE(TorchMoE):
             )
         return experts_tiled(x, moe.gate_up, moe.down, routing, (choice.up, choice.down))
 
+    def route(self, x: Tensor, moe: SparseMoE) -> Routing:
+        """x's pairs, in one launch where the routing table says so and the kernel can."""
+        _, counts, ticket = self._layer_buffers(moe)
+        fused = self.routes().choose(x.shape[0]).fused
+        fused = fused and x.shape[0] <= FUSED_MAX_TOKENS and x.dtype != torch.float32
+        fused = fused and fused_slices(x.shape[1]) > 0
+        return route_pairs(
+            x, moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket if fused else None
+        )
+
     def expert_counts(self, moe: SparseMoE) -> Tensor:
         """[experts] int32: the pairs each expert of this layer took in its last call (the
-        benchmark counts the experts a step touched). Made on the layer's first call, before any
-        capture, so every CUDA graph writes this one buffer."""
-        held = self._counts.get(id(moe))
+        benchmark counts the experts a step touched)."""
+        return self._layer_buffers(moe)[1]
+
+    def _layer_buffers(self, moe: SparseMoE) -> tuple[SparseMoE, Tensor, Tensor]:
+        """(the layer, its counts, its routing ticket): made on the layer's first call, before
+        any capture, so every CUDA graph writes these buffers."""
+        held = self._buffers.get(id(moe))
         if held is None:
-            counts = torch.zeros(moe.num_experts, dtype=torch.int32, device=moe.router.device)
-            held = self._counts[id(moe)] = (moe, counts)  # the layer held: its id stays its own
-        return held[1]
+            device = moe.router.device
+            counts = torch.zeros(moe.num_experts, dtype=torch.int32, device=device)
+            ticket = torch.zeros(1, dtype=torch.int32, device=device)
+            held = self._buffers[id(moe)] = (moe, counts, ticket)  # the layer held: its id stays
+        return held
 
 
 def packed_group(moe: SparseMoE) -> int | None:

@@ -14,6 +14,8 @@ the benchmark named, then change an entry and its citation together.
   dequantized copy, whose scratch would stay in the graph's pool.
 - torch's int4 matmul (replica.ops.tinygemm) has no entry: it would own the layout of a weight
   converted for it, and its prefill is 17x the dequantized copy's (PERF.md, issue 36).
+- `MOE_ROUTE`: the MoE's routing by token count: the router's GEMM and a program a token, or
+  one launch (replica.kernels.moe_route).
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
 
 Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
@@ -297,6 +299,24 @@ def moe_table(group_size: int | None, decode: bool) -> Table[MoeChoice]:
     if group_size >= MIN_GROUP:
         return MOE_PACKED_DECODE if decode else MOE_PACKED_PREFILL
     return MOE_NARROW_DECODE if decode else MOE_NARROW_PREFILL
+
+
+@dataclass(frozen=True)
+class Route:
+    """The MoE's routing: `fused` in one launch (the router's GEMM, softmax, top-k and buckets;
+    16-bit activations, at most moe_route.FUSED_MAX_TOKENS tokens), else three."""
+
+    fused: bool
+
+
+MOE_ROUTE: Table[Route] = Table(
+    "MoE routing", "tokens", (Entry(math.inf, Route(fused=False), MOE_TUNED),)
+)
+
+
+def route_table() -> Table[Route]:
+    """Read when called, so a benchmark's patched table serves."""
+    return MOE_ROUTE
 
 
 # The layer's elementwise kernels.
