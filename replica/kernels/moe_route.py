@@ -117,7 +117,8 @@ def _fused_route_kernel(
         x = tl.load(x_rows + k, mask=toks[:, None] < tokens, other=0.0)
         w = tl.load(w_rows + k, mask=rows[:, None] < num_experts, other=0.0)
         acc += tl.dot(x, tl.trans(w))
-    tl.store(slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :], acc)
+    dst = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :]
+    tl.store(dst, acc, mask=toks[:, None] < tokens)
     tl.debug_barrier()  # every thread's logits stored before the ticket releases them
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
@@ -151,7 +152,7 @@ def _file_pairs(
     logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for part in tl.static_range(SLICES):  # L2 reads (.cg): other programs wrote them
         src = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + experts[None, :]
-        logits += tl.load(src, cache_modifier=".cg")
+        logits += tl.load(src, mask=toks[:, None] < tokens, other=0.0, cache_modifier=".cg")
     logits = tl.where(experts[None, :] < num_experts, logits, -float("inf"))
     top_probs, top_ids = _softmax_top_k(
         logits, experts, num_experts, BLOCK_T, TOP_K, NORMALIZE, BLOCK_K
