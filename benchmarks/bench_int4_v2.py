@@ -342,9 +342,10 @@ def main() -> None:
         report["checks"] = run_checks(dense, moe, sizes.checks, device)
         save()
     if "sweep" in parts:
-        sweep = dense_sweep(dense, clock, device, sizes, not args.no_gemlite)
-        report["peer_ratio"] = peer_ratio(sweep["dense_us"])
-        report["sweep"] = {**sweep, "moe_us": moe_sweep(moe, clock, device, sizes)}
+        report["sweep"] = dense_sweep(dense, clock, device, sizes, not args.no_gemlite)
+        report["peer_ratio"] = peer_ratio(report["sweep"]["dense_us"])
+        save()
+        report["sweep"]["moe_us"] = moe_sweep(moe, clock, device, sizes)
         save()
     if "moe" in parts and "sweep" not in parts:  # the experts' sweep alone (`sweep` has it)
         report["sweep"] = {"moe_us": moe_sweep(moe, clock, device, sizes)}
