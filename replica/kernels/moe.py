@@ -1,8 +1,8 @@
 """The fused Qwen3-MoE layer on CUDA: routing and a grouped expert GEMM in Triton kernels.
 
-1. `replica.kernels.moe_route`, a program per token: softmax over the router's logits, top-k, renormalise,
-   then file the token's k (token, expert) pairs in per-expert buckets (an atomic counter per
-   expert gives each pair its place).
+1. `replica.kernels.moe_route`: softmax over the router's logits, top-k, renormalise, then file
+   each token's k (token, expert) pairs in per-expert buckets (a program a token and an atomic
+   counter per expert, or one launch for a decode step's tokens).
 2. `_expert_up_kernel`, a program per (block of intermediate columns, expert): that expert's
    bucketed tokens, BLOCK_M at a time, times its gate and up rows, SiLU(gate) * up fused.
 3. `_expert_down_kernel`, a program per (block of hidden columns, expert): the down projection,
