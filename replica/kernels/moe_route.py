@@ -84,6 +84,37 @@ def _route_kernel(
 
 
 @triton.jit
+def _store_logit_slice(
+    x_ptr,
+    router_ptr,
+    slices_ptr,
+    tokens,
+    num_experts,
+    hidden,
+    SLICES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ROWS: tl.constexpr,
+    STEP: tl.constexpr,
+):
+    """This program's ROWS experts' logits over its slice of the hidden size, every token's."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    part = tl.program_id(1)
+    toks = tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, STEP)
+    width = hidden // SLICES
+    x_rows = x_ptr + toks[:, None] * hidden + part * width + ks[None, :]
+    w_rows = router_ptr + rows[:, None].to(tl.int64) * hidden + part * width + ks[None, :]
+    acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
+    for k in range(0, width, STEP):
+        x = tl.load(x_rows + k, mask=toks[:, None] < tokens, other=0.0)
+        w = tl.load(w_rows + k, mask=rows[:, None] < num_experts, other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    dst = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :]
+    tl.store(dst, acc, mask=toks[:, None] < tokens)
+
+
+@triton.jit
 def _fused_route_kernel(
     x_ptr,  # [tokens, hidden], 16-bit
     router_ptr,  # [experts, hidden]
@@ -99,82 +130,51 @@ def _fused_route_kernel(
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
     SLICES: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # the slices' token rows (16 or more: tl.dot's)
+    FILE_T: tl.constexpr,  # the last program's (the tokens' power of two)
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROWS: tl.constexpr,
     STEP: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    part = tl.program_id(1)
-    toks = tl.arange(0, BLOCK_T)
-    ks = tl.arange(0, STEP)
-    width = hidden // SLICES
-    x_rows = x_ptr + toks[:, None] * hidden + part * width + ks[None, :]
-    w_rows = router_ptr + rows[:, None].to(tl.int64) * hidden + part * width + ks[None, :]
-    acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
-    for k in range(0, width, STEP):
-        x = tl.load(x_rows + k, mask=toks[:, None] < tokens, other=0.0)
-        w = tl.load(w_rows + k, mask=rows[:, None] < num_experts, other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    dst = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :]
-    tl.store(dst, acc, mask=toks[:, None] < tokens)
+    _store_logit_slice(
+        x_ptr, router_ptr, slices_ptr, tokens, num_experts, hidden,
+        SLICES, BLOCK_T, BLOCK_E, ROWS, STEP,
+    )  # fmt: skip
     tl.debug_barrier()  # every thread's logits stored before the ticket releases them
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        # The last program: every token's top-k from the slices' logits, its pairs filed in
+        # token order (a pair's place: the pairs of earlier tokens its expert took), the counts
         tl.store(ticket_ptr, 0)
-        _file_pairs(
-            slices_ptr, weights_ptr, experts_ptr, counts_ptr, bucket_ptr, tokens, num_experts,
-            TOP_K, NORMALIZE, SLICES, BLOCK_T, BLOCK_E, BLOCK_K,
-        )  # fmt: skip
-
-
-@triton.jit
-def _file_pairs(
-    slices_ptr,
-    weights_ptr,
-    experts_ptr,
-    counts_ptr,
-    bucket_ptr,
-    tokens,
-    num_experts,
-    TOP_K: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    SLICES: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """The last program: every token's top-k from the slices' logits, its pairs filed in token
-    order (a pair's place is the pairs of earlier tokens its expert took), and the counts."""
-    toks = tl.arange(0, BLOCK_T)
-    experts = tl.arange(0, BLOCK_E)
-    logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for part in tl.static_range(SLICES):  # L2 reads (.cg): other programs wrote them
-        src = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + experts[None, :]
-        logits += tl.load(src, mask=toks[:, None] < tokens, other=0.0, cache_modifier=".cg")
-    logits = tl.where(experts[None, :] < num_experts, logits, -float("inf"))
-    top_probs, top_ids = _softmax_top_k(
-        logits, experts, num_experts, BLOCK_T, TOP_K, NORMALIZE, BLOCK_K
-    )
-    choices = tl.arange(0, BLOCK_K)[None, :]
-    live = (toks[:, None] < tokens) & (choices < TOP_K)
-    taken = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)  # 1 where a token took an expert
-    for j in tl.static_range(TOP_K):
-        chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
-        taken += (experts[None, :] == chosen[:, None]).to(tl.int32)
-    taken = tl.where(toks[:, None] < tokens, taken, 0)
-    earlier = tl.cumsum(taken, 0) - taken
-    places = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
-        place = tl.sum(tl.where(experts[None, :] == chosen[:, None], earlier, 0), 1)
-        places = tl.where(choices == j, place[:, None], places)
-    pairs = toks[:, None] * TOP_K + choices
-    tl.store(weights_ptr + pairs, top_probs, mask=live)
-    tl.store(experts_ptr + pairs, top_ids, mask=live)
-    tl.store(bucket_ptr + top_ids * tokens + places, pairs, mask=live)
-    tl.store(counts_ptr + experts, tl.sum(taken, 0), mask=experts < num_experts)
+        toks = tl.arange(0, FILE_T)
+        experts = tl.arange(0, BLOCK_E)
+        logits = tl.zeros([FILE_T, BLOCK_E], dtype=tl.float32)
+        for part in tl.static_range(SLICES):  # L2 reads (.cg): other programs wrote them
+            src = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + experts[None, :]
+            logits += tl.load(src, mask=toks[:, None] < tokens, other=0.0, cache_modifier=".cg")
+        logits = tl.where(experts[None, :] < num_experts, logits, -float("inf"))
+        top_probs, top_ids = _softmax_top_k(
+            logits, experts, num_experts, FILE_T, TOP_K, NORMALIZE, BLOCK_K
+        )
+        choices = tl.arange(0, BLOCK_K)[None, :]
+        live = (toks[:, None] < tokens) & (choices < TOP_K)
+        taken = tl.zeros([FILE_T, BLOCK_E], dtype=tl.int32)  # 1 where a token took an expert
+        for j in tl.static_range(TOP_K):
+            chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
+            taken += (experts[None, :] == chosen[:, None]).to(tl.int32)
+        taken = tl.where(toks[:, None] < tokens, taken, 0)
+        earlier = tl.cumsum(taken, 0) - taken
+        places = tl.zeros([FILE_T, BLOCK_K], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            chosen = tl.sum(tl.where(choices == j, top_ids, 0), 1)
+            place = tl.sum(tl.where(experts[None, :] == chosen[:, None], earlier, 0), 1)
+            places = tl.where(choices == j, place[:, None], places)
+        pairs = toks[:, None] * TOP_K + choices
+        tl.store(weights_ptr + pairs, top_probs, mask=live)
+        tl.store(experts_ptr + pairs, top_ids, mask=live)
+        tl.store(bucket_ptr + top_ids * tokens + places, pairs, mask=live)
+        tl.store(counts_ptr + experts, tl.sum(taken, 0), mask=experts < num_experts)
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,6 @@ def _fused_route(
     scratch = torch.empty(slices, block_t, block_e, dtype=torch.float32, device=x.device)
     _fused_route_kernel[(triton.cdiv(experts, ROUTER_ROWS), slices)](
         x, router, scratch, ticket, *outputs, tokens, experts, hidden,
-        SLICES=slices, BLOCK_T=block_t, BLOCK_E=block_e, ROWS=ROUTER_ROWS, STEP=HIDDEN_STEP,
-        **shape, num_warps=4,
+        SLICES=slices, BLOCK_T=block_t, FILE_T=triton.next_power_of_2(tokens), BLOCK_E=block_e,
+        ROWS=ROUTER_ROWS, STEP=HIDDEN_STEP, **shape, num_warps=4,
     )  # fmt: skip
