@@ -20,9 +20,10 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
   with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
   projection; `*_deep_only`: one token without the shallow-K tile; `*_ptx`: every split-K and
-  fused tile's weights made in packed 16-bit PTX, `*_ptx_one_token` one token too, through
-  them; `*_fused_route`: a decode step's MoE routing in one launch, bf16 rebuilt with it and
-  each ratio over that bf16), via benchmarks.bench_int4's `measure`.
+  fused tile's weights made in packed 16-bit PTX, `*_plain` without it, `*_ptx_one_token` one
+  token too, through them; `*_fused_route` / `*_three_launch_route`: every decode step's MoE
+  routing in one launch where it can / in three, bf16 rebuilt with it and each ratio over that
+  bf16), via benchmarks.bench_int4's `measure`.
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;

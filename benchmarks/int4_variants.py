@@ -66,26 +66,26 @@ def deep_only():
     )
 
 
-def with_ptx(choice: object) -> object:
+def with_weights(choice: object, ptx: bool) -> object:
     """A table's split-K or fused choice with its weights made in packed 16-bit PTX
-    (replica.kernels.int4_ptx); any other choice as it is."""
+    (replica.kernels.int4_ptx) or not; any other choice as it is."""
     if isinstance(choice, tables.SplitK):
-        wide = choice.wide and replace(choice.wide, ptx=True)
-        return replace(choice, tile=replace(choice.tile, ptx=True), wide=wide)
+        wide = choice.wide and replace(choice.wide, ptx=ptx)
+        return replace(choice, tile=replace(choice.tile, ptx=ptx), wide=wide)
     if isinstance(choice, tables.FusedExperts):
-        return tables.FusedExperts(replace(choice.tile, ptx=True))
+        return tables.FusedExperts(replace(choice.tile, ptx=ptx))
     return choice
 
 
-def ptx_weights(one_token: bool = False):
-    """Engines built inside make every split-K and fused tile's weights in packed 16-bit PTX.
-    `one_token`: the smallest sizes too, through the tiles that serve the next ones (a token
-    through the 16-token split-K tile, the 30B's first experts through the 16-row fused tile)
-    instead of the GEMV, and the MLP's SiLU * up fused into the split-K tile as the GEMV fuses
-    it."""
+def made_weights(ptx: bool, one_token: bool = False):
+    """Engines built inside make every split-K and fused tile's weights in packed 16-bit PTX
+    (`ptx`) or without it. `one_token`: the smallest sizes too, through the tiles that serve the
+    next ones (a token through the 16-token split-K tile, the 30B's first experts through the
+    16-row fused tile) instead of the GEMV, and the MLP's SiLU * up fused into the split-K tile
+    as the GEMV fuses it."""
 
     def choice(chosen: object) -> object:
-        chosen = with_ptx(chosen)
+        chosen = with_weights(chosen, ptx)
         fused = one_token and isinstance(chosen, tables.SplitK)
         return replace(chosen, gated=True) if fused else chosen
 
@@ -119,24 +119,30 @@ def prefetch():
 
 
 def fused_routes() -> Table:
-    """The routing table with a decode step's tokens routed in one launch (replica.kernels.
-    moe_route)."""
+    """The routing table with a decode step's tokens, all it can take, routed in one launch
+    (replica.kernels.moe_route)."""
     entry = tables.Entry(FUSED_MAX_TOKENS, tables.Route(fused=True), "measured here")
     return replace(tables.MOE_ROUTE, entries=(entry, *tables.MOE_ROUTE.entries))
 
 
-def fused_route():
-    """Engines built inside route in one launch: bf16's and int4's alike, so the benchmark
-    builds both inside."""
-    return serving(MOE_ROUTE=fused_routes())
+def routes_in(fused: bool):
+    """Engines built inside route every step in one launch where the kernel can (`fused`), or
+    in three: bf16's and int4's alike, so the benchmark builds both inside."""
+    unfused = tables.MOE_ROUTE.entries[-1]
+    return serving(
+        MOE_ROUTE=fused_routes() if fused else replace(tables.MOE_ROUTE, entries=(unfused,))
+    )
 
 
 VARIANTS = {
     "prefetch": prefetch,
     "tinygemm": tinygemm_layouts,
     "deep_only": deep_only,
-    "ptx": ptx_weights,
-    "ptx_one_token": partial(ptx_weights, one_token=True),
-    "fused_route": fused_route,
+    "ptx": partial(made_weights, True),
+    "plain": partial(made_weights, False),
+    "ptx_one_token": partial(made_weights, True, one_token=True),
+    "fused_route": partial(routes_in, True),
+    "three_launch_route": partial(routes_in, False),
 }
-BOTH_DTYPES = {"fused_route"}  # variants of kernels bf16 runs too: its engine rebuilt inside
+# variants of kernels bf16 runs too: its engine rebuilt inside
+BOTH_DTYPES = {"fused_route", "three_launch_route"}

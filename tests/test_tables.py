@@ -120,18 +120,45 @@ def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
                 found.append(choice.tile.ptx)
         return found
 
-    served = (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
+    def inside() -> tuple[tables.Table, ...]:
+        return (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
+
+    served = inside()
+    served_ptx = [ptx_tiles(t) for t in served]
     with VARIANTS["ptx"]():
-        inside = (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
-        assert all(all(ptx_tiles(t)) and ptx_tiles(t) for t in inside)
+        assert all(all(ptx_tiles(t)) and ptx_tiles(t) for t in inside())
         assert isinstance(tables.INT4_LINEAR_WIDE.choose(1), tables.Gemv)
         assert isinstance(tables.moe_table(128, True).choose(1 / 16), tables.ExpertGemv)
+    with VARIANTS["plain"]():
+        assert not any(any(ptx_tiles(t)) for t in inside())
     with VARIANTS["ptx_one_token"]():
         assert tables.INT4_LINEAR_WIDE.choose(1) == tables.INT4_LINEAR_WIDE.choose(16)
         assert tables.INT4_LINEAR_WIDE.choose(1).tile.ptx
         assert tables.moe_table(128, True).choose(1 / 16).tile.ptx
-    assert not any(any(ptx_tiles(t)) for t in served)
-    assert served[:2] == (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE)
+    assert inside() == served and [ptx_tiles(t) for t in served] == served_ptx
+
+
+def test_ptx_weights_serve_where_measured_faster():
+    """2 to 64 tokens (split-K) and a quarter to 4 pairs an expert (the 16-row fused tile): the
+    sizes the PTX sweep timed; the experts beyond keep plain weights (not timed with PTX)."""
+    for tokens in (2, 16, 32, 64):
+        choice = tables.INT4_LINEAR_WIDE.choose(tokens)
+        assert choice.tile.ptx and (choice.wide is None or choice.wide.ptx), tokens
+    for pairs in (0.25, 1.0, 4.0):
+        assert tables.moe_table(128, decode=True).choose(pairs).tile == tables.FUSED_16_PTX
+    assert not tables.moe_table(128, decode=True).choose(8.0).tile.ptx
+    assert not tables.moe_table(128, decode=False).choose(64.0).tile.ptx
+
+
+def test_a_decode_step_of_8_tokens_or_fewer_routes_in_one_launch():
+    from benchmarks.int4_variants import VARIANTS
+
+    assert [tables.MOE_ROUTE.choose(t).fused for t in (1, 8, 9, 64)] == [True, True, False, False]
+    with VARIANTS["fused_route"]():
+        assert tables.route_table().choose(64).fused
+    with VARIANTS["three_launch_route"]():
+        assert not tables.route_table().choose(1).fused
+    assert tables.route_table().choose(1).fused
 
 
 def test_the_prefetch_variant_serves_prefetching_gemv_tiles_inside_and_restores_them():

@@ -24,7 +24,7 @@ Attention and sampling have one kernel each on CUDA (replica.ops.select picks th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from replica.kernels.int4_gemv import GemvTile
@@ -178,6 +178,15 @@ WIDE_SWEEP = (
     " docs/perf/int4-v2-h100-one-token.json (sweep.dense_us)"
 )
 
+# From 2 to 64 tokens the split-K tiles make their weights in packed 16-bit PTX: up to 24%
+# faster a projection (o at 32 tokens: even), the 4B's 8-row step 0.742 of bf16's against 0.822
+# (the outputs bit for bit the same)
+PTX = f"{V2} > 'Nibbles to weights in packed 16-bit PTX'"
+PTX_SWEEP = (
+    f"{PTX}; docs/perf/int4-v2-h100-ptx-sweep.json (sweep.dense_us),"
+    " docs/perf/int4-v2-h100-ptx-engines.json"
+)
+
 Int4Linear = Gemv | Tiled | SplitK | Dequantized
 
 INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
@@ -185,9 +194,13 @@ INT4_LINEAR_WIDE: Table[Int4Linear] = Table(
     "tokens",
     (
         Entry(1, GEMV_1_WIDE, ONE_TOKEN_SWEEP),
-        Entry(16, SplitK(SplitKTile(16, 128, 4, 3)), SERIAL_SWEEP),
-        Entry(32, SplitK(SplitKTile(32, 128, 4, 3)), SERIAL_SWEEP),
-        Entry(64, SplitK(SplitKTile(64, 64, 4, 3), wide=SplitKTile(64, 128, 4, 3)), WIDE_SWEEP),
+        Entry(16, SplitK(SplitKTile(16, 128, 4, 3, ptx=True)), f"{SERIAL_SWEEP}, {PTX_SWEEP}"),
+        Entry(32, SplitK(SplitKTile(32, 128, 4, 3, ptx=True)), f"{SERIAL_SWEEP}, {PTX_SWEEP}"),
+        Entry(
+            64,
+            SplitK(SplitKTile(64, 64, 4, 3, ptx=True), wide=SplitKTile(64, 128, 4, 3, ptx=True)),
+            f"{WIDE_SWEEP}, {PTX_SWEEP}",
+        ),
         Entry(math.inf, Dequantized(), DEQUANTIZED_SWEEP),
     ),
 )
@@ -268,13 +281,20 @@ EXPERT_TILES = (
 EXPERT_PAIRS = ExpertGemv(GemvTile(16, 4, 4), GemvTile(16, 8, 4), bucketed=False)
 FUSED_16_W2 = FusedTile(16, 64, 128, 2, 3)
 FUSED_32_W2 = FusedTile(32, 64, 128, 2, 3)
+# With weights made in packed 16-bit PTX the 4-warp 16-row tile is the fastest from a quarter
+# pair an expert to 4 (a 64-row step of the 30B: 178 against 201 us a layer, plain 2 warps)
+FUSED_16_PTX = replace(FUSED_16, ptx=True)
+PTX_EXPERTS = (
+    f"{PTX}; docs/perf/int4-v2-h100-ptx-sweep.json (sweep.moe_us),"
+    " docs/perf/int4-v2-h100-route-moe.json"
+)
 MOE_PACKED_DECODE: Table[MoeChoice] = Table(
     "4-bit experts, groups of 128 or more, decode",
     "pairs an expert",
     (
         # below a quarter pair an expert (1 and 2 tokens of the 30B) a program a pair wins
         Entry(0.25, EXPERT_PAIRS, EXPERT_TILES, inclusive=False),
-        Entry(0.5, FusedExperts(FUSED_16), FUSED_SWEEP),
+        Entry(4, FusedExperts(FUSED_16_PTX), PTX_EXPERTS),
         Entry(8, FusedExperts(FUSED_16_W2), EXPERT_TILES),
         Entry(math.inf, FusedExperts(FUSED_32_W2), EXPERT_TILES),
     ),
@@ -309,8 +329,16 @@ class Route:
     fused: bool
 
 
+# The routing alone at 1 to 8 tokens: 6.0-8.5 us in one launch against 10.2-10.4 in three;
+# even at 16 (10.5), slower beyond (the last program's top-k grows with the tokens: 57 at 64)
+ROUTE_SWEEP = (
+    f"{V2} > 'Routing the MoE in one launch'; docs/perf/int4-v2-h100-route-moe.json,"
+    " docs/perf/int4-v2-h100-route-prefetch-engines.json"
+)
 MOE_ROUTE: Table[Route] = Table(
-    "MoE routing", "tokens", (Entry(math.inf, Route(fused=False), MOE_TUNED),)
+    "MoE routing",
+    "tokens",
+    (Entry(8, Route(fused=True), ROUTE_SWEEP), Entry(math.inf, Route(fused=False), MOE_TUNED)),
 )
 
 
