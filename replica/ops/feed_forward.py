@@ -126,7 +126,8 @@ class TritonMoE(TorchMoE):
         """x's pairs, in one launch where the routing table says so and the kernel can."""
         _, counts, ticket = self._layer_buffers(moe)
         fused = self.routes().choose(x.shape[0]).fused
-        fused = fused and x.shape[0] <= FUSED_MAX_TOKENS and x.dtype != torch.float32
+        sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)  # fp32 dots would take tf32
+        fused = fused and sixteen_bit and x.shape[0] <= FUSED_MAX_TOKENS
         fused = fused and fused_slices(x.shape[1]) > 0
         return route_pairs(
             x, moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket if fused else None
