@@ -241,6 +241,7 @@ def route_pairs(
 def _fused_route(
     x: Tensor, router: Tensor, ticket: Tensor, outputs: tuple[Tensor, ...], shape: dict
 ) -> None:
+    assert x.is_contiguous() and router.is_contiguous(), "the kernel reads rows of `hidden`"
     tokens, hidden = x.shape
     experts = router.shape[0]
     slices = fused_slices(hidden)
