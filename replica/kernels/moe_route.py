@@ -205,6 +205,13 @@ def fused_slices(hidden: int) -> int:
     return 0
 
 
+def one_launch_fits(x: Tensor) -> bool:
+    """Whether the one-launch routing takes these states: 16-bit (fp32 dots would take tf32),
+    at most FUSED_MAX_TOKENS of them, a hidden size the slices divide."""
+    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+    return sixteen_bit and x.shape[0] <= FUSED_MAX_TOKENS and fused_slices(x.shape[1]) > 0
+
+
 def route_pairs(
     x: Tensor,
     router: Tensor,
@@ -216,8 +223,7 @@ def route_pairs(
     """Routes x [T, hidden] over the router [experts, hidden]: softmax, top-k (renormalised when
     `normalize`), each pair filed in its expert's bucket. `counts` [experts] int32 is written
     (the caller's buffer: a CUDA graph writes the same one every replay). A `ticket` ([1] int32,
-    zero, the caller's too) routes in one launch: the caller checks `fused_slices` and
-    `FUSED_MAX_TOKENS` first."""
+    zero, the caller's too) routes in one launch, where `one_launch_fits(x)`."""
     tokens = x.shape[0]
     experts = router.shape[0]
     pairs = tokens * top_k

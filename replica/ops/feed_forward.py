@@ -20,7 +20,7 @@ from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import w4a16_splitk
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
-from replica.kernels.moe_route import FUSED_MAX_TOKENS, Routing, fused_slices, route_pairs
+from replica.kernels.moe_route import Routing, one_launch_fits, route_pairs
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
 from replica.ops.packed import PackedInt4
@@ -125,10 +125,7 @@ class TritonMoE(TorchMoE):
     def route(self, x: Tensor, moe: SparseMoE) -> Routing:
         """x's pairs, in one launch where the routing table says so and the kernel can."""
         _, counts, ticket = self._layer_buffers(moe)
-        fused = self.routes().choose(x.shape[0]).fused
-        sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)  # fp32 dots would take tf32
-        fused = fused and sixteen_bit and x.shape[0] <= FUSED_MAX_TOKENS
-        fused = fused and fused_slices(x.shape[1]) > 0
+        fused = self.routes().choose(x.shape[0]).fused and one_launch_fits(x)
         return route_pairs(
             x, moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket if fused else None
         )
