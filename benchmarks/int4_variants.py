@@ -3,6 +3,7 @@ each variant is a context inside which an engine is built another way."""
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from functools import partial
@@ -134,6 +135,13 @@ def routes_in(fused: bool):
     )
 
 
+def merges_in(in_launch: bool):
+    """Engines built inside merge decode attention's splits in its launch (`in_launch`) or by a
+    second kernel: bf16's and int4's alike, so the benchmark builds both inside."""
+    entry = tables.Entry(math.inf, tables.Merge(in_launch), "measured here")
+    return serving(ATTENTION_MERGE=replace(tables.ATTENTION_MERGE, entries=(entry,)))
+
+
 VARIANTS = {
     "prefetch": prefetch,
     "tinygemm": tinygemm_layouts,
@@ -143,6 +151,8 @@ VARIANTS = {
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
+    "merged_attention": partial(merges_in, True),
+    "two_kernel_attention": partial(merges_in, False),
 }
 # variants of kernels bf16 runs too: its engine rebuilt inside
-BOTH_DTYPES = {"fused_route", "three_launch_route"}
+BOTH_DTYPES = {"fused_route", "three_launch_route", "merged_attention", "two_kernel_attention"}

@@ -56,7 +56,9 @@ def prefill() -> None:
 
 
 def decode() -> None:
+    from benchmarks.int4_variants import VARIANTS
     from replica.kernels.decode_attention import decode_attention
+    from replica.ops.attention.triton_backend import TritonAttention
     from tests.test_attention import paged_cache
 
     gen = torch.Generator().manual_seed(7)
@@ -69,8 +71,17 @@ def decode() -> None:
     lengths = torch.tensor([300, 1, 65, 128], dtype=torch.int32)
     kv, paged = LayerCache(k_cache, v_cache), BlockTables(tables, row_ids, lengths)
     reference = ReferenceAttention().decode(q, kv, paged)
-    for waves in (1, 4):  # one split per row, then several
+    tickets = torch.zeros(4 * KV_HEADS + 3, dtype=torch.int32)
+    for waves in (1, 4, 40):  # one split per row, then several, then more than live ones
         close(decode_attention(q, kv, tables, row_ids, lengths, waves), reference)
+        for _ in range(2):  # the splits merged in the launch, twice on the same tickets
+            close(decode_attention(q, kv, tables, row_ids, lengths, waves, tickets), reference)
+            assert not tickets.any(), "the merging split resets its ticket"
+    attention = TritonAttention()
+    with VARIANTS["merged_attention"]():  # the backend through a table that merges in launch
+        for _ in range(2):
+            close(attention.decode(q, kv, paged), reference)
+    assert attention._tickets and not any(t.any() for t in attention._tickets.values())
 
 
 def elementwise() -> None:

@@ -187,6 +187,42 @@ def test_gpu_decode_matches_reference(name: str):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 8), (32, 4), (64, 4)])  # 4B, 30B, 235B
+def test_gpu_decode_merged_in_its_launch_replays_in_a_graph(q_heads: int, kv_heads: int):
+    """The splits merged by the last one, captured in a CUDA graph and replayed on new queries:
+    the two-kernel merge's output each time, and every ticket back at zero."""
+    from replica.kernels.decode_attention import decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    dev, dt = "cuda", torch.bfloat16
+    capacity, blocks = 4096, 64 * 256
+    k_cache, v_cache = torch.randn(
+        2, blocks, 16, kv_heads, 128, device=dev, dtype=dt, generator=gen
+    )
+    tables = torch.randperm(blocks, device=dev, generator=gen).view(64, 256).to(torch.int32)
+    lengths = torch.randint(1, capacity + 1, (64,), device=dev, generator=gen)
+    lengths[:3] = torch.tensor([1, capacity, 65])
+    lengths = lengths.to(torch.int32)
+    tickets = torch.zeros(1 << 16, dtype=torch.int32, device=dev)
+    for rows in (1, 8, 64):
+        row_ids = torch.arange(rows, device=dev)
+        q = torch.empty(rows, q_heads, 128, device=dev, dtype=dt)
+        args = (q, (k_cache, v_cache), tables, row_ids, lengths[:rows])
+        decode_attention(*args, tickets=tickets)  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_attention(*args, tickets=tickets)
+        for _ in range(3):
+            q.copy_(torch.randn(q.shape, device=dev, dtype=dt, generator=gen))
+            graph.replay()
+            two_kernels = decode_attention(*args)
+            assert torch.isfinite(out).all() and not tickets.any()
+            errors = [rel_error(out[b], two_kernels[b]) for b in range(rows)]
+            assert max(errors) < 2e-3, (rows, errors)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_gpu_prefill_matches_reference(name: str):
     gen = torch.Generator(device="cuda").manual_seed(3)

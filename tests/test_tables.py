@@ -161,6 +161,17 @@ def test_a_decode_step_of_8_tokens_or_fewer_routes_in_one_launch():
     assert tables.route_table().choose(1).fused
 
 
+def test_the_attention_variants_merge_decode_splits_as_named_inside_and_restore_them():
+    from benchmarks.int4_variants import VARIANTS
+
+    served = tables.merge_table().choose(1).in_launch
+    with VARIANTS["merged_attention"]():
+        assert tables.merge_table().choose(64).in_launch
+    with VARIANTS["two_kernel_attention"]():
+        assert not tables.merge_table().choose(1).in_launch
+    assert tables.merge_table().choose(1).in_launch == served
+
+
 def test_the_prefetch_variant_serves_prefetching_gemv_tiles_inside_and_restores_them():
     from benchmarks.int4_variants import VARIANTS
 

@@ -2,9 +2,11 @@
 
 Decode is split-K ("flash decoding"): program (row, kv_head, split) takes one chunk of the row's
 live length and all query heads sharing that KV head (GQA: K/V are read once per group), and
-writes a partial output with its log-sum-exp; a second kernel merges the splits. Chunk sizes
-follow each row's live length, so a short row costs little however long the context could be.
-Key t of a row is at offset t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SIZE].
+writes a partial output with its log-sum-exp. The splits are merged by a second kernel, or, given
+a ticket per (row, KV head), by the split that finishes last (one launch: a decode step's
+attention is two small launches a layer otherwise). Chunk sizes follow each row's live length,
+so a short row costs little however long the context could be. Key t of a row is at offset
+t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SIZE].
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from replica.kernels.online_softmax import LOG2_E, attend_block
 BLOCK_N = 64
 MAX_SPLITS = 64
 WAVES = 4  # programs per multiprocessor to aim for when splitting rows
+MERGE_TILE = 8192  # partial outputs' elements the merging split reads at once (64 registers)
 
 
 @triton.jit
@@ -32,6 +35,8 @@ def _split_kernel(
     len_ptr,
     part_ptr,
     lse_ptr,
+    out_ptr,  # MERGE: [B, Hq, D] in q's dtype; else unused
+    ticket_ptr,  # MERGE: [B * Hkv] int32, zero between calls; else unused
     scale,
     splits,
     stride_qb,
@@ -48,11 +53,16 @@ def _split_kernel(
     stride_ps,
     stride_lb,
     stride_lh,
+    stride_ob,
+    stride_oh,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    MERGE: tl.constexpr,  # the last split merges (ticket_ptr); else _merge_kernel does
+    MERGE_HEADS: tl.constexpr,  # GROUP's power of two
+    MERGE_SPLITS: tl.constexpr,  # splits the last one reads at once
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -96,6 +106,51 @@ def _split_kernel(
     part = part_ptr + row * stride_pb + heads[:, None] * stride_ph + split * stride_ps + d[None, :]
     tl.store(part, out, mask=in_group[:, None])
     tl.store(lse_ptr + row * stride_lb + heads * stride_lh + split, lse, mask=in_group)
+    if MERGE:
+        tl.debug_barrier()  # every thread's partial stored before the ticket releases it
+        ticket = ticket_ptr + row * tl.num_programs(1) + kv_head
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            tl.store(ticket, 0)
+            live_splits = tl.cdiv(seq_len, chunk)  # the splits past it hold nothing
+            g = tl.arange(0, MERGE_HEADS)
+            heads, in_group = kv_head * GROUP + g, g < GROUP
+            merged = _merged(
+                part_ptr + row * stride_pb, lse_ptr + row * stride_lb, heads, in_group,
+                live_splits, stride_ph, stride_ps, stride_lh, HEAD_DIM, MERGE_SPLITS,
+            )  # fmt: skip
+            at = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
+            tl.store(at, merged.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+
+
+@triton.jit
+def _merged(
+    part_ptr, lse_ptr, heads, head_live, splits, stride_ph, stride_ps, stride_lh,
+    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """[heads, HEAD_DIM] fp32: the first `splits` partial outputs of `heads` (one row's
+    pointers) weighted by their log-sum-exps, SPLITS at a time (L2 reads: other programs may
+    have written them)."""
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full(heads.shape, float("-inf"), tl.float32)
+    total = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros([heads.shape[0], HEAD_DIM], tl.float32)
+    for s0 in range(0, splits, SPLITS):
+        used = ((s0 + s) < splits)[:, None] & head_live[None, :]  # [SPLITS, heads]
+        lse_at = lse_ptr + heads[None, :] * stride_lh + (s0 + s)[:, None]
+        lse = tl.load(lse_at, mask=used, other=float("-inf"), cache_modifier=".cg")
+        part_at = part_ptr + heads[None, :, None] * stride_ph + (s0 + s)[:, None, None] * stride_ps
+        part = tl.load(
+            part_at + d[None, None, :], mask=used[:, :, None], other=0.0, cache_modifier=".cg"
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        top = tl.where(m_new == float("-inf"), 0.0, m_new)  # a head with nothing yet
+        alpha = tl.exp2(m - top)
+        weight = tl.exp2(lse - top[None, :])
+        total = total * alpha + tl.sum(weight, 0)
+        acc = acc * alpha[:, None] + tl.sum(part * weight[:, :, None], 0)
+        m = m_new
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
 
 
 @triton.jit
@@ -115,20 +170,14 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
 ):
     row = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
+    heads = tl.program_id(1) + tl.arange(0, 1)
+    merged = _merged(
+        part_ptr + row * stride_pb, lse_ptr + row * stride_lb, heads, heads >= 0, splits,
+        stride_ph, stride_ps, stride_lh, HEAD_DIM, SPLITS_PAD,
+    )  # fmt: skip
     d = tl.arange(0, HEAD_DIM)
-    used = s < splits
-    lse = tl.load(lse_ptr + row * stride_lb + head * stride_lh + s, mask=used, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))
-    weight = weight / tl.sum(weight, 0)
-    part = tl.load(
-        part_ptr + row * stride_pb + head * stride_ph + s[:, None] * stride_ps + d[None, :],
-        mask=used[:, None],
-        other=0.0,
-    )
-    out = tl.sum(part * weight[:, None], 0)
-    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    at = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    tl.store(at, merged.to(out_ptr.dtype.element_ty))
 
 
 def num_splits(rows: int, kv_heads: int, device: torch.device, waves: int) -> int:
@@ -144,10 +193,13 @@ def decode_attention(
     row_ids: Tensor,
     seq_lens: Tensor,
     waves: int = WAVES,
+    tickets: Tensor | None = None,
 ) -> Tensor:
     """q [B, Hq, D] over the first seq_lens[b] tokens of the blocks tables[row_ids[b]] of the
     caches `kv` (K, V) [blocks, block_size, Hkv, D] -> [B, Hq, D]. `waves`: programs per
-    multiprocessor to aim for when splitting rows over the sequence."""
+    multiprocessor to aim for when splitting rows over the sequence. `tickets` (int32 zeros, at
+    least B * Hkv, the caller's: a CUDA graph replays with the same ones): the splits merged in
+    the same launch."""
     k_cache, v_cache = kv
     rows, q_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -157,53 +209,31 @@ def decode_attention(
     part = torch.empty(rows, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(rows, q_heads, splits, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
+    merge = tickets is not None
+    if merge:
+        assert tickets.numel() >= rows * kv_heads and tickets.dtype == torch.int32
+    merge_heads = triton.next_power_of_2(group)
     _split_kernel[(rows, kv_heads, splits)](
-        q,
-        k_cache,
-        v_cache,
-        tables,
-        row_ids,
-        seq_lens,
-        part,
-        lse,
-        head_dim**-0.5 * LOG2_E,
-        splits,
-        q.stride(0),
-        q.stride(1),
-        tables.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        part.stride(0),
-        part.stride(1),
-        part.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK=BLOCK_N,
-        BLOCK_SIZE=block_size,
-        num_warps=4,
-        num_stages=2,
-    )
-    _merge_kernel[(rows, q_heads)](
-        part,
-        lse,
-        out,
-        splits,
-        part.stride(0),
-        part.stride(1),
-        part.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        HEAD_DIM=head_dim,
-        num_warps=4,
-    )
+        q, k_cache, v_cache, tables, row_ids, seq_lens, part, lse, out,
+        tickets if merge else lse, head_dim**-0.5 * LOG2_E, splits,
+        q.stride(0), q.stride(1), tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK=BLOCK_N, BLOCK_SIZE=block_size, MERGE=merge, MERGE_HEADS=merge_heads,
+        MERGE_SPLITS=max(1, min(MERGE_TILE // (merge_heads * head_dim), splits_pad(splits))),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if not merge:
+        _merge_kernel[(rows, q_heads)](
+            part, lse, out, splits, part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            SPLITS_PAD=splits_pad(splits), HEAD_DIM=head_dim, num_warps=4,
+        )  # fmt: skip
     return out
+
+
+def splits_pad(splits: int) -> int:
+    return max(2, triton.next_power_of_2(splits))

@@ -17,8 +17,9 @@ the benchmark named, then change an entry and its citation together.
 - `MOE_ROUTE`: the MoE's routing by token count: the router's GEMM and a program a token, or
   one launch (replica.kernels.moe_route).
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
+- `ATTENTION_MERGE`: decode attention's splits merged in its launch or by a second kernel.
 
-Attention and sampling have one kernel each on CUDA (replica.ops.select picks the backend).
+Attention's backend (replica.ops.select picks it) and sampling have no other choices.
 """
 
 from __future__ import annotations
@@ -345,6 +346,29 @@ MOE_ROUTE: Table[Route] = Table(
 def route_table() -> Table[Route]:
     """Read when called, so a benchmark's patched table serves."""
     return MOE_ROUTE
+
+
+# Decode attention.
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Decode attention's splits merged `in_launch` by the split that finishes last (a ticket
+    per row and KV head, replica.kernels.decode_attention), else by a second kernel."""
+
+    in_launch: bool
+
+
+ATTENTION_MERGE: Table[Merge] = Table(
+    "decode attention's merge",
+    "rows",
+    (Entry(math.inf, Merge(in_launch=False), f"{ISSUE_4}; docs/perf/engine-h200.json"),),
+)
+
+
+def merge_table() -> Table[Merge]:
+    """Read when called, so a benchmark's patched table serves."""
+    return ATTENTION_MERGE
 
 
 # The layer's elementwise kernels.

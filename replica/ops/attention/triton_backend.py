@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from replica.kernels.decode_attention import decode_attention
 from replica.kernels.prefill_attention import prefill_attention
 from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.tables import merge_table
+
+TICKETS = 1 << 16  # rows x KV heads the splits can merge in their launch (256 KiB a device)
 
 
 class TritonAttention:
     """Varlen causal prefill over the packed chunks (through the block tables where a row has
-    context); split-K decode over each row's live length, through its block table."""
+    context); split-K decode over each row's live length, through its block table, its splits
+    merged where `tables.ATTENTION_MERGE` says."""
 
     name = "triton"
     block_size = None  # any
+
+    def __init__(self) -> None:
+        self._tickets: dict[torch.device, Tensor] = {}
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerCache, rows: PackedRows) -> Tensor:
         context = rows.context
@@ -22,4 +30,16 @@ class TritonAttention:
         return prefill_attention(q, k, v, rows.cu_seqlens, rows.lengths, rows.max_len, cached)
 
     def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
-        return decode_attention(q, kv, paged.tables, paged.row_ids, paged.seq_lens)
+        rows, kv_heads = q.shape[0], kv.k.shape[2]
+        in_launch = merge_table().choose(rows).in_launch and rows * kv_heads <= TICKETS
+        tickets = self._device_tickets(q.device) if in_launch else None
+        return decode_attention(q, kv, paged.tables, paged.row_ids, paged.seq_lens, tickets=tickets)
+
+    def _device_tickets(self, device: torch.device) -> Tensor:
+        """The merging splits' tickets, zero between launches: one buffer a device (its layers'
+        launches run one after another), made on its first decode call, which is eager (a stage
+        runs every graph's step before capturing), so every CUDA graph reads the same one."""
+        tickets = self._tickets.get(device)
+        if tickets is None:
+            tickets = self._tickets[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+        return tickets
