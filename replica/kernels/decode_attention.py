@@ -112,14 +112,16 @@ def _split_kernel(
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1:
             tl.store(ticket, 0)
             live_splits = tl.cdiv(seq_len, chunk)  # the splits past it hold nothing
-            g = tl.arange(0, MERGE_HEADS)
-            heads, in_group = kv_head * GROUP + g, g < GROUP
+            mine = tl.arange(0, MERGE_HEADS)  # the group's heads, padded less than GROUP_PAD
             merged = _merged(
-                part_ptr + row * stride_pb, lse_ptr + row * stride_lb, heads, in_group,
-                live_splits, stride_ph, stride_ps, stride_lh, HEAD_DIM, MERGE_SPLITS,
+                part_ptr + row * stride_pb, lse_ptr + row * stride_lb, kv_head * GROUP + mine,
+                mine < GROUP, live_splits, stride_ph, stride_ps, stride_lh, HEAD_DIM,
+                MERGE_SPLITS,
             )  # fmt: skip
-            at = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
-            tl.store(at, merged.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+            at = out_ptr + row * stride_ob + (kv_head * GROUP + mine)[:, None] * stride_oh
+            tl.store(
+                at + d[None, :], merged.to(out_ptr.dtype.element_ty), mask=(mine < GROUP)[:, None]
+            )
 
 
 @triton.jit
