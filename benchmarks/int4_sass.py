@@ -39,16 +39,25 @@ DIVISIBLE = ("n", "depth", "stride_x", "hidden", "inter")  # widths and depths: 
 
 
 def sass(
-    kernel, constants: dict, warps: int, stages: int, arch: int = 90, half: str = "bf16"
+    kernel,
+    constants: dict,
+    warps: int,
+    stages: int,
+    arch: int = 90,
+    half: str = "bf16",
+    types: dict | None = None,
 ) -> str:
-    """The kernel's machine code for sm_<arch> (other pointers `half`, other ints i32)."""
+    """The kernel's machine code for sm_<arch> (arguments typed by `types`, else POINTERS;
+    other pointers `half`, other ints i32)."""
     names = kernel.arg_names
+    known = POINTERS | (types or {})
     signature = {
-        name: "constexpr" if name in constants else POINTERS.get(name, f"*{half}")
-        if name.endswith("_ptr") else "i32"
+        name: "constexpr" if name in constants else known.get(name, f"*{half}")
+        if name.endswith("_ptr") or name in known else "i32"
         for name in names
     }  # fmt: skip
     aligned = [n for n in names if signature[n].startswith("*") or n in DIVISIBLE]
+    aligned += [n for n in names if n.startswith("stride") and n not in aligned]
     source = ASTSource(
         kernel,
         signature,

@@ -135,11 +135,11 @@ def routes_in(fused: bool):
     )
 
 
-def merges_in(in_launch: bool):
-    """Engines built inside merge decode attention's splits in its launch (`in_launch`) or by a
-    second kernel: bf16's and int4's alike, so the benchmark builds both inside."""
-    entry = tables.Entry(math.inf, tables.Merge(in_launch), "measured here")
-    return serving(ATTENTION_MERGE=replace(tables.ATTENTION_MERGE, entries=(entry,)))
+def decode_launch(merged: bool, roped: bool):
+    """Engines built inside run decode attention's launch as `tables.DecodeLaunch(merged,
+    roped)` says: bf16's and int4's alike, so the benchmark builds both inside."""
+    entry = tables.Entry(math.inf, tables.DecodeLaunch(merged, roped), "measured here")
+    return serving(ATTENTION_DECODE=replace(tables.ATTENTION_DECODE, entries=(entry,)))
 
 
 VARIANTS = {
@@ -151,8 +151,10 @@ VARIANTS = {
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
-    "merged_attention": partial(merges_in, True),
-    "two_kernel_attention": partial(merges_in, False),
+    "merged_attention": partial(decode_launch, True, False),
+    "roped_attention": partial(decode_launch, False, True),
+    "one_launch_attention": partial(decode_launch, True, True),
+    "two_launch_attention": partial(decode_launch, False, False),
 }
 # variants of kernels bf16 runs too: its engine rebuilt inside
-BOTH_DTYPES = {"fused_route", "three_launch_route", "merged_attention", "two_kernel_attention"}
+BOTH_DTYPES = {"fused_route", "three_launch_route"} | {k for k in VARIANTS if "attention" in k}

@@ -84,6 +84,50 @@ def decode() -> None:
     assert attention._tickets and not any(t.any() for t in attention._tickets.values())
 
 
+def decode_roped() -> None:
+    """The split kernel taking the projection qkv: q/k norms, RoPE and the K/V write in its
+    launch, against rope_store's reference then the reference attention."""
+    from benchmarks.int4_variants import VARIANTS
+    from replica.kernels.decode_attention import Rope, decode_attention
+    from replica.ops.attention.triton_backend import TritonAttention
+    from replica.ops.layer import TritonLayerOps
+    from tests.test_attention import paged_cache
+
+    gen = torch.Generator().manual_seed(11)
+    lengths = [300, 1, 65, 17]  # each row's live length, its new token included
+    keys = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen) for n in lengths]
+    k_cache, tables = paged_cache(keys, 40, 16, gen.manual_seed(5))
+    v_cache, _ = paged_cache(keys, 40, 16, gen.manual_seed(5))
+    v_cache.normal_(generator=gen)
+    row_ids = torch.tensor([2, 0, 3, 1])  # rows read other rows' tables
+    seq_lens = torch.tensor([lengths[r] for r in row_ids.tolist()], dtype=torch.int32)
+    positions = seq_lens.long() - 1
+    slots = tables[row_ids, positions // 16].long() * 16 + positions % 16
+    qkv = torch.randn(4, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=gen)
+    q_norm, k_norm = torch.rand(2, HEAD_DIM, generator=gen) + 0.5
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    ops = TorchLayerOps(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq)
+    want = LayerCache(k_cache.clone(), v_cache.clone())
+    q, _, _ = ops.rope_store(qkv, q_norm, k_norm, positions, slots, *want)
+    reference = ReferenceAttention().decode(q, want, BlockTables(tables, row_ids, seq_lens))
+    rope = Rope(HEADS, q_norm, k_norm, inv_freq, positions, slots, 1e-6)
+    for waves, tickets in ((1, None), (4, None), (4, torch.zeros(4 * KV_HEADS, dtype=torch.int32))):
+        kv = LayerCache(k_cache.clone(), v_cache.clone())
+        out = decode_attention(qkv, kv, tables, row_ids, seq_lens, waves, tickets, rope)
+        close(out, reference)
+        close(kv.k, want.k)
+        close(kv.v, want.v)
+    triton_ops = TritonLayerOps(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq)
+    attention, paged = TritonAttention(), BlockTables(tables, row_ids, seq_lens)
+    for variant in ("two_launch_attention", "roped_attention", "one_launch_attention"):
+        with VARIANTS[variant]():  # the layer's ops through a table that asks for it
+            kv = LayerCache(k_cache.clone(), v_cache.clone())
+            norms = (q_norm, k_norm)
+            out = triton_ops.attend_decode(attention, qkv, norms, positions, slots, kv, paged)
+            close(out, reference)
+            close(kv.k, want.k)
+
+
 def elementwise() -> None:
     from replica.kernels.elementwise import silu_mul
     from replica.ops.feed_forward import silu_mul as silu_mul_reference
@@ -268,6 +312,7 @@ from tests import interpreted_int4  # noqa: E402 (the second design's kernels)
 CHECKS = {
     "prefill": prefill,
     "decode": decode,
+    "decode_roped": decode_roped,
     "elementwise": elementwise,
     "moe": moe,
     "moe_int4": moe_int4,

@@ -223,6 +223,52 @@ def test_gpu_decode_merged_in_its_launch_replays_in_a_graph(q_heads: int, kv_hea
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 8), (32, 4), (64, 4)])  # 4B, 30B, 235B
+def test_gpu_decode_taking_the_projection_replays_as_rope_store_then_decode(q_heads, kv_heads):
+    """The split kernel norming and rotating q and the new key itself and writing K/V, merged or
+    not, in a CUDA graph replayed on new projections: rope_store then the two-kernel decode's
+    output and caches each time."""
+    from replica.kernels.decode_attention import Rope, decode_attention
+    from replica.ops.layer import TritonLayerOps
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    dev, dt, d = "cuda", torch.bfloat16, 128
+    blocks = 64 * 256
+    k_cache, v_cache = torch.randn(2, blocks, 16, kv_heads, d, device=dev, dtype=dt, generator=gen)
+    tables = torch.randperm(blocks, device=dev, generator=gen).view(64, 256).to(torch.int32)
+    lengths = torch.randint(1, 4097, (64,), device=dev, generator=gen)
+    lengths[:3] = torch.tensor([1, 4096, 65])
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, d, 2, device=dev).float() / d)
+    layer_ops = TritonLayerOps(q_heads, kv_heads, d, 1e-6, inv_freq)
+    norms = torch.rand(2, d, device=dev, generator=gen).to(dt) + 0.5
+    tickets = torch.zeros(1 << 16, dtype=torch.int32, device=dev)
+    for rows, merged in ((1, True), (8, False), (64, True)):
+        seq_lens, positions = lengths[:rows].to(torch.int32), lengths[:rows] - 1
+        row_ids = torch.arange(rows, device=dev)
+        slots = tables[row_ids, positions // 16].long() * 16 + positions % 16
+        qkv = torch.empty(rows, (q_heads + 2 * kv_heads) * d, device=dev, dtype=dt)
+        rope = Rope(q_heads, *norms, inv_freq, positions, slots, 1e-6)
+        ours = (k_cache.clone(), v_cache.clone())
+        args = (qkv, ours, tables, row_ids, seq_lens)
+        launch = dict(tickets=tickets if merged else None, rope=rope)
+        decode_attention(*args, **launch)  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_attention(*args, **launch)
+        for _ in range(3):
+            qkv.copy_(torch.randn(qkv.shape, device=dev, dtype=dt, generator=gen))
+            graph.replay()
+            theirs = (k_cache.clone(), v_cache.clone())
+            q, _, _ = layer_ops.rope_store(qkv, *norms, positions, slots, *theirs)
+            want = decode_attention(q, theirs, tables, row_ids, seq_lens)
+            assert torch.isfinite(out).all() and not tickets.any()
+            assert max(rel_error(out[b], want[b]) for b in range(rows)) < 2e-3
+            flat = [cache.flatten(0, 1)[slots] for cache in (*ours, *theirs)]
+            assert rel_error(flat[0], flat[2]) < 1e-2 and torch.equal(flat[1], flat[3])
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_gpu_prefill_matches_reference(name: str):
     gen = torch.Generator(device="cuda").manual_seed(3)

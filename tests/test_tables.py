@@ -161,15 +161,16 @@ def test_a_decode_step_of_8_tokens_or_fewer_routes_in_one_launch():
     assert tables.route_table().choose(1).fused
 
 
-def test_the_attention_variants_merge_decode_splits_as_named_inside_and_restore_them():
+def test_the_attention_variants_serve_their_decode_launch_inside_and_restore_it():
     from benchmarks.int4_variants import VARIANTS
 
-    served = tables.merge_table().choose(1).in_launch
-    with VARIANTS["merged_attention"]():
-        assert tables.merge_table().choose(64).in_launch
-    with VARIANTS["two_kernel_attention"]():
-        assert not tables.merge_table().choose(1).in_launch
-    assert tables.merge_table().choose(1).in_launch == served
+    served = tables.decode_table().choose(1)
+    launches = {"merged_attention": (True, False), "roped_attention": (False, True)}
+    launches |= {"one_launch_attention": (True, True), "two_launch_attention": (False, False)}
+    for variant, (merged, roped) in launches.items():
+        with VARIANTS[variant]():
+            assert tables.decode_table().choose(64) == tables.DecodeLaunch(merged, roped)
+    assert tables.decode_table().choose(1) == served
 
 
 def test_the_prefetch_variant_serves_prefetching_gemv_tiles_inside_and_restores_them():

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
         "moe_int4",  # the longest first: it starts the background's work
         "prefill",
         "decode",
+        "decode_roped",
         "elementwise",
         "moe",
         "int4_linear",

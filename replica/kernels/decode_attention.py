@@ -11,6 +11,8 @@ t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SIZE].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,12 @@ def _split_kernel(
     lse_ptr,
     out_ptr,  # MERGE: [B, Hq, D] in q's dtype; else unused
     ticket_ptr,  # MERGE: [B * Hkv] int32, zero between calls; else unused
+    q_norm_ptr,  # ROPE (q_ptr the projection qkv [B, (Hq + 2 Hkv) * D]): [D]; else unused
+    k_norm_ptr,  # ROPE: [D]
+    inv_freq_ptr,  # ROPE: [D / 2] fp32
+    pos_ptr,  # ROPE: [B] each row's new token's position
+    slot_ptr,  # ROPE: [B] its flat slot in the caches (block * BLOCK_SIZE + offset)
+    eps,
     scale,
     splits,
     stride_qb,
@@ -63,6 +71,7 @@ def _split_kernel(
     MERGE: tl.constexpr,  # the last split merges (ticket_ptr); else _merge_kernel does
     MERGE_HEADS: tl.constexpr,  # GROUP's power of two
     MERGE_SPLITS: tl.constexpr,  # splits the last one reads at once
+    ROPE: tl.constexpr,  # q_ptr is the projection: q/k norms, RoPE and the K/V write here
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -78,13 +87,30 @@ def _split_kernel(
     n = tl.arange(0, BLOCK)
     heads = kv_head * GROUP + g
     in_group = g < GROUP
-    q = tl.load(
-        q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=in_group[:, None],
-        other=0.0,
-    )
+    q_at = q_ptr + row * stride_qb + heads[:, None] * stride_qh
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
+    if ROPE:
+        position = tl.load(pos_ptr + row)
+        q = _normed_roped(
+            q_at, in_group[:, None], q_norm_ptr, inv_freq_ptr, position, eps, HEAD_DIM
+        )
+        if (start <= seq_len - 1) & (seq_len - 1 < end):  # the split that reads the new token
+            new_at = q_ptr + row * stride_qb + (GROUP * tl.num_programs(1) + kv_head) * HEAD_DIM
+            one = tl.zeros([1, 1], tl.int32)
+            k_new = _normed_roped(
+                new_at + one, one == 0, k_norm_ptr, inv_freq_ptr, position, eps, HEAD_DIM
+            )
+            slot = tl.load(slot_ptr + row).to(tl.int64)
+            new_block, new_offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            tl.store(
+                k_base + new_block * stride_kb + new_offset * stride_kt + one + d[None, :], k_new
+            )
+            v_new = tl.load(new_at + tl.num_programs(1) * HEAD_DIM + d)  # its value head's
+            tl.store(v_base + new_block * stride_vb + new_offset * stride_vt + d, v_new)
+            tl.debug_barrier()  # written before any thread of this program reads it
+    else:
+        q = tl.load(q_at + d[None, :], mask=in_group[:, None], other=0.0)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)  # noqa: E741
@@ -122,6 +148,34 @@ def _split_kernel(
             tl.store(
                 at + d[None, :], merged.to(out_ptr.dtype.element_ty), mask=(mine < GROUP)[:, None]
             )
+
+
+@triton.jit
+def _normed_roped(at, live, norm_ptr, inv_freq_ptr, position, eps, HEAD_DIM: tl.constexpr):
+    """Heads at pointers `at` [H, 1] (each HEAD_DIM wide, those `live`) RMS-normed by the weight
+    at norm_ptr, then rotated by RoPE at `position`, rounded where replica.kernels.elementwise's
+    q/k norm + RoPE kernel rounds (transformers' order): [H, HEAD_DIM] in their dtype. Each
+    element's partner in the rotation (d + HEAD_DIM / 2 mod HEAD_DIM) is loaded as its own
+    element (no shuffle of registers)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)
+    partner = (d + half) % HEAD_DIM
+    x = tl.load(at + d[None, :], mask=live, other=0.0)
+    dtype = x.dtype
+    x_partner = tl.load(at + partner[None, :], mask=live, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+    normed = tl.load(norm_ptr + d).to(tl.float32)[None, :] * (x * inv_rms).to(dtype).to(tl.float32)
+    partner_normed = tl.load(norm_ptr + partner).to(tl.float32)[None, :] * (
+        (x_partner * inv_rms).to(dtype).to(tl.float32)
+    )
+    angle = position.to(tl.float32) * tl.load(inv_freq_ptr + d % half)[None, :]
+    cos = tl.cos(angle).to(dtype).to(tl.float32)
+    sin = tl.sin(angle).to(dtype).to(tl.float32)
+    normed = normed.to(dtype).to(tl.float32)
+    partner_normed = partner_normed.to(dtype).to(tl.float32)
+    rotated = tl.where(d[None, :] < half, -partner_normed, partner_normed)  # rotate_half
+    return (normed * cos + rotated * sin).to(dtype)
 
 
 @triton.jit
@@ -188,6 +242,21 @@ def num_splits(rows: int, kv_heads: int, device: torch.device, waves: int) -> in
     return max(1, min(MAX_SPLITS, triton.cdiv(waves * sms, rows * kv_heads)))
 
 
+@dataclass(frozen=True)
+class Rope:
+    """What the split kernel needs to take the projection qkv [B, (Hq + 2 Hkv) * D] as its
+    queries: it RMS-norms and rotates q and the row's new key itself and writes the new K/V to
+    the caches (the work of replica.kernels.elementwise.rope_store, a launch less a layer)."""
+
+    q_heads: int
+    q_norm: Tensor  # [D]
+    k_norm: Tensor  # [D]
+    inv_freq: Tensor  # [D / 2] fp32
+    positions: Tensor  # [B] the new tokens' positions (each row's live length - 1)
+    slots: Tensor  # [B] their flat slots in the caches
+    eps: float
+
+
 def decode_attention(
     q: Tensor,
     kv: tuple[Tensor, Tensor],
@@ -196,29 +265,41 @@ def decode_attention(
     seq_lens: Tensor,
     waves: int = WAVES,
     tickets: Tensor | None = None,
+    rope: Rope | None = None,
 ) -> Tensor:
     """q [B, Hq, D] over the first seq_lens[b] tokens of the blocks tables[row_ids[b]] of the
     caches `kv` (K, V) [blocks, block_size, Hkv, D] -> [B, Hq, D]. `waves`: programs per
     multiprocessor to aim for when splitting rows over the sequence. `tickets` (int32 zeros, at
     least B * Hkv, the caller's: a CUDA graph replays with the same ones): the splits merged in
-    the same launch."""
+    the same launch. `rope`: q is the projection qkv, normed, rotated and its K/V written here."""
     k_cache, v_cache = kv
-    rows, q_heads, head_dim = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rows = q.shape[0]
+    if rope is None:
+        q = q.contiguous()
+        q_heads, (stride_qb, stride_qh) = q.shape[1], q.stride()[:2]
+    else:
+        assert q.stride(-1) == 1 and q.shape[1] == (rope.q_heads + 2 * kv_heads) * head_dim
+        q_heads, (stride_qb, stride_qh) = rope.q_heads, (q.stride(0), head_dim)
     group = q_heads // kv_heads
     splits = num_splits(rows, kv_heads, q.device, waves)
-    q = q.contiguous()
     part = torch.empty(rows, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(rows, q_heads, splits, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
+    out = torch.empty(rows, q_heads, head_dim, device=q.device, dtype=q.dtype)
     merge = tickets is not None
     if merge:
         assert tickets.numel() >= rows * kv_heads and tickets.dtype == torch.int32
     merge_heads = triton.next_power_of_2(group)
+    unused = lse
+    rotation = (
+        (unused,) * 5 + (0.0,)
+        if rope is None
+        else (rope.q_norm, rope.k_norm, rope.inv_freq, rope.positions, rope.slots, rope.eps)
+    )
     _split_kernel[(rows, kv_heads, splits)](
         q, k_cache, v_cache, tables, row_ids, seq_lens, part, lse, out,
-        tickets if merge else lse, head_dim**-0.5 * LOG2_E, splits,
-        q.stride(0), q.stride(1), tables.stride(0),
+        tickets if merge else unused, *rotation, head_dim**-0.5 * LOG2_E, splits,
+        stride_qb, stride_qh, tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
@@ -226,7 +307,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK=BLOCK_N, BLOCK_SIZE=block_size, MERGE=merge, MERGE_HEADS=merge_heads,
         MERGE_SPLITS=max(1, min(MERGE_TILE // (merge_heads * head_dim), splits_pad(splits))),
-        num_warps=4, num_stages=2,
+        ROPE=rope is not None, num_warps=4, num_stages=2,
     )  # fmt: skip
     if not merge:
         _merge_kernel[(rows, q_heads)](

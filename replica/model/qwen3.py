@@ -116,13 +116,17 @@ class Qwen3:
             h, x = entering
         for index, w in enumerate(layers):
             kv = cache.layer(index)
-            q, k, v = layer_ops.rope_store(
-                ops.linear(x, w.qkv), w.q_norm, w.k_norm, batch.positions, batch.slots, *kv
-            )
+            qkv = ops.linear(x, w.qkv)
             if batch.paged is not None:
-                out = ops.attention.decode(q, kv, batch.paged)
+                out = layer_ops.attend_decode(
+                    ops.attention, qkv, (w.q_norm, w.k_norm), batch.positions, batch.slots, kv,
+                    batch.paged,
+                )  # fmt: skip
             else:
                 assert batch.rows is not None
+                q, k, v = layer_ops.rope_store(
+                    qkv, w.q_norm, w.k_norm, batch.positions, batch.slots, *kv
+                )
                 out = ops.attention.prefill(q, k, v, kv, batch.rows)
             attended = ops.linear(out.reshape(h.shape[0], -1), w.o_proj)
             h, x = layer_ops.add_rms_norm(h, attended, w.post_norm)

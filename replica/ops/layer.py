@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 from replica.kernels import elementwise
+from replica.kernels.decode_attention import Rope
+from replica.ops.attention import AttentionBackend, BlockTables, LayerCache
+from replica.ops.attention.triton_backend import TritonAttention
 from replica.ops.tables import ROPE_STORE, RopeBlock, Table
 
 
@@ -77,6 +80,21 @@ class TorchLayerOps:
         v_cache.flatten(0, 1)[slots] = v
         return q, k, v
 
+    def attend_decode(
+        self,
+        attention: AttentionBackend,
+        qkv: Tensor,
+        norms: tuple[Tensor, Tensor],
+        positions: Tensor,
+        slots: Tensor,
+        kv: LayerCache,
+        paged: BlockTables,
+    ) -> Tensor:
+        """A decode step's attention from the projection qkv [B, ...]: rope_store (q/k norms
+        `norms`, RoPE, the K/V write), then the backend's decode: [B, Hq, D]."""
+        q, _, _ = self.rope_store(qkv, *norms, positions, slots, *kv)
+        return attention.decode(q, kv, paged)
+
 
 class TritonLayerOps(TorchLayerOps):
     rope_table: Table[RopeBlock] = ROPE_STORE
@@ -107,3 +125,20 @@ class TritonLayerOps(TorchLayerOps):
             -1, (self.num_kv_heads, self.head_dim)
         )
         return q, k, v
+
+    def attend_decode(
+        self,
+        attention: AttentionBackend,
+        qkv: Tensor,
+        norms: tuple[Tensor, Tensor],
+        positions: Tensor,
+        slots: Tensor,
+        kv: LayerCache,
+        paged: BlockTables,
+    ) -> Tensor:
+        """Our Triton decode attention takes the projection in its own launch where its table
+        says so: a launch less a layer."""
+        if not (isinstance(attention, TritonAttention) and attention.takes_projection(len(qkv))):
+            return super().attend_decode(attention, qkv, norms, positions, slots, kv, paged)
+        rope = Rope(self.num_heads, *norms, self.inv_freq, positions, slots, self.eps)
+        return attention.decode(qkv, kv, paged, rope)

@@ -17,7 +17,8 @@ the benchmark named, then change an entry and its citation together.
 - `MOE_ROUTE`: the MoE's routing by token count: the router's GEMM and a program a token, or
   one launch (replica.kernels.moe_route).
 - `ROPE_STORE`: the q/k-norm + RoPE + KV-write kernel's tokens a program by token count.
-- `ATTENTION_MERGE`: decode attention's splits merged in its launch or by a second kernel.
+- `ATTENTION_DECODE`: what decode attention's launch takes on (merging its splits; the q/k norms,
+  RoPE and K/V write).
 
 Attention's backend (replica.ops.select picks it) and sampling have no other choices.
 """
@@ -352,23 +353,32 @@ def route_table() -> Table[Route]:
 
 
 @dataclass(frozen=True)
-class Merge:
-    """Decode attention's splits merged `in_launch` by the split that finishes last (a ticket
-    per row and KV head, replica.kernels.decode_attention), else by a second kernel."""
+class DecodeLaunch:
+    """What decode attention's split kernel also does (replica.kernels.decode_attention):
+    `merged`, its splits merged by the one that finishes last (a ticket per row and KV head),
+    else by a second kernel; `roped`, the q/k norms, RoPE and K/V write from the projection,
+    else the layer's rope_store kernel before it."""
 
-    in_launch: bool
+    merged: bool
+    roped: bool
 
 
-ATTENTION_MERGE: Table[Merge] = Table(
-    "decode attention's merge",
+ATTENTION_DECODE: Table[DecodeLaunch] = Table(
+    "decode attention's launches",
     "rows",
-    (Entry(math.inf, Merge(in_launch=False), f"{ISSUE_4}; docs/perf/engine-h200.json"),),
+    (
+        Entry(
+            math.inf,
+            DecodeLaunch(merged=False, roped=False),
+            f"{ISSUE_4}; docs/perf/engine-h200.json",
+        ),
+    ),
 )
 
 
-def merge_table() -> Table[Merge]:
+def decode_table() -> Table[DecodeLaunch]:
     """Read when called, so a benchmark's patched table serves."""
-    return ATTENTION_MERGE
+    return ATTENTION_DECODE
 
 
 # The layer's elementwise kernels.
