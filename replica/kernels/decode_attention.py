@@ -137,7 +137,7 @@ def _split_kernel(
         ticket = ticket_ptr + row * tl.num_programs(1) + kv_head
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1:
             tl.store(ticket, 0)
-            live_splits = tl.cdiv(seq_len, chunk)  # the splits past it hold nothing
+            live_splits = tl.cdiv(seq_len, tl.maximum(chunk, 1))  # none past it hold anything
             mine = tl.arange(0, MERGE_HEADS)  # the group's heads, padded less than GROUP_PAD
             merged = _merged(
                 part_ptr + row * stride_pb, lse_ptr + row * stride_lb, kv_head * GROUP + mine,
