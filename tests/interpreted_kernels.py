@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention import BlockTables, DecodeStep, LayerCache, PackedRows
 from replica.ops.attention.reference import ReferenceAttention
 from replica.ops.layer import TorchLayerOps
 
@@ -118,12 +118,11 @@ def decode_roped() -> None:
         close(kv.k, want.k)
         close(kv.v, want.v)
     triton_ops = TritonLayerOps(HEADS, KV_HEADS, HEAD_DIM, 1e-6, inv_freq)
-    attention, paged = TritonAttention(), BlockTables(tables, row_ids, seq_lens)
+    step = DecodeStep(positions, slots, BlockTables(tables, row_ids, seq_lens))
     for variant in ("two_launch_attention", "roped_attention", "one_launch_attention"):
         with VARIANTS[variant]():  # the layer's ops through a table that asks for it
             kv = LayerCache(k_cache.clone(), v_cache.clone())
-            norms = (q_norm, k_norm)
-            out = triton_ops.attend_decode(attention, qkv, norms, positions, slots, kv, paged)
+            out = triton_ops.attend_decode(TritonAttention(), qkv, (q_norm, k_norm), kv, step)
             close(out, reference)
             close(kv.k, want.k)
 

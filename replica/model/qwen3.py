@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from replica.model.architecture import attention_shape, rope_theta
 from replica.model.weights import ModelWeights
 from replica.ops import Ops, select_ops
-from replica.ops.attention import BlockTables, LayerCache, PackedRows
+from replica.ops.attention import BlockTables, DecodeStep, LayerCache, PackedRows
 from replica.ops.mlp import DenseMLP, SparseMoE
 
 
@@ -107,6 +107,7 @@ class Qwen3:
         pair the stage before it returned."""
         ops, layer_ops, layers = self.ops, self.layer_ops, self.layers
         decode = batch.paged is not None
+        step = DecodeStep(batch.positions, batch.slots, batch.paged) if batch.paged else None
         if entering is None:
             assert self.embed is not None, "a later stage continues from the previous one's pair"
             h, x = layer_ops.add_rms_norm(
@@ -117,11 +118,8 @@ class Qwen3:
         for index, w in enumerate(layers):
             kv = cache.layer(index)
             qkv = ops.linear(x, w.qkv)
-            if batch.paged is not None:
-                out = layer_ops.attend_decode(
-                    ops.attention, qkv, (w.q_norm, w.k_norm), batch.positions, batch.slots, kv,
-                    batch.paged,
-                )  # fmt: skip
+            if step is not None:
+                out = layer_ops.attend_decode(ops.attention, qkv, (w.q_norm, w.k_norm), kv, step)
             else:
                 assert batch.rows is not None
                 q, k, v = layer_ops.rope_store(

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from replica.kernels import elementwise
 from replica.kernels.decode_attention import Rope
-from replica.ops.attention import AttentionBackend, BlockTables, LayerCache
-from replica.ops.attention.triton_backend import TritonAttention
+from replica.ops.attention import AttentionBackend, DecodeStep, LayerCache
 from replica.ops.tables import ROPE_STORE, RopeBlock, Table
+
+Norms = tuple[Tensor, Tensor]  # a layer's q and k RMSNorm weights
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -84,16 +85,19 @@ class TorchLayerOps:
         self,
         attention: AttentionBackend,
         qkv: Tensor,
-        norms: tuple[Tensor, Tensor],
-        positions: Tensor,
-        slots: Tensor,
+        norms: Norms,
         kv: LayerCache,
-        paged: BlockTables,
+        step: DecodeStep,
     ) -> Tensor:
         """A decode step's attention from the projection qkv [B, ...]: rope_store (q/k norms
-        `norms`, RoPE, the K/V write), then the backend's decode: [B, Hq, D]."""
-        q, _, _ = self.rope_store(qkv, *norms, positions, slots, *kv)
-        return attention.decode(q, kv, paged)
+        `norms`, RoPE, the K/V write), then the backend's decode: [B, Hq, D]; or the backend's
+        decode doing both, where it takes the projection (our Triton kernel: a launch less a
+        layer)."""
+        if attention.takes_projection(len(qkv)):
+            rope = Rope(self.num_heads, *norms, self.inv_freq, step.positions, step.slots, self.eps)
+            return attention.decode(qkv, kv, step.paged, rope)
+        q, _, _ = self.rope_store(qkv, *norms, step.positions, step.slots, *kv)
+        return attention.decode(q, kv, step.paged)
 
 
 class TritonLayerOps(TorchLayerOps):
@@ -125,20 +129,3 @@ class TritonLayerOps(TorchLayerOps):
             -1, (self.num_kv_heads, self.head_dim)
         )
         return q, k, v
-
-    def attend_decode(
-        self,
-        attention: AttentionBackend,
-        qkv: Tensor,
-        norms: tuple[Tensor, Tensor],
-        positions: Tensor,
-        slots: Tensor,
-        kv: LayerCache,
-        paged: BlockTables,
-    ) -> Tensor:
-        """Our Triton decode attention takes the projection in its own launch where its table
-        says so: a launch less a layer."""
-        if not (isinstance(attention, TritonAttention) and attention.takes_projection(len(qkv))):
-            return super().attend_decode(attention, qkv, norms, positions, slots, kv, paged)
-        rope = Rope(self.num_heads, *norms, self.inv_freq, positions, slots, self.eps)
-        return attention.decode(qkv, kv, paged, rope)

@@ -38,8 +38,8 @@ class Ops:
       experts' pairs, summed by the next add + RMSNorm); `decode`: a decode step;
     - `layer(num_heads, num_kv_heads, head_dim, eps, inv_freq)`: the layer's elementwise ops,
       `.add_rms_norm(h, delta, weight)` and `.rope_store(qkv, q_norm, k_norm, positions, slots,
-      k_cache, v_cache)`, and `.attend_decode(attention, qkv, norms, positions, slots, kv,
-      paged)`: rope_store then the backend's decode, or our decode kernel doing both.
+      k_cache, v_cache)`, and `.attend_decode(attention, qkv, norms, kv, step)`: rope_store
+      then the backend's decode, or our decode kernel doing both.
     """
 
     attention: AttentionBackend

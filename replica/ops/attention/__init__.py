@@ -34,6 +34,15 @@ class BlockTables:
     seq_lens: Tensor  # [B] int32
 
 
+class DecodeStep(NamedTuple):
+    """A decode step's new tokens: their positions (RoPE), the flat KV slots they write, and the
+    blocks each row reads."""
+
+    positions: Tensor  # [B] int64
+    slots: Tensor  # [B] int64
+    paged: BlockTables
+
+
 @dataclass(frozen=True)
 class CachedContext:
     """What each prefill row already holds in the cache before this chunk: row b's first
@@ -113,7 +122,12 @@ class AttentionBackend(Protocol):
         q [T, Hq, D], k/v [T, Hkv, D] (also already in `kv`) -> [T, Hq, D]."""
 
     def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
-        """One query per row: q [B, Hq, D] -> [B, Hq, D]."""
+        """One query per row: q [B, Hq, D] -> [B, Hq, D]. A backend that `takes_projection`
+        also takes a `rope` (replica.kernels.decode_attention.Rope), q then the projection."""
+
+    def takes_projection(self, rows: int) -> bool:
+        """Whether its decode of `rows` rows takes the projection qkv and does the q/k norms,
+        RoPE and the K/V write itself (else the layer's rope_store does them first)."""
 
 
 def flash_attn_available() -> bool:

@@ -36,6 +36,9 @@ class FlashAttention:
             block_table=context.tables,
         )
 
+    def takes_projection(self, rows: int) -> bool:
+        return False
+
     def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
         out = flash_attn_with_kvcache(
             q[:, None],

@@ -40,6 +40,9 @@ class ReferenceAttention:
         visible = (key_pos[None, None, :] <= query_pos) & live
         return rows.unpad(_sdpa(rows.pad(q), keys, values, visible))
 
+    def takes_projection(self, rows: int) -> bool:
+        return False
+
     def decode(self, q: Tensor, kv: LayerCache, paged: BlockTables) -> Tensor:
         tables = paged.tables[paged.row_ids]
         k, v = _gather(kv.k, tables), _gather(kv.v, tables)
