@@ -3,10 +3,12 @@
 Decode is split-K ("flash decoding"): program (row, kv_head, split) takes one chunk of the row's
 live length and all query heads sharing that KV head (GQA: K/V are read once per group), and
 writes a partial output with its log-sum-exp. The splits are merged by a second kernel, or, given
-a ticket per (row, KV head), by the split that finishes last (one launch: a decode step's
-attention is two small launches a layer otherwise). Chunk sizes follow each row's live length,
-so a short row costs little however long the context could be. Key t of a row is at offset
-t % BLOCK_SIZE of block tables[row_id, t // BLOCK_SIZE].
+a ticket per (row, KV head), by the split that finishes last. Given a `Rope`, the kernel takes
+the layer's projection qkv instead of q: it norms and rotates q and the new key itself and writes
+the new K/V (else rope_store's kernel does, before it). A decode step's attention can so be one
+launch a layer instead of three small ones. Chunk sizes follow each row's live length, so a short
+row costs little however long the context could be. Key t of a row is at offset t % BLOCK_SIZE of
+block tables[row_id, t // BLOCK_SIZE].
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Qwen3:
         pair the stage before it returned."""
         ops, layer_ops, layers = self.ops, self.layer_ops, self.layers
         decode = batch.paged is not None
-        step = DecodeStep(batch.positions, batch.slots, batch.paged) if batch.paged else None
+        step = DecodeStep(batch.positions, batch.slots, batch.paged) if decode else None
         if entering is None:
             assert self.embed is not None, "a later stage continues from the previous one's pair"
             h, x = layer_ops.add_rms_norm(

@@ -1,4 +1,6 @@
-"""The elementwise ops of a Qwen3 layer: add + RMSNorm, and q/k norms + RoPE + the KV write.
+"""The elementwise ops of a Qwen3 layer: add + RMSNorm, and q/k norms + RoPE + the KV write; and
+a decode step's attention from the projection (`attend_decode`: those, then the backend's decode,
+or a backend that does both in one launch).
 
 `TorchLayerOps` is plain PyTorch in transformers' exact order of operations (fp32 tokens match it
 bit for bit on CPU). On CUDA `TritonLayerOps` does the same work in the fused kernels of

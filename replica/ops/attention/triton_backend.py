@@ -16,7 +16,7 @@ TICKETS = 1 << 16  # rows x KV heads the splits can merge in their launch (256 K
 class TritonAttention:
     """Varlen causal prefill over the packed chunks (through the block tables where a row has
     context); split-K decode over each row's live length, through its block table, merging its
-    splits and taking the projection itself (`decode_projection`) where
+    splits and taking the projection itself (`takes_projection`) where
     `tables.ATTENTION_DECODE` says."""
 
     name = "triton"
