@@ -126,6 +126,15 @@ def fused_routes() -> Table:
     return replace(tables.MOE_ROUTE, entries=(entry, *tables.MOE_ROUTE.entries))
 
 
+def normed_routes():
+    """Engines built inside route a decode step of up to 8 tokens in one launch with the
+    layer's add + RMSNorm before the MoE in it; bf16's and int4's alike."""
+    entry = tables.Entry(8, tables.Route(fused=True, normed=True), "measured here")
+    return serving(
+        MOE_ROUTE=replace(tables.MOE_ROUTE, entries=(entry, tables.MOE_ROUTE.entries[-1]))
+    )
+
+
 def routes_in(fused: bool):
     """Engines built inside route every step in one launch where the kernel can (`fused`), or
     in three: bf16's and int4's alike, so the benchmark builds both inside."""
@@ -151,10 +160,13 @@ VARIANTS = {
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
+    "normed_route": normed_routes,
     "merged_attention": partial(decode_launch, True, False),
     "roped_attention": partial(decode_launch, False, True),
     "one_launch_attention": partial(decode_launch, True, True),
     "two_launch_attention": partial(decode_launch, False, False),
 }
 # variants of kernels bf16 runs too: its engine rebuilt inside
-BOTH_DTYPES = {"fused_route", "three_launch_route"} | {k for k in VARIANTS if "attention" in k}
+BOTH_DTYPES = {"fused_route", "three_launch_route", "normed_route"} | {
+    k for k in VARIANTS if "attention" in k
+}

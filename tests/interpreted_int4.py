@@ -218,6 +218,27 @@ def assert_same_routing(fused, plain) -> None:
         assert torch.equal(fused.experts[filed.long()], torch.full_like(filed, e))
 
 
+def normed_routing(router, top_k: int, tokens: int, counts, ticket) -> None:
+    """The one launch taking the layer's add + RMSNorm too: h + delta and its norm as the layer
+    ops' kernel writes them, routed as the plain routing routes that norm."""
+    from replica.kernels.moe_route import ResidualNorm, route_normed, route_pairs
+    from replica.ops.layer import TritonLayerOps
+
+    hidden = router.shape[1]
+    h, delta = torch.randn(2, tokens, hidden) * 3
+    weight = torch.rand(hidden) + 0.5
+    layer_ops = TritonLayerOps(2, 1, 16, 1e-6, torch.ones(8))
+    want_h, want_x = layer_ops.add_rms_norm(h, delta, weight)
+    for _ in range(2):
+        got_h, got_x, routing = route_normed(
+            ResidualNorm(h, delta, weight, 1e-6), router, top_k, True, counts, ticket
+        )
+        assert torch.equal(got_h, want_h) and ticket.item() == 0
+        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+        plain = route_pairs(got_x, router, top_k, True, torch.empty_like(counts))
+        assert_same_routing(routing, plain)
+
+
 def fused_routing() -> None:
     """The one-launch routing against the router's GEMM and a program a token: the same
     weights and experts, every expert's pairs filed in token order, counts written without a
@@ -246,6 +267,7 @@ def fused_routing() -> None:
             fused = route_pairs(x, router, top_k, True, counts, ticket)
             assert ticket.item() == 0
             assert_same_routing(fused, plain)
+        normed_routing(router, top_k, tokens, counts, ticket)
 
     layer = packed_experts(16, 128, 32, 2)
     layer = replace(layer, router=layer.router.bfloat16())
@@ -263,3 +285,33 @@ def fused_routing() -> None:
             routing = moe.route(torch.randn(tokens, 128).to(dtype), layer)
             assert moe.expert_counts(layer).sum().item() == tokens * 2 == routing.experts.numel()
     assert tickets == [True, False, False]  # fp32 states and 65 tokens: three launches
+    moe_from_residual(packed_experts(16, 128, 32, 2))
+
+
+def moe_from_residual(layer) -> None:
+    """TritonMoE taking the layer's add + RMSNorm in its routing where its table says so (16-bit
+    decode states of up to 8 tokens), and (in fp32, the interpreter's) the layer ops' add +
+    RMSNorm then the MoE: the same residual and output."""
+    from replica.ops import tables
+    from replica.ops.feed_forward import TritonMoE
+    from replica.ops.layer import TritonLayerOps
+
+    normed = tables.Route(fused=True, normed=True)
+    routes = tables.Table(
+        "normed", "tokens", (tables.Entry(8, normed, "t"), tables.MOE_ROUTE.entries[-1])
+    )
+    moe = TritonMoE(routes=lambda: routes)
+    states = [
+        torch.empty(tokens, 128, dtype=dtype)
+        for tokens, dtype in ((8, torch.bfloat16), (9, torch.bfloat16), (8, torch.float32))
+    ]
+    assert [moe.takes_residual(h, True) for h in states] == [True, False, False]
+    assert not moe.takes_residual(states[0], False)  # a prefill: the layer ops' kernel
+    layer_ops = TritonLayerOps(2, 1, 16, 1e-6, torch.ones(8))
+    h, delta = torch.randn(2, 1, 128)  # a token: the pairs' GEMV (the tiles are slow here)
+    weight = torch.rand(128) + 0.5
+    for _ in range(2):  # the layer's ticket back at zero between calls
+        got_h, got = moe.from_residual((h, delta, weight, 1e-6), layer, True)
+        want_h, x = layer_ops.add_rms_norm(h, delta, weight)
+        assert torch.equal(got_h, want_h)
+        close_in_scale(got, TritonMoE()(x, layer, True))

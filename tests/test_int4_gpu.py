@@ -214,3 +214,39 @@ def test_one_launch_routing_routes_as_the_plain_one_in_a_graph(dtype: torch.dtyp
                 plain = route_pairs(x, router, 8, True, torch.empty_like(counts))
                 assert_same_routing(fused, plain)
             assert ticket.item() == 0
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routing_with_the_norm_replays_as_the_norm_then_the_routing(dtype: torch.dtype):
+    """The one launch taking the layer's add + RMSNorm, at the 30B's and the 235B's sizes, 1 to
+    8 tokens, captured in a CUDA graph and replayed on new states: the layer ops' add + RMSNorm
+    (h + delta exactly, its norm within a rounding), routed as the plain routing routes it."""
+    from replica.kernels.moe_route import ResidualNorm, route_normed, route_pairs
+    from replica.ops.layer import TritonLayerOps
+    from tests.interpreted_int4 import assert_same_routing
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer_ops = TritonLayerOps(2, 1, 16, 1e-6, torch.ones(8, device="cuda"))
+    for hidden in (2048, 4096):
+        router = torch.randn(128, hidden, device="cuda", generator=gen).to(dtype)
+        weight = (torch.rand(hidden, device="cuda", generator=gen) + 0.5).to(dtype)
+        counts = torch.zeros(128, dtype=torch.int32, device="cuda")
+        ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for tokens in (1, 8):
+            h, delta = torch.empty(2, tokens, hidden, device="cuda", dtype=dtype)
+            norm = ResidualNorm(h, delta, weight, 1e-6)
+            route_normed(norm, router, 8, True, counts, ticket)  # compiled before the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got_h, got_x, fused = route_normed(norm, router, 8, True, counts, ticket)
+            for _ in range(2):
+                h.normal_(generator=gen)
+                delta.normal_(generator=gen)
+                graph.replay()
+                want_h, want_x = layer_ops.add_rms_norm(h, delta, weight)
+                assert torch.equal(got_h, want_h) and ticket.item() == 0
+                torch.testing.assert_close(got_x, want_x, rtol=1e-2, atol=1e-2)
+                plain = route_pairs(got_x, router, 8, True, torch.empty_like(counts))
+                assert_same_routing(fused, plain)

@@ -158,7 +158,10 @@ def test_a_decode_step_of_8_tokens_or_fewer_routes_in_one_launch():
         assert tables.route_table().choose(64).fused
     with VARIANTS["three_launch_route"]():
         assert not tables.route_table().choose(1).fused
-    assert tables.route_table().choose(1).fused
+    with VARIANTS["normed_route"]():
+        assert tables.route_table().choose(8) == tables.Route(fused=True, normed=True)
+        assert tables.route_table().choose(9) == tables.Route(fused=False)
+    assert tables.route_table().choose(1) == tables.Route(fused=True)
 
 
 def test_the_attention_variants_serve_their_decode_launch_inside_and_restore_it():

@@ -84,10 +84,24 @@ def _route_kernel(
 
 
 @triton.jit
+def _residual(h_ptr, delta_ptr, at, live):
+    """h + delta at offsets `at`, rounded to h's dtype as replica.kernels.elementwise's add +
+    RMSNorm rounds it, as fp32."""
+    h = tl.load(h_ptr + at, mask=live, other=0.0)
+    delta = tl.load(delta_ptr + at, mask=live, other=0.0).to(h.dtype)
+    return (h.to(tl.float32) + delta.to(tl.float32)).to(h.dtype).to(tl.float32)
+
+
+@triton.jit
 def _store_logit_slice(
-    x_ptr,
+    x_ptr,  # NORM: the residual h; its normed rows are written to x_out_ptr
     router_ptr,
     slices_ptr,
+    delta_ptr,  # NORM: [tokens, hidden], added to h
+    norm_ptr,  # NORM: [hidden], the RMSNorm's weight
+    h_out_ptr,  # NORM: [tokens, hidden], h + delta
+    x_out_ptr,  # NORM: [tokens, hidden], its RMSNorm
+    eps,
     tokens,
     num_experts,
     hidden,
@@ -96,27 +110,46 @@ def _store_logit_slice(
     BLOCK_E: tl.constexpr,
     ROWS: tl.constexpr,
     STEP: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """This program's ROWS experts' logits over its slice of the hidden size, every token's."""
+    """This program's ROWS experts' logits over its slice of the hidden size, every token's.
+    NORM: the rows are RMSNorm(h + delta), each program taking the whole rows' mean square and
+    the first of each slice writing h + delta and the normed rows there."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     part = tl.program_id(1)
     toks = tl.arange(0, BLOCK_T)
     ks = tl.arange(0, STEP)
     width = hidden // SLICES
-    x_rows = x_ptr + toks[:, None] * hidden + part * width + ks[None, :]
+    token_rows = toks[:, None] * hidden + ks[None, :]
+    token_live = toks[:, None] < tokens
     w_rows = router_ptr + rows[:, None].to(tl.int64) * hidden + part * width + ks[None, :]
+    if NORM:
+        squares = tl.zeros([BLOCK_T, STEP], dtype=tl.float32)
+        for k in range(0, hidden, STEP):
+            summed = _residual(x_ptr, delta_ptr, token_rows + k, token_live)
+            squares += summed * summed
+        inv_rms = tl.rsqrt(tl.sum(squares, 1) / hidden + eps)[:, None]
     acc = tl.zeros([BLOCK_T, ROWS], dtype=tl.float32)
-    for k in range(0, width, STEP):
-        x = tl.load(x_rows + k, mask=toks[:, None] < tokens, other=0.0)
-        w = tl.load(w_rows + k, mask=rows[:, None] < num_experts, other=0.0)
+    for k in range(part * width, (part + 1) * width, STEP):
+        if NORM:
+            summed = _residual(x_ptr, delta_ptr, token_rows + k, token_live)
+            dtype = x_out_ptr.dtype.element_ty
+            weight = tl.load(norm_ptr + k + ks).to(tl.float32)[None, :]
+            x = (weight * (summed * inv_rms).to(dtype).to(tl.float32)).to(dtype)
+            if tl.program_id(0) == 0:
+                tl.store(h_out_ptr + token_rows + k, summed.to(dtype), mask=token_live)
+                tl.store(x_out_ptr + token_rows + k, x, mask=token_live)
+        else:
+            x = tl.load(x_ptr + token_rows + k, mask=token_live, other=0.0)
+        w = tl.load(w_rows + k - part * width, mask=rows[:, None] < num_experts, other=0.0)
         acc += tl.dot(x, tl.trans(w))
     dst = slices_ptr + (part * BLOCK_T + toks[:, None]) * BLOCK_E + rows[None, :]
-    tl.store(dst, acc, mask=toks[:, None] < tokens)
+    tl.store(dst, acc, mask=token_live)
 
 
 @triton.jit
 def _fused_route_kernel(
-    x_ptr,  # [tokens, hidden], 16-bit
+    x_ptr,  # [tokens, hidden], 16-bit (NORM: the residual h)
     router_ptr,  # [experts, hidden]
     slices_ptr,  # [SLICES, BLOCK_T, BLOCK_E] fp32 scratch: each slice's logits
     ticket_ptr,  # [1] int32, zero between calls
@@ -124,9 +157,15 @@ def _fused_route_kernel(
     experts_ptr,
     counts_ptr,
     bucket_ptr,
+    delta_ptr,  # NORM (else unused, as the next three): _store_logit_slice's
+    norm_ptr,
+    h_out_ptr,
+    x_out_ptr,
+    eps,
     tokens,
     num_experts,
     hidden,
+    NORM: tl.constexpr,
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
     SLICES: tl.constexpr,
@@ -138,8 +177,8 @@ def _fused_route_kernel(
     STEP: tl.constexpr,
 ):
     _store_logit_slice(
-        x_ptr, router_ptr, slices_ptr, tokens, num_experts, hidden,
-        SLICES, BLOCK_T, BLOCK_E, ROWS, STEP,
+        x_ptr, router_ptr, slices_ptr, delta_ptr, norm_ptr, h_out_ptr, x_out_ptr, eps, tokens,
+        num_experts, hidden, SLICES, BLOCK_T, BLOCK_E, ROWS, STEP, NORM,
     )  # fmt: skip
     tl.debug_barrier()  # every thread's logits stored before the ticket releases them
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
@@ -224,29 +263,68 @@ def route_pairs(
     `normalize`), each pair filed in its expert's bucket. `counts` [experts] int32 is written
     (the caller's buffer: a CUDA graph writes the same one every replay). A `ticket` ([1] int32,
     zero, the caller's too) routes in one launch, where `one_launch_fits(x)`."""
-    tokens = x.shape[0]
-    experts = router.shape[0]
-    pairs = tokens * top_k
-    bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
-    weights = torch.empty(pairs, dtype=torch.float32, device=x.device)
-    pair_experts = torch.empty(pairs, dtype=torch.int32, device=x.device)
-    outputs = (weights, pair_experts, counts, bucket)
-    shape = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_K=triton.next_power_of_2(top_k))
+    outputs, shape = _routing_outputs(x, router, top_k, normalize, counts)
     if ticket is None:
         counts.zero_()
         logits = router_logits(x, router)
-        block_e = triton.next_power_of_2(experts)
-        _route_kernel[(tokens,)](
-            logits, *outputs, experts, tokens, BLOCK_E=block_e, **shape, num_warps=4
-        )
+        experts = router.shape[0]
+        _route_kernel[(x.shape[0],)](
+            logits, *outputs, experts, x.shape[0],
+            BLOCK_E=triton.next_power_of_2(experts), **shape, num_warps=4,
+        )  # fmt: skip
     else:
-        _fused_route(x, router, ticket, outputs, shape)
-    return Routing(weights, pair_experts, counts, bucket, top_k)
+        _fused_route(x, router, ticket, outputs, shape, None)
+    return Routing(*outputs[:2], counts, outputs[3], top_k)
+
+
+@dataclass(frozen=True)
+class ResidualNorm:
+    """The add + RMSNorm before the MoE (replica.ops.layer's add_rms_norm): h + delta, and its
+    RMSNorm by `weight`."""
+
+    h: Tensor  # [T, hidden]
+    delta: Tensor  # [T, hidden]
+    weight: Tensor  # [hidden]
+    eps: float
+
+
+def route_normed(
+    norm: ResidualNorm,
+    router: Tensor,
+    top_k: int,
+    normalize: bool,
+    counts: Tensor,
+    ticket: Tensor,
+) -> tuple[Tensor, Tensor, Routing]:
+    """(h + delta, its RMSNorm x, x's routing) in route_pairs' one launch, where
+    `one_launch_fits(norm.h)`: the layer's add + RMSNorm is a launch less."""
+    outputs, shape = _routing_outputs(norm.h, router, top_k, normalize, counts)
+    h, x = torch.empty_like(norm.h), torch.empty_like(norm.h)
+    _fused_route(norm.h, router, ticket, outputs, shape, (norm, h, x))
+    return h, x, Routing(*outputs[:2], counts, outputs[3], top_k)
+
+
+def _routing_outputs(
+    x: Tensor, router: Tensor, top_k: int, normalize: bool, counts: Tensor
+) -> tuple[tuple[Tensor, ...], dict]:
+    """(weights, experts, counts, bucket) to write, and the kernels' top-k constants."""
+    tokens, experts = x.shape[0], router.shape[0]
+    bucket = torch.empty(experts, tokens, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens * top_k, dtype=torch.float32, device=x.device)
+    pair_experts = torch.empty(tokens * top_k, dtype=torch.int32, device=x.device)
+    shape = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_K=triton.next_power_of_2(top_k))
+    return (weights, pair_experts, counts, bucket), shape
 
 
 def _fused_route(
-    x: Tensor, router: Tensor, ticket: Tensor, outputs: tuple[Tensor, ...], shape: dict
+    x: Tensor,
+    router: Tensor,
+    ticket: Tensor,
+    outputs: tuple[Tensor, ...],
+    shape: dict,
+    norm: tuple[ResidualNorm, Tensor, Tensor] | None,
 ) -> None:
+    """`norm`: x is its h, and (h + delta, its RMSNorm) are written to the two tensors."""
     assert x.is_contiguous() and router.is_contiguous(), "the kernel reads rows of `hidden`"
     tokens, hidden = x.shape
     experts = router.shape[0]
@@ -254,8 +332,15 @@ def _fused_route(
     block_t = max(16, triton.next_power_of_2(tokens))
     block_e = max(ROUTER_ROWS, triton.next_power_of_2(experts))
     scratch = torch.empty(slices, block_t, block_e, dtype=torch.float32, device=x.device)
+    if norm is None:
+        normed: tuple = (x, x, x, x, 0.0)  # unused
+    else:
+        residual, h, x_out = norm
+        assert residual.delta.is_contiguous() and residual.delta.shape == x.shape
+        normed = (residual.delta, residual.weight, h, x_out, residual.eps)
     _fused_route_kernel[(triton.cdiv(experts, ROUTER_ROWS), slices)](
-        x, router, scratch, ticket, *outputs, tokens, experts, hidden,
-        SLICES=slices, BLOCK_T=block_t, FILE_T=triton.next_power_of_2(tokens), BLOCK_E=block_e,
-        ROWS=ROUTER_ROWS, STEP=HIDDEN_STEP, **shape, num_warps=4,
+        x, router, scratch, ticket, *outputs, *normed, tokens, experts, hidden,
+        NORM=norm is not None, SLICES=slices, BLOCK_T=block_t,
+        FILE_T=triton.next_power_of_2(tokens), BLOCK_E=block_e, ROWS=ROUTER_ROWS,
+        STEP=HIDDEN_STEP, **shape, num_warps=4,
     )  # fmt: skip

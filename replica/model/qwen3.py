@@ -17,10 +17,10 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from replica.model.architecture import attention_shape, rope_theta
-from replica.model.weights import ModelWeights
+from replica.model.weights import LayerWeights, ModelWeights
 from replica.ops import Ops, select_ops
 from replica.ops.attention import BlockTables, DecodeStep, LayerCache, PackedRows
-from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.mlp import SparseMoE
 
 
 @dataclass
@@ -127,16 +127,23 @@ class Qwen3:
                 )
                 out = ops.attention.prefill(q, k, v, kv, batch.rows)
             attended = ops.linear(out.reshape(h.shape[0], -1), w.o_proj)
-            h, x = layer_ops.add_rms_norm(h, attended, w.post_norm)
+            h, delta = self._feed_forward(h, attended, w, decode)
             next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else self.final_norm
-            h, x = layer_ops.add_rms_norm(h, self._feed_forward(x, w.mlp, decode), next_norm)
+            h, x = layer_ops.add_rms_norm(h, delta, next_norm)
         return h, x
 
-    def _feed_forward(self, x: Tensor, mlp: DenseMLP | SparseMoE, decode: bool) -> Tensor:
-        """The MLP's output, or the MoE's ([T * top_k, hidden] from the fused experts)."""
+    def _feed_forward(
+        self, h: Tensor, attended: Tensor, w: LayerWeights, decode: bool
+    ) -> tuple[Tensor, Tensor]:
+        """(h + attended, the MLP's output of its post-attention RMSNorm, or the MoE's: [T *
+        top_k, hidden] from the fused experts; the MoE may take the add + RMSNorm itself)."""
+        mlp, moe = w.mlp, self.ops.moe
+        if isinstance(mlp, SparseMoE) and moe.takes_residual(h, decode):
+            return moe.from_residual((h, attended, w.post_norm, self.eps), mlp, decode)
+        h, x = self.layer_ops.add_rms_norm(h, attended, w.post_norm)
         if isinstance(mlp, SparseMoE):
-            return self.ops.moe(x, mlp, decode)
-        return self.ops.mlp(x, mlp)
+            return h, moe(x, mlp, decode)
+        return h, self.ops.mlp(x, mlp)
 
     def logits(self, hidden: Tensor) -> Tensor:
         assert self.lm_head is not None, "only the last stage has the LM head"

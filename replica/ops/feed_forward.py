@@ -20,7 +20,13 @@ from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import w4a16_splitk
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
-from replica.kernels.moe_route import Routing, one_launch_fits, route_pairs
+from replica.kernels.moe_route import (
+    ResidualNorm,
+    Routing,
+    one_launch_fits,
+    route_normed,
+    route_pairs,
+)
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
 from replica.ops.packed import PackedInt4
@@ -82,6 +88,18 @@ class TorchMoE:
         """[T, hidden]: the expert loop (`decode` changes nothing here)."""
         return moe_reference(x, moe)
 
+    def takes_residual(self, h: Tensor, decode: bool) -> bool:
+        """Whether `from_residual` does the layer's add + RMSNorm before the MoE (else the
+        layer ops' add_rms_norm does, and the MoE takes its output)."""
+        return False
+
+    def from_residual(
+        self, norm: tuple[Tensor, Tensor, Tensor, float], moe: SparseMoE, decode: bool
+    ) -> tuple[Tensor, Tensor]:
+        """`norm` (h, delta, the RMSNorm's weight, eps): (h + delta, the layer's output of its
+        RMSNorm, as `__call__` returns it)."""
+        raise NotImplementedError("only where takes_residual")
+
 
 class TritonMoE(TorchMoE):
     """`tables`: the table for (packed experts, decode step); a benchmark passes its own, or
@@ -101,12 +119,34 @@ class TritonMoE(TorchMoE):
     def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
         """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
         `decode`: a decode step (in a CUDA graph: no dequantized copy)."""
-        table = self.tables(packed_group(moe), decode)
-        return self.run(x, moe, table.choose(x.shape[0] * moe.top_k / moe.num_experts))
+        return self.run(x, moe, self.choose(x, moe, decode))
 
-    def run(self, x: Tensor, moe: SparseMoE, choice: MoeChoice) -> Tensor:
-        """The layer through the kernels `choice` names."""
-        routing = self.route(x, moe)
+    def takes_residual(self, h: Tensor, decode: bool) -> bool:
+        """Where the routing table routes with the add + RMSNorm in its one launch."""
+        return decode and self.routes().choose(h.shape[0]).normed and one_launch_fits(h)
+
+    def from_residual(
+        self, norm: tuple[Tensor, Tensor, Tensor, float], moe: SparseMoE, decode: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The add + RMSNorm in the routing's launch (replica.kernels.moe_route.route_normed):
+        a launch less a layer."""
+        _, counts, ticket = self._layer_buffers(moe)
+        h, x, routing = route_normed(
+            ResidualNorm(*norm), moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket
+        )
+        return h, self.run(x, moe, self.choose(x, moe, decode), routing)
+
+    def choose(self, x: Tensor, moe: SparseMoE, decode: bool) -> MoeChoice:
+        return self.tables(packed_group(moe), decode).choose(
+            x.shape[0] * moe.top_k / moe.num_experts
+        )
+
+    def run(
+        self, x: Tensor, moe: SparseMoE, choice: MoeChoice, routing: Routing | None = None
+    ) -> Tensor:
+        """The layer through the kernels `choice` names (`routing`: x's, already routed)."""
+        if routing is None:
+            routing = self.route(x, moe)
         if isinstance(choice, FusedExperts):
             assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
             return experts_fused(x, moe.gate_up, moe.down, routing, choice.tile)

@@ -19,7 +19,7 @@ from replica.ops.attention.triton_backend import TritonAttention
 from replica.ops.feed_forward import TorchMLP, TorchMoE, TritonMLP, TritonMoE
 from replica.ops.layer import TorchLayerOps, TritonLayerOps
 from replica.ops.linear import TorchLinear, TritonLinear
-from replica.ops.mlp import DenseMLP, SparseMoE
+from replica.ops.mlp import DenseMLP
 from replica.ops.packed import PackedInt4
 from replica.ops.sampler import CANDIDATES, Sampler, sample
 
@@ -35,7 +35,9 @@ class Ops:
     - `linear(x, weight) -> x @ weight.T`, 16-bit or packed;
     - `mlp(x, DenseMLP) -> [T, hidden]`;
     - `moe(x, SparseMoE, decode) -> [T, hidden]` (CPU) or [T * top_k, hidden] (the fused
-      experts' pairs, summed by the next add + RMSNorm); `decode`: a decode step;
+      experts' pairs, summed by the next add + RMSNorm); `decode`: a decode step; and, where
+      `.takes_residual(h, decode)`, `.from_residual((h, delta, weight, eps), moe, decode)`:
+      the add + RMSNorm before it in the routing's launch;
     - `layer(num_heads, num_kv_heads, head_dim, eps, inv_freq)`: the layer's elementwise ops,
       `.add_rms_norm(h, delta, weight)` and `.rope_store(qkv, q_norm, k_norm, positions, slots,
       k_cache, v_cache)`, and `.attend_decode(attention, qkv, norms, kv, step)`: rope_store
@@ -46,7 +48,7 @@ class Ops:
     sampler: Sampler
     linear: Callable[[Tensor, Tensor | PackedInt4], Tensor]
     mlp: Callable[[Tensor, DenseMLP], Tensor]
-    moe: Callable[[Tensor, SparseMoE, bool], Tensor]
+    moe: TorchMoE
     layer: type[TorchLayerOps]
 
 

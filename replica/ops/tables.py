@@ -326,9 +326,11 @@ def moe_table(group_size: int | None, decode: bool) -> Table[MoeChoice]:
 @dataclass(frozen=True)
 class Route:
     """The MoE's routing: `fused` in one launch (the router's GEMM, softmax, top-k and buckets;
-    16-bit activations, at most moe_route.FUSED_MAX_TOKENS tokens), else three."""
+    16-bit activations, at most moe_route.FUSED_MAX_TOKENS tokens), else three; `normed` (a
+    decode step's, fused): the layer's add + RMSNorm before the MoE in that launch too."""
 
     fused: bool
+    normed: bool = False
 
 
 # The routing alone at 1 to 8 tokens: 6.0-8.5 us in one launch against 10.2-10.4 in three;

@@ -1,7 +1,8 @@
-"""Decode attention's split kernel compiled for the A100 (sm_80) and the H100 (sm_90) on the CPU,
-in each way a step launches it: Triton's interpreter runs what a GPU compile may refuse (a name
-given another shape in a branch once compiled only in the interpreter). With its splits merged in
-the launch, one atomic a program draws the ticket, after a barrier."""
+"""Kernels a decode step launches in more than one way, compiled for the A100 (sm_80) and the H100
+(sm_90) on the CPU in each: Triton's interpreter runs what a GPU compile may refuse (a name given
+another shape in a branch once compiled only in the interpreter). Decode attention's split
+kernel, whose splits merged in the launch draw a ticket by one atomic a program, after a barrier;
+the one-launch MoE routing, with the layer's add + RMSNorm in it or not."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("triton")
 
 from benchmarks import int4_sass
 from replica.kernels.decode_attention import _split_kernel
+from replica.kernels.moe_route import _fused_route_kernel
 
 if not (int4_sass.BINARIES / "cuobjdump").exists():
     pytest.skip("triton without its NVIDIA binaries", allow_module_level=True)
@@ -34,3 +36,13 @@ def test_the_split_kernel_compiles_each_way_a_step_launches_it(arch, group, merg
     atomics = [line for line in code.splitlines() if "ATOMG" in line or "RED." in line]
     assert len(atomics) == (1 if merged else 0), atomics
     assert ("BAR.SYNC" in code) or not merged
+
+
+@pytest.mark.parametrize(("arch", "normed"), [(80, True), (90, False), (90, True)])
+def test_the_one_launch_routing_compiles_with_the_norm_or_without(arch: int, normed: bool):
+    constants = dict(NORM=normed, TOP_K=8, NORMALIZE=True, SLICES=8, BLOCK_T=16, FILE_T=1)
+    constants |= dict(BLOCK_E=128, BLOCK_K=8, ROWS=16, STEP=64)
+    types = {"slices_ptr": "*fp32", "ticket_ptr": "*i32", "weights_ptr": "*fp32"}
+    types |= {"experts_ptr": "*i32", "counts_ptr": "*i32", "bucket_ptr": "*i32", "eps": "fp32"}
+    code = int4_sass.sass(_fused_route_kernel, constants, 4, 2, arch, types=types)
+    assert len([line for line in code.splitlines() if "ATOMG" in line]) == 1
