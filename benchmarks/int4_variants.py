@@ -126,13 +126,18 @@ def fused_routes() -> Table:
     return replace(tables.MOE_ROUTE, entries=(entry, *tables.MOE_ROUTE.entries))
 
 
-def normed_routes():
-    """Engines built inside route a decode step of up to 8 tokens in one launch with the
-    layer's add + RMSNorm before the MoE in it; bf16's and int4's alike."""
+def normed_routes() -> Table:
+    """The routing table with a decode step of up to 8 tokens routed in one launch with the
+    layer's add + RMSNorm before the MoE in it."""
     entry = tables.Entry(8, tables.Route(fused=True, normed=True), "measured here")
-    return serving(
-        MOE_ROUTE=replace(tables.MOE_ROUTE, entries=(entry, tables.MOE_ROUTE.entries[-1]))
-    )
+    return replace(tables.MOE_ROUTE, entries=(entry, tables.MOE_ROUTE.entries[-1]))
+
+
+def launches(merged: bool, roped: bool) -> Table:
+    """Decode attention's table with every step's launch as `tables.DecodeLaunch(merged,
+    roped)` says."""
+    entry = tables.Entry(math.inf, tables.DecodeLaunch(merged, roped), "measured here")
+    return replace(tables.ATTENTION_DECODE, entries=(entry,))
 
 
 def routes_in(fused: bool):
@@ -145,10 +150,15 @@ def routes_in(fused: bool):
 
 
 def decode_launch(merged: bool, roped: bool):
-    """Engines built inside run decode attention's launch as `tables.DecodeLaunch(merged,
-    roped)` says: bf16's and int4's alike, so the benchmark builds both inside."""
-    entry = tables.Entry(math.inf, tables.DecodeLaunch(merged, roped), "measured here")
-    return serving(ATTENTION_DECODE=replace(tables.ATTENTION_DECODE, entries=(entry,)))
+    """Engines built inside run decode attention's launch as `launches` says: bf16's and int4's
+    alike, so the benchmark builds both inside."""
+    return serving(ATTENTION_DECODE=launches(merged, roped))
+
+
+def fewer_launches():
+    """Engines built inside cut all three launches a decode layer can lose: attention's merge
+    and its rope_store (one launch), and the MoE's add + RMSNorm (in its routing)."""
+    return serving(ATTENTION_DECODE=launches(True, True), MOE_ROUTE=normed_routes())
 
 
 VARIANTS = {
@@ -160,13 +170,14 @@ VARIANTS = {
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
-    "normed_route": normed_routes,
+    "normed_route": lambda: serving(MOE_ROUTE=normed_routes()),
+    "fewer_launches": fewer_launches,
     "merged_attention": partial(decode_launch, True, False),
     "roped_attention": partial(decode_launch, False, True),
     "one_launch_attention": partial(decode_launch, True, True),
     "two_launch_attention": partial(decode_launch, False, False),
 }
 # variants of kernels bf16 runs too: its engine rebuilt inside
-BOTH_DTYPES = {"fused_route", "three_launch_route", "normed_route"} | {
+BOTH_DTYPES = {"fused_route", "three_launch_route", "normed_route", "fewer_launches"} | {
     k for k in VARIANTS if "attention" in k
 }

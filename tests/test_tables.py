@@ -158,9 +158,12 @@ def test_a_decode_step_of_8_tokens_or_fewer_routes_in_one_launch():
         assert tables.route_table().choose(64).fused
     with VARIANTS["three_launch_route"]():
         assert not tables.route_table().choose(1).fused
-    with VARIANTS["normed_route"]():
-        assert tables.route_table().choose(8) == tables.Route(fused=True, normed=True)
-        assert tables.route_table().choose(9) == tables.Route(fused=False)
+    for variant in ("normed_route", "fewer_launches"):
+        with VARIANTS[variant]():
+            assert tables.route_table().choose(8) == tables.Route(fused=True, normed=True)
+            assert tables.route_table().choose(9) == tables.Route(fused=False)
+    with VARIANTS["fewer_launches"]():
+        assert tables.decode_table().choose(64) == tables.DecodeLaunch(merged=True, roped=True)
     assert tables.route_table().choose(1) == tables.Route(fused=True)
 
 
