@@ -117,6 +117,21 @@ def test_random_weights_build_the_moe_not_a_dense_model():
     assert model.weight_bytes() == 4 * sum(p.numel() for p in theirs.parameters())
 
 
+def test_the_cpu_moe_from_the_residual_is_the_add_rms_norm_then_the_moe():
+    """The CPU's MoE never takes the residual itself, and where asked to, does what the layer
+    does without it: the layer ops' add + RMSNorm, then the MoE."""
+    from replica.ops.layer import TorchLayerOps
+
+    moe = random_model(tiny_moe_config(), "cpu", torch.float32, 0).layers[0].mlp
+    h, delta = torch.randn(2, 3, 64)
+    weight = torch.rand(64) + 0.5
+    ours = TorchMoE()
+    assert not ours.takes_residual(h, decode=True)
+    got_h, got = ours.from_residual((h, delta, weight, 1e-6), moe, True)
+    want_h, x = TorchLayerOps(4, 2, 16, 1e-6, torch.ones(8)).add_rms_norm(h, delta, weight)
+    assert torch.equal(got_h, want_h) and torch.equal(got, ours(x, moe, True))
+
+
 def test_loaded_experts_are_the_checkpoints(checkpoint, reference):
     model = Qwen3(resolve(str(checkpoint)).config, _load(checkpoint))
     theirs = reference.model.layers[1].mlp

@@ -274,7 +274,7 @@ def route_pairs(
         )  # fmt: skip
     else:
         _fused_route(x, router, ticket, outputs, shape, None)
-    return Routing(*outputs[:2], counts, outputs[3], top_k)
+    return Routing(*outputs, top_k)
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ def route_normed(
     outputs, shape = _routing_outputs(norm.h, router, top_k, normalize, counts)
     h, x = torch.empty_like(norm.h), torch.empty_like(norm.h)
     _fused_route(norm.h, router, ticket, outputs, shape, (norm, h, x))
-    return h, x, Routing(*outputs[:2], counts, outputs[3], top_k)
+    return h, x, Routing(*outputs, top_k)
 
 
 def _routing_outputs(

@@ -27,6 +27,7 @@ from replica.kernels.moe_route import (
     route_normed,
     route_pairs,
 )
+from replica.ops.layer import rms_norm
 from replica.ops.linear import TritonLinear
 from replica.ops.mlp import DenseMLP, SparseMoE, moe_reference
 from replica.ops.packed import PackedInt4
@@ -97,8 +98,10 @@ class TorchMoE:
         self, norm: tuple[Tensor, Tensor, Tensor, float], moe: SparseMoE, decode: bool
     ) -> tuple[Tensor, Tensor]:
         """`norm` (h, delta, the RMSNorm's weight, eps): (h + delta, the layer's output of its
-        RMSNorm, as `__call__` returns it)."""
-        raise NotImplementedError("only where takes_residual")
+        RMSNorm, as `__call__` returns it); here as TorchLayerOps' add_rms_norm then the MoE."""
+        h, delta, weight, eps = norm
+        h = h + delta
+        return h, self(rms_norm(h, weight, eps), moe, decode)
 
 
 class TritonMoE(TorchMoE):
