@@ -9,9 +9,15 @@ from replica.kernels.moe_fused import FusedTile
 
 
 def tile_name(t: SplitKTile) -> str:
-    """splitk_m<tokens>n<features>, then w<warps> and v<waves> where not 4 and 2, and _ptx."""
+    """splitk_m<tokens>n<features>, then w<warps>, v<waves> and s<stages> where not 4, 2 and 3,
+    then _ptx, and _two for two groups a loop step."""
     warps, waves = f"w{t.warps}" * (t.warps != 4), f"v{t.waves}" * (t.waves != 2)
-    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}{'_ptx' * t.ptx}"
+    stages = f"s{t.stages}" * (t.stages != 3)
+    return f"splitk_m{t.tokens}n{t.features}{warps}{waves}{stages}{_suffix(t)}"
+
+
+def _suffix(t: SplitKTile | FusedTile) -> str:
+    return f"{'_ptx' * t.ptx}{'_two' * t.two_groups}"
 
 
 def gemv_name(t: GemvTile) -> str:
@@ -25,4 +31,7 @@ def expert_gemv_name(up: GemvTile, down: GemvTile) -> str:
 
 
 def fused_name(t: FusedTile) -> str:
-    return f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{'_ptx' * t.ptx}"
+    """fused_m<tokens>u<gate-up features>d<down features>w<warps>, then s<stages> where not 3,
+    _ptx and _two as tile_name's."""
+    stages = f"s{t.stages}" * (t.stages != 3)
+    return f"fused_m{t.tokens}u{t.up_features}d{t.down_features}w{t.warps}{stages}{_suffix(t)}"

@@ -38,7 +38,7 @@ POINTERS |= {"partial_ptr": "*fp32", "pairs_ptr": "*i32"}
 DIVISIBLE = ("n", "depth", "stride_x", "hidden", "inter")  # widths and depths: multiples of 16
 
 
-def sass(
+def compiled(
     kernel,
     constants: dict,
     warps: int,
@@ -46,9 +46,9 @@ def sass(
     arch: int = 90,
     half: str = "bf16",
     types: dict | None = None,
-) -> str:
-    """The kernel's machine code for sm_<arch> (arguments typed by `types`, else POINTERS;
-    other pointers `half`, other ints i32)."""
+):
+    """The kernel compiled for sm_<arch> (arguments typed by `types`, else POINTERS; other
+    pointers `half`, other ints i32)."""
     names = kernel.arg_names
     known = POINTERS | (types or {})
     signature = {
@@ -65,13 +65,22 @@ def sass(
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(
+    return triton.compile(
         source,
         target=target,
         options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True},
     )
+
+
+def sass(kernel, constants: dict, warps: int, stages: int, arch: int = 90, **typing) -> str:
+    """The kernel's machine code for sm_<arch> (`typing`: compiled's half and types)."""
+    return machine_code(compiled(kernel, constants, warps, stages, arch, **typing))
+
+
+def machine_code(kernel) -> str:
+    """cuobjdump's listing of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
+        cubin.write(kernel.asm["cubin"])
         cubin.flush()
         return subprocess.run(
             [str(BINARIES / "cuobjdump"), "-sass", cubin.name],
@@ -81,13 +90,18 @@ def sass(
 
 def loop_opcodes(code: str) -> Counter:
     """The opcodes of the longest loop (a backward branch's span) in cuobjdump's listing."""
+    return Counter(loop_ops(code))
+
+
+def loop_ops(code: str) -> list[str]:
+    """The longest loop's opcodes in the listing's order."""
     lines = re.findall(r"/\*([0-9a-f]{4,5})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", code)
     at = [(int(a, 16), op, rest) for a, _, op, rest in lines]
     spans = [
         (int(rest.split("0x")[-1], 16), a) for a, op, rest in at if op == "BRA" and "0x" in rest
     ]
     start, end = max(((s, e) for s, e in spans if s < e), key=lambda span: span[1] - span[0])
-    return Counter(op for a, op, _ in at if start <= a <= end)
+    return [op for a, op, _ in at if start <= a <= end]
 
 
 def gemv_row(tile: GemvTile, gated: bool, arch: int = 90) -> dict:
@@ -105,32 +119,37 @@ def gemv_row(tile: GemvTile, gated: bool, arch: int = 90) -> dict:
 def splitk_row(tile: SplitKTile, arch: int = 90) -> dict:
     """The split-K tile, K split (the serial sum after the loop)."""
     constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
-    constants |= dict(PTX=tile.ptx, GATED=False)
-    ops = loop_opcodes(sass(_splitk_kernel, constants, tile.warps, tile.stages, arch))
-    weights = tile.features * GROUP / (32 * tile.warps)
-    return row(tile_name(tile), ops, weights)
+    constants |= dict(PTX=tile.ptx, GATED=False, TWO_GROUPS=tile.two_groups)
+    kernel = compiled(_splitk_kernel, constants, tile.warps, tile.stages, arch)
+    weights = tile.features * GROUP * (1 + tile.two_groups) / (32 * tile.warps)
+    return row(tile_name(tile), loop_opcodes(machine_code(kernel)), weights, kernel)
 
 
 def fused_row(tile: FusedTile, arch: int = 90) -> dict:
     """The fused experts' down kernel (its loop is the up kernel's, once for gate and up)."""
     constants = dict(GROUP=GROUP, BLOCK_M=tile.tokens, BLOCK_N=tile.down_features, PTX=tile.ptx)
-    ops = loop_opcodes(sass(_fused_down_kernel, constants, tile.warps, tile.stages, arch))
-    weights = tile.down_features * GROUP / (32 * tile.warps)
-    return row(fused_name(tile), ops, weights)
+    constants |= dict(TWO=tile.two_groups)
+    kernel = compiled(_fused_down_kernel, constants, tile.warps, tile.stages, arch)
+    weights = tile.down_features * GROUP * (1 + tile.two_groups) / (32 * tile.warps)
+    return row(fused_name(tile), loop_opcodes(machine_code(kernel)), weights, kernel)
 
 
-def row(name: str, ops: Counter, weights: float) -> dict:
+def row(name: str, ops: Counter, weights: float, kernel=None) -> dict:
+    """A kernel's loop: its instructions, those a weight, the commonest; and the shared memory
+    a program takes, where the compiled kernel is given."""
     total = sum(ops.values())
-    return {
+    found = {
         "kernel": name,
         "loop_instructions": total,
         "per_weight": round(total / weights, 2),
         "top": dict(ops.most_common(6)),
     }
+    return found | ({"shared_bytes": kernel.metadata.shared} if kernel else {})
 
 
 def rows(arch: int = 90) -> list[dict]:
-    """The served one-token GEMV tiles; split-K and fused tiles, plain and with PTX weights."""
+    """The served one-token GEMV tiles; split-K and fused tiles, plain, with PTX weights, and
+    with those two groups a step."""
     from replica.ops import tables
 
     one_token = tables.INT4_LINEAR_WIDE.choose(1)
@@ -139,10 +158,11 @@ def rows(arch: int = 90) -> list[dict]:
     gemv += [gemv_row(replace(one_token.tile, prefetch=True), False, arch)]
     tiles = [SplitKTile(m, n, w, 3) for m, n in ((16, 128), (64, 64)) for w in (4, 2)]
     fused = [tables.FUSED_16, tables.FUSED_16_W2, tables.FUSED_32_W2]
-    splitk = [splitk_row(t, arch) for t in tiles + [replace(t, ptx=True) for t in tiles]]
-    return (
-        gemv + splitk + [fused_row(t, arch) for t in fused + [replace(t, ptx=True) for t in fused]]
-    )
+    tiles += [replace(t, ptx=True) for t in tiles]
+    tiles += [replace(t, two_groups=True) for t in tiles if t.ptx]
+    fused += [replace(t, ptx=True) for t in fused]
+    fused += [replace(t, two_groups=True) for t in fused if t.ptx]
+    return gemv + [splitk_row(t, arch) for t in tiles] + [fused_row(t, arch) for t in fused]
 
 
 def main() -> None:

@@ -25,11 +25,16 @@ def splitk_tiles(tokens: int) -> list[SplitKTile]:
     H100 still ran 2 warps slower nearly everywhere (PERF.md, issue 36's seventh session), and
     they stay in the sweep for the A100. 8 warps and a K split aiming at 4 programs a
     multiprocessor measured slower at every size in the fifth. Each also with its weights made
-    in packed 16-bit PTX (replica.kernels.int4_ptx)."""
+    in packed 16-bit PTX (replica.kernels.int4_ptx); and the PTX tiles of 64 and 128 features
+    two groups a loop step (int4_splitk.span_dots), with 3 stages and with 2 (two groups a step
+    take twice the shared memory: 114 KB a 64 x 64 program at 3 stages on sm_90, so one
+    program a multiprocessor where 57 KB let three)."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
     plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
     plain += [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
-    return plain + [replace(t, ptx=True) for t in plain]  # weights in packed 16-bit PTX
+    ptx = [replace(t, ptx=True) for t in plain]  # weights in packed 16-bit PTX
+    two = [replace(t, two_groups=True) for t in ptx if t.features >= 64]
+    return plain + ptx + two + [replace(t, stages=2) for t in two if t.warps == 4]
 
 
 def one_token_gemvs(x: torch.Tensor, packed: PackedInt4, gated: bool) -> dict:
@@ -63,6 +68,8 @@ FUSED_TILES = [
 # The served tiles with their weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
 FUSED_TILES += [replace(t, ptx=True) for t in (tables.FUSED_16, tables.FUSED_16_W2)]
 FUSED_TILES += [replace(tables.FUSED_32_W2, ptx=True)]
+# Those two groups a loop step (replica.kernels.int4_splitk.span_dots)
+FUSED_TILES += [replace(t, two_groups=True) for t in FUSED_TILES if t.ptx]
 # Where an expert has a pair or less: narrower PTX tiles, more programs (1 warp: one mma.sync wide)
 FUSED_NARROW_TILES = [FusedTile(16, 32, 64, 2, 3, ptx=True), FusedTile(16, 16, 32, 1, 3, ptx=True)]
 # Prefill: an expert's weights are read once a segment block, so larger blocks read them less

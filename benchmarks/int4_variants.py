@@ -67,15 +67,24 @@ def deep_only():
     )
 
 
-def with_weights(choice: object, ptx: bool) -> object:
-    """A table's split-K or fused choice with its weights made in packed 16-bit PTX
-    (replica.kernels.int4_ptx) or not; any other choice as it is."""
+def retiled(choice: object, **fields: bool) -> object:
+    """A table's split-K or fused choice with these fields of its tiles replaced (`ptx`:
+    weights made in packed 16-bit PTX, replica.kernels.int4_ptx; `two_groups`: two groups a
+    loop step); any other choice as it is."""
     if isinstance(choice, tables.SplitK):
-        wide = choice.wide and replace(choice.wide, ptx=ptx)
-        return replace(choice, tile=replace(choice.tile, ptx=ptx), wide=wide)
+        wide = choice.wide and replace(choice.wide, **fields)
+        return replace(choice, tile=replace(choice.tile, **fields), wide=wide)
     if isinstance(choice, tables.FusedExperts):
-        return tables.FusedExperts(replace(choice.tile, ptx=ptx))
+        return tables.FusedExperts(replace(choice.tile, **fields))
     return choice
+
+
+def each_entry(table: Table, change) -> Table:
+    """`table` with every entry's choice passed through `change`."""
+    return replace(table, entries=tuple(replace(e, choice=change(e.choice)) for e in table.entries))
+
+
+TILED_TABLES = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
 
 
 def made_weights(ptx: bool, one_token: bool = False):
@@ -86,18 +95,22 @@ def made_weights(ptx: bool, one_token: bool = False):
     as the GEMV fuses it."""
 
     def choice(chosen: object) -> object:
-        chosen = with_weights(chosen, ptx)
+        chosen = retiled(chosen, ptx=ptx)
         fused = one_token and isinstance(chosen, tables.SplitK)
         return replace(chosen, gated=True) if fused else chosen
 
     def patched(table: Table) -> Table:
-        table = replace(
-            table, entries=tuple(replace(e, choice=choice(e.choice)) for e in table.entries)
-        )
+        table = each_entry(table, choice)
         return first_served_by(table, table.entries[1].choice) if one_token else table
 
-    names = ("INT4_LINEAR_WIDE", "MOE_PACKED_DECODE", "MOE_PACKED_PREFILL")
-    return serving(**{name: patched(getattr(tables, name)) for name in names})
+    return serving(**{name: patched(getattr(tables, name)) for name in TILED_TABLES})
+
+
+def two_groups():
+    """Engines built inside run every split-K and fused tile two groups a loop step
+    (replica.kernels.int4_splitk.span_dots: one wait for two groups' scales)."""
+    change = partial(retiled, two_groups=True)
+    return serving(**{name: each_entry(getattr(tables, name), change) for name in TILED_TABLES})
 
 
 def prefetch():
@@ -168,6 +181,7 @@ VARIANTS = {
     "ptx": partial(made_weights, True),
     "plain": partial(made_weights, False),
     "ptx_one_token": partial(made_weights, True, one_token=True),
+    "two_groups": two_groups,
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
     "normed_route": lambda: serving(MOE_ROUTE=normed_routes()),

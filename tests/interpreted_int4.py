@@ -103,6 +103,23 @@ def int4_splitk() -> None:
     mlp = TritonMLP(TritonLinear(lambda group: Table("fused", "tokens", (Entry(64, fused, ""),))))
     x = torch.randn(20, 512)
     close_in_scale(mlp.gated(x, weight), silu_mul(linear(x, weight)))
+    two_groups_a_step(w4a16_splitk, SplitKTile)
+
+
+def two_groups_a_step(w4a16_splitk, SplitKTile) -> None:
+    """Two groups a loop step: K whole, the outputs of one group a step bit for bit (the same
+    sums in the same order); K split, slices rounded to an even count of groups (10 groups in
+    4 slices of 3 would be 3 of 4); an odd count of groups (3) one a step."""
+    from dataclasses import replace
+
+    for depth, group in ((1280, 128), (512, 256), (384, 128)):
+        weight = asymmetric(72, depth, group)
+        x = torch.randn(17, depth)
+        whole = SplitKTile(32, 32, 4, 2, waves=0)
+        two = w4a16_splitk(x, weight, replace(whole, two_groups=True))
+        assert torch.equal(two, w4a16_splitk(x, weight, whole)), depth
+        split = SplitKTile(16, 16, 4, 2, two_groups=True)  # 5 feature blocks: K split in 3
+        close_in_scale(w4a16_splitk(x, weight, split), linear(x, weight))
 
 
 def packed_experts(experts: int, hidden: int, inter: int, top_k: int):
@@ -145,7 +162,25 @@ def moe_fused() -> None:
         close_in_scale(ours.view(tokens, top_k, hidden).sum(1), expected)
         served = TritonMoE()(x, layer, True)  # the served table, a decode step
         close_in_scale(served.view(tokens, top_k, hidden).sum(1), expected)
+    fused_two_groups(tile)
     served_pairs(hidden, inter)
+
+
+def fused_two_groups(tile) -> None:
+    """The fused experts two groups a loop step give one group a step's outputs bit for bit:
+    gate-up over 2 groups, down over 2 (an even count) and over 1 (odd: one a step)."""
+    from dataclasses import replace
+
+    from replica.kernels.moe_fused import experts_fused
+    from replica.kernels.moe_route import route_pairs
+
+    for inter in (256, 128):
+        layer = packed_experts(8, 256, inter, 2)
+        x = torch.randn(5, 256)
+        routing = route_pairs(x, layer.router, 2, True, torch.zeros(8, dtype=torch.int32))
+        one = experts_fused(x, layer.gate_up, layer.down, routing, tile)
+        two = experts_fused(x, layer.gate_up, layer.down, routing, replace(tile, two_groups=True))
+        assert torch.equal(two, one), inter
 
 
 def served_pairs(hidden: int, inter: int) -> None:

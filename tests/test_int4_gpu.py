@@ -30,6 +30,17 @@ SHAPES = {  # (N, K) of each projection
 }
 
 
+def thirty_b_experts(gen: torch.Generator) -> SparseMoE:
+    """A random 4-bit MoE layer of Qwen3-30B-A3B's shape (bf16)."""
+    return SparseMoE(
+        router=torch.randn(128, 2048, device="cuda", generator=gen, dtype=torch.bfloat16),
+        gate_up=quantize(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16)),
+        down=quantize(torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16)),
+        top_k=8,
+        norm_topk_prob=True,
+    )
+
+
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
 
@@ -162,6 +173,31 @@ def test_ptx_weights_give_the_plain_tiles_outputs_bit_for_bit(dtype: torch.dtype
 
 @gpu
 @pytest.mark.gpu
+def test_two_groups_a_step_give_the_served_tiles_outputs_bit_for_bit():
+    """span_dots' TWO moves the scale loads, not the sums: K whole (no split to differ), the
+    served split-K tiles at 8 and 64 tokens and the served fused tiles equal one group a step's
+    outputs; K split, within the oracle's tolerance."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    weight = quantize(torch.randn(2560, 4096, device="cuda", generator=gen, dtype=torch.bfloat16))
+    for tokens in (8, 64):
+        x = torch.randn(tokens, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+        tile = tables.INT4_LINEAR_WIDE.choose(tokens).for_rows(2560)
+        whole = replace(tile, waves=0)
+        two = w4a16_splitk(x, weight, replace(whole, two_groups=True))
+        assert torch.equal(two, w4a16_splitk(x, weight, whole)), tokens
+        split = w4a16_splitk(x, weight, replace(tile, two_groups=True))
+        assert rel_error(split, x @ dequantize(weight, torch.bfloat16).t()) < 1e-2, tokens
+    moe = thirty_b_experts(gen)
+    for tokens in (8, 64):
+        x = torch.randn(tokens, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+        served = tables.MOE_PACKED_DECODE.choose(tokens * 8 / 128)
+        two = tables.FusedExperts(replace(served.tile, two_groups=True))
+        ones = TritonMoE().run(x / 2048**0.5, moe, served)
+        assert torch.equal(TritonMoE().run(x / 2048**0.5, moe, two), ones), tokens
+
+
+@gpu
+@pytest.mark.gpu
 def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
     """Prefetching moves the one-token GEMV's loads, not its arithmetic: a projection, the fused
     gate-up and the experts' pairs equal the served tiles' outputs."""
@@ -173,13 +209,7 @@ def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
         served = w4a16_gemv(x, weight, tile, gated=gated)
         ahead = w4a16_gemv(x, weight, replace(tile, prefetch=True), gated=gated)
         assert torch.equal(ahead, served), tile
-    moe = SparseMoE(
-        router=torch.randn(128, 2048, device="cuda", generator=gen, dtype=torch.bfloat16),
-        gate_up=quantize(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16)),
-        down=quantize(torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16)),
-        top_k=8,
-        norm_topk_prob=True,
-    )
+    moe = thirty_b_experts(gen)
     x = torch.randn(1, 2048, device="cuda", generator=gen, dtype=torch.bfloat16) / 2048**0.5
     pairs = tables.EXPERT_PAIRS
     ahead = replace(

@@ -49,9 +49,11 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
     assert sum(int4_sass.loop_opcodes(code).values()) > 50
 
 
-def _split_k_gated(kernel, constants: dict) -> dict:
-    """The split-K kernel's GATED constexpr, False unless given."""
-    return {"GATED": False} | constants if kernel is _splitk_kernel else constants
+def _defaults(kernel, constants: dict) -> dict:
+    """The split-K kernel's GATED and TWO_GROUPS, the fused kernels' TWO: False unless given."""
+    if kernel is _splitk_kernel:
+        return {"GATED": False, "TWO_GROUPS": False} | constants
+    return {"TWO": False} | constants
 
 
 PLAIN = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take wgmma on sm_90
@@ -70,7 +72,7 @@ PLAIN = {  # the matrix-unit kernels: (kernel, constexprs, warps); 4 warps take 
     "fused_down_2_warps": (_fused_down_kernel, dict(GROUP=128, BLOCK_M=32, BLOCK_N=128), 2),
 }
 TILES = {  # each plain, and with its weights made in packed 16-bit PTX (replica.kernels.int4_ptx)
-    f"{name}{'_ptx' * ptx}": (kernel, _split_k_gated(kernel, constants) | {"PTX": ptx}, warps)
+    f"{name}{'_ptx' * ptx}": (kernel, _defaults(kernel, constants) | {"PTX": ptx}, warps)
     for name, (kernel, constants, warps) in PLAIN.items()
     for ptx in (False, True)
 }
@@ -95,7 +97,9 @@ def test_the_4bit_tiles_compile_for_the_gpu(name: str, arch: int):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_the_ptx_weights_compile_for_fp16_activations(arch: int):
     constants = dict(GROUP=128, SPLIT_K=2, BLOCK_M=16, BLOCK_N=128, PTX=True)
-    code = int4_sass.sass(_splitk_kernel, constants, 4, 3, arch, half="fp16")
+    code = int4_sass.sass(
+        _splitk_kernel, _defaults(_splitk_kernel, constants), 4, 3, arch, half="fp16"
+    )
     loop = int4_sass.loop_opcodes(code)
     assert loop["HMUL2"] + loop["HFMA2"] > 0 and "BF16" not in " ".join(loop), loop
 
@@ -108,6 +112,26 @@ def test_the_ptx_weights_take_a_third_fewer_instructions(arch: int):
         plain = SplitKTile(tokens, features, 4, 3)
         rows = [int4_sass.splitk_row(t, arch) for t in (plain, replace(plain, ptx=True))]
         assert rows[1]["per_weight"] < 0.8 * rows[0]["per_weight"], rows
+
+
+TWO_GROUPS = ("splitk", "splitk_2_warps", "splitk_wide", "fused_up", "fused_down_2_warps")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", TWO_GROUPS)
+def test_two_groups_a_step_load_both_groups_scales_before_the_first_dot(name: str, arch: int):
+    """int4_splitk.span_dots' TWO: the loop takes twice the 2-byte scale and zero loads of one
+    group a step, and issues them all before its first matrix op: one wait for two groups."""
+    kernel, constants, warps = TILES[f"{name}_ptx"]
+    two = "TWO_GROUPS" if kernel is _splitk_kernel else "TWO"
+    loads = []
+    for step in (False, True):
+        ops = int4_sass.loop_ops(int4_sass.sass(kernel, constants | {two: step}, warps, 3, arch))
+        first_dot = next(i for i, op in enumerate(ops) if "MMA" in op)
+        scales = [i for i, op in enumerate(ops) if op.startswith("LDG.E.U16")]
+        loads.append(len(scales))
+        assert max(scales) < first_dot, ops
+    assert loads[1] == 2 * loads[0] > 0, loads
 
 
 def test_the_served_one_token_gemv_stays_lean():

@@ -108,21 +108,28 @@ def test_the_deep_only_variant_serves_the_deep_tile_inside_and_restores_it():
     assert tables.INT4_LINEAR_WIDE.choose(1).plain(tables.SHALLOW_GROUPS).groups == 4
 
 
+def tile_flags(table: tables.Table, field: str) -> list[bool]:
+    """`field` of each split-K and fused tile `table` serves."""
+    found = []
+    for choice in (entry.choice for entry in table.entries):
+        if isinstance(choice, tables.SplitK):
+            found += [getattr(t, field) for t in (choice.tile, choice.wide) if t]
+        elif isinstance(choice, tables.FusedExperts):
+            found.append(getattr(choice.tile, field))
+    return found
+
+
+def tiled_tables() -> tuple[tables.Table, ...]:
+    return (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
+
+
 def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
     from benchmarks.int4_variants import VARIANTS
 
     def ptx_tiles(table: tables.Table) -> list[bool]:
-        found = []
-        for choice in (entry.choice for entry in table.entries):
-            if isinstance(choice, tables.SplitK):
-                found += [choice.tile.ptx] + ([choice.wide.ptx] if choice.wide else [])
-            elif isinstance(choice, tables.FusedExperts):
-                found.append(choice.tile.ptx)
-        return found
+        return tile_flags(table, "ptx")
 
-    def inside() -> tuple[tables.Table, ...]:
-        return (tables.INT4_LINEAR_WIDE, tables.MOE_PACKED_DECODE, tables.MOE_PACKED_PREFILL)
-
+    inside = tiled_tables
     served = inside()
     served_ptx = [ptx_tiles(t) for t in served]
     with VARIANTS["ptx"]():
@@ -136,6 +143,18 @@ def test_the_ptx_variants_serve_ptx_tiles_inside_and_restore_them():
         assert tables.INT4_LINEAR_WIDE.choose(1).tile.ptx
         assert tables.moe_table(128, True).choose(1 / 16).tile.ptx
     assert inside() == served and [ptx_tiles(t) for t in served] == served_ptx
+
+
+def test_the_two_groups_variant_takes_every_tile_two_groups_a_step_inside_only():
+    from benchmarks.int4_variants import VARIANTS
+
+    served = tiled_tables()
+    assert not any(any(tile_flags(t, "two_groups")) for t in served)
+    with VARIANTS["two_groups"]():
+        inside = tiled_tables()
+        assert all(all(tile_flags(t, "two_groups")) and tile_flags(t, "two_groups") for t in inside)
+        assert [tile_flags(t, "ptx") for t in inside] == [tile_flags(t, "ptx") for t in served]
+    assert tiled_tables() == served
 
 
 def test_ptx_weights_serve_where_measured_faster():

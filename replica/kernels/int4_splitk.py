@@ -42,6 +42,7 @@ class SplitKTile:
     stages: int
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
     ptx: bool = False  # nibbles to weights in packed 16-bit PTX (replica.kernels.int4_ptx)
+    two_groups: bool = False  # span_dots' TWO: two groups a loop step (where K has an even count)
 
 
 @triton.jit
@@ -60,12 +61,51 @@ def nibble_pair(words, p: tl.constexpr):
 
 
 @triton.jit
-def group_dots(
+def group_scales(scales_ptr, zeros_ptr, features, feature_live, g, depth, GROUP: tl.constexpr):
+    """Group g's scales and zero points (fp32) of rows `features`, as [BLOCK_N, 1] columns."""
+    group = features * (depth // GROUP) + g
+    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0)[:, None]
+    zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
+    return scale, zero
+
+
+@triton.jit
+def span_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
-    feature_live, g, depth, GROUP: tl.constexpr, PTX: tl.constexpr,
+    feature_live, g_lo, g_hi, depth, GROUP: tl.constexpr, PTX: tl.constexpr, TWO: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each; PTX:
-    the weights made by int4_ptx.ptx_slabs."""
+    """acc plus groups g_lo..g_hi-1's out.T. Triton pipelines the words and x through shared
+    memory but not the 2-byte scales and zeros (cp.async moves 4 bytes or more), so each
+    group's weights wait for their loads. TWO: two groups a step, both groups' scales and zeros
+    loaded at its start, one wait for the two (g_hi - g_lo even; the same sums in the same
+    order, twice the shared memory). Carrying them a step ahead in registers instead makes
+    Triton round-trip every weight through shared memory (their layouts differ)."""
+    for g in range(g_lo, g_hi, 1 + TWO):
+        scale, zero = group_scales(scales_ptr, zeros_ptr, features, feature_live, g, depth, GROUP)
+        if TWO:
+            next_scale, next_zero = group_scales(
+                scales_ptr, zeros_ptr, features, feature_live, g + 1, depth, GROUP
+            )
+        acc = group_dots(
+            acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
+            scale, zero, g, depth, GROUP, PTX,
+        )  # fmt: skip
+        if TWO:
+            acc = group_dots(
+                acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
+                next_scale, next_zero, g + 1, depth, GROUP, PTX,
+            )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def group_dots(
+    acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live, scale, zero,
+    g, depth, GROUP: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each, with
+    the group's `scale` and `zero` (group_scales); PTX: the weights made by
+    int4_ptx.ptx_slabs."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -75,9 +115,6 @@ def group_dots(
         mask=feature_live[:, None],
         other=0,
     )
-    group = features * (depth // GROUP) + g
-    scale = tl.load(scales_ptr + group, mask=feature_live, other=0.0)[:, None]
-    zero = tl.load(zeros_ptr + group, mask=feature_live, other=0.0).to(tl.float32)[:, None]
     dtype = x_ptr.dtype.element_ty
     x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
     if PTX:
@@ -124,6 +161,7 @@ def _splitk_kernel(
     BLOCK_N: tl.constexpr,
     PTX: tl.constexpr,
     GATED: tl.constexpr,  # rows [gate; up], n the gate's: SiLU(gate) * up (K whole)
+    TWO_GROUPS: tl.constexpr,  # span_dots' TWO (not with GATED); span and K's groups even
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,19 +170,29 @@ def _splitk_kernel(
     g_lo = split * span
     g_hi = tl.minimum(g_lo + span, depth // GROUP)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    up = acc
-    for g in range(g_lo, g_hi):
-        acc = group_dots(
-            acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g, depth, GROUP, PTX,
-        )  # fmt: skip
-        if GATED:
-            up = group_dots(
-                up, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-                features + n, feature_live, g, depth, GROUP, PTX,
+    if GATED:  # gate and up rows in one loop: each group's x loaded once for both
+        up = acc
+        for g in range(g_lo, g_hi):
+            scale, zero = group_scales(
+                scales_ptr, zeros_ptr, features, feature_live, g, depth, GROUP
+            )
+            acc = group_dots(
+                acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
+                scale, zero, g, depth, GROUP, PTX,
             )  # fmt: skip
-    if GATED:
+            scale, zero = group_scales(
+                scales_ptr, zeros_ptr, features + n, feature_live, g, depth, GROUP
+            )
+            up = group_dots(
+                up, x_ptr, stride_x, tokens, token_live, qweight_ptr, features + n,
+                feature_live, scale, zero, g, depth, GROUP, PTX,
+            )  # fmt: skip
         acc = rounded_silu_mul(acc, up, x_ptr.dtype.element_ty)
+    else:
+        acc = span_dots(
+            acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
+            features, feature_live, g_lo, g_hi, depth, GROUP, PTX, TWO_GROUPS,
+        )  # fmt: skip
     at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
     if SPLIT_K == 1:
@@ -191,7 +239,11 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile, gated: bool = 
     groups = depth // group
     grid_n, grid_m = triton.cdiv(n, tile.features), triton.cdiv(m, tile.tokens)
     split = 1 if gated else splits(grid_n * grid_m, groups, tile.waves, x.device)
+    two = tile.two_groups and not gated and groups % 2 == 0
     span = triton.cdiv(groups, split)
+    if two:  # every slice an even count of groups
+        span += span % 2
+        split = triton.cdiv(groups, span)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     partials, counts = out, out  # unused unless K is split
     if split > 1:
@@ -201,6 +253,7 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile, gated: bool = 
         x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
         x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
         BLOCK_N=tile.features, PTX=tile.ptx and packed_math(x, weight), GATED=gated,
+        TWO_GROUPS=two,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out

@@ -28,7 +28,7 @@ from torch import Tensor
 from replica.kernels.elementwise import rounded_silu_mul
 from replica.kernels.int4_dequantize import Int4Weight
 from replica.kernels.int4_ptx import packed_math
-from replica.kernels.int4_splitk import MIN_GROUP, group_dots
+from replica.kernels.int4_splitk import MIN_GROUP, span_dots
 from replica.kernels.moe_route import Routing
 
 
@@ -40,6 +40,7 @@ class FusedTile:
     warps: int
     stages: int
     ptx: bool = False  # nibbles to weights in packed 16-bit PTX (replica.kernels.int4_ptx)
+    two_groups: bool = False  # int4_splitk.span_dots' TWO, in each kernel whose K has even groups
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,21 @@ def _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M: tl.constexpr):
 def _expert_dots(
     x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features, feature_live,
     depth, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PTX: tl.constexpr,
+    TWO: tl.constexpr,
 ):  # fmt: skip
     """out.T [BLOCK_N, BLOCK_M] fp32: x rows `rows` times weight rows `features` over all K."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for g in range(0, depth // GROUP):
-        acc = group_dots(
-            acc, x_ptr, stride_x, rows, live, qweight_ptr, scales_ptr, zeros_ptr, features,
-            feature_live, g, depth, GROUP, PTX,
-        )  # fmt: skip
-    return acc
+    return span_dots(
+        tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), x_ptr, stride_x, rows, live, qweight_ptr,
+        scales_ptr, zeros_ptr, features, feature_live, 0, depth // GROUP, depth, GROUP, PTX,
+        TWO,
+    )  # fmt: skip
 
 
 @triton.jit
 def _fused_up_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pairs_ptr, experts_ptr, act_ptr, hidden, inter,
     total, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr, PTX: tl.constexpr, TWO: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -133,11 +133,11 @@ def _fused_up_kernel(
         tokens = pairs // TOP_K
         gate = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX, TWO,
         )  # fmt: skip
         up = _expert_dots(
             x_ptr, hidden, tokens, live, qweight_ptr, scales_ptr, zeros_ptr, gate_rows + inter,
-            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX,
+            col_live, hidden, GROUP, BLOCK_N, BLOCK_M, PTX, TWO,
         )  # fmt: skip
         dtype = x_ptr.dtype.element_ty
         product = rounded_silu_mul(gate, up, dtype).to(dtype)
@@ -149,7 +149,7 @@ def _fused_up_kernel(
 def _fused_down_kernel(
     act_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, pairs_ptr, experts_ptr, out_ptr,
     hidden, inter, total, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, TWO: tl.constexpr,
 ):  # fmt: skip
     expert, pairs, live = _segment_block(pairs_ptr, experts_ptr, total, BLOCK_M)
     if expert >= 0:
@@ -158,12 +158,18 @@ def _fused_down_kernel(
         acc = _expert_dots(
             act_ptr, inter, pairs, live, qweight_ptr, scales_ptr, zeros_ptr,
             expert.to(tl.int64) * hidden + cols, col_live, inter, GROUP, BLOCK_N, BLOCK_M, PTX,
+            TWO,
         )  # fmt: skip
         dtype = act_ptr.dtype.element_ty
         route = tl.load(route_ptr + pairs, mask=live, other=0.0)
         y = (acc.to(dtype).to(tl.float32) * route[None, :]).to(dtype)
         dst = out_ptr + pairs[None, :] * hidden + cols[:, None]
         tl.store(dst, y, mask=col_live[:, None] & live[None, :])
+
+
+def even_groups(weight: Int4Weight) -> bool:
+    """Whether a row of `weight` holds an even count of groups (two a step cover it)."""
+    return weight.shape[-1] // weight.group_size % 2 == 0
 
 
 def experts_fused(
@@ -183,11 +189,11 @@ def experts_fused(
     _fused_up_kernel[(triton.cdiv(inter, tile.up_features), blocks)](
         x, gate_up.qweight, gate_up.scales, gate_up.zeros, seg.pairs, seg.experts, act, hidden,
         inter, seg.total, TOP_K=routing.top_k, GROUP=gate_up.group_size, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.up_features, PTX=ptx, **launch,
+        BLOCK_N=tile.up_features, PTX=ptx, TWO=tile.two_groups and even_groups(gate_up), **launch,
     )  # fmt: skip
     _fused_down_kernel[(triton.cdiv(hidden, tile.down_features), blocks)](
         act, down.qweight, down.scales, down.zeros, routing.weights, seg.pairs, seg.experts, out,
         hidden, inter, seg.total, GROUP=down.group_size, BLOCK_M=tile.tokens,
-        BLOCK_N=tile.down_features, PTX=ptx, **launch,
+        BLOCK_N=tile.down_features, PTX=ptx, TWO=tile.two_groups and even_groups(down), **launch,
     )  # fmt: skip
     return out
