@@ -6,12 +6,19 @@ suite around it mostly waits on server processes. So the children run in the bac
 at a time (the CI machine's cores) at the lowest priority: they take the CPU the rest of the
 suite leaves idle, never a test's own (its timings included). Each test then waits for its own
 check's exit status; a check not yet begun when its test comes runs at once, in the foreground.
+
+A check's limit is CPU time, not wall time: at the lowest priority a check may wait long for
+the CPU while server tests run (moe_int4 once passed a 600 s wall limit on a loaded machine,
+and passed alone in 140 s). A loop that burns CPU still ends at CPU_LIMIT_S, and WALL_LIMIT_S
+bounds a child that hangs without running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LANES = 2
-TIMEOUT_S = 600
+CPU_LIMIT_S = 600
+WALL_LIMIT_S = 1800
+SCRIPT = ROOT / "tests" / "interpreted_kernels.py"
 
 Outcome = tuple[int | None, str]  # exit status (None: killed at the timeout), stderr
 
@@ -27,7 +36,13 @@ Outcome = tuple[int | None, str]  # exit status (None: killed at the timeout), s
 class Background:
     """Checks queued in order, run by `LANES` threads; `result` waits for one."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        script: Path = SCRIPT,
+        cpu_limit_s: int = CPU_LIMIT_S,
+        wall_limit_s: int = WALL_LIMIT_S,
+    ) -> None:
+        self.script, self.cpu_limit_s, self.wall_limit_s = script, cpu_limit_s, wall_limit_s
         self.queue: list[str] = []
         self.outcomes: dict[str, Outcome | None] = {}  # None: running
         self.running: set[subprocess.Popen] = set()
@@ -70,15 +85,17 @@ class Background:
 
     def _run(self, check: str, nice: bool) -> Outcome:
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-        script = ROOT / "tests" / "interpreted_kernels.py"
         process = subprocess.Popen(
-            [sys.executable, str(script), check],
+            [sys.executable, str(self.script), check],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=nice,
         )
+        with contextlib.suppress(OSError):  # it may have exited already
+            limit = (self.cpu_limit_s, self.cpu_limit_s + 5)  # SIGXCPU, then SIGKILL
+            resource.prlimit(process.pid, resource.RLIMIT_CPU, limit)
         if nice:
             lowest_priority(process.pid)
         with self.changed:
@@ -86,14 +103,16 @@ class Background:
             if self.stopped:
                 process.kill()
         try:
-            _, stderr = process.communicate(timeout=TIMEOUT_S)
+            _, stderr = process.communicate(timeout=self.wall_limit_s)
         except subprocess.TimeoutExpired:
             process.kill()
             _, stderr = process.communicate()
-            return None, f"{stderr}\n{check} ran past {TIMEOUT_S} s"
+            return None, f"{stderr}\n{check} ran past {self.wall_limit_s} s"
         finally:
             with self.changed:
                 self.running.discard(process)
+        if process.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not self.stopped:
+            stderr += f"\n{check} used up its {self.cpu_limit_s} s of CPU time"
         return process.returncode, stderr
 
 
