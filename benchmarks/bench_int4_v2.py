@@ -220,6 +220,8 @@ def moe_sweep(shape: tuple, clock: Clock, device: torch.device, sizes: Sizes) ->
             for up, down in EXPERT_GEMV_TILES:
                 choice = tables.ExpertGemv(up, down, bucketed=False)
                 row[expert_gemv_name(up, down)] = time_us(partial(moe.run, x, layer, choice))
+            one_launch_pairs = replace(tables.EXPERT_PAIRS, one_launch=True)  # moe_pairs
+            row["pairs_one_launch"] = time_us(partial(moe.run, x, layer, one_launch_pairs))
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -132,6 +132,14 @@ def prefetch():
     )
 
 
+def pairs_in_one_launch():
+    """Engines built inside run the experts' pairs (a program a pair) with gate-up and down in
+    one launch (replica.kernels.moe_pairs)."""
+    table = tables.MOE_PACKED_DECODE
+    pairs = replace(table.entries[0].choice, one_launch=True)
+    return serving(MOE_PACKED_DECODE=first_served_by(table, pairs))
+
+
 def fused_routes() -> Table:
     """The routing table with a decode step's tokens, all it can take, routed in one launch
     (replica.kernels.moe_route)."""
@@ -182,6 +190,7 @@ VARIANTS = {
     "plain": partial(made_weights, False),
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "two_groups": two_groups,
+    "one_launch_pairs": pairs_in_one_launch,
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
     "normed_route": lambda: serving(MOE_ROUTE=normed_routes()),

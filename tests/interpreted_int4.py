@@ -207,6 +207,35 @@ def served_pairs(hidden: int, inter: int) -> None:
     )
     prefetched = TritonMoE().run(x, layer, ahead)
     close_in_scale(prefetched.view(1, top_k, hidden).sum(1), expected)
+    pairs_in_one_launch(layer, hidden)
+
+
+def pairs_in_one_launch(layer, hidden: int) -> None:
+    """The pair GEMV's gate-up and down in one launch (replica.kernels.moe_pairs): the two
+    launches' outputs bit for bit at 2 tokens (4 pairs), twice on the same tickets, which are zero
+    after each call; then TritonMoE through an entry that asks for it."""
+    from dataclasses import replace
+
+    from replica.kernels.moe import experts_gemv
+    from replica.kernels.moe_pairs import experts_pairs_one_launch, pair_tickets
+    from replica.kernels.moe_route import route_pairs
+    from replica.ops import tables
+    from replica.ops.feed_forward import TritonMoE
+
+    tiles = (tables.EXPERT_PAIRS.up, tables.EXPERT_PAIRS.down)
+    tickets = pair_tickets(torch.device("cpu"))
+    x = torch.randn(2, hidden)
+    counts = torch.zeros(layer.num_experts, dtype=torch.int32)
+    routing = route_pairs(x, layer.router, layer.top_k, True, counts)
+    two = experts_gemv(x, layer.gate_up, layer.down, routing, tiles, False)
+    for _ in range(2):
+        one = experts_pairs_one_launch(x, layer.gate_up, layer.down, routing, tiles, tickets)
+        assert torch.equal(one, two)
+        assert not tickets.any(), tickets.nonzero()
+    one_launch = replace(tables.EXPERT_PAIRS, one_launch=True)
+    assert torch.equal(
+        TritonMoE().run(x, layer, one_launch), TritonMoE().run(x, layer, tables.EXPERT_PAIRS)
+    )
 
 
 def spread_routing() -> None:

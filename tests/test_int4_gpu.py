@@ -11,7 +11,10 @@ import torch
 from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.kernels.moe import experts_gemv
 from replica.kernels.moe_fused import FusedTile
+from replica.kernels.moe_pairs import experts_pairs_one_launch, pair_tickets
+from replica.kernels.moe_route import route_pairs
 from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMoE
 from replica.ops.linear import TritonLinear
@@ -198,6 +201,42 @@ def test_two_groups_a_step_give_the_served_tiles_outputs_bit_for_bit():
 
 @gpu
 @pytest.mark.gpu
+def test_pairs_in_one_launch_replay_as_the_two_launches():
+    """The 30B's and the 235B's experts at 1 and 2 tokens: gate-up and down in one launch
+    (replica.kernels.moe_pairs), captured in a CUDA graph and replayed on new states and
+    routings, give the two launches' outputs bit for bit and leave the tickets at zero."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    tiles = (tables.EXPERT_PAIRS.up, tables.EXPERT_PAIRS.down)
+    for hidden, inter in ((2048, 768), (4096, 1536)):
+        moe = SparseMoE(
+            router=torch.randn(128, hidden, device="cuda", generator=gen, dtype=torch.bfloat16),
+            gate_up=quantize(torch.randn(128, 2 * inter, hidden, device="cuda").bfloat16()),
+            down=quantize(torch.randn(128, hidden, inter, device="cuda").bfloat16()),
+            top_k=8,
+            norm_topk_prob=True,
+        )
+        tickets = pair_tickets(torch.device("cuda"))
+        for tokens in (1, 2):
+            x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+            counts = torch.zeros(128, dtype=torch.int32, device="cuda")
+            routing = route_pairs(x, moe.router, 8, True, counts)
+            experts_pairs_one_launch(x, moe.gate_up, moe.down, routing, tiles, tickets)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = experts_pairs_one_launch(x, moe.gate_up, moe.down, routing, tiles, tickets)
+            for _ in range(3):
+                x.copy_(torch.randn_like(x) / hidden**0.5)
+                new = route_pairs(x, moe.router, 8, True, counts)
+                routing.experts.copy_(new.experts)
+                routing.weights.copy_(new.weights)
+                graph.replay()
+                two = experts_gemv(x, moe.gate_up, moe.down, routing, tiles, False)
+                assert torch.equal(out, two), (hidden, tokens)
+                assert not tickets.any()
+
+
+@gpu
+@pytest.mark.gpu
 def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
     """Prefetching moves the one-token GEMV's loads, not its arithmetic: a projection, the fused
     gate-up and the experts' pairs equal the served tiles' outputs."""
@@ -224,7 +263,6 @@ def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
 def test_one_launch_routing_routes_as_the_plain_one_in_a_graph(dtype: torch.dtype):
     """The 30B's and the 235B's routers, 1 to 64 tokens, the routing captured in a CUDA graph
     and replayed on new states: each replay's pairs are the plain routing's."""
-    from replica.kernels.moe_route import route_pairs
     from tests.interpreted_int4 import assert_same_routing
 
     gen = torch.Generator(device="cuda").manual_seed(2)

@@ -5,6 +5,7 @@ nothing)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,18 @@ def test_the_two_groups_variant_takes_every_tile_two_groups_a_step_inside_only()
         assert all(all(tile_flags(t, "two_groups")) and tile_flags(t, "two_groups") for t in inside)
         assert [tile_flags(t, "ptx") for t in inside] == [tile_flags(t, "ptx") for t in served]
     assert tiled_tables() == served
+
+
+def test_the_one_launch_pairs_variant_serves_the_pairs_in_one_launch_inside_only():
+    from benchmarks.int4_variants import VARIANTS
+
+    served = tables.moe_table(128, True).choose(1 / 16)
+    fused = tables.moe_table(128, True).choose(1.0)
+    assert isinstance(served, tables.ExpertGemv) and not served.one_launch
+    with VARIANTS["one_launch_pairs"]():
+        assert tables.moe_table(128, True).choose(1 / 16) == replace(served, one_launch=True)
+        assert tables.moe_table(128, True).choose(1.0) == fused
+    assert tables.moe_table(128, True).choose(1 / 16) == served
 
 
 def test_ptx_weights_serve_where_measured_faster():

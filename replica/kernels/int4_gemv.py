@@ -121,7 +121,7 @@ def _w4a16_gemv_kernel(
         for start in range(0, count, TOKENS):
             live = start + lanes < count
             out = tl.load(bucket_ptr + block * bucket_stride + start + lanes, live, other=0)
-            _gemv_outputs(
+            gemv_outputs(
                 x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
                 block.to(tl.int64) * width + cols, cols, out.to(tl.int64), live, split,
                 outputs, n, depth, stride_x, g_lo, g_hi,
@@ -130,7 +130,7 @@ def _w4a16_gemv_kernel(
     else:
         expert = tl.load(experts_ptr + block).to(tl.int64) if PER_OUTPUT_EXPERT else 0
         out = block.to(tl.int64) * TOKENS + lanes
-        _gemv_outputs(
+        gemv_outputs(
             x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
             expert * width + cols, cols, out, out < outputs, split,
             outputs, n, depth, stride_x, g_lo, g_hi,
@@ -144,7 +144,7 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _gemv_outputs(
+def gemv_outputs(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, route_ptr, out_ptr,
     features, cols, out, live, split, outputs, n, depth, stride_x, g_lo, g_hi,
     OUTPUTS_PER_TOKEN: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,

@@ -19,7 +19,8 @@ token are summed in a fixed order by the add + RMSNorm kernel, fused with the re
 
 After the routing (`route_pairs`), the experts run one of four ways, the caller's choice
 (replica.ops.tables says which serves which pairs an expert):
-- `experts_gemv`, per pair: `w4a16_gemv`, a program per pair and column block (packed experts);
+- `experts_gemv`, per pair: `w4a16_gemv`, a program per pair and column block (packed experts),
+  gate-up and down in two launches or, with tickets, one (`replica.kernels.moe_pairs`);
 - `experts_gemv`, bucketed: a program per expert and column block that reads the expert's
   matrix once for all its pairs (packed experts);
 - `experts_tiled`: the two GEMM kernels above, 16-bit experts as stored or packed ones
@@ -42,6 +43,7 @@ from torch import Tensor
 from replica.kernels.int4_dequantize import Int4Weight, dequantized, int4_tile
 from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
 from replica.kernels.launch import Tile
+from replica.kernels.moe_pairs import experts_pairs_one_launch
 from replica.kernels.moe_route import Routing
 
 
@@ -193,9 +195,13 @@ def experts_gemv(
     routing: Routing,
     tiles: tuple[GemvTile, GemvTile],
     bucketed: bool,
+    tickets: Tensor | None = None,
 ) -> Tensor:
     """[T * top_k, hidden] through the GEMV, (up, down) `tiles`: a program a pair, or
-    (`bucketed`) a program an expert over its bucket."""
+    (`bucketed`) a program an expert over its bucket; a program a pair in one launch given
+    `tickets` (replica.kernels.moe_pairs)."""
+    if tickets is not None and not bucketed:
+        return experts_pairs_one_launch(x, gate_up, down, routing, tiles, tickets)
     pairs: dict = {"experts": routing.experts}
     if bucketed:
         pairs = {"buckets": (routing.counts, routing.bucket)}

@@ -10,6 +10,7 @@ the next add + RMSNorm sums).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import w4a16_splitk
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
+from replica.kernels.moe_pairs import pair_tickets
 from replica.kernels.moe_route import (
     ResidualNorm,
     Routing,
@@ -117,7 +119,7 @@ class TritonMoE(TorchMoE):
         self.tables = tables
         self.dequantized_bytes = dequantized_bytes
         self.routes = routes
-        self._buffers: dict[int, tuple[SparseMoE, Tensor, Tensor]] = {}
+        self._buffers: dict[int, LayerBuffers] = {}
 
     def __call__(self, x: Tensor, moe: SparseMoE, decode: bool) -> Tensor:
         """[T * top_k, hidden]: row t * top_k + j is token t's j-th expert output, weighted.
@@ -133,9 +135,9 @@ class TritonMoE(TorchMoE):
     ) -> tuple[Tensor, Tensor]:
         """The add + RMSNorm in the routing's launch (replica.kernels.moe_route.route_normed):
         a launch less a layer."""
-        _, counts, ticket = self._layer_buffers(moe)
+        held = self._layer_buffers(moe)
         h, x, routing = route_normed(
-            ResidualNorm(*norm), moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket
+            ResidualNorm(*norm), moe.router, moe.top_k, moe.norm_topk_prob, held.counts, held.ticket
         )
         return h, self.run(x, moe, self.choose(x, moe, decode), routing)
 
@@ -156,7 +158,10 @@ class TritonMoE(TorchMoE):
         if isinstance(choice, ExpertGemv):
             assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
             tiles = (choice.up, choice.down)
-            return experts_gemv(x, moe.gate_up, moe.down, routing, tiles, choice.bucketed)
+            tickets = self._layer_buffers(moe).pair_tickets if choice.one_launch else None
+            return experts_gemv(
+                x, moe.gate_up, moe.down, routing, tiles, choice.bucketed, tickets=tickets
+            )
         if choice.dequantized:
             assert isinstance(moe.gate_up, PackedInt4) and isinstance(moe.down, PackedInt4)
             tiles = (choice.up, choice.down)
@@ -167,27 +172,44 @@ class TritonMoE(TorchMoE):
 
     def route(self, x: Tensor, moe: SparseMoE) -> Routing:
         """x's pairs, in one launch where the routing table says so and the kernel can."""
-        _, counts, ticket = self._layer_buffers(moe)
+        held = self._layer_buffers(moe)
         fused = self.routes().choose(x.shape[0]).fused and one_launch_fits(x)
         return route_pairs(
-            x, moe.router, moe.top_k, moe.norm_topk_prob, counts, ticket if fused else None
+            x,
+            moe.router,
+            moe.top_k,
+            moe.norm_topk_prob,
+            held.counts,
+            held.ticket if fused else None,
         )
 
     def expert_counts(self, moe: SparseMoE) -> Tensor:
         """[experts] int32: the pairs each expert of this layer took in its last call (the
         benchmark counts the experts a step touched)."""
-        return self._layer_buffers(moe)[1]
+        return self._layer_buffers(moe).counts
 
-    def _layer_buffers(self, moe: SparseMoE) -> tuple[SparseMoE, Tensor, Tensor]:
-        """(the layer, its counts, its routing ticket): made on the layer's first call, before
-        any capture, so every CUDA graph writes these buffers."""
+    def _layer_buffers(self, moe: SparseMoE) -> LayerBuffers:
+        """Made on the layer's first call, before any capture, so every CUDA graph writes these
+        buffers."""
         held = self._buffers.get(id(moe))
         if held is None:
             device = moe.router.device
-            counts = torch.zeros(moe.num_experts, dtype=torch.int32, device=device)
-            ticket = torch.zeros(1, dtype=torch.int32, device=device)
-            held = self._buffers[id(moe)] = (moe, counts, ticket)  # the layer held: its id stays
+            held = self._buffers[id(moe)] = LayerBuffers(
+                moe,  # the layer held: its id stays
+                torch.zeros(moe.num_experts, dtype=torch.int32, device=device),
+                torch.zeros(1, dtype=torch.int32, device=device),
+                pair_tickets(device),
+            )
         return held
+
+
+class LayerBuffers(NamedTuple):
+    """What a MoE layer's decode kernels keep between calls, zero where they say."""
+
+    moe: SparseMoE
+    counts: Tensor  # [experts] int32: pairs each expert took
+    ticket: Tensor  # [1] int32: the one-launch routing's
+    pair_tickets: Tensor  # replica.kernels.moe_pairs.pair_tickets
 
 
 def packed_group(moe: SparseMoE) -> int | None:

@@ -124,6 +124,7 @@ class ExpertGemv:
     up: GemvTile  # gated
     down: GemvTile
     bucketed: bool
+    one_launch: bool = False  # a program a pair, gate-up and down in one launch (moe_pairs)
 
 
 @dataclass(frozen=True)
