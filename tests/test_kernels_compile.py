@@ -55,8 +55,8 @@ def test_the_one_launch_routing_compiles_with_the_norm_or_without(arch: int, nor
 @pytest.mark.parametrize("arch", [80, 90])
 def test_the_pairs_in_one_launch_compile_with_the_served_pair_tiles(arch: int):
     """Its atomics: a gate-up program's count (a reduction after a GPU-scope fence: release;
-    RED on sm_80, REDG on sm_90), a down program's spin on it (a strong GPU-scope load, then
-    L1 invalidated: acquire), its own count, and the last's two resets."""
+    RED on sm_80, REDG on sm_90), a down program's spin on it (a strong GPU-scope load, L1
+    invalidated once after it: acquire), its own count, and the last's two resets."""
     up, down = tables.EXPERT_PAIRS.up, tables.EXPERT_PAIRS.down
     constants = dict(TOP_K=8, UP_GROUP=128, UP_N=up.features, UP_GROUPS=up.groups)
     constants |= dict(UP_PREFETCH=up.prefetch, DOWN_GROUP=128, DOWN_N=down.features)
@@ -69,5 +69,6 @@ def test_the_pairs_in_one_launch_compile_with_the_served_pair_tiles(arch: int):
     assert len([line for line in lines if "ATOMG.E.ADD.STRONG.GPU" in line]) == 1
     assert len([line for line in lines if "ATOMG.E.EXCH.STRONG.GPU" in line]) == 2
     spin = next(i for i, line in enumerate(lines) if "LDG.E.STRONG.GPU" in line)
-    assert "CCTL.IVALL" in "".join(lines[spin : spin + 4])
+    back = next(i for i in range(spin, len(lines)) if "BRA" in lines[i])  # the spin's branch
+    assert "CCTL" not in "".join(lines[spin:back]) and "CCTL.IVALL" in "".join(lines[back:][:16])
     assert "FFMA" in code  # the GEMV's sums

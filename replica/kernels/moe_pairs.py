@@ -57,8 +57,9 @@ def _pairs_kernel(
         pair, cols, out, expert = _pair_block(
             experts_ptr, program - up_programs, down_blocks, DOWN_N
         )
-        while tl.atomic_add(tickets_ptr + pair, 0, sem="acquire") < up_blocks:
+        while tl.atomic_add(tickets_ptr + pair, 0, sem="relaxed") < up_blocks:
             pass
+        tl.atomic_add(tickets_ptr + pair, 0, sem="acquire")  # the gate-up's stores seen from here
         gemv_outputs(
             act_ptr, down_qweight_ptr, down_scales_ptr, down_zeros_ptr, route_ptr, out_ptr,
             expert * hidden + cols, cols, out, out < pairs, 0, pairs, hidden, inter, inter, 0,
