@@ -3,6 +3,9 @@ token counts from 1 to 16,384 (skipped without a GPU)."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -31,6 +34,20 @@ SHAPES = {  # (N, K) of each projection
     "235b qkv": (9216, 4096),
     "235b o_proj": (4096, 8192),
 }
+
+
+def finishes_within(seconds: float) -> None:
+    """Wait for the GPU's queued work at most `seconds`. A kernel still running then (a spin
+    that never ends) ends the process: CUDA cannot cancel it, and the rest of the run's device
+    time would go waiting."""
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + seconds
+    while not done.query():
+        if time.monotonic() > deadline:
+            print(f"a kernel still ran after {seconds} s: stopping", file=sys.stderr, flush=True)
+            os._exit(3)
+        time.sleep(0.01)
 
 
 def thirty_b_experts(gen: torch.Generator) -> SparseMoE:
@@ -221,6 +238,7 @@ def test_pairs_in_one_launch_replay_as_the_two_launches():
             counts = torch.zeros(128, dtype=torch.int32, device="cuda")
             routing = route_pairs(x, moe.router, 8, True, counts)
             experts_pairs_one_launch(x, moe.gate_up, moe.down, routing, tiles, tickets)
+            finishes_within(20.0)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = experts_pairs_one_launch(x, moe.gate_up, moe.down, routing, tiles, tickets)
