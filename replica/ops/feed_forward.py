@@ -174,14 +174,8 @@ class TritonMoE(TorchMoE):
         """x's pairs, in one launch where the routing table says so and the kernel can."""
         held = self._layer_buffers(moe)
         fused = self.routes().choose(x.shape[0]).fused and one_launch_fits(x)
-        return route_pairs(
-            x,
-            moe.router,
-            moe.top_k,
-            moe.norm_topk_prob,
-            held.counts,
-            held.ticket if fused else None,
-        )
+        ticket = held.ticket if fused else None
+        return route_pairs(x, moe.router, moe.top_k, moe.norm_topk_prob, held.counts, ticket)
 
     def expert_counts(self, moe: SparseMoE) -> Tensor:
         """[experts] int32: the pairs each expert of this layer took in its last call (the
