@@ -79,8 +79,9 @@ def measure(
         result["step_ms"][str(rows)] = round(ms, 3)
         result["floor_fraction"][str(rows)] = round(1e3 * floor_bytes / bandwidth / ms, 3)
     vocab = source.config.vocab_size
-    result["scoring_cold"] = scoring(engine, args.requests, vocab, flops, seed=4)  # compiles
-    result["scoring"] = scoring(engine, args.requests, vocab, flops)
+    if args.requests:  # 0: decode steps alone (a variant that changes no prefill path)
+        result["scoring_cold"] = scoring(engine, args.requests, vocab, flops, seed=4)  # compiles
+        result["scoring"] = scoring(engine, args.requests, vocab, flops)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -226,22 +227,24 @@ def _moe_sweep(gen: torch.Generator, bandwidth: float) -> list[dict]:
 
 
 def ratios(bf16: dict, int4: dict, prefix: str) -> dict:
-    """The issue's keys: int4 / bf16 step times, both floors, the scoring ratio."""
-    return {
+    """The issue's keys: int4 / bf16 step times, both floors, the scoring ratio (where both
+    scored)."""
+    found = {
         f"{prefix}_step_ratio": {
             rows: round(int4["step_ms"][rows] / bf16["step_ms"][rows], 3)
             for rows in bf16["step_ms"]
         },
         f"{prefix}_floor_fraction_bf16": bf16["floor_fraction"],
         f"{prefix}_floor_fraction_int4": int4["floor_fraction"],
-        f"{prefix}_scoring_ratio": round(
-            int4["scoring"]["prompts_per_s"] / bf16["scoring"]["prompts_per_s"], 3
-        ),
         f"{prefix}_rows_of_1000_tokens": {
             "bf16": bf16["rows_of_1000_tokens"],
             "int4": int4["rows_of_1000_tokens"],
         },
     }
+    if "scoring" in bf16 and "scoring" in int4:
+        speed = int4["scoring"]["prompts_per_s"] / bf16["scoring"]["prompts_per_s"]
+        found[f"{prefix}_scoring_ratio"] = round(speed, 3)
+    return found
 
 
 def main() -> None:
@@ -250,7 +253,9 @@ def main() -> None:
     parser.add_argument(
         "--models", default="dense,moe,235b", help="comma-separated subset, and `sweep`"
     )
-    parser.add_argument("--requests", type=int, default=256, help="scoring prompts per engine")
+    parser.add_argument(
+        "--requests", type=int, default=256, help="scoring prompts per engine (0: no scoring)"
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)
@@ -287,9 +292,10 @@ def main() -> None:
             weights_gib_235b=big["weights_gib"],
             step_ms_235b=big["step_ms"],
             floor_fraction_235b=big["floor_fraction"],
-            scoring_prompts_per_s_235b=big["scoring"]["prompts_per_s"],
             rows_of_1000_tokens_235b=big["rows_of_1000_tokens"],
         )
+        if "scoring" in big:
+            report["scoring_prompts_per_s_235b"] = big["scoring"]["prompts_per_s"]
         report["235b"] = big
         save()
     for key, value in report.items():

@@ -299,7 +299,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/perf"), help="a directory")
     parser.add_argument("--parts", default=ALL_PARTS, help="a subset names the file after it")
     parser.add_argument("--smoke", action="store_true", help="the CPU: tiny shapes, interpreter")
-    parser.add_argument("--requests", type=int, default=128, help="scoring prompts per engine")
+    parser.add_argument(
+        "--requests", type=int, default=128, help="scoring prompts per engine (0: no scoring)"
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-gb", type=float, help="plan KV as if the card had this much")
     parser.add_argument("--kv-fraction-235b", type=float, default=0.75)  # measure() reads it

@@ -273,3 +273,17 @@ def test_a_gemv_grid_past_cuda_limit_is_refused_before_launch():
     with pytest.raises(ValueError, match="at most 65535"):
         w4a16_gemv(torch.zeros(1, 128), weight, GemvTile(8, 8, 4), experts=experts,
                    outputs_per_token=pairs)  # fmt: skip
+
+
+def test_the_benchmarks_ratios_leave_scoring_out_where_an_engine_did_not_score():
+    """`--requests 0` measures decode steps alone: no scoring ratio, the step ratios as ever."""
+    from benchmarks.bench_int4 import ratios
+
+    def engine(ms: float, scored: float | None) -> dict:
+        result = {"step_ms": {"1": ms}, "floor_fraction": {"1": 0.5}, "rows_of_1000_tokens": 9}
+        return result | ({"scoring": {"prompts_per_s": scored}} if scored else {})
+
+    both = ratios(engine(4.0, 200.0), engine(2.4, 180.0), "dense")
+    assert both["dense_step_ratio"] == {"1": 0.6} and both["dense_scoring_ratio"] == 0.9
+    steps = ratios(engine(4.0, None), engine(2.4, None), "dense")
+    assert steps["dense_step_ratio"] == {"1": 0.6} and "dense_scoring_ratio" not in steps
