@@ -18,12 +18,14 @@ writes `int4-v2-<device>.json` under --out (a directory) with an ISO `date`:
 - `peer_ratio` {"1", "8", "64"}: the four projections' summed time, our served paths over the
   faster peer (tinygemm, GemLite), gate_up with SiLU(gate) * up on both sides;
 - engines: `dense_*` / `moe_*` step ratios at 1, 8, 64 rows and scoring ratios, int4 over bf16,
-  with the served tables, and `--variants` (`*_tinygemm`: torch's int4 matmul owning every 2-D
-  projection; `*_deep_only`: one token without the shallow-K tile; `*_ptx`: every split-K and
-  fused tile's weights made in packed 16-bit PTX, `*_plain` without it, `*_ptx_one_token` one
-  token too, through them; `*_fused_route` / `*_three_launch_route`: every decode step's MoE
-  routing in one launch where it can / in three, bf16 rebuilt with it and each ratio over that
-  bf16), via benchmarks.bench_int4's `measure`.
+  with the served tables, and `--variants`: engines built another way, each named in
+  benchmarks.int4_variants.VARIANTS with what it changes (those of BOTH_DTYPES rebuild bf16
+  too, each ratio over that bf16), via benchmarks.bench_int4's `measure`; `--requests 0`: the
+  steps alone, no scoring (a variant that changes no prefill path).
+
+The sweep's columns name tiles by benchmarks.int4_names (`_ptx`: weights in packed 16-bit PTX,
+`_two`: two groups a loop step); the experts' rows at 1 and 2 tokens also time the pairs in one
+launch (`pairs_one_launch`).
 
 `--parts checks,sweep` then `--parts engines` splits the run in two (files named after them);
 `--parts moe` sweeps the 30B's experts alone;
