@@ -5,7 +5,8 @@ between its gate-up and its down.
 - Programs [0, up) take a (pair, column block) of the gate-up rows, SiLU(gate) * up fused, store
   it, and count themselves on the pair's ticket (release).
 - Programs [up, up + down) take a (pair, hidden block) of the down projection once the pair's
-  ticket counts all its gate-up blocks (an acquiring spin), the routing weight in the epilogue.
+  ticket counts all its gate-up blocks (a relaxed spin, then one acquire), the routing weight in
+  the epilogue.
   The pair's last down program to finish sets both its tickets back to zero, so the next
   CUDA-graph replay finds them there.
 
