@@ -10,14 +10,15 @@ from replica.kernels.moe_fused import FusedTile
 
 def tile_name(t: SplitKTile) -> str:
     """splitk_m<tokens>n<features>, then w<warps>, v<waves> and s<stages> where not 4, 2 and 3,
-    then _ptx, and _two for two groups a loop step."""
+    then _ptx, _two for two groups a loop step and _onm for tokens on the MMA's M side."""
     warps, waves = f"w{t.warps}" * (t.warps != 4), f"v{t.waves}" * (t.waves != 2)
     stages = f"s{t.stages}" * (t.stages != 3)
     return f"splitk_m{t.tokens}n{t.features}{warps}{waves}{stages}{_suffix(t)}"
 
 
 def _suffix(t: SplitKTile | FusedTile) -> str:
-    return f"{'_ptx' * t.ptx}{'_two' * t.two_groups}"
+    on_m = isinstance(t, SplitKTile) and t.tokens_on_m
+    return f"{'_ptx' * t.ptx}{'_two' * t.two_groups}{'_onm' * on_m}"
 
 
 def gemv_name(t: GemvTile) -> str:

@@ -120,6 +120,7 @@ def splitk_row(tile: SplitKTile, arch: int = 90) -> dict:
     """The split-K tile, K split (the serial sum after the loop)."""
     constants = dict(GROUP=GROUP, SPLIT_K=2, BLOCK_M=tile.tokens, BLOCK_N=tile.features)
     constants |= dict(PTX=tile.ptx, GATED=False, TWO_GROUPS=tile.two_groups)
+    constants |= dict(TOKENS_ON_M=tile.tokens_on_m)
     kernel = compiled(_splitk_kernel, constants, tile.warps, tile.stages, arch)
     weights = tile.features * GROUP * (1 + tile.two_groups) / (32 * tile.warps)
     return row(tile_name(tile), loop_opcodes(machine_code(kernel)), weights, kernel)
@@ -149,7 +150,7 @@ def row(name: str, ops: Counter, weights: float, kernel=None) -> dict:
 
 def rows(arch: int = 90) -> list[dict]:
     """The served one-token GEMV tiles; split-K and fused tiles, plain, with PTX weights, and
-    with those two groups a step."""
+    with those two groups a step; the 64-token PTX tiles with tokens on the M side."""
     from replica.ops import tables
 
     one_token = tables.INT4_LINEAR_WIDE.choose(1)
@@ -160,6 +161,7 @@ def rows(arch: int = 90) -> list[dict]:
     fused = [tables.FUSED_16, tables.FUSED_16_W2, tables.FUSED_32_W2]
     tiles += [replace(t, ptx=True) for t in tiles]
     tiles += [replace(t, two_groups=True) for t in tiles if t.ptx]
+    tiles += [replace(t, tokens_on_m=True) for t in tiles if t.ptx and t.tokens == 64]
     fused += [replace(t, ptx=True) for t in fused]
     fused += [replace(t, two_groups=True) for t in fused if t.ptx]
     return gemv + [splitk_row(t, arch) for t in tiles] + [fused_row(t, arch) for t in fused]

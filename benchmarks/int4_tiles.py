@@ -28,13 +28,17 @@ def splitk_tiles(tokens: int) -> list[SplitKTile]:
     in packed 16-bit PTX (replica.kernels.int4_ptx); and the PTX tiles of 64 and 128 features
     two groups a loop step (int4_splitk.span_dots), with 3 stages and with 2 (two groups a step
     take twice the shared memory: 114 KB a 64 x 64 program at 3 stages on sm_90, so one
-    program a multiprocessor where 57 KB let three)."""
+    program a multiprocessor where 57 KB let three). At 64 tokens, the 4-warp PTX tiles also
+    with tokens on the M side (one dot a group: a wgmma's M is 64), at 3 stages and 2."""
     block_m = max(16, 1 << (tokens - 1).bit_length())
     plain = [SplitKTile(block_m, f, 4, 3) for f in (32, 64, 128)]
     plain += [SplitKTile(block_m, f, 2, 3) for f in (64, 128)]
     ptx = [replace(t, ptx=True) for t in plain]  # weights in packed 16-bit PTX
     two = [replace(t, two_groups=True) for t in ptx if t.features >= 64]
-    return plain + ptx + two + [replace(t, stages=2) for t in two if t.warps == 4]
+    two += [replace(t, stages=2) for t in two if t.warps == 4]
+    on_m = [replace(t, tokens_on_m=True) for t in ptx + two if t.warps == 4 and block_m >= 64]
+    on_m += [replace(t, stages=2) for t in on_m]
+    return list(dict.fromkeys(plain + ptx + two + on_m))  # each tile once
 
 
 def one_token_gemvs(x: torch.Tensor, packed: PackedInt4, gated: bool) -> dict:

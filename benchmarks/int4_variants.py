@@ -132,6 +132,18 @@ def prefetch():
     )
 
 
+def tokens_on_m():
+    """Engines built inside serve the 33-to-64-token split-K entry with tokens on the MMA's M
+    side, one dot a group (replica.kernels.int4_splitk.group_dots' ON_M): a Hopper's wgmma
+    then waits once a group, not once a slab."""
+    table = tables.INT4_LINEAR_WIDE
+    entries = tuple(
+        replace(e, choice=retiled(e.choice, tokens_on_m=True)) if e.up_to == 64 else e
+        for e in table.entries
+    )
+    return serving(INT4_LINEAR_WIDE=replace(table, entries=entries))
+
+
 def pairs_in_one_launch():
     """Engines built inside run the experts' pairs (a program a pair) with gate-up and down in
     one launch (replica.kernels.moe_pairs)."""
@@ -191,6 +203,7 @@ VARIANTS = {
     "ptx_one_token": partial(made_weights, True, one_token=True),
     "two_groups": two_groups,
     "one_launch_pairs": pairs_in_one_launch,
+    "tokens_on_m": tokens_on_m,
     "fused_route": partial(routes_in, True),
     "three_launch_route": partial(routes_in, False),
     "normed_route": lambda: serving(MOE_ROUTE=normed_routes()),

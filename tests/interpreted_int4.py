@@ -104,6 +104,24 @@ def int4_splitk() -> None:
     x = torch.randn(20, 512)
     close_in_scale(mlp.gated(x, weight), silu_mul(linear(x, weight)))
     two_groups_a_step(w4a16_splitk, SplitKTile)
+    tokens_on_m(w4a16_splitk, SplitKTile)
+
+
+def tokens_on_m(w4a16_splitk, SplitKTile) -> None:
+    """Tokens on the MMA's M side, one dot a group (the slabs concatenated, x read in their
+    column order): against the oracle at 17 and 40 tokens (blocks cut short), K split and
+    whole, groups of 128 and 256, and two groups a step."""
+    for depth, group in ((1280, 128), (512, 256)):
+        weight = asymmetric(72, depth, group)
+        for tokens in (17, 40):
+            x = torch.randn(tokens, 2 * depth)[:, :depth]  # strided
+            for tile in (
+                SplitKTile(64, 32, 4, 2, tokens_on_m=True),
+                SplitKTile(32, 64, 4, 2, 0, True, tokens_on_m=True),
+            ):
+                close_in_scale(w4a16_splitk(x, weight, tile), linear(x, weight))
+            two = SplitKTile(64, 16, 4, 2, two_groups=True, tokens_on_m=True)
+            close_in_scale(w4a16_splitk(x, weight, two), linear(x, weight))
 
 
 def two_groups_a_step(w4a16_splitk, SplitKTile) -> None:

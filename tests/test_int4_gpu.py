@@ -255,6 +255,25 @@ def test_pairs_in_one_launch_replay_as_the_two_launches():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tokens_on_m_match_the_oracle(dtype: torch.dtype):
+    """group_dots' ON_M (one dot a group, x read in the slabs' column order) at 33 and 64
+    tokens, the 4B's o and gate_up shapes, plain and PTX weights, one and two groups a step."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    for n, k in ((2560, 4096), (19456, 2560)):
+        weight = quantize(torch.randn(n, k, device="cuda", generator=gen, dtype=dtype))
+        oracle = dequantize(weight, dtype)
+        for tokens in (33, 64):
+            x = torch.randn(tokens, k, device="cuda", generator=gen, dtype=dtype)
+            for tile in (SplitKTile(64, 64, 4, 3), SplitKTile(64, 128, 4, 2)):
+                for ptx, two in ((False, False), (True, False), (True, True)):
+                    on_m = replace(tile, ptx=ptx, two_groups=two, tokens_on_m=True)
+                    ours = w4a16_splitk(x, weight, on_m)
+                    assert rel_error(ours, x @ oracle.t()) < 1e-2, (n, tokens, on_m)
+
+
+@gpu
+@pytest.mark.gpu
 def test_gemv_loads_a_step_ahead_give_the_same_outputs_bit_for_bit():
     """Prefetching moves the one-token GEMV's loads, not its arithmetic: a projection, the fused
     gate-up and the experts' pairs equal the served tiles' outputs."""

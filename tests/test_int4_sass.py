@@ -52,7 +52,7 @@ def test_the_gemv_compiles_for_the_gpu_in_every_launch(launch: str, arch: int):
 def _defaults(kernel, constants: dict) -> dict:
     """The split-K kernel's GATED and TWO_GROUPS, the fused kernels' TWO: False unless given."""
     if kernel is _splitk_kernel:
-        return {"GATED": False, "TWO_GROUPS": False} | constants
+        return {"GATED": False, "TWO_GROUPS": False, "TOKENS_ON_M": False} | constants
     return {"TWO": False} | constants
 
 
@@ -132,6 +132,22 @@ def test_two_groups_a_step_load_both_groups_scales_before_the_first_dot(name: st
         loads.append(len(scales))
         assert max(scales) < first_dot, ops
     assert loads[1] == 2 * loads[0] > 0, loads
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("features", [64, 128])
+def test_tokens_on_m_chain_a_groups_wgmma_without_waits_on_sm90(features: int, arch: int):
+    """group_dots' ON_M at 64 tokens: on sm_90 the group is one dot, its k-steps chained with
+    one wait a group where the slabs' dots wait after each (7 in the loop); on sm_80 (mma.sync,
+    no waits either way) it compiles."""
+    constants = _defaults(_splitk_kernel, dict(GROUP=128, SPLIT_K=2, BLOCK_M=64, PTX=True))
+    waits = []
+    for on_m in (False, True):
+        tile = constants | {"BLOCK_N": features, "TOKENS_ON_M": on_m}
+        ops = int4_sass.loop_ops(int4_sass.sass(_splitk_kernel, tile, 4, 3, arch))
+        assert any("MMA" in op for op in ops), ops
+        waits.append(sum(op.startswith("WARPGROUP.DEPBAR") for op in ops))
+    assert waits == ([7, 1] if arch == 90 else [0, 0]), waits
 
 
 def test_the_served_one_token_gemv_stays_lean():

@@ -170,6 +170,24 @@ def test_the_one_launch_pairs_variant_serves_the_pairs_in_one_launch_inside_only
     assert tables.moe_table(128, True).choose(1 / 16) == served
 
 
+def test_the_tokens_on_m_variant_takes_the_64_token_tiles_only_inside():
+    from benchmarks.int4_variants import VARIANTS
+
+    served = tables.INT4_LINEAR_WIDE
+    assert not any(tile_flags(served, "tokens_on_m"))
+    with VARIANTS["tokens_on_m"]():
+        inside = tables.INT4_LINEAR_WIDE
+        assert inside.choose(64).tile.tokens_on_m and inside.choose(64).wide.tokens_on_m
+        assert inside.choose(64) == retiled_on_m(served.choose(64))
+        assert inside.choose(16) == served.choose(16) and inside.choose(1) == served.choose(1)
+    assert tables.INT4_LINEAR_WIDE is served
+
+
+def retiled_on_m(choice: tables.SplitK) -> tables.SplitK:
+    on_m = replace(choice.tile, tokens_on_m=True)
+    return replace(choice, tile=on_m, wide=replace(choice.wide, tokens_on_m=True))
+
+
 def test_ptx_weights_serve_where_measured_faster():
     """2 to 64 tokens (split-K) and a quarter to 4 pairs an expert (the 16-row fused tile): the
     sizes the PTX sweep timed; the experts beyond keep plain weights (not timed with PTX)."""

@@ -43,6 +43,7 @@ class SplitKTile:
     waves: int = 2  # programs a multiprocessor the split aims for (0: K never split)
     ptx: bool = False  # nibbles to weights in packed 16-bit PTX (replica.kernels.int4_ptx)
     two_groups: bool = False  # span_dots' TWO: two groups a loop step (where K has an even count)
+    tokens_on_m: bool = False  # group_dots' ON_M: tokens on the MMA's M side, one dot a group
 
 
 @triton.jit
@@ -73,10 +74,11 @@ def group_scales(scales_ptr, zeros_ptr, features, feature_live, g, depth, GROUP:
 def span_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr, features,
     feature_live, g_lo, g_hi, depth, GROUP: tl.constexpr, PTX: tl.constexpr, TWO: tl.constexpr,
+    ON_M: tl.constexpr,
 ):  # fmt: skip
-    """acc plus groups g_lo..g_hi-1's out.T. Triton pipelines the words and x through shared
-    memory but not the 2-byte scales and zeros (cp.async moves 4 bytes or more), so each
-    group's weights wait for their loads. TWO: two groups a step, both groups' scales and zeros
+    """acc plus groups g_lo..g_hi-1's products (group_dots; ON_M as there). Triton pipelines
+    the words and x through shared memory but not the 2-byte scales and zeros (cp.async moves 4
+    bytes or more), so each group's weights wait for their loads. TWO: two groups a step, both groups' scales and zeros
     loaded at its start, one wait for the two (g_hi - g_lo even; the same sums in the same
     order, twice the shared memory). Carrying them a step ahead in registers instead makes
     Triton round-trip every weight through shared memory (their layouts differ)."""
@@ -88,12 +90,12 @@ def span_dots(
             )
         acc = group_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
-            scale, zero, g, depth, GROUP, PTX,
+            scale, zero, g, depth, GROUP, PTX, ON_M,
         )  # fmt: skip
         if TWO:
             acc = group_dots(
                 acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
-                next_scale, next_zero, g + 1, depth, GROUP, PTX,
+                next_scale, next_zero, g + 1, depth, GROUP, PTX, ON_M,
             )  # fmt: skip
     return acc
 
@@ -101,11 +103,17 @@ def span_dots(
 @triton.jit
 def group_dots(
     acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live, scale, zero,
-    g, depth, GROUP: tl.constexpr, PTX: tl.constexpr,
+    g, depth, GROUP: tl.constexpr, PTX: tl.constexpr, ON_M: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] plus group g's out.T: 8 slabs of W columns, one dot each, with
-    the group's `scale` and `zero` (group_scales); PTX: the weights made by
-    int4_ptx.ptx_slabs."""
+    """acc plus group g's product, with the group's `scale` and `zero` (group_scales); PTX: the
+    weights made by int4_ptx.ptx_slabs.
+
+    acc [BLOCK_N, BLOCK_M] plus out.T, tokens on the MMA's N side: 8 slabs of W columns, one
+    dot each, the weights in registers. Triton waits for each such dot before the next.
+
+    ON_M: acc [BLOCK_M, BLOCK_N] plus out, tokens on the M side: the 8 slabs concatenated into
+    one [BLOCK_N, GROUP] operand and x read in their column order, one dot of K = GROUP. Triton
+    stores the weights to shared memory for it and chains its k-steps without waits between."""
     words_per_group: tl.constexpr = GROUP // 8
     word = tl.arange(0, words_per_group)
     # K is whole groups of 16 or more words: rows start 64-byte aligned, 16-byte loads
@@ -115,6 +123,25 @@ def group_dots(
         mask=feature_live[:, None],
         other=0,
     )
+    if ON_M:
+        acc += _whole_group_dot(
+            words, scale, zero, x_ptr, stride_x, tokens, token_live, g, GROUP, PTX
+        )
+    else:
+        acc = _slab_dots(
+            acc, words, scale, zero, x_ptr, stride_x, tokens, token_live, g, GROUP, PTX
+        )
+    return acc
+
+
+@triton.jit
+def _slab_dots(
+    acc, words, scale, zero, x_ptr, stride_x, tokens, token_live, g, GROUP: tl.constexpr,
+    PTX: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] plus the group's out.T, a dot a slab."""
+    words_per_group: tl.constexpr = GROUP // 8
+    word = tl.arange(0, words_per_group)
     dtype = x_ptr.dtype.element_ty
     x_group = x_ptr + tokens[None, :] * stride_x + g * GROUP + word[:, None]  # [W, BLOCK_M]
     if PTX:
@@ -129,6 +156,46 @@ def group_dots(
         acc += tl.dot(low, x_low)
         acc += tl.dot(high, x_high)
     return acc
+
+
+@triton.jit
+def _whole_group_dot(
+    words, scale, zero, x_ptr, stride_x, tokens, token_live, g, GROUP: tl.constexpr,
+    PTX: tl.constexpr,
+):  # fmt: skip
+    """x [BLOCK_M, GROUP] @ the group's weights [BLOCK_N, GROUP].T in one dot. The slabs come
+    in nibble order 0, 4, 1, 5, 2, 6, 3, 7 (slab i holds nibble i // 2 + 4 (i % 2), its column
+    j the group's column nibble * W + j), concatenated in that order, so column c of the
+    operand is slab c // W's column c % W: x is read at those columns, 32 contiguous bytes a
+    slab."""
+    words_per_group: tl.constexpr = GROUP // 8
+    dtype = x_ptr.dtype.element_ty
+    if PTX:
+        s = ptx_slabs(words, scale, zero, dtype)
+    else:
+        s0, s1 = _slab_weights(words, scale, zero, 0, dtype)
+        s2, s3 = _slab_weights(words, scale, zero, 1, dtype)
+        s4, s5 = _slab_weights(words, scale, zero, 2, dtype)
+        s6, s7 = _slab_weights(words, scale, zero, 3, dtype)
+        s = (s0, s1, s2, s3, s4, s5, s6, s7)
+    low = _concat(_concat(s[0], s[1]), _concat(s[2], s[3]))
+    weights = _concat(low, _concat(_concat(s[4], s[5]), _concat(s[6], s[7])))
+    c = tl.arange(0, GROUP)
+    slab = c // words_per_group
+    columns = (slab // 2 + 4 * (slab % 2)) * words_per_group + c % words_per_group
+    x = tl.load(
+        x_ptr + tokens[:, None] * stride_x + g * GROUP + columns[None, :],
+        mask=token_live[:, None],
+        other=0.0,
+    )
+    return tl.dot(x, tl.trans(weights))
+
+
+@triton.jit
+def _concat(a, b):
+    """[N, 2K]: a's columns, then b's ([N, K] each)."""
+    pair = tl.permute(tl.join(a, b), (0, 2, 1))  # [N, 2, K]
+    return tl.reshape(pair, [a.shape[0], 2 * a.shape[1]])
 
 
 @triton.jit
@@ -162,6 +229,7 @@ def _splitk_kernel(
     PTX: tl.constexpr,
     GATED: tl.constexpr,  # rows [gate; up], n the gate's: SiLU(gate) * up (K whole)
     TWO_GROUPS: tl.constexpr,  # span_dots' TWO (not with GATED); span and K's groups even
+    TOKENS_ON_M: tl.constexpr,  # group_dots' ON_M (not with GATED)
 ):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,7 +237,10 @@ def _splitk_kernel(
     token_live, feature_live = tokens < m, features < n
     g_lo = split * span
     g_hi = tl.minimum(g_lo + span, depth // GROUP)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if TOKENS_ON_M:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # out
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out.T
     if GATED:  # gate and up rows in one loop: each group's x loaded once for both
         up = acc
         for g in range(g_lo, g_hi):
@@ -178,23 +249,26 @@ def _splitk_kernel(
             )
             acc = group_dots(
                 acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, features, feature_live,
-                scale, zero, g, depth, GROUP, PTX,
+                scale, zero, g, depth, GROUP, PTX, False,
             )  # fmt: skip
             scale, zero = group_scales(
                 scales_ptr, zeros_ptr, features + n, feature_live, g, depth, GROUP
             )
             up = group_dots(
                 up, x_ptr, stride_x, tokens, token_live, qweight_ptr, features + n,
-                feature_live, scale, zero, g, depth, GROUP, PTX,
+                feature_live, scale, zero, g, depth, GROUP, PTX, False,
             )  # fmt: skip
         acc = rounded_silu_mul(acc, up, x_ptr.dtype.element_ty)
     else:
         acc = span_dots(
             acc, x_ptr, stride_x, tokens, token_live, qweight_ptr, scales_ptr, zeros_ptr,
-            features, feature_live, g_lo, g_hi, depth, GROUP, PTX, TWO_GROUPS,
+            features, feature_live, g_lo, g_hi, depth, GROUP, PTX, TWO_GROUPS, TOKENS_ON_M,
         )  # fmt: skip
     at = tokens[None, :] * n + features[:, None]
     live = feature_live[:, None] & token_live[None, :]
+    if TOKENS_ON_M:
+        at = tokens[:, None] * n + features[None, :]
+        live = token_live[:, None] & feature_live[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptr + at, acc.to(x_ptr.dtype.element_ty), mask=live)
     else:
@@ -253,7 +327,7 @@ def w4a16_splitk(x: Tensor, weight: Int4Weight, tile: SplitKTile, gated: bool = 
         x, weight.qweight, weight.scales, weight.zeros, out, partials, counts, m, n, depth,
         x.stride(0), span, GROUP=group, SPLIT_K=split, BLOCK_M=tile.tokens,
         BLOCK_N=tile.features, PTX=tile.ptx and packed_math(x, weight), GATED=gated,
-        TWO_GROUPS=two,
+        TWO_GROUPS=two, TOKENS_ON_M=tile.tokens_on_m and not gated,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     return out

@@ -115,7 +115,7 @@ def _expert_dots(
     return span_dots(
         tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), x_ptr, stride_x, rows, live, qweight_ptr,
         scales_ptr, zeros_ptr, features, feature_live, 0, depth // GROUP, depth, GROUP, PTX,
-        TWO,
+        TWO, False,
     )  # fmt: skip
 
 
