@@ -18,6 +18,7 @@ from torch import Tensor
 from benchmarks.int4_names import expert_gemv_name, fused_name
 from replica.kernels.int4_gemv import MAX_GRID_Z, w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.kernels.launch import arch
 from replica.ops import tables, tinygemm
 from replica.ops.feed_forward import TritonMoE
 from replica.ops.linear import TritonLinear
@@ -33,9 +34,12 @@ def errors(ours: Tensor, oracle: Tensor) -> dict:
     return {"max_abs": float(f"{diff:.3g}"), "max_rel": float(f"{diff / max(scale, 1e-30):.3g}")}
 
 
-def splitk_tile(tokens: int, rows: int) -> SplitKTile:
+def splitk_tile(tokens: int, rows: int, device: torch.device) -> SplitKTile:
+    """The served split-K tile here (past the table's split-K sizes, PREFILL_SPLITK)."""
     choice = tables.INT4_LINEAR_WIDE.choose(tokens)
-    return choice.for_rows(rows) if isinstance(choice, tables.SplitK) else PREFILL_SPLITK
+    if isinstance(choice, tables.SplitK):
+        return choice.for_rows(rows, arch(device))
+    return PREFILL_SPLITK
 
 
 def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.device) -> list:
@@ -66,7 +70,7 @@ def linear_checks(shapes: dict, token_counts: tuple[int, ...], device: torch.dev
                 x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
                 oracle = x @ weight.t()
                 row = {**base, "tokens": tokens}
-                tile = splitk_tile(tokens, n)
+                tile = splitk_tile(tokens, n, device)
                 plain = w4a16_splitk(x, packed, tile)
                 ptx = w4a16_splitk(x, packed, replace(tile, ptx=True))
                 row["splitk"] = errors(plain, oracle)

@@ -12,6 +12,7 @@ import torch
 from benchmarks.int4_names import gemv_name, tile_name
 from replica.kernels.int4_gemv import GemvTile, w4a16_gemv
 from replica.kernels.int4_splitk import SplitKTile, w4a16_splitk
+from replica.kernels.launch import arch
 from replica.kernels.moe_fused import FusedTile
 from replica.ops import tables
 from replica.ops.packed import PackedInt4
@@ -59,7 +60,7 @@ def gated_splitk(x: torch.Tensor, packed: PackedInt4, tokens: int) -> dict:
     choice = tables.INT4_LINEAR_WIDE.choose(max(tokens, 2))
     if not isinstance(choice, tables.SplitK):
         return {}
-    tile = choice.for_rows(packed.shape[-2])
+    tile = choice.for_rows(packed.shape[-2], arch(x.device))
     return {
         f"splitk_mlp_{tile_name(t)}": partial(w4a16_splitk, x, packed, t, gated=True)
         for t in (tile, replace(tile, ptx=True))

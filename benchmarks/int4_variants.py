@@ -133,13 +133,17 @@ def prefetch():
 
 
 def tokens_on_m():
-    """Engines built inside serve the 33-to-64-token split-K entry with tokens on the MMA's M
-    side, one dot a group (replica.kernels.int4_splitk.group_dots' ON_M): a Hopper's wgmma
-    then waits once a group, not once a slab."""
+    """Engines built inside serve the 33-to-64-token split-K entry on a Hopper (`SplitK.sm90`)
+    with tokens on the MMA's M side, one dot a group (replica.kernels.int4_splitk.group_dots'
+    ON_M): wgmma then waits once a group, not once a slab. An A100 keeps its tiles (there
+    it costs instructions and saves no wait)."""
+
+    def on_m(choice: object) -> object:
+        return replace(choice, sm90=retiled(choice, tokens_on_m=True))
+
     table = tables.INT4_LINEAR_WIDE
     entries = tuple(
-        replace(e, choice=retiled(e.choice, tokens_on_m=True)) if e.up_to == 64 else e
-        for e in table.entries
+        replace(e, choice=on_m(e.choice)) if e.up_to == 64 else e for e in table.entries
     )
     return serving(INT4_LINEAR_WIDE=replace(table, entries=entries))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from replica.kernels.int4_splitk import SplitKTile
 from replica.ops import tables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,22 +171,30 @@ def test_the_one_launch_pairs_variant_serves_the_pairs_in_one_launch_inside_only
     assert tables.moe_table(128, True).choose(1 / 16) == served
 
 
-def test_the_tokens_on_m_variant_takes_the_64_token_tiles_only_inside():
+def test_the_tokens_on_m_variant_takes_the_64_token_tiles_on_sm90_only_inside():
     from benchmarks.int4_variants import VARIANTS
 
     served = tables.INT4_LINEAR_WIDE
     assert not any(tile_flags(served, "tokens_on_m"))
     with VARIANTS["tokens_on_m"]():
-        inside = tables.INT4_LINEAR_WIDE
-        assert inside.choose(64).tile.tokens_on_m and inside.choose(64).wide.tokens_on_m
-        assert inside.choose(64) == retiled_on_m(served.choose(64))
-        assert inside.choose(16) == served.choose(16) and inside.choose(1) == served.choose(1)
+        inside = tables.INT4_LINEAR_WIDE.choose(64)
+        for rows in (2560, tables.WIDE_ROWS):
+            assert inside.for_rows(rows, 90) == replace(
+                served.choose(64).for_rows(rows), tokens_on_m=True
+            )
+            assert inside.for_rows(rows, 80) == served.choose(64).for_rows(rows)
+        assert tables.INT4_LINEAR_WIDE.choose(16) == served.choose(16)
     assert tables.INT4_LINEAR_WIDE is served
 
 
-def retiled_on_m(choice: tables.SplitK) -> tables.SplitK:
-    on_m = replace(choice.tile, tokens_on_m=True)
-    return replace(choice, tile=on_m, wide=replace(choice.wide, tokens_on_m=True))
+def test_a_split_k_entry_serves_its_sm90_tiles_on_a_hopper_only():
+    a100 = tables.SplitK(SplitKTile(64, 64, 4, 3), wide=SplitKTile(64, 128, 4, 3))
+    hopper = tables.SplitK(SplitKTile(64, 64, 4, 2), wide=SplitKTile(64, 128, 4, 2))
+    both = replace(a100, sm90=hopper)
+    for rows in (2560, tables.WIDE_ROWS):
+        assert both.for_rows(rows, 90) == hopper.for_rows(rows)
+        assert both.for_rows(rows, 80) == both.for_rows(rows, 0) == a100.for_rows(rows)
+        assert a100.for_rows(rows, 90) == a100.for_rows(rows)  # no sm_90 tiles: the same
 
 
 def test_ptx_weights_serve_where_measured_faster():

@@ -32,6 +32,16 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@cache
+def arch(device: torch.device) -> int:
+    """The GPU's compute capability as sm_<arch> counts it (80: an A100, 90: an H100 or H200);
+    0 on the CPU."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def split_k(programs: int, steps: int, device: torch.device) -> int:
     """Slices of K so that about two programs per SM read weights (a decode step's output
     alone may have only a few dozen feature blocks); a power of two dividing the K steps."""

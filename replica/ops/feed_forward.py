@@ -19,6 +19,7 @@ from torch import Tensor
 from replica.kernels.elementwise import silu_mul as silu_mul_triton
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_splitk import w4a16_splitk
+from replica.kernels.launch import arch
 from replica.kernels.moe import experts_dequantized, experts_gemv, experts_tiled
 from replica.kernels.moe_fused import experts_fused
 from replica.kernels.moe_pairs import pair_tickets
@@ -78,7 +79,7 @@ class TritonMLP(TorchMLP):
             if isinstance(choice, Gemv):
                 return w4a16_gemv(x, gate_up, choice.gated, gated=True)
             if isinstance(choice, SplitK) and choice.gated:
-                tile = choice.for_rows(gate_up.shape[-2])
+                tile = choice.for_rows(gate_up.shape[-2], arch(x.device))
                 return w4a16_splitk(x, gate_up, tile, gated=True)
         return super().gated(x, gate_up)
 

@@ -18,6 +18,7 @@ from replica.kernels.int4_dequantize import dequantized
 from replica.kernels.int4_gemv import w4a16_gemv
 from replica.kernels.int4_matmul import w4a16_tiled
 from replica.kernels.int4_splitk import w4a16_splitk
+from replica.kernels.launch import arch
 from replica.ops import tinygemm
 from replica.ops.packed import PackedInt4, linear
 from replica.ops.tables import Gemv, Int4Linear, SplitK, Table, Tiled, int4_linear_table
@@ -63,5 +64,5 @@ def run_int4(x: Tensor, weight: PackedInt4, choice: Int4Linear) -> Tensor:
     if isinstance(choice, Tiled):
         return w4a16_tiled(x, weight, choice.tile)
     if isinstance(choice, SplitK):
-        return w4a16_splitk(x, weight, choice.for_rows(weight.shape[-2]))
+        return w4a16_splitk(x, weight, choice.for_rows(weight.shape[-2], arch(x.device)))
     return F.linear(x, dequantized(weight, x.dtype))

@@ -7,7 +7,9 @@ the benchmark named, then change an entry and its citation together.
 
 - `INT4_LINEAR_WIDE` / `INT4_LINEAR_NARROW`: a packed projection by token count, for groups of
   128 or more and for smaller ones (`int4_linear_table`); a `Gemv` entry also serves a dense
-  MLP's gate_up with SiLU * up fused (its `gated` tile).
+  MLP's gate_up with SiLU * up fused (its `gated` tile); a `SplitK` entry may name a Hopper's
+  own tiles (`sm90`), served on sm_90 alone (the A100 is the target; tiles tuned here on an
+  H100 carry over unless one depends on wgmma).
 - `MOE_16BIT`, `MOE_PACKED_DECODE` / `MOE_PACKED_PREFILL` (groups of 128 or more: the fused 4-bit
   experts), `MOE_NARROW_DECODE` / `MOE_NARROW_PREFILL` (smaller groups): the experts by mean
   (token, expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the
@@ -105,9 +107,12 @@ class SplitK:
     tile: SplitKTile
     wide: SplitKTile | None = None  # where the weight has WIDE_ROWS rows or more
     gated: bool = False  # a dense MLP's gate-up with SiLU * up fused (K whole)
+    sm90: SplitK | None = None  # a Hopper's tiles (wgmma), where they differ from the A100's
 
-    def for_rows(self, rows: int) -> SplitKTile:
-        """The tile for a weight of `rows` output features."""
+    def for_rows(self, rows: int, arch: int = 80) -> SplitKTile:
+        """The tile for a weight of `rows` output features on an sm_<arch> GPU (launch.arch)."""
+        if arch == 90 and self.sm90:
+            return self.sm90.for_rows(rows)
         return self.wide if self.wide and rows >= WIDE_ROWS else self.tile
 
 
