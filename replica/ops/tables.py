@@ -7,9 +7,8 @@ the benchmark named, then change an entry and its citation together.
 
 - `INT4_LINEAR_WIDE` / `INT4_LINEAR_NARROW`: a packed projection by token count, for groups of
   128 or more and for smaller ones (`int4_linear_table`); a `Gemv` entry also serves a dense
-  MLP's gate_up with SiLU * up fused (its `gated` tile); a `SplitK` entry may name a Hopper's
-  own tiles (`sm90`), served on sm_90 alone (the A100 is the target; tiles tuned here on an
-  H100 carry over unless one depends on wgmma).
+  MLP's gate_up with SiLU * up fused (its `gated` tile); a `SplitK` entry may name tiles that
+  depend on a Hopper's wgmma (`sm90`), served on sm_90 alone (the A100 is the target).
 - `MOE_16BIT`, `MOE_PACKED_DECODE` / `MOE_PACKED_PREFILL` (groups of 128 or more: the fused 4-bit
   experts), `MOE_NARROW_DECODE` / `MOE_NARROW_PREFILL` (smaller groups): the experts by mean
   (token, expert) pairs an expert (`moe_table`); decode steps (CUDA graphs) never take the
@@ -111,9 +110,8 @@ class SplitK:
 
     def for_rows(self, rows: int, arch: int = 80) -> SplitKTile:
         """The tile for a weight of `rows` output features on an sm_<arch> GPU (launch.arch)."""
-        if arch == 90 and self.sm90:
-            return self.sm90.for_rows(rows)
-        return self.wide if self.wide and rows >= WIDE_ROWS else self.tile
+        chosen = self.sm90 if arch == 90 and self.sm90 else self
+        return chosen.wide if chosen.wide and rows >= WIDE_ROWS else chosen.tile
 
 
 @dataclass(frozen=True)
